@@ -1,0 +1,185 @@
+"""The ``Actor`` base class and the ``handles`` decorator."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+import trio
+
+from ._errors import ActorError
+from ._supervision import STOP, Policy
+
+if TYPE_CHECKING:
+    from ._runtime import ActorRef, Cell
+    from ._system import ActorSystem
+
+__all__ = ["DEFAULT_MAILBOX_SIZE", "Actor", "Handler", "handles"]
+
+#: Mailbox size used when ``spawn`` is not given one.
+DEFAULT_MAILBOX_SIZE = 100
+
+_MARK = "__actors_handles__"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: A handler as stored in the dispatch table: always awaitable.
+Handler = Callable[[Any, Any], Awaitable[Any]]
+
+
+def handles(*message_types: type) -> Callable[[F], F]:
+    """Mark a method of an ``Actor`` subclass as the handler of ``message_types``.
+
+    The method receives the message and its return value is the reply to ``ask``.
+    It may be ``async def`` (usual) or a plain ``def``. A message whose exact type
+    has no handler is routed by walking its type's MRO, so ``@handles(Base)``
+    also receives subclasses of ``Base``.
+    """
+    if not message_types:
+        raise TypeError("handles() needs at least one message type")
+    for t in message_types:
+        if not isinstance(t, type):
+            raise TypeError(f"handles() takes types, got {t!r}")
+
+    def mark(func: F) -> F:
+        previous: tuple[type, ...] = getattr(func, _MARK, ())
+        setattr(func, _MARK, previous + message_types)
+        return func
+
+    return mark
+
+
+def _as_async(func: Callable[..., Any]) -> Handler:
+    if inspect.iscoroutinefunction(func):
+        return func
+
+    @functools.wraps(func)
+    async def call_sync(actor: Any, msg: Any) -> Any:
+        return func(actor, msg)
+
+    return call_sync
+
+
+class Actor:
+    """Base class of actors.
+
+    Subclass it, give it handlers with ``@actors.handles(...)`` and spawn it with
+    ``await system.spawn(Factory, name=...)``. ``__init__`` is yours: the runtime
+    never calls it with arguments (the factory does). Once the actor runs, the
+    runtime provides ``ref``, ``name``, ``system``, ``nursery`` and ``spawn``.
+
+    Messages are handled one at a time, in the order they arrived.
+    """
+
+    #: Dispatch table: message type -> handler (filled per class, cached lookups).
+    _actor_handlers: ClassVar[dict[type, Handler]] = {}
+    #: Message types known to have no handler.
+    _actor_misses: ClassVar[set[type]] = set()
+
+    _actor_cell: Cell | None = None
+    _actor_nursery: trio.Nursery | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        names: dict[type, str] = {}
+        for klass in reversed(cls.__mro__):
+            for attr_name, value in vars(klass).items():
+                for t in getattr(value, _MARK, ()):
+                    names[t] = attr_name
+        cls._actor_handlers = {t: _as_async(getattr(cls, n)) for t, n in names.items()}
+        cls._actor_misses = set()
+
+    @classmethod
+    def _actor_resolve(cls, message_type: type) -> Handler | None:
+        """Find the handler for ``message_type`` by walking its MRO; cache the answer."""
+        if message_type in cls._actor_misses:
+            return None
+        table = cls._actor_handlers
+        for base in message_type.__mro__:
+            handler = table.get(base)
+            if handler is not None:
+                table[message_type] = handler
+                return handler
+        cls._actor_misses.add(message_type)
+        return None
+
+    # -- runtime-provided -------------------------------------------------
+
+    def _cell(self) -> Cell:
+        cell = self._actor_cell
+        if cell is None:
+            raise ActorError(f"{type(self).__name__} is not running in an actor system")
+        return cell
+
+    @property
+    def ref(self) -> ActorRef:
+        """This actor's ref (the same one across restarts)."""
+        return self._cell().ref
+
+    @property
+    def name(self) -> str:
+        """This actor's name."""
+        return self._cell().name
+
+    @property
+    def system(self) -> ActorSystem:
+        """The system this actor runs in."""
+        return self._cell().system
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """A nursery for background work.
+
+        It is cancelled when the actor stops or restarts. An exception escaping a
+        task started in it is a failure of this actor.
+        """
+        nursery = self._actor_nursery
+        if nursery is None:
+            raise ActorError(f"actor {self.name!r} has no nursery: it is not running")
+        return nursery
+
+    async def spawn(
+        self,
+        factory: Callable[[], Actor],
+        *,
+        name: str,
+        mailbox_size: int | float = DEFAULT_MAILBOX_SIZE,
+        on_failure: Policy = STOP,
+        max_restarts: int = 3,
+        restart_window: float = 60.0,
+    ) -> ActorRef:
+        """Spawn a child actor; see ``ActorSystem.spawn`` for the arguments.
+
+        The child is stopped before this actor's ``on_stop`` runs, and is stopped
+        (cancelled) when this actor fails. A child whose policy is ``ESCALATE``
+        makes this actor fail when it fails.
+
+        Cancellation: if cancelled while waiting for the child's task to start,
+        the child is not spawned.
+        """
+        return await self._cell().spawn_child(
+            factory,
+            name=name,
+            mailbox_size=mailbox_size,
+            on_failure=on_failure,
+            max_restarts=max_restarts,
+            restart_window=restart_window,
+        )
+
+    # -- lifecycle hooks --------------------------------------------------
+
+    async def on_start(self) -> None:
+        """Run inside the actor's task before its first message.
+
+        ``self.nursery`` is usable and children may be spawned. An exception here
+        is a failure of the actor.
+        """
+
+    async def on_stop(self) -> None:
+        """Run on a normal stop: after the mailbox is drained and the children are
+        stopped, before the nursery is cancelled.
+
+        Not run when the actor fails, is restarted or is cancelled by Trio.
+        """

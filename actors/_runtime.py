@@ -1,0 +1,489 @@
+"""The per-actor runtime (``Cell``) and ``ActorRef``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import trio
+
+from ._actor import Actor
+from ._errors import (
+    ActorError,
+    ActorFailed,
+    ActorStopped,
+    AskTimeout,
+    MailboxFull,
+    UnhandledMessage,
+)
+from ._supervision import ESCALATE, RESTART, Policy, RestartLimiter
+
+if TYPE_CHECKING:
+    from ._system import ActorSystem
+
+__all__ = ["ActorRef", "Cell", "failure_of", "failures_in", "spawn_cell"]
+
+logger = structlog.get_logger("actors")
+
+_CLOSED = (trio.ClosedResourceError, trio.BrokenResourceError)
+
+
+class _Ask:
+    """One pending ``ask``: the message and a one-shot reply slot."""
+
+    __slots__ = ("error", "event", "msg", "value")
+
+    def __init__(self, msg: object) -> None:
+        self.msg = msg
+        self.event = trio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def succeed(self, value: Any) -> None:
+        if not self.event.is_set():
+            self.value = value
+            self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.event.is_set():
+            self.error = error
+            self.event.set()
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for inner in exc.exceptions:
+            out.extend(_leaves(inner))
+        return out
+    return [exc]
+
+
+def failures_in(exc: BaseException) -> list[BaseException]:
+    """The exceptions in ``exc`` that are not Trio cancellation, groups flattened."""
+    if isinstance(exc, trio.Cancelled):
+        return []
+    if isinstance(exc, BaseExceptionGroup):
+        _, rest = exc.split(trio.Cancelled)
+        return [] if rest is None else _leaves(rest)
+    return [exc]
+
+
+def failure_of(exc: BaseException) -> BaseException | None:
+    """The exception that counts as a failure in ``exc``; None for pure cancellation.
+
+    Cancellation (``trio.Cancelled`` or groups holding only that) is never a
+    failure. Groups are flattened to their first non-cancellation leaf.
+    """
+    found = failures_in(exc)
+    return found[0] if found else None
+
+
+class ActorRef:
+    """A handle to a running actor: the only way to talk to it.
+
+    Refs are cheap, can be shared between tasks, and stay valid across restarts.
+    """
+
+    __slots__ = ("_cell", "_send")
+
+    def __init__(self, cell: Cell) -> None:
+        self._cell = cell
+        self._send = cell.send_channel
+
+    @property
+    def name(self) -> str:
+        """The actor's name."""
+        return self._cell.name
+
+    @property
+    def is_alive(self) -> bool:
+        """True until the actor has fully stopped (also while it drains its mailbox)."""
+        return not self._cell.done
+
+    @property
+    def unhandled_count(self) -> int:
+        """How many told messages had no handler (each was logged)."""
+        return self._cell.unhandled
+
+    @property
+    def restart_count(self) -> int:
+        """How many times the actor was restarted after a failure."""
+        return self._cell.restarts
+
+    def __repr__(self) -> str:
+        state = "alive" if self.is_alive else "stopped"
+        return f"<{type(self).__name__} {self._cell.name!r} {state}>"
+
+    async def tell(self, msg: object) -> None:
+        """Put ``msg`` in the actor's mailbox; wait while the mailbox is full.
+
+        Raises ``ActorStopped`` if the actor is stopped or stops while we wait.
+
+        Cancellation: if cancelled while waiting for room, the message was not
+        delivered.
+        """
+        try:
+            await self._send.send(msg)
+        except _CLOSED:
+            raise ActorStopped(f"actor {self._cell.name!r} is stopped") from None
+
+    def tell_nowait(self, msg: object) -> None:
+        """Put ``msg`` in the mailbox now, or raise ``MailboxFull`` (or ``ActorStopped``)."""
+        try:
+            self._send.send_nowait(msg)
+        except trio.WouldBlock:
+            raise MailboxFull(f"mailbox of actor {self._cell.name!r} is full") from None
+        except _CLOSED:
+            raise ActorStopped(f"actor {self._cell.name!r} is stopped") from None
+
+    async def ask(self, msg: object, timeout: float | None = None) -> Any:
+        """Send ``msg`` and return the handler's return value.
+
+        Raises the handler's exception if it raised, ``UnhandledMessage`` if the
+        actor has no handler for ``type(msg)``, ``ActorStopped`` if the actor is
+        stopped or stops before answering (also when the ask was still queued),
+        and ``AskTimeout`` if no answer came within ``timeout`` seconds (the
+        timeout covers waiting for mailbox room too).
+
+        Cancellation (and timeout): if the message was already queued it may
+        still be handled; its reply is discarded.
+        """
+        req = _Ask(msg)
+        if timeout is None:
+            await self._ask(req)
+        else:
+            with trio.move_on_after(timeout) as scope:
+                await self._ask(req)
+            if scope.cancelled_caught and not req.event.is_set():
+                raise AskTimeout(
+                    f"actor {self._cell.name!r} did not answer {type(msg).__name__} "
+                    f"within {timeout}s"
+                )
+        if req.error is not None:
+            raise req.error
+        return req.value
+
+    async def _ask(self, req: _Ask) -> None:
+        try:
+            await self._send.send(req)
+        except _CLOSED:
+            raise ActorStopped(f"actor {self._cell.name!r} is stopped") from None
+        await req.event.wait()
+
+    async def stop(self) -> None:
+        """Stop the actor and wait until it has fully stopped.
+
+        Messages already in the mailbox are handled first; senders still waiting
+        for room get ``ActorStopped``. Then its children are stopped, then its
+        ``on_stop`` runs. Stopping a stopped actor is a no-op. Called from the
+        actor's own handler, it requests the stop and returns at once.
+
+        Cancellation: the stop was requested and goes on; only the waiting ends.
+        """
+        await self._cell.stop()
+
+    def stop_nowait(self) -> None:
+        """Request a stop (as ``stop``) without waiting for it to finish."""
+        self._cell.send_channel.close()
+
+
+class Cell:
+    """Runtime state of one actor across restarts: mailbox, policy, children."""
+
+    __slots__ = (
+        "children",
+        "children_nursery",
+        "done",
+        "factory",
+        "instance",
+        "limiter",
+        "log",
+        "name",
+        "parent",
+        "policy",
+        "receive_channel",
+        "ref",
+        "registry",
+        "restarts",
+        "send_channel",
+        "stopped",
+        "system",
+        "task",
+        "unhandled",
+    )
+
+    def __init__(
+        self,
+        *,
+        system: ActorSystem,
+        parent: Cell | None,
+        registry: dict[str, Cell],
+        factory: Callable[[], Actor],
+        instance: Actor,
+        name: str,
+        mailbox_size: int | float,
+        policy: Policy,
+        limiter: RestartLimiter,
+    ) -> None:
+        self.system = system
+        self.parent = parent
+        self.registry = registry
+        self.factory = factory
+        self.instance = instance
+        self.name = name
+        self.policy = policy
+        self.limiter = limiter
+        self.send_channel, self.receive_channel = trio.open_memory_channel[object](mailbox_size)
+        self.ref = ActorRef(self)
+        self.children: dict[str, Cell] = {}
+        self.children_nursery: trio.Nursery | None = None
+        self.done = False
+        self.stopped = trio.Event()
+        self.task: trio.lowlevel.Task | None = None
+        self.unhandled = 0
+        self.restarts = 0
+        self.log = logger.bind(actor=name)
+
+    # -- control ------------------------------------------------------------
+
+    async def stop(self) -> None:
+        self.send_channel.close()
+        if self.done or trio.lowlevel.current_task() is self.task:
+            return
+        await self.stopped.wait()
+
+    async def spawn_child(
+        self,
+        factory: Callable[[], Actor],
+        *,
+        name: str,
+        mailbox_size: int | float,
+        on_failure: Policy,
+        max_restarts: int,
+        restart_window: float,
+    ) -> ActorRef:
+        nursery = self.children_nursery
+        if nursery is None or self.done:
+            raise ActorError(f"actor {self.name!r} is not running: cannot spawn {name!r}")
+        return await spawn_cell(
+            system=self.system,
+            parent=self,
+            nursery=nursery,
+            registry=self.children,
+            factory=factory,
+            name=name,
+            mailbox_size=mailbox_size,
+            on_failure=on_failure,
+            max_restarts=max_restarts,
+            restart_window=restart_window,
+        )
+
+    # -- the actor's task ---------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.task = trio.lowlevel.current_task()
+        task_status.started()
+        self.log.debug("actor.started")
+        how = "cancelled"
+        instance: Actor | None = self.instance
+        try:
+            while True:
+                error: BaseException | None = None
+                try:
+                    if instance is None:
+                        instance = self.factory()
+                        if not isinstance(instance, Actor):
+                            raise TypeError(
+                                f"factory of actor {self.name!r} returned {instance!r}, "
+                                "not an Actor"
+                            )
+                    await self._run_instance(instance)
+                except BaseException as exc:
+                    error = failure_of(exc)
+                    if error is None or not isinstance(error, Exception):
+                        raise
+                if error is None:
+                    how = "stopped"
+                    return
+                instance = None
+                how = "escalated"
+                if not self._recover(error):
+                    how = "failed"
+                    return
+                how = "cancelled"
+        finally:
+            self._finish(how)
+
+    def _recover(self, error: BaseException) -> bool:
+        """Apply the policy to ``error``: True to restart, False to stop; may raise."""
+        policy = self.policy
+        self.log.error("actor.failed", error=repr(error), policy=policy.value, exc_info=error)
+        if policy is RESTART:
+            if self.limiter.allow(trio.current_time()):
+                self.restarts += 1
+                self.log.warning("actor.restarted", restarts=self.restarts)
+                return True
+            self.log.error("actor.restart_limit", restarts=self.restarts)
+            policy = ESCALATE
+        if policy is ESCALATE:
+            self.log.error("actor.escalated", error=repr(error))
+            raise ActorFailed(f"actor {self.name!r} failed: {error!r}") from error
+        return False
+
+    async def _run_instance(self, actor: Actor) -> None:
+        self.instance = actor
+        actor._actor_cell = self
+        try:
+            async with trio.open_nursery() as children:
+                self.children_nursery = children
+                async with trio.open_nursery() as background:
+                    actor._actor_nursery = background
+                    await actor.on_start()
+                    await self._loop(actor)
+                    await self._stop_children()
+                    await actor.on_stop()
+                    background.cancel_scope.cancel()
+        finally:
+            self.children_nursery = None
+            actor._actor_nursery = None
+
+    async def _stop_children(self) -> None:
+        children = list(self.children.values())
+        if not children:
+            return
+        async with trio.open_nursery() as nursery:
+            for child in children:
+                nursery.start_soon(child.stop)
+
+    async def _loop(self, actor: Actor) -> None:
+        # The hot path: one dict lookup on the exact type and a direct await.
+        receive = self.receive_channel.receive
+        receive_nowait = self.receive_channel.receive_nowait
+        handlers = actor._actor_handlers
+        ask_type = _Ask
+        while True:
+            try:
+                msg = await receive()
+            except trio.EndOfChannel:
+                return
+            while True:
+                if type(msg) is ask_type:
+                    await self._handle_ask(actor, msg)
+                else:
+                    handler = handlers.get(type(msg))
+                    if handler is None:
+                        handler = actor._actor_resolve(type(msg))
+                    if handler is None:
+                        self._unhandled(msg)
+                    else:
+                        await handler(actor, msg)
+                try:
+                    msg = receive_nowait()
+                except trio.WouldBlock:
+                    break
+                except trio.EndOfChannel:
+                    return
+
+    async def _handle_ask(self, actor: Actor, req: _Ask) -> None:
+        msg = req.msg
+        handler = actor._actor_handlers.get(type(msg)) or actor._actor_resolve(type(msg))
+        if handler is None:
+            req.fail(
+                UnhandledMessage(f"actor {self.name!r} has no handler for {type(msg).__qualname__}")
+            )
+            return
+        try:
+            value = await handler(actor, msg)
+        except Exception as exc:
+            req.fail(exc)
+            raise
+        except BaseException:
+            req.fail(self._stopped_error(msg))
+            raise
+        req.succeed(value)
+
+    def _unhandled(self, msg: object) -> None:
+        self.unhandled += 1
+        self.log.error(
+            "actor.unhandled_message",
+            message_type=type(msg).__qualname__,
+            unhandled_count=self.unhandled,
+        )
+
+    def _stopped_error(self, msg: object) -> ActorStopped:
+        return ActorStopped(
+            f"actor {self.name!r} stopped before answering {type(msg).__qualname__}"
+        )
+
+    def _finish(self, how: str) -> None:
+        """Close the mailbox, fail what is still queued, report the actor stopped."""
+        self.done = True
+        self.send_channel.close()
+        dropped = 0
+        while True:
+            try:
+                item = self.receive_channel.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            if type(item) is _Ask:
+                item.fail(self._stopped_error(item.msg))
+            else:
+                dropped += 1
+        self.receive_channel.close()
+        if self.registry.get(self.name) is self:
+            del self.registry[self.name]
+        self.stopped.set()
+        if dropped:
+            self.log.warning("actor.dropped_messages", dropped=dropped)
+        self.log.debug("actor.stopped", how=how)
+
+
+async def spawn_cell(
+    *,
+    system: ActorSystem,
+    parent: Cell | None,
+    nursery: trio.Nursery,
+    registry: dict[str, Cell],
+    factory: Callable[[], Actor],
+    name: str,
+    mailbox_size: int | float,
+    on_failure: Policy,
+    max_restarts: int,
+    restart_window: float,
+) -> ActorRef:
+    """Build the first instance, start the actor's task in ``nursery``, return its ref."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"actor name must be a non-empty string, got {name!r}")
+    if not isinstance(on_failure, Policy):
+        raise TypeError(f"on_failure must be an actors.Policy, got {on_failure!r}")
+    if name in registry:
+        raise ValueError(f"an actor named {name!r} is already running here")
+    limiter = RestartLimiter(max_restarts, restart_window)
+    instance = factory()
+    if not isinstance(instance, Actor):
+        raise TypeError(f"factory of actor {name!r} returned {instance!r}, not an Actor")
+    cell = Cell(
+        system=system,
+        parent=parent,
+        registry=registry,
+        factory=factory,
+        instance=instance,
+        name=name,
+        mailbox_size=mailbox_size,
+        policy=on_failure,
+        limiter=limiter,
+    )
+    registry[name] = cell
+    try:
+        await nursery.start(cell.run)
+    except BaseException:
+        if registry.get(name) is cell:
+            del registry[name]
+        cell.done = True
+        cell.send_channel.close()
+        cell.receive_channel.close()
+        cell.stopped.set()
+        raise
+    return cell.ref

@@ -1,0 +1,16 @@
+#!/bin/sh
+# Everything CI checks: lint, format, types, then the whole test suite.
+# The Redis tests start their own redis-server (installed here when missing and we may).
+. "$(dirname "$0")/_venv.sh" dev
+if ! command -v redis-server >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: installing redis-server (Debian package)"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null
+    else
+        echo "test.sh: redis-server not found; Redis tests will be skipped" >&2
+    fi
+fi
+echo "== ruff check";        "$VENV/bin/ruff" check .
+echo "== ruff format";       "$VENV/bin/ruff" format --check .
+echo "== mypy --strict";     "$VENV/bin/mypy" --strict actors bus tests/typing
+echo "== pytest";            "$PY" -m pytest "$@"
