@@ -1,0 +1,68 @@
+"""A task queue and message bus for Trio, built as actors.
+
+Declare tasks with ``@broker.task``, send them with ``await task.kiq(...)``, and get
+results back with ``await handle.wait_result()``. See docs/ for the guide.
+"""
+
+from bus._broker import Broker, BrokerState, BrokerStats, BusEvent
+from bus._codec import Codec, DecodeError, JSONCodec
+from bus._context import CONTEXT, Context, current_context
+from bus._errors import (
+    BrokerClosed,
+    BusError,
+    QueueFull,
+    ResultNotFound,
+    ResultTimeout,
+    SendError,
+    TaskCancelled,
+    TaskFailed,
+    UnknownTaskError,
+)
+from bus._ids import TaskID
+from bus._inmemory import InMemoryBroker
+from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
+from bus._middleware import Middleware
+from bus._options import TaskOptions
+from bus._results import InMemoryResultBackend, InmemoryResultBackend, ResultBackend
+from bus._task import AsyncTask, Kicker, SyncTask, Task, TaskHandle, gather
+from bus._worker import Worker
+
+__all__ = [
+    "CONTEXT",
+    "AsyncTask",
+    "Broker",
+    "BrokerClosed",
+    "BrokerState",
+    "BrokerStats",
+    "BusError",
+    "BusEvent",
+    "Codec",
+    "Context",
+    "DecodeError",
+    "InMemoryBroker",
+    "InMemoryResultBackend",
+    "InmemoryResultBackend",
+    "JSONCodec",
+    "Kicker",
+    "Middleware",
+    "QueueFull",
+    "RemoteError",
+    "ResultBackend",
+    "ResultNotFound",
+    "ResultTimeout",
+    "SendError",
+    "SyncTask",
+    "Task",
+    "TaskCancelled",
+    "TaskFailed",
+    "TaskHandle",
+    "TaskID",
+    "TaskMessage",
+    "TaskOptions",
+    "TaskResult",
+    "TaskStatus",
+    "UnknownTaskError",
+    "Worker",
+    "current_context",
+    "gather",
+]

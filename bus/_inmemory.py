@@ -1,0 +1,262 @@
+"""The in-memory broker: one process, no server, every feature."""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import math
+import time
+
+import trio
+
+from bus._broker import Broker
+from bus._codec import Codec
+from bus._errors import BrokerClosed, QueueFull
+from bus._ids import TaskID
+from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
+from bus._middleware import Middleware
+from bus._protocol import Ack, Cancel, Delivery, Nack, Receive, Send
+from bus._results import InMemoryResultBackend, ResultBackend
+
+__all__ = ["InMemoryBroker"]
+
+
+class InMemoryBroker(Broker):
+    """Runs tasks in this process: ``async with broker`` starts a worker beside you.
+
+    - ``concurrency``: at most this many tasks run at once (a real limit).
+    - ``max_queue``: at most this many messages wait (queued or delayed); ``kiq`` waits
+      for room beyond it, ``kiq_nowait`` raises :class:`QueueFull`. Retries never wait.
+    - ``max_stored_results`` / ``result_ttl``: bound the default result store.
+    - ``shutdown_timeout``: on leaving ``async with``, how long queued and running tasks
+      get to finish before they are cancelled (and recorded as CANCELLED).
+
+    Messages are encoded on send and decoded by the worker, as with a real transport,
+    so a task sees its own copy of its arguments and a bad message is caught early.
+    """
+
+    runs_worker_inside = True
+    records_shutdown_cancel = True
+
+    def __init__(
+        self,
+        concurrency: int = 100,
+        *,
+        max_queue: int = 10_000,
+        max_stored_results: int | None = None,
+        result_ttl: float | None = None,
+        shutdown_timeout: float = 30.0,
+        result_backend: ResultBackend | None = None,
+        codec: Codec | None = None,
+        middlewares: tuple[Middleware, ...] = (),
+    ) -> None:
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+            raise ValueError(f"max_queue must be a whole number >= 1, not {max_queue!r}")
+        if result_backend is None:
+            result_backend = InMemoryResultBackend(
+                max_stored_results=max_stored_results, ttl=result_ttl
+            )
+        super().__init__(
+            concurrency=concurrency,
+            result_backend=result_backend,
+            codec=codec,
+            middlewares=middlewares,
+            shutdown_timeout=shutdown_timeout,
+        )
+        self.max_queue = max_queue
+        self._setup()
+
+    def _setup(self) -> None:
+        self._ready_send, self._ready_recv = trio.open_memory_channel[Delivery](math.inf)
+        self._slots = trio.Semaphore(self.max_queue)
+        self._delayed: list[tuple[float, int, Delivery]] = []
+        self._seq = 0
+        self._timer: trio.CancelScope | None = None
+        self._pending: set[TaskID] = set()  # sent and not yet acked/nacked
+        self._cancelled: set[TaskID] = set()
+        self._all_done = trio.Event()
+        self._all_done.set()
+        #: The last 1,000 dead letters: (reason, raw message bytes).
+        self.dead_letters: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=1000)
+
+    # --------------------------------------------------------------- sending
+
+    def kick_nowait(self, message: TaskMessage) -> None:
+        """Send now, or raise :class:`QueueFull`; ``pre_send``/``post_send`` hooks must be
+        synchronous to be used here."""
+        if self.hooks.has:
+            raise RuntimeError("kiq_nowait cannot run middlewares; use kiq()")
+        data = self._encode(message)
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            raise QueueFull(f"the queue holds max_queue={self.max_queue} messages") from None
+        self._enqueue(message, data, True)
+        self.stats.sent += 1
+
+    async def on_send(self, event: Send) -> None:
+        """Enqueue; waits while ``max_queue`` messages are waiting.
+
+        It does not yield to the scheduler when there is room (a cancelled caller still
+        gets ``Cancelled``), so a burst of sends costs no context switches."""
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
+            if not self._running:
+                self._slots.release()
+                raise BrokerClosed("the broker stopped while the send waited for room") from None
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        self._enqueue(event.message, event.data, True)
+
+    def _enqueue(self, message: TaskMessage, data: bytes, counted: bool) -> None:
+        tid = message.task_id
+        if not self._pending:
+            self._all_done = trio.Event()
+        self._pending.add(tid)
+        delivery = Delivery(data, tag=(tid, counted), message=None, deliveries=1)
+        eta = message.eta
+        if eta is not None:
+            wait = eta - time.time()
+            if wait > 0:
+                self._delay(delivery, wait)
+                return
+        self._ready_send.send_nowait(delivery)
+
+    def _delay(self, delivery: Delivery, seconds: float) -> None:
+        due = trio.current_time() + seconds
+        self._seq += 1
+        heapq.heappush(self._delayed, (due, self._seq, delivery))
+        if self._timer is not None and due < self._timer.deadline:
+            self._timer.deadline = due
+
+    async def _run_timer(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        heap = self._delayed
+        while True:
+            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as scope:
+                self._timer = scope
+                await trio.sleep_forever()
+            self._timer = None
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                _, _, delivery = heapq.heappop(heap)
+                self._ready_send.send_nowait(delivery)
+
+    # ------------------------------------------------------------- protocol
+
+    async def on_receive(self, event: Receive) -> tuple[Delivery, ...]:
+        delivery = await self._ready_recv.receive()
+        if delivery.tag[1]:
+            self._slots.release()
+        return (delivery,)
+
+    def _finish(self, tid: TaskID) -> None:
+        pending = self._pending
+        pending.discard(tid)
+        self._cancelled.discard(tid)
+        if not pending:
+            self._all_done.set()
+
+    async def on_ack(self, event: Ack) -> None:
+        self._finish_delivery(event.delivery)
+
+    async def on_nack(self, event: Nack) -> None:
+        d = event.delivery
+        if event.requeue is not None:
+            data = self.codec.encode_message(event.requeue)
+            retry = Delivery(data, tag=(event.requeue.task_id, False), message=None, deliveries=1)
+            if event.delay > 0:
+                self._delay(retry, event.delay)
+            else:
+                self._ready_send.send_nowait(retry)
+            return
+        self.dead_letters.append((event.reason, d.data))
+        self._finish_delivery(d)
+
+    def _finish_delivery(self, d: Delivery) -> None:
+        # The worker decoded the message; the task id is in its data. Look it up cheaply.
+        tid = _task_id_of(d)
+        if tid is not None:
+            self._finish(tid)
+        elif not self._pending:
+            self._all_done.set()
+
+    async def on_cancel(self, event: Cancel) -> None:
+        tid = event.task_id
+        if self._cancel_local(tid):
+            await trio.lowlevel.checkpoint()
+            return
+        if tid in self._pending and tid not in self._cancelled:
+            self._cancelled.add(tid)
+            await self._store_cancelled(tid, "cancelled before it started")
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def _store_cancelled(self, tid: TaskID, why: str) -> None:
+        err = RemoteError("bus.Cancelled", why)
+        await self.result_backend.set_result(
+            tid, TaskResult(tid, TaskStatus.CANCELLED, None, err, 0.0, {})
+        )
+
+    def is_cancelled(self, task_id: TaskID) -> bool:
+        return task_id in self._cancelled
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def wait_all(self) -> None:
+        """Return when nothing is queued, delayed or running.
+
+        Cancellation: only the wait stops."""
+        await self._all_done.wait()
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting to start (delayed ones included)."""
+        return int(self._ready_recv.statistics().current_buffer_used) + len(self._delayed)
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        self._setup()
+        await nursery.start(self._run_timer)
+
+    async def _drain(self) -> None:
+        # Intake stops first: senders now get BrokerClosed.
+        self._running = False
+        # Delayed tasks would not be due before the deadline: cancel them now.
+        heap, self._delayed = self._delayed, []
+        for _, _, d in heap:
+            await self._cancel_unstarted(d, "the broker shut down before it was due")
+        with trio.move_on_after(self.shutdown_timeout):
+            await self.wait_all()
+        # Past the deadline: what is queued never starts, what runs is cancelled.
+        while True:
+            try:
+                d = self._ready_recv.receive_nowait()
+            except trio.WouldBlock:
+                break
+            await self._cancel_unstarted(d, "the broker shut down before it started")
+        for w in list(self.workers):
+            await w.drain(0)
+        # Senders blocked on a full queue: wake them so they see BrokerClosed.
+        while self._slots.statistics().tasks_waiting:
+            self._slots.release()
+
+    async def _cancel_unstarted(self, d: Delivery, why: str) -> None:
+        tid = _task_id_of(d)
+        if tid is None:
+            return
+        if tid not in self._cancelled:
+            await self._store_cancelled(tid, why)
+        self._finish(tid)
+
+    async def _stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _task_id_of(d: Delivery) -> TaskID | None:
+    tag = d.tag
+    return tag[0] if isinstance(tag, tuple) else None

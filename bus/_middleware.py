@@ -1,0 +1,104 @@
+"""Middlewares: hooks around sending, executing and saving tasks."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from bus._message import TaskMessage, TaskResult
+
+if TYPE_CHECKING:
+    from bus._broker import Broker
+
+__all__ = ["Middleware"]
+
+HOOKS = (
+    "startup",
+    "shutdown",
+    "pre_send",
+    "post_send",
+    "pre_execute",
+    "post_execute",
+    "on_error",
+    "post_save",
+)
+#: Hooks that run in reverse list order (the "way out").
+REVERSED = frozenset({"shutdown", "post_send", "post_execute", "on_error", "post_save"})
+
+
+class Middleware:
+    """Subclass and override any hook; each may be a plain or an ``async`` method.
+
+    ``startup`` and the ``pre_*`` hooks run in list order, ``shutdown``, ``post_*`` and
+    ``on_error`` in reverse order. ``pre_send`` and ``pre_execute`` return the message
+    to use (return it unchanged to only observe). ``self.broker`` is set when the
+    middleware is attached with :meth:`Broker.with_middlewares`.
+
+    An exception in ``pre_send`` fails the ``kiq``; in ``pre_execute`` it fails the
+    task like an exception in the task itself; in the other hooks it is logged and the
+    chain goes on.
+    """
+
+    broker: Broker
+
+    def startup(self) -> Any:
+        """The broker starts (client or worker)."""
+
+    def shutdown(self) -> Any:
+        """The broker stops."""
+
+    def pre_send(self, message: TaskMessage) -> TaskMessage | Awaitable[TaskMessage]:
+        """Before a message is encoded and sent; return the message to send."""
+        return message
+
+    def post_send(self, message: TaskMessage) -> Any:
+        """After the broker accepted the message."""
+
+    def pre_execute(self, message: TaskMessage) -> TaskMessage | Awaitable[TaskMessage]:
+        """Before a worker runs the task; return the message to run."""
+        return message
+
+    def post_execute(self, message: TaskMessage, result: TaskResult[Any]) -> Any:
+        """After the task ran, whatever its outcome."""
+
+    def on_error(self, message: TaskMessage, result: TaskResult[Any], error: BaseException) -> Any:
+        """After the task raised (or timed out, or was cancelled)."""
+
+    def post_save(self, message: TaskMessage, result: TaskResult[Any]) -> Any:
+        """After the final result is stored."""
+
+
+class HookChain:
+    """The overridden hooks of a middleware list, in the order they must run."""
+
+    def __init__(self, middlewares: Sequence[Middleware]) -> None:
+        self.chains: dict[str, list[tuple[Callable[..., Any], bool]]] = {}
+        for hook in HOOKS:
+            base = getattr(Middleware, hook)
+            found = []
+            for mw in middlewares:
+                fn = getattr(type(mw), hook, base)
+                if fn is not base:
+                    bound = getattr(mw, hook)
+                    found.append((bound, inspect.iscoroutinefunction(bound)))
+            if hook in REVERSED:
+                found.reverse()
+            self.chains[hook] = found
+        self.has = {hook for hook, chain in self.chains.items() if chain}
+
+    async def run(self, hook: str, *args: Any) -> None:
+        for fn, is_async in self.chains[hook]:
+            out = fn(*args)
+            if is_async or inspect.isawaitable(out):
+                await out
+
+    async def transform(self, hook: str, message: TaskMessage) -> TaskMessage:
+        for fn, is_async in self.chains[hook]:
+            out = fn(message)
+            if is_async or inspect.isawaitable(out):
+                out = await out
+            if not isinstance(out, TaskMessage):
+                raise TypeError(f"middleware hook {fn.__qualname__} must return a TaskMessage")
+            message = out
+        return message

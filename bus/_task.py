@@ -1,0 +1,257 @@
+"""Tasks, the kicker that sends them, and the handle that tracks one."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import typing
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+import trio
+
+from bus._context import Context
+from bus._errors import ResultTimeout, SendError
+from bus._ids import TaskID
+from bus._message import TaskMessage, TaskResult
+from bus._options import TaskOptions, resolve_eta
+
+if TYPE_CHECKING:
+    from bus._broker import Broker
+
+__all__ = ["AsyncTask", "Kicker", "SyncTask", "Task", "TaskHandle", "gather"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _context_param(func: Callable[..., Any]) -> str | None:
+    """The name of the parameter annotated ``Context``, if any."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+    for name, param in sig.parameters.items():
+        ann = param.annotation
+        if ann is Context:
+            return name
+        if isinstance(ann, str) and ann.rsplit(".", 1)[-1] == "Context":
+            try:
+                hints = typing.get_type_hints(func)
+            except Exception:
+                return name
+            if hints.get(name) is Context:
+                return name
+    return None
+
+
+class TaskHandle(Generic[R]):
+    """A sent task: ask for its result, wait for it, cancel it, read its progress."""
+
+    __slots__ = ("broker", "task_id")
+
+    def __init__(self, task_id: TaskID, broker: Broker) -> None:
+        self.task_id = task_id
+        self.broker = broker
+
+    async def is_ready(self) -> bool:
+        """Whether the final result is stored."""
+        return await self.broker.result_backend.is_ready(self.task_id)
+
+    async def get_result(self) -> TaskResult[R]:
+        """The stored result; raises :class:`ResultNotFound` when there is none (yet)."""
+        return await self.broker.result_backend.get_result(self.task_id)
+
+    async def wait_result(self, timeout: float | None = None) -> TaskResult[R]:
+        """Wait for the final result: woken the moment it is stored (no polling).
+
+        Raises :class:`ResultTimeout` after ``timeout`` seconds (the task keeps
+        running) and :class:`ResultNotFound` when the result is gone for good.
+        Cancellation: only the wait is abandoned.
+        """
+        return await self.broker.result_backend.wait_result(self.task_id, timeout)
+
+    async def cancel(self) -> None:
+        """Cancel the task: a queued task never starts, a running one is cancelled at its
+        next checkpoint. Either way its result says CANCELLED. A task that already
+        finished keeps its result. Returns once the broker took the request."""
+        await self.broker.cancel_task(self.task_id)
+
+    async def get_progress(self) -> Any | None:
+        """The latest report the task made with ``ctx.set_progress``, or ``None``."""
+        return await self.broker.result_backend.get_progress(self.task_id)
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.task_id}>"
+
+
+class Kicker(Generic[P, R]):
+    """Sends a task with per-call settings: ``task.kicker().with_labels(...).kiq(...)``.
+
+    Each ``with_*`` returns a new kicker; a kicker can be reused.
+    """
+
+    __slots__ = ("_eta", "_labels", "_task", "_task_id")
+
+    def __init__(
+        self,
+        task: Task[P, R],
+        labels: dict[str, Any] | None = None,
+        task_id: TaskID | None = None,
+        eta: dict[str, Any] | None = None,
+    ) -> None:
+        self._task = task
+        self._labels = labels or {}
+        self._task_id = task_id
+        self._eta = eta
+
+    def with_labels(self, **labels: Any) -> Kicker[P, R]:
+        """Add labels (JSON values); ``timeout``/``retries``/``delay``/``eta`` act as options."""
+        return Kicker(self._task, {**self._labels, **labels}, self._task_id, self._eta)
+
+    def with_task_id(self, task_id: TaskID | str) -> Kicker[P, R]:
+        """Send under this id (validated) instead of a fresh one."""
+        return Kicker(self._task, self._labels, TaskID.parse(task_id), self._eta)
+
+    def with_delay(self, seconds: float) -> Kicker[P, R]:
+        """Start no sooner than ``seconds`` from now."""
+        resolve_eta({"delay": seconds})
+        return Kicker(self._task, self._labels, self._task_id, {"delay": seconds})
+
+    def with_eta(self, when: Any) -> Kicker[P, R]:
+        """Start no sooner than ``when`` (Unix time, or an aware datetime)."""
+        resolve_eta({"eta": when})
+        return Kicker(self._task, self._labels, self._task_id, {"eta": when})
+
+    def message(self, *args: P.args, **kwargs: P.kwargs) -> TaskMessage:
+        """The message :meth:`kiq` would send."""
+        return self._task._message(args, kwargs, self._labels, self._task_id, self._eta)
+
+    async def kiq(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
+        """Send the task; see :meth:`Task.kiq`."""
+        msg = self._task._message(args, kwargs, self._labels, self._task_id, self._eta)
+        await self._task.broker.kick(msg)
+        return TaskHandle(msg.task_id, self._task.broker)
+
+
+class Task(Generic[P, R]):
+    """A function registered with a broker. Calling it runs the function right here;
+    :meth:`kiq` sends it to a worker."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        func: Callable[..., Any],
+        name: str,
+        options: TaskOptions,
+        send_defaults: dict[str, Any],
+    ) -> None:
+        self.broker = broker
+        self.func = func
+        self.name = name
+        self.options = options
+        self.send_defaults = send_defaults
+        self.is_async = inspect.iscoroutinefunction(func)
+        self.context_param = _context_param(func)
+        self.__name__ = getattr(func, "__name__", name)
+        self.__doc__ = getattr(func, "__doc__", None)
+        self.__wrapped__ = func
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+    def kicker(self) -> Kicker[P, R]:
+        return Kicker(self)
+
+    async def kiq(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
+        """Send the task with these arguments and return its handle.
+
+        Raises :class:`SendError` when the arguments cannot be encoded or the broker is
+        not running. Waits while the broker's queue is full (backpressure).
+        Cancellation: if cancelled while waiting for room, nothing was sent.
+        """
+        msg = self._message(args, kwargs, None, None, None)
+        await self.broker.kick(msg)
+        return TaskHandle(msg.task_id, self.broker)
+
+    def kiq_nowait(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
+        """Send without waiting, on brokers that can (the in-memory one); raises
+        :class:`QueueFull` instead of waiting for room."""
+        msg = self._message(args, kwargs, None, None, None)
+        self.broker.kick_nowait(msg)
+        return TaskHandle(msg.task_id, self.broker)
+
+    def _message(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        labels: dict[str, Any] | None,
+        task_id: TaskID | None,
+        eta_spec: dict[str, Any] | None,
+    ) -> TaskMessage:
+        eta: float | None = None
+        if labels and ("delay" in labels or "eta" in labels):
+            try:
+                eta = resolve_eta(labels)
+            except (TypeError, ValueError) as exc:
+                raise SendError(f"{self.name}: {exc}") from None
+        elif eta_spec is not None:
+            eta = resolve_eta(eta_spec)
+        elif self.send_defaults:
+            eta = resolve_eta(self.send_defaults)
+        return TaskMessage(
+            task_id=task_id or TaskID.new(),
+            task_name=self.name,
+            args=args,
+            kwargs=kwargs,
+            labels=labels if labels is not None else {},
+            eta=eta,
+        )
+
+
+class AsyncTask(Task[P, R]):
+    """A task whose function is ``async def``."""
+
+    func: Callable[P, Coroutine[Any, Any, R]]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        return self.func(*args, **kwargs)
+
+
+class SyncTask(Task[P, R]):
+    """A task whose function is a plain ``def``: workers run it in a thread."""
+
+    func: Callable[P, R]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.func(*args, **kwargs)
+
+
+async def gather(*handles: TaskHandle[Any], timeout: float | None = None) -> list[TaskResult[Any]]:
+    """Wait for every handle's result; return them in the order given.
+
+    Raises :class:`ResultTimeout` (for the first still-missing task) when ``timeout``
+    seconds pass before all are in. Cancellation: the waits are abandoned.
+    """
+    results: list[TaskResult[Any] | None] = [None] * len(handles)
+    errors: list[BaseException] = []
+
+    async def one(i: int, h: TaskHandle[Any]) -> None:
+        try:
+            results[i] = await h.wait_result()
+        except Exception as exc:  # kept, and raised plainly below
+            errors.append(exc)
+
+    with trio.move_on_after(math.inf if timeout is None else timeout):
+        if len(handles) == 1:
+            await one(0, handles[0])
+        else:
+            async with trio.open_nursery() as nursery:
+                for i, h in enumerate(handles):
+                    nursery.start_soon(one, i, h)
+    if errors:
+        raise errors[0]
+    for i, r in enumerate(results):
+        if r is None:
+            raise ResultTimeout(handles[i].task_id, math.inf if timeout is None else timeout)
+    return typing.cast(list[TaskResult[Any]], results)
