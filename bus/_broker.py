@@ -276,7 +276,14 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def on_receive(self, event: Receive) -> tuple[Delivery, ...]:
-        """Wait for and return 1 to ``event.max_messages`` deliveries."""
+        """Wait for and return 1 to ``event.max_messages`` deliveries.
+
+        Cancellation: nothing was taken (or what was taken is redelivered later)."""
+
+    def on_receive_nowait(self, event: Receive) -> tuple[Delivery, ...] | None:
+        """Deliveries that can be had without waiting, or ``None`` (the default: the
+        worker then calls :meth:`on_receive`). A fast path for in-process queues."""
+        return None
 
     @abc.abstractmethod
     async def on_ack(self, event: Ack) -> None:
@@ -355,7 +362,9 @@ class Broker(abc.ABC):
         assert stack is not None, "broker was not entered"
         try:
             if exc_info[0] is None:
-                with trio.CancelScope(shield=True):
+                with trio.CancelScope(shield=True) as scope:
+                    # A safety net: _drain honours shutdown_timeout itself.
+                    scope.deadline = trio.current_time() + self.shutdown_timeout + 10
                     await self._drain()
         finally:
             self._running = False

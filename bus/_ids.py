@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import random
 import re
 import time
 from typing import ClassVar
 
 __all__ = ["TaskID"]
 
+_getrandbits = random.getrandbits
 _PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z")
 
 
@@ -41,7 +42,9 @@ class TaskID(str):
         else:
             TaskID._seq = 0
         TaskID._last_ms = ms
-        rand = int.from_bytes(os.urandom(8), "big") & 0x3FFF_FFFF_FFFF_FFFF
+        # The module-level generator is seeded from the OS and re-seeded in forked
+        # children, so ids stay unique across processes; it is ~10x cheaper than urandom.
+        rand = _getrandbits(62)
         h = f"{ms:012x}7{TaskID._seq:03x}{(rand >> 48) | 0x8000:04x}{rand & 0xFFFF_FFFF_FFFF:012x}"
         return str.__new__(cls, f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
 

@@ -154,6 +154,15 @@ class InMemoryBroker(Broker):
             self._slots.release()
         return (delivery,)
 
+    def on_receive_nowait(self, event: Receive) -> tuple[Delivery, ...] | None:
+        try:
+            delivery = self._ready_recv.receive_nowait()
+        except trio.WouldBlock:
+            return None
+        if delivery.tag[1]:
+            self._slots.release()
+        return (delivery,)
+
     def _finish(self, tid: TaskID) -> None:
         pending = self._pending
         pending.discard(tid)
@@ -229,7 +238,7 @@ class InMemoryBroker(Broker):
         heap, self._delayed = self._delayed, []
         for _, _, d in heap:
             await self._cancel_unstarted(d, "the broker shut down before it was due")
-        if self.workers:  # no worker, nothing would ever finish: do not wait
+        if any(not w.stopped for w in self.workers):  # else nothing could finish: no wait
             with trio.move_on_after(self.shutdown_timeout):
                 await self.wait_all()
         # Past the deadline: what is queued never starts, what runs is cancelled.

@@ -181,7 +181,8 @@ class InMemoryResultBackend(ResultBackend):
     """Results kept in this process, for the in-memory broker and for tests.
 
     Every call completes without waiting except :meth:`wait_result`, which sleeps until
-    the result is stored (no polling). ``max_stored_results`` bounds memory by evicting
+    the result is stored (no polling). Calls that need not wait do not yield to the
+    scheduler either (they still raise ``Cancelled`` in a cancelled scope). ``max_stored_results`` bounds memory by evicting
     the oldest results (default: unlimited); ``ttl`` (seconds) expires them. A waiter on
     an evicted, expired or forgotten result gets :class:`ResultNotFound`, never a hang.
 
@@ -207,7 +208,7 @@ class InMemoryResultBackend(ResultBackend):
 
     async def set_result(self, task_id: TaskID, result: TaskResult[Any]) -> None:
         self.table.store(task_id, result, trio.current_time())
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     def get_result_nowait(self, task_id: TaskID) -> TaskResult[Any]:
         """The stored result, or :class:`ResultNotFound`."""
@@ -217,18 +218,18 @@ class InMemoryResultBackend(ResultBackend):
         return r
 
     async def get_result(self, task_id: TaskID) -> TaskResult[Any]:
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         return self.get_result_nowait(task_id)
 
     async def is_ready(self, task_id: TaskID) -> bool:
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         return self.table.get(task_id, trio.current_time()) is not None
 
     async def wait_result(self, task_id: TaskID, timeout: float | None = None) -> TaskResult[Any]:
         table = self.table
         r = table.get(task_id, trio.current_time())
         if r is not None:
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint_if_cancelled()
             return r
         why = table.gone_reason(task_id)
         if why is not None:
@@ -253,14 +254,14 @@ class InMemoryResultBackend(ResultBackend):
 
     async def forget(self, task_id: TaskID) -> None:
         self.table.forget(task_id)
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     async def set_progress(self, task_id: TaskID, progress: Any) -> None:
         self.table.progress[task_id] = progress
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     async def get_progress(self, task_id: TaskID) -> Any | None:
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         return self.table.progress.get(task_id)
 
 

@@ -68,17 +68,30 @@ def decide(
     return Decision(TaskResult(message.task_id, status, None, remote, elapsed, message.labels))
 
 
-class _Run:
-    __slots__ = ("reason", "scope")
+_STREAK = 32
+
+
+class _Runner:
+    """One of the worker's ``concurrency`` slots. Its cancel scope spans its whole life,
+    so running a task costs no scope of its own: a timeout is the scope's deadline, a
+    cancel request cancels the scope, and a fresh runner takes the slot over."""
+
+    __slots__ = ("delivery", "done", "idle", "message", "reason", "scope", "started", "value")
 
     def __init__(self, scope: trio.CancelScope) -> None:
         self.scope = scope
-        self.reason = ""
+        self.idle = True
+        self.reason = ""  # why the scope was cancelled: "cancel", "shutdown" or "" (timeout)
+        self.message: TaskMessage | None = None
+        self.delivery: Delivery | None = None
+        self.started = 0.0
+        self.done = False
+        self.value: Any = None
 
 
 class Worker:
     """Runs a broker's tasks: ``concurrency`` runner tasks in one nursery, each taking a
-    delivery, running it to its end, and acking it.
+    delivery, running it to its end, storing its result and acking it.
 
     Made by :meth:`Broker.run_worker` (which hands it to ``nursery.start``'s caller).
     Use :meth:`drain` for a graceful stop and :meth:`cancel_running` to stop one task.
@@ -88,8 +101,10 @@ class Worker:
         self.broker = broker
         self.concurrency = concurrency
         self.name = name or f"worker-{TaskID.new()[-12:]}"
-        self.running: dict[TaskID, _Run] = {}
-        self._intake: set[trio.CancelScope] = set()
+        self.running: dict[TaskID, _Runner] = {}
+        self._runners: set[_Runner] = set()
+        #: Set by :meth:`stop` (and when the worker's task ends).
+        self.stopped = False
         self._draining = False
         self._nursery: trio.Nursery | None = None
         self._thread_limiter = trio.CapacityLimiter(concurrency)
@@ -102,24 +117,27 @@ class Worker:
 
     def cancel_running(self, task_id: TaskID, reason: str = "cancel") -> bool:
         """Cancel ``task_id`` if this worker runs it; True if it did."""
-        run = self.running.get(task_id)
-        if run is None:
+        runner = self.running.get(task_id)
+        if runner is None:
             return False
-        run.reason = reason
-        run.scope.cancel()
+        runner.reason = reason
+        runner.scope.cancel()
         return True
 
     def stop_intake(self) -> None:
         """Take no new deliveries; running tasks go on."""
         self._draining = True
-        for scope in list(self._intake):
-            scope.cancel()
+        for runner in list(self._runners):
+            if runner.idle:
+                runner.scope.cancel()
 
     async def drain(self, timeout: float | None = None) -> int:
         """Stop intake, wait up to ``timeout`` seconds for running tasks, then cancel the
         rest (recorded as CANCELLED, or left unacknowledged on brokers that redeliver).
         Returns how many were cancelled. Cancellation: the running tasks go on."""
         self.stop_intake()
+        if self.stopped:
+            return 0
         with trio.move_on_after(math.inf if timeout is None else timeout):
             await self._idle.wait()
         n = 0
@@ -129,10 +147,16 @@ class Worker:
         return n
 
     def stop(self) -> None:
-        """Cancel everything at once (running tasks included)."""
-        self.stop_intake()
+        """Cancel everything at once (running tasks included, nothing recorded)."""
+        self._draining = True
+        self.stopped = True
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    @property
+    def active(self) -> int:
+        """How many tasks run right now."""
+        return self._active
 
     # ------------------------------------------------------------------- running
 
@@ -153,6 +177,9 @@ class Worker:
                     nursery.start_soon(self._runner)
                 task_status.started(self)
         finally:
+            self.stopped = True
+            self._active = 0  # runners are gone, whatever they were doing
+            self._idle.set()
             broker.workers.remove(self)
             self._nursery = None
             with trio.CancelScope(shield=True) as scope:
@@ -163,18 +190,52 @@ class Worker:
     async def _runner(self) -> None:
         receive = Receive(1, self.name)
         on_receive = self.broker.on_receive
+        on_receive_nowait = self.broker.on_receive_nowait
         process = self._process
-        while not self._draining:
-            with trio.CancelScope() as scope:
-                self._intake.add(scope)
-                try:
-                    deliveries = await on_receive(receive)
-                finally:
-                    self._intake.discard(scope)
-            if scope.cancelled_caught:
-                return
-            for d in deliveries:
-                await process(d)
+        streak = 0
+        with trio.CancelScope() as scope:
+            r = _Runner(scope)
+            self._runners.add(r)
+            try:
+                while not self._draining:
+                    # Fast path: take what is ready without a trip through the
+                    # scheduler, but yield at least every _STREAK deliveries so no-op
+                    # tasks cannot starve the rest of the program.
+                    deliveries = on_receive_nowait(receive) if streak < _STREAK else None
+                    if deliveries:
+                        streak += 1
+                        await trio.lowlevel.checkpoint_if_cancelled()
+                    else:
+                        streak = 0
+                        deliveries = await on_receive(receive)
+                    r.idle = False
+                    for d in deliveries:
+                        await process(d, r)
+                    r.idle = True
+            finally:
+                self._runners.discard(r)
+                if r.message is not None:
+                    self.running.pop(r.message.task_id, None)
+        if r.message is not None and r.delivery is not None:
+            # The task was interrupted (timeout, cancel request, shutdown): record it
+            # here, outside the cancelled scope, and hand the slot to a fresh runner.
+            message, delivery = r.message, r.delivery
+            try:
+                await self._interrupted(r, message, delivery)
+            finally:
+                self._task_done()
+            if not self._draining and self._nursery is not None:
+                self._nursery.start_soon(self._runner)
+
+    def _task_started(self) -> None:
+        self._active += 1
+        if self._active == 1:
+            self._idle = trio.Event()
+
+    def _task_done(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
 
     async def _reject(self, delivery: Delivery, reason: str, message: TaskMessage | None) -> None:
         broker = self.broker
@@ -191,15 +252,13 @@ class Worker:
             result: TaskResult[Any] = TaskResult(
                 message.task_id, TaskStatus.FAILURE, None, err, 0.0, message.labels
             )
-            try:
-                await broker.result_backend.set_result(message.task_id, result)
-            except Exception:
-                self._log.exception("result.store_failed", task_id=message.task_id)
+            await self._store(message, result)
         await broker.on_nack(Nack(delivery, reason))
 
-    async def _process(self, delivery: Delivery) -> None:
+    async def _process(self, delivery: Delivery, r: _Runner) -> None:
         broker = self.broker
-        broker.stats.received += 1
+        stats = broker.stats
+        stats.received += 1
         message = delivery.message
         if message is None:
             try:
@@ -213,132 +272,151 @@ class Worker:
             return
         tid = message.task_id
         if broker.is_cancelled(tid):
-            broker.stats.cancelled += 1
+            stats.cancelled += 1
             await broker.on_ack(Ack(delivery))
             return
+        labels = message.labels
         try:
-            options = task.options.with_labels(message.labels)
+            options = task.options.with_labels(labels) if labels else task.options
         except (TypeError, ValueError) as exc:
             await self._reject(delivery, f"invalid option labels: {exc}", message)
             return
-        self.running_count_inc()
-        try:
-            decision = await self._attempt(task, message, options)
-        finally:
-            self.running_count_dec()
-        if decision is None:  # bad arguments: rejected
-            await self._reject(delivery, "arguments do not match the task's signature", message)
-            return
-        if decision.retry is not None:
-            broker.stats.retried += 1
-            await broker.on_nack(
-                Nack(delivery, "retry", requeue=decision.retry, delay=decision.delay)
-            )
-            return
-        result: TaskResult[Any] | None = decision.result
-        if result is None:
-            # Interrupted by shutdown on a redelivering broker: left unacknowledged so
-            # that another worker runs it again.
-            return
-        try:
-            await broker.result_backend.set_result(tid, result)
-        except Exception:
-            self._log.exception("result.store_failed", task_id=tid, task_name=message.task_name)
-            return  # not acked: a redelivering broker runs it again
         hooks = broker.hooks
-        if "post_save" in hooks.has:
-            await self._hook("post_save", message, result)
-        await broker.on_ack(Ack(delivery))
-
-    def running_count_inc(self) -> None:
-        self._active += 1
-        if self._active == 1:
-            self._idle = trio.Event()
-
-    def running_count_dec(self) -> None:
-        self._active -= 1
-        if self._active == 0:
-            self._idle.set()
-
-    async def _hook(self, name: str, *args: Any) -> None:
-        try:
-            await self.broker.hooks.run(name, *args)
-        except Exception:
-            self._log.exception("middleware.failed", hook=name)
-
-    async def _attempt(
-        self, task: Task[Any, Any], message: TaskMessage, options: TaskOptions
-    ) -> Decision | None:
-        broker = self.broker
-        hooks = broker.hooks
-        tid = message.task_id
         status = TaskStatus.SUCCESS
-        value: Any = None
         error: BaseException | None = None
+        value: Any = None
+        self._task_started()
+        r.message, r.delivery, r.done, r.reason = message, delivery, False, ""
+        self.running[tid] = r
         token = _current.set(Context(message, broker))
-        t0 = time.perf_counter()
-        deadline = math.inf if options.timeout is None else trio.current_time() + options.timeout
-        with trio.CancelScope(deadline=deadline) as scope:
-            run = _Run(scope)
-            self.running[tid] = run
-            try:
-                if "pre_execute" in hooks.has:
-                    message = await hooks.transform("pre_execute", message)
-                kwargs = message.kwargs
-                if task.context_param is not None:
-                    kwargs = {**kwargs, task.context_param: Context(message, broker)}
-                if task.is_async:
-                    value = await task.func(*message.args, **kwargs)
-                else:
-                    value = await trio.to_thread.run_sync(
-                        functools.partial(task.func, *message.args, **kwargs),
-                        limiter=self._thread_limiter,
-                    )
-            except TypeError as exc:
-                if not _binds(task, message.args, kwargs):
-                    return None
-                status, error = TaskStatus.FAILURE, exc
-            except Exception as exc:
-                status, error = TaskStatus.FAILURE, exc
-            finally:
-                del self.running[tid]
-                _current.reset(token)
-        elapsed = time.perf_counter() - t0
-        if (scope.cancel_called and status is TaskStatus.SUCCESS) or scope.cancelled_caught:
-            if run.reason:
-                status, error = TaskStatus.CANCELLED, None
-                if run.reason == "shutdown" and not broker.records_shutdown_cancel:
-                    return Decision()  # no result, no ack: see _process
+        t0 = r.started = time.perf_counter()
+        if options.timeout is not None:
+            r.scope.deadline = trio.current_time() + options.timeout
+        try:
+            if "pre_execute" in hooks.has:
+                message = r.message = await hooks.transform("pre_execute", message)
+            kwargs = message.kwargs
+            if task.context_param is not None:
+                kwargs = {**kwargs, task.context_param: Context(message, broker)}
+            if task.is_async:
+                value = await task.func(*message.args, **kwargs)
             else:
-                status, error = TaskStatus.TIMEOUT, None
-            value = None
+                value = await trio.to_thread.run_sync(
+                    functools.partial(task.func, *message.args, **kwargs),
+                    limiter=self._thread_limiter,
+                )
+        except TypeError as exc:
+            if not _binds(task, message.args, kwargs):
+                self._forget_run(r, tid, token)
+                await self._reject(delivery, "arguments do not match the task's signature", message)
+                self._task_done()
+                return
+            status, error = TaskStatus.FAILURE, exc
+        except Exception as exc:
+            status, error = TaskStatus.FAILURE, exc
+        # From here on a cancel request or the deadline no longer concerns this task.
+        r.done, r.value = True, value
+        self._forget_run(r, tid, token)
+        try:
+            await self._finish(message, delivery, options, status, value, error, t0)
+        finally:
+            self._task_done()
+
+    def _forget_run(self, r: _Runner, tid: TaskID, token: Any) -> None:
+        if r.scope.deadline != math.inf:
+            r.scope.deadline = math.inf
+        del self.running[tid]
+        r.message = r.delivery = None
+        _current.reset(token)
+
+    async def _interrupted(self, r: _Runner, message: TaskMessage, delivery: Delivery) -> None:
+        broker = self.broker
+        task = broker.tasks[message.task_name]
+        try:
+            options = task.options.with_labels(message.labels)
+        except (TypeError, ValueError):
+            options = task.options
+        if r.reason == "shutdown" and not broker.records_shutdown_cancel:
+            # Left unacknowledged: another worker runs it again.
+            self._log.info("task.interrupted", task_id=message.task_id, task_name=message.task_name)
+            return
+        status = TaskStatus.CANCELLED if r.reason else TaskStatus.TIMEOUT
+        await self._finish(message, delivery, options, status, None, None, r.started)
+
+    async def _finish(
+        self,
+        message: TaskMessage,
+        delivery: Delivery,
+        options: TaskOptions,
+        status: TaskStatus,
+        value: Any,
+        error: BaseException | None,
+        t0: float,
+    ) -> None:
+        broker = self.broker
+        stats = broker.stats
+        hooks = broker.hooks
+        elapsed = time.perf_counter() - t0
         if status is TaskStatus.SUCCESS:
-            broker.stats.succeeded += 1
-        elif status is TaskStatus.FAILURE:
-            broker.stats.failed += 1
-            self._log.warning(
-                "task.failed",
-                task_id=tid,
-                task_name=message.task_name,
-                attempt=message.attempt,
-                error=repr(error),
+            stats.succeeded += 1
+            decision = Decision(
+                TaskResult(message.task_id, status, value, None, elapsed, message.labels)
             )
-        elif status is TaskStatus.TIMEOUT:
-            broker.stats.timed_out += 1
-            self._log.warning("task.timeout", task_id=tid, task_name=message.task_name)
         else:
-            broker.stats.cancelled += 1
-        decision = decide(message, options, status, value, error, elapsed)
+            if status is TaskStatus.FAILURE:
+                stats.failed += 1
+                self._log.warning(
+                    "task.failed",
+                    task_id=message.task_id,
+                    task_name=message.task_name,
+                    attempt=message.attempt,
+                    error=repr(error),
+                )
+            elif status is TaskStatus.TIMEOUT:
+                stats.timed_out += 1
+                self._log.warning(
+                    "task.timeout", task_id=message.task_id, task_name=message.task_name
+                )
+            else:
+                stats.cancelled += 1
+            decision = decide(message, options, status, value, error, elapsed)
         if hooks.has:
             result = decision.result or TaskResult(
-                tid, status, value, None, elapsed, message.labels
+                message.task_id, status, value, None, elapsed, message.labels
             )
             if "post_execute" in hooks.has:
                 await self._hook("post_execute", message, result)
             if status in _ERRORS and "on_error" in hooks.has:
                 err = error if error is not None else TimeoutError("task timed out")
                 await self._hook("on_error", message, result, err)
-        return decision
+        if decision.retry is not None:
+            stats.retried += 1
+            await broker.on_nack(
+                Nack(delivery, "retry", requeue=decision.retry, delay=decision.delay)
+            )
+            return
+        assert decision.result is not None
+        if not await self._store(message, decision.result):
+            return  # not acked: a redelivering broker runs it again
+        if "post_save" in hooks.has:
+            await self._hook("post_save", message, decision.result)
+        await broker.on_ack(Ack(delivery))
+
+    async def _store(self, message: TaskMessage, result: TaskResult[Any]) -> bool:
+        try:
+            await self.broker.result_backend.set_result(message.task_id, result)
+        except Exception:
+            self._log.exception(
+                "result.store_failed", task_id=message.task_id, task_name=message.task_name
+            )
+            return False
+        return True
+
+    async def _hook(self, name: str, *args: Any) -> None:
+        try:
+            await self.broker.hooks.run(name, *args)
+        except Exception:
+            self._log.exception("middleware.failed", hook=name)
 
 
 _ERRORS = (TaskStatus.FAILURE, TaskStatus.TIMEOUT)
