@@ -182,8 +182,9 @@ class InMemoryResultBackend(ResultBackend):
 
     Every call completes without waiting except :meth:`wait_result`, which sleeps until
     the result is stored (no polling). Calls that need not wait do not yield to the
-    scheduler either (they still raise ``Cancelled`` in a cancelled scope). ``max_stored_results`` bounds memory by evicting
-    the oldest results (default: unlimited); ``ttl`` (seconds) expires them. A waiter on
+    scheduler either (they still raise ``Cancelled`` in a cancelled scope).
+    ``max_stored_results`` bounds memory by evicting the oldest results (default:
+    unlimited); ``ttl`` (seconds) expires them. A waiter on
     an evicted, expired or forgotten result gets :class:`ResultNotFound`, never a hang.
 
     Design note: the store is a plain table owned by the Trio thread, not an actor of

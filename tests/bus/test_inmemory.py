@@ -109,14 +109,13 @@ async def test_a_waiter_registered_before_eviction_gets_its_result(
         results.append((await bus.TaskHandle[int](tid, broker).wait_result()).unwrap())
 
     with trio.fail_after(60):
-        async with broker:
-            async with trio.open_nursery() as nursery:
-                for tid in ids:
-                    nursery.start_soon(wait, tid)
-                await trio.testing.wait_all_tasks_blocked()
-                # Both results are stored back to back; the first is evicted at once.
-                for i, tid in enumerate(ids):
-                    await ident.kicker().with_task_id(tid).kiq(i)
+        async with broker, trio.open_nursery() as nursery:
+            for tid in ids:
+                nursery.start_soon(wait, tid)
+            await trio.testing.wait_all_tasks_blocked()
+            # Both results are stored back to back; the first is evicted at once.
+            for i, tid in enumerate(ids):
+                await ident.kicker().with_task_id(tid).kiq(i)
     assert sorted(results) == [0, 1]
     assert broker.result_backend.table.evicted == 1  # type: ignore[attr-defined]
 

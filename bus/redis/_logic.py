@@ -1,0 +1,127 @@
+"""Pure decisions of the Redis broker: key names, signing, entry checks, backoff.
+
+Nothing here does I/O, so every rule can be unit-tested on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import random
+from collections.abc import Mapping
+
+import attrs
+
+__all__ = [
+    "F_DATA",
+    "F_SIG",
+    "Backoff",
+    "Keys",
+    "check_entry",
+    "join_member",
+    "over_delivered",
+    "sign",
+    "split_member",
+]
+
+#: Stream entry fields: the encoded message, and its HMAC (when a secret is set).
+F_DATA = b"d"
+F_SIG = b"s"
+
+
+@attrs.frozen
+class Keys:
+    """Every Redis key and channel one queue uses, derived from ``prefix`` and ``queue``."""
+
+    prefix: str
+    queue: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}:{self.queue}"
+
+    @property
+    def stream(self) -> bytes:
+        """The stream messages are XADDed to."""
+        return f"{self.base}:stream".encode()
+
+    @property
+    def delayed(self) -> bytes:
+        """Sorted set of messages not due yet (score: due time in ms)."""
+        return f"{self.base}:delayed".encode()
+
+    @property
+    def dead(self) -> bytes:
+        """The dead-letter stream."""
+        return f"{self.base}:dead".encode()
+
+    @property
+    def cancel_channel(self) -> bytes:
+        """Pub/sub channel on which cancellations are announced (payload: the task id)."""
+        return f"{self.base}:cancel".encode()
+
+    def cancel_marker(self, task_id: str) -> bytes:
+        """Key set (with a TTL) when ``task_id`` is cancelled, so it never starts."""
+        return f"{self.base}:cancelled:{task_id}".encode()
+
+
+def sign(secret: bytes | None, data: bytes) -> bytes:
+    """The signature field for ``data``: hex HMAC-SHA256, or empty without a secret."""
+    if secret is None:
+        return b""
+    return hmac.new(secret, data, hashlib.sha256).hexdigest().encode()
+
+
+def check_entry(
+    fields: Mapping[bytes | str, bytes | str] | None, secret: bytes | None, max_bytes: int
+) -> tuple[bytes, str | None]:
+    """Validate a raw stream entry: ``(data, None)`` when it may be handed to a worker,
+    ``(what to keep of it, reason)`` when it must be dead-lettered."""
+    if not fields:
+        return b"", "entry has no fields (deleted or trimmed)"
+    data = fields.get(F_DATA)
+    if not isinstance(data, bytes):
+        return b"", "entry has no message field 'd'"
+    if len(data) > max_bytes:
+        return data[:1024], f"message of {len(data)} bytes exceeds max_message_bytes={max_bytes}"
+    if secret is not None:
+        sig = fields.get(F_SIG)
+        if not isinstance(sig, bytes) or not sig:
+            return data, "message is not signed"
+        if not hmac.compare_digest(sig, sign(secret, data)):
+            return data, "message signature is wrong"
+    return data, None
+
+
+def join_member(sig: bytes, data: bytes) -> bytes:
+    """A delayed-set member: signature, newline, data (the Lua mover splits it)."""
+    return sig + b"\n" + data
+
+
+def split_member(member: bytes) -> tuple[bytes, bytes]:
+    """Inverse of :func:`join_member`."""
+    sig, _, data = member.partition(b"\n")
+    return sig, data
+
+
+def over_delivered(deliveries: int, max_deliveries: int | None) -> bool:
+    """Whether an entry handed out ``deliveries`` times must be dead-lettered."""
+    return max_deliveries is not None and deliveries > max_deliveries
+
+
+@attrs.define
+class Backoff:
+    """Exponential backoff with jitter for reconnect loops: ``next()`` gives the delay,
+    ``reset()`` after a success."""
+
+    base: float = 0.05
+    cap: float = 2.0
+    failures: int = 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * 2.0**self.failures)
+        self.failures = min(self.failures + 1, 30)
+        return delay * (0.5 + random.random() / 2)
+
+    def reset(self) -> None:
+        self.failures = 0

@@ -1,0 +1,225 @@
+"""Values and pure logic: TaskID, codec, options, the retry decision, the public surface."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+from typing import Any
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import bus
+from bus._options import resolve_eta
+from bus._worker import decide
+
+
+def test_task_ids_are_unique_and_time_ordered() -> None:
+    ids = [bus.TaskID.new() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    assert abs(ids[0].timestamp - time.time()) < 5
+
+
+def test_task_id_parse_validates() -> None:
+    tid = bus.TaskID.new()
+    assert bus.TaskID.parse(str(tid)) == tid
+    assert bus.TaskID.parse(str(tid).upper()) == tid
+    assert hash(bus.TaskID.parse(str(tid))) == hash(tid)
+    for bad in ["", "nope", str(tid)[:-1], str(tid).replace("-7", "-4"), "x" * 36]:
+        with pytest.raises(ValueError, match="not a task id"):
+            bus.TaskID.parse(bad)
+    with pytest.raises(ValueError, match="string"):
+        bus.TaskID.parse(42)  # type: ignore[arg-type]
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(args=st.lists(JSON, max_size=4), kwargs=st.dictionaries(st.text(), JSON, max_size=4))
+def test_json_codec_round_trips_messages(args: list[Any], kwargs: dict[str, Any]) -> None:
+    codec = bus.JSONCodec()
+    msg = bus.TaskMessage(
+        task_id=bus.TaskID.new(),
+        task_name="t",
+        args=tuple(args),
+        kwargs=kwargs,
+        labels={"l": args},
+        attempt=2,
+        eta=1.5,
+    )
+    assert codec.decode_message(codec.encode_message(msg)) == msg
+
+
+def test_json_codec_round_trips_results() -> None:
+    codec = bus.JSONCodec()
+    err = bus.RemoteError("ValueError", "bad", "Traceback ...")
+    for result in [
+        bus.TaskResult(bus.TaskID.new(), bus.TaskStatus.SUCCESS, {"a": [1]}, None, 0.5, {"x": 1}),
+        bus.TaskResult(bus.TaskID.new(), bus.TaskStatus.FAILURE, None, err, 0.1, {}),
+    ]:
+        assert codec.decode_result(codec.encode_result(result)) == result
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"\xff\xfe", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"name": "t", "args": [], "kwargs": {}}', "'id'"),
+        (b'{"id": "nope", "name": "t", "args": [], "kwargs": {}}', "not a task id"),
+        (b'{"id": "%s", "name": 5, "args": [], "kwargs": {}}', "'name'"),
+        (b'{"id": "%s", "name": "t", "args": {}, "kwargs": {}}', "'args'"),
+        (b'{"id": "%s", "name": "t", "args": [], "kwargs": []}', "'kwargs'"),
+        (b'{"id": "%s", "name": "t", "args": [], "kwargs": {}, "attempt": 0}', "'attempt'"),
+        (b'{"id": "%s", "name": "t", "args": [], "kwargs": {}, "eta": "x"}', "'eta'"),
+    ],
+)
+def test_json_codec_rejects_bad_messages_with_a_reason(data: bytes, why: str) -> None:
+    if b"%s" in data:
+        data = data % str(bus.TaskID.new()).encode()
+    with pytest.raises(bus.DecodeError, match=why):
+        bus.JSONCodec().decode_message(data)
+
+
+def test_task_options_are_validated() -> None:
+    broker = bus.InMemoryBroker()
+    with pytest.raises(ValueError, match="timeout"):
+        broker.task(timeout=-1)
+    with pytest.raises(ValueError, match="retries"):
+        broker.task(retries=-1)
+    with pytest.raises(TypeError, match="retry_on"):
+        broker.task(retry_on=("ValueError",))
+    with pytest.raises(TypeError, match="unknown task option"):
+        broker.task(timeuot=3)
+    with pytest.raises(ValueError, match="aware"):
+        broker.task(eta=dt.datetime(2030, 1, 1))
+    with pytest.raises(ValueError, match="concurrency"):
+        bus.InMemoryBroker(concurrency=0)
+    with pytest.raises(ValueError, match="max_queue"):
+        bus.InMemoryBroker(max_queue=0)
+    with pytest.raises(ValueError, match="max_stored_results"):
+        bus.InMemoryBroker(max_stored_results=0)
+
+
+def test_resolve_eta() -> None:
+    assert resolve_eta({}) is None
+    assert resolve_eta({"delay": 0}) is None
+    assert resolve_eta({"delay": 10}) == pytest.approx(time.time() + 10, abs=1)
+    when = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    assert resolve_eta({"eta": when}) == when.timestamp()
+    with pytest.raises(ValueError, match="not both"):
+        resolve_eta({"delay": 1, "eta": 5})
+
+
+def test_labels_override_options() -> None:
+    opts = bus.TaskOptions(timeout=5, retries=1)
+    assert opts.with_labels({"timeout": 1, "other": 2}) == bus.TaskOptions(timeout=1, retries=1)
+    assert opts.with_labels({"other": 2}) is opts
+    with pytest.raises(ValueError, match="retries"):
+        opts.with_labels({"retries": -3})
+
+
+def _msg(attempt: int = 1) -> bus.TaskMessage:
+    return bus.TaskMessage(
+        task_id=bus.TaskID.new(), task_name="t", args=(), kwargs={}, labels={}, attempt=attempt
+    )
+
+
+def test_decide_success_is_final() -> None:
+    d = decide(_msg(), bus.TaskOptions(retries=3), bus.TaskStatus.SUCCESS, 7, None, 0.1)
+    assert d.retry is None and d.result is not None
+    assert d.result.return_value == 7 and d.result.status is bus.TaskStatus.SUCCESS
+
+
+def test_decide_retries_with_exponential_backoff() -> None:
+    opts = bus.TaskOptions(retries=3, retry_backoff=2, retry_backoff_max=5)
+    delays = []
+    for attempt in (1, 2, 3):
+        d = decide(_msg(attempt), opts, bus.TaskStatus.FAILURE, None, OSError("x"), 0.1)
+        assert d.retry is not None and d.retry.attempt == attempt + 1
+        delays.append(d.delay)
+    assert delays == [2, 4, 5]
+    last = decide(_msg(4), opts, bus.TaskStatus.FAILURE, None, OSError("x"), 0.1)
+    assert last.retry is None and last.result is not None
+    assert last.result.error is not None and last.result.error.type_name == "OSError"
+
+
+def test_decide_respects_retry_on_and_never_retries_cancellation() -> None:
+    opts = bus.TaskOptions(retries=3, retry_on=(OSError,))
+    d = decide(_msg(), opts, bus.TaskStatus.FAILURE, None, KeyError("k"), 0.1)
+    assert d.retry is None
+    d = decide(_msg(), opts, bus.TaskStatus.CANCELLED, None, None, 0.1)
+    assert d.retry is None and d.result is not None
+    assert d.result.status is bus.TaskStatus.CANCELLED
+    timeouts = bus.TaskOptions(retries=1, retry_on=(TimeoutError,))
+    assert decide(_msg(), timeouts, bus.TaskStatus.TIMEOUT, None, None, 1).retry is not None
+
+
+def test_remote_error_is_plain_text() -> None:
+    class Custom(Exception):
+        pass
+
+    try:
+        raise Custom("boom")
+    except Custom as exc:
+        err = bus.RemoteError.from_exception(exc)
+    assert err.type_name.endswith("test_remote_error_is_plain_text.<locals>.Custom")
+    assert err.message == "boom"
+    assert "raise Custom" in err.traceback
+    assert str(err).endswith("Custom: boom")
+    assert attrs.has(bus.RemoteError)
+
+
+def test_unwrap() -> None:
+    tid = bus.TaskID.new()
+    assert bus.TaskResult(tid, bus.TaskStatus.SUCCESS, 3).unwrap() == 3
+    with pytest.raises(bus.TaskCancelled):
+        bus.TaskResult(tid, bus.TaskStatus.CANCELLED).unwrap()
+    with pytest.raises(bus.TaskFailed, match="timeout"):
+        bus.TaskResult(tid, bus.TaskStatus.TIMEOUT).unwrap()
+
+
+def test_register_task_names_and_lookup() -> None:
+    broker = bus.InMemoryBroker()
+
+    async def f() -> None:
+        pass
+
+    task = broker.register_task(f)
+    assert task.name == f"{__name__}:test_register_task_names_and_lookup.<locals>.f"
+    assert broker.find_task(task.name) is task
+    assert broker.find_task("missing") is None
+    named = broker.register_task(f, "custom.name", timeout=3)
+    assert named.options.timeout == 3
+    with pytest.raises(ValueError, match="already registered"):
+        broker.register_task(lambda: None, "custom.name")
+    with pytest.raises(TypeError, match="callable"):
+        broker.register_task(42)  # type: ignore[arg-type]
+
+
+def test_public_surface_is_pinned() -> None:
+    assert sorted(bus.__all__) == sorted(
+        [
+            "CONTEXT", "AsyncTask", "Broker", "BrokerClosed", "BrokerState", "BrokerStats",
+            "BusError", "BusEvent", "Codec", "Context", "DecodeError", "InMemoryBroker",
+            "InMemoryResultBackend", "InmemoryResultBackend", "JSONCodec", "Kicker",
+            "Middleware", "QueueFull", "RemoteError", "ResultBackend", "ResultNotFound",
+            "ResultTimeout", "SendError", "SyncTask", "Task", "TaskCancelled", "TaskFailed",
+            "TaskHandle", "TaskID", "TaskMessage", "TaskOptions", "TaskResult", "TaskStatus",
+            "UnknownTaskError", "Worker", "current_context", "gather",
+        ]
+    )  # fmt: skip
+    for name in bus.__all__:
+        assert getattr(bus, name) is not None
+    assert bus.InmemoryResultBackend is bus.InMemoryResultBackend
+    for err in [bus.UnknownTaskError, bus.ResultTimeout, bus.TaskFailed, bus.SendError]:
+        assert issubclass(err, bus.BusError)
+    assert math.isfinite(bus.TaskOptions().retry_backoff)
