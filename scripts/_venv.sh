@@ -1,4 +1,4 @@
-# Sourced by the other scripts: make (or reuse) .venv and install the project into it.
+# Sourced by the other scripts (set BUS_EXTRA to an extra's name first): make (or reuse) .venv and install the project into it.
 # Needs only python3 on the machine.
 set -eu
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -7,10 +7,12 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-STAMP="$VENV/.installed-$1"
+EXTRA="${BUS_EXTRA:-}"
+STAMP="$VENV/.installed-${EXTRA:-base}"
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
     "$PY" -m pip install --quiet --disable-pip-version-check --upgrade pip
-    "$PY" -m pip install --quiet --disable-pip-version-check -e "$ROOT[$1]"
+    if [ -n "$EXTRA" ]; then SPEC="$ROOT[$EXTRA]"; else SPEC="$ROOT"; fi
+    "$PY" -m pip install --quiet --disable-pip-version-check -e "$SPEC"
     touch "$STAMP"
 fi
 cd "$ROOT"

@@ -1,4 +1,5 @@
 #!/bin/sh
 # The main job: a producer sends tasks, an in-memory worker runs them, results are printed.
-. "$(dirname "$0")/_venv.sh" redis
+BUS_EXTRA=
+. "$(dirname "$0")/_venv.sh"
 exec "$PY" examples/quickstart.py

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Everything CI checks: lint, format, types, then the whole test suite.
 # The Redis tests start their own redis-server (installed here when missing and we may).
-. "$(dirname "$0")/_venv.sh" dev
+BUS_EXTRA=dev
+. "$(dirname "$0")/_venv.sh"
 if ! command -v redis-server >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "test.sh: installing redis-server (Debian package)"
