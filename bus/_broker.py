@@ -310,6 +310,27 @@ class Broker(abc.ABC):
     async def _drain(self) -> None:  # noqa: B027
         """Called on the way out of ``async with broker`` before anything stops."""
 
+    # ------------------------------------------------------------ operations (CLI)
+
+    async def inspect(self) -> dict[str, Any]:
+        """Numbers for operators (queue length, pending, delayed, dead letters, workers).
+
+        Brokers shared between processes implement it; ``bus inspect`` prints it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be inspected from outside")
+
+    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The oldest ``limit`` dead letters, each a dict with at least ``id``,
+        ``reason`` and ``task_name`` (``None`` when the entry could not be decoded)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no dead-letter store")
+
+    async def requeue_dead_letters(self, limit: int = 100) -> int:
+        """Send up to ``limit`` dead letters back to the queue; returns how many."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no dead-letter store")
+
+    async def purge_dead_letters(self) -> int:
+        """Delete every dead letter; returns how many there were."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no dead-letter store")
+
     # -------------------------------------------------------------------- lifecycle
 
     @property

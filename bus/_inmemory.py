@@ -6,11 +6,12 @@ import collections
 import heapq
 import math
 import time
+from typing import Any
 
 import trio
 
 from bus._broker import Broker
-from bus._codec import Codec
+from bus._codec import Codec, DecodeError
 from bus._errors import BrokerClosed, QueueFull
 from bus._ids import TaskID
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
@@ -76,8 +77,8 @@ class InMemoryBroker(Broker):
         self._cancelled: set[TaskID] = set()
         self._all_done = trio.Event()
         self._all_done.set()
-        #: The last 1,000 dead letters: (reason, raw message bytes).
-        self.dead_letters: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=1000)
+        # The last 1,000 rejected messages: (reason, raw bytes); see dead_letters().
+        self._dead: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=1000)
 
     # --------------------------------------------------------------- sending
 
@@ -183,7 +184,7 @@ class InMemoryBroker(Broker):
             else:
                 self._ready_send.send_nowait(retry)
             return
-        self.dead_letters.append((event.reason, d.data))
+        self._dead.append((event.reason, d.data))
         self._finish_delivery(d)
 
     def _finish_delivery(self, d: Delivery) -> None:
@@ -213,6 +214,24 @@ class InMemoryBroker(Broker):
 
     def is_cancelled(self, task_id: TaskID) -> bool:
         return task_id in self._cancelled
+
+    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The oldest of the last 1,000 rejected messages (this process only)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        out = []
+        for i, (reason, data) in enumerate(list(self._dead)[:limit]):
+            try:
+                name: str | None = self.codec.decode_message(data).task_name
+            except DecodeError:
+                name = None
+            out.append({"id": i, "reason": reason, "task_name": name, "data": data})
+        return out
+
+    async def purge_dead_letters(self) -> int:
+        n = len(self._dead)
+        self._dead.clear()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return n
 
     # ------------------------------------------------------------- lifecycle
 
