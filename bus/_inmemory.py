@@ -75,8 +75,8 @@ class InMemoryBroker(Broker):
         self._timer: trio.CancelScope | None = None
         self._pending: set[TaskID] = set()  # sent and not yet acked/nacked
         self._cancelled: set[TaskID] = set()
-        self._all_done = trio.Event()
-        self._all_done.set()
+        # Made only while someone waits in wait_all(): no Event per task otherwise.
+        self._all_done: trio.Event | None = None
         # The last 1,000 rejected messages: (reason, raw bytes); see dead_letters().
         self._dead: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=1000)
 
@@ -113,8 +113,6 @@ class InMemoryBroker(Broker):
 
     def _enqueue(self, message: TaskMessage, data: bytes, counted: bool) -> None:
         tid = message.task_id
-        if not self._pending:
-            self._all_done = trio.Event()
         self._pending.add(tid)
         delivery = Delivery(data, tag=(tid, counted), message=None, deliveries=1)
         eta = message.eta
@@ -168,8 +166,9 @@ class InMemoryBroker(Broker):
         pending = self._pending
         pending.discard(tid)
         self._cancelled.discard(tid)
-        if not pending:
+        if not pending and self._all_done is not None:
             self._all_done.set()
+            self._all_done = None
 
     async def on_ack(self, event: Ack) -> None:
         self._finish_delivery(event.delivery)
@@ -192,8 +191,9 @@ class InMemoryBroker(Broker):
         tid = _task_id_of(d)
         if tid is not None:
             self._finish(tid)
-        elif not self._pending:
+        elif not self._pending and self._all_done is not None:
             self._all_done.set()
+            self._all_done = None
 
     async def on_cancel(self, event: Cancel) -> None:
         tid = event.task_id
@@ -239,6 +239,11 @@ class InMemoryBroker(Broker):
         """Return when nothing is queued, delayed or running.
 
         Cancellation: only the wait stops."""
+        if not self._pending:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._all_done is None:
+            self._all_done = trio.Event()
         await self._all_done.wait()
 
     @property

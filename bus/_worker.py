@@ -109,8 +109,7 @@ class Worker:
         self._nursery: trio.Nursery | None = None
         self._thread_limiter = trio.CapacityLimiter(concurrency)
         self._active = 0
-        self._idle = trio.Event()
-        self._idle.set()
+        self._idle: trio.Event | None = None  # made only while drain() waits
         self._log = log.bind(actor=self.name)
 
     # ------------------------------------------------------------------ control
@@ -139,11 +138,11 @@ class Worker:
         if self.stopped:
             return 0
         with trio.move_on_after(math.inf if timeout is None else timeout):
-            await self._idle.wait()
+            await self._wait_idle()
         n = 0
         for tid in list(self.running):
             n += self.cancel_running(tid, "shutdown")
-        await self._idle.wait()
+        await self._wait_idle()
         return n
 
     def stop(self) -> None:
@@ -179,7 +178,8 @@ class Worker:
         finally:
             self.stopped = True
             self._active = 0  # runners are gone, whatever they were doing
-            self._idle.set()
+            if self._idle is not None:
+                self._idle.set()
             broker.workers.remove(self)
             self._nursery = None
             with trio.CancelScope(shield=True) as scope:
@@ -227,15 +227,22 @@ class Worker:
             if not self._draining and self._nursery is not None:
                 self._nursery.start_soon(self._runner)
 
+    async def _wait_idle(self) -> None:
+        if self._active == 0:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._idle is None:
+            self._idle = trio.Event()
+        await self._idle.wait()
+
     def _task_started(self) -> None:
         self._active += 1
-        if self._active == 1:
-            self._idle = trio.Event()
 
     def _task_done(self) -> None:
         self._active -= 1
-        if self._active == 0:
+        if self._active == 0 and self._idle is not None:
             self._idle.set()
+            self._idle = None
 
     async def _reject(self, delivery: Delivery, reason: str, message: TaskMessage | None) -> None:
         broker = self.broker
