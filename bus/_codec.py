@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import json.decoder
+import json.encoder
 from typing import Any, Protocol
 
 from bus._ids import TaskID
@@ -34,9 +36,24 @@ class JSONCodec:
     def __init__(self) -> None:
         self._enc = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         self._dec = json.JSONDecoder()
+        # The C accelerators of the json module, built once instead of per call (the
+        # json module's own encode() builds a fresh encoder every time). Same output.
+        c_make = getattr(json.encoder, "c_make_encoder", None)
+        self._c_encode: Any = None
+        if c_make is not None:
+            self._c_encode = c_make(
+                None, _no_default, json.encoder.encode_basestring, None, ":", ",",
+                False, False, False,
+            )  # fmt: skip
+        self._scan: Any = self._dec.scan_once  # type: ignore[attr-defined]
+
+    def _dumps(self, obj: Any) -> bytes:
+        if self._c_encode is None:  # pragma: no cover - pure-Python json
+            return self._enc.encode(obj).encode()
+        return "".join(self._c_encode(obj, 0)).encode()
 
     def encode_message(self, message: TaskMessage) -> bytes:
-        return self._enc.encode(
+        return self._dumps(
             {
                 "id": message.task_id,
                 "name": message.task_name,
@@ -46,7 +63,7 @@ class JSONCodec:
                 "attempt": message.attempt,
                 "eta": message.eta,
             }
-        ).encode()
+        )
 
     def decode_message(self, data: bytes) -> TaskMessage:
         obj = self._load(data)
@@ -82,7 +99,7 @@ class JSONCodec:
 
     def encode_result(self, result: TaskResult[Any]) -> bytes:
         err = result.error
-        return self._enc.encode(
+        return self._dumps(
             {
                 "id": result.task_id,
                 "status": result.status.value,
@@ -91,7 +108,7 @@ class JSONCodec:
                 "time": result.execution_time,
                 "labels": result.labels,
             }
-        ).encode()
+        )
 
     def decode_result(self, data: bytes) -> TaskResult[Any]:
         obj = self._load(data)
@@ -113,10 +130,25 @@ class JSONCodec:
 
     def _load(self, data: bytes) -> dict[str, Any]:
         try:
-            text = data.decode() if isinstance(data, bytes | bytearray | memoryview) else data
-            obj = self._dec.decode(text)
-        except (UnicodeDecodeError, ValueError) as exc:
+            raw: Any = data
+            text = (
+                raw
+                if isinstance(raw, str)
+                else (raw if type(raw) is bytes else bytes(raw)).decode()
+            )
+            try:
+                # Fast path: one object filling the whole text, as our encoder writes.
+                obj, end = self._scan(text, 0)
+                if end != len(text):
+                    raise ValueError("extra data")
+            except (StopIteration, ValueError):
+                obj = self._dec.decode(text)  # raises with a precise message
+        except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as exc:
             raise DecodeError(f"not JSON: {exc}") from None
         if not isinstance(obj, dict):
             raise DecodeError(f"expected a JSON object, got {type(obj).__name__}")
         return obj
+
+
+def _no_default(obj: Any) -> Any:
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
