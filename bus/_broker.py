@@ -243,7 +243,7 @@ class Broker(abc.ABC):
             await self.on_send(Send(message, data))
             self.stats.sent += 1
             if "post_send" in self.hooks.has:
-                await self.hooks.run("post_send", message)
+                await self.hooks.run_all("post_send", message)  # sent: never raise now
             return
         data = self._encode(message)
         await self.on_send(Send(message, data))
@@ -352,7 +352,7 @@ class Broker(abc.ABC):
             await self._start(self._nursery)
             stack.push_async_callback(self._shielded, self._stop)
             await self.hooks.run("startup")
-            stack.push_async_callback(self._shielded, self.hooks.run, "shutdown")
+            stack.push_async_callback(self._shielded, self.hooks.run_all, "shutdown")
             await self._fire(BusEvent.CLIENT_STARTUP)
             stack.push_async_callback(self._shielded, self._fire, BusEvent.CLIENT_SHUTDOWN)
             self._running = True

@@ -8,11 +8,12 @@ import math
 import time
 from typing import Any
 
+import structlog
 import trio
 
 from bus._broker import Broker
 from bus._codec import Codec, DecodeError
-from bus._errors import BrokerClosed, QueueFull
+from bus._errors import BrokerClosed, QueueFull, SendError
 from bus._ids import TaskID
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
 from bus._middleware import Middleware
@@ -20,6 +21,8 @@ from bus._protocol import Ack, Cancel, Delivery, Nack, Receive, Send
 from bus._results import InMemoryResultBackend, ResultBackend
 
 __all__ = ["InMemoryBroker"]
+
+log = structlog.get_logger("bus")
 
 
 class InMemoryBroker(Broker):
@@ -83,10 +86,14 @@ class InMemoryBroker(Broker):
     # --------------------------------------------------------------- sending
 
     def kick_nowait(self, message: TaskMessage) -> None:
-        """Send now, or raise :class:`QueueFull`; ``pre_send``/``post_send`` hooks must be
-        synchronous to be used here."""
-        if self.hooks.has:
-            raise RuntimeError("kiq_nowait cannot run middlewares; use kiq()")
+        """Send now, or raise :class:`QueueFull`. ``pre_send``/``post_send`` hooks run when
+        they are plain functions; an ``async`` one makes this raise :class:`SendError`."""
+        hooks = self.hooks
+        send_hooks = "pre_send" in hooks.has or "post_send" in hooks.has
+        if send_hooks:
+            if not (hooks.is_sync("pre_send") and hooks.is_sync("post_send")):
+                raise SendError("kiq_nowait cannot run async pre_send/post_send hooks; use kiq()")
+            message = hooks.run_sync("pre_send", message)
         data = self._encode(message)
         try:
             self._slots.acquire_nowait()
@@ -94,6 +101,11 @@ class InMemoryBroker(Broker):
             raise QueueFull(f"the queue holds max_queue={self.max_queue} messages") from None
         self._enqueue(message, data, True)
         self.stats.sent += 1
+        if send_hooks:
+            try:
+                hooks.run_sync("post_send", message)
+            except Exception:
+                log.exception("middleware.failed", hook="post_send")
 
     async def on_send(self, event: Send) -> None:
         """Enqueue; waits while ``max_queue`` messages are waiting.

@@ -6,12 +6,16 @@ import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from bus._message import TaskMessage, TaskResult
 
 if TYPE_CHECKING:
     from bus._broker import Broker
 
 __all__ = ["Middleware"]
+
+log = structlog.get_logger("bus.middleware")
 
 HOOKS = (
     "startup",
@@ -35,9 +39,10 @@ class Middleware:
     to use (return it unchanged to only observe). ``self.broker`` is set when the
     middleware is attached with :meth:`Broker.with_middlewares`.
 
-    An exception in ``pre_send`` fails the ``kiq``; in ``pre_execute`` it fails the
-    task like an exception in the task itself; in the other hooks it is logged and the
-    chain goes on.
+    An exception in ``startup`` fails ``async with broker``; in ``pre_send`` it fails
+    the ``kiq`` (nothing was sent); in ``pre_execute`` it fails the task like an
+    exception in the task itself. In ``post_send``, ``post_execute``, ``on_error``,
+    ``post_save`` and ``shutdown`` it is logged and the chain goes on.
     """
 
     broker: Broker
@@ -63,7 +68,8 @@ class Middleware:
         """After the task ran, whatever its outcome."""
 
     def on_error(self, message: TaskMessage, result: TaskResult[Any], error: BaseException) -> Any:
-        """After the task raised (or timed out, or was cancelled)."""
+        """After an attempt failed or timed out (``error`` is a ``TimeoutError`` then).
+        Cancellation is not an error: it does not call this hook."""
 
     def post_save(self, message: TaskMessage, result: TaskResult[Any]) -> Any:
         """After the final result is stored."""
@@ -88,10 +94,36 @@ class HookChain:
         self.has = {hook for hook, chain in self.chains.items() if chain}
 
     async def run(self, hook: str, *args: Any) -> None:
+        """Run every middleware's ``hook``; the first exception propagates."""
         for fn, is_async in self.chains[hook]:
             out = fn(*args)
             if is_async or inspect.isawaitable(out):
                 await out
+
+    async def run_all(self, hook: str, *args: Any) -> None:
+        """Run every middleware's ``hook``; an exception is logged and the chain goes on."""
+        for fn, is_async in self.chains[hook]:
+            try:
+                out = fn(*args)
+                if is_async or inspect.isawaitable(out):
+                    await out
+            except Exception:
+                log.exception("middleware.failed", hook=hook, middleware=fn.__qualname__)
+
+    def is_sync(self, hook: str) -> bool:
+        return not any(is_async for _, is_async in self.chains[hook])
+
+    def run_sync(self, hook: str, *args: Any) -> Any:
+        """Run sync hooks (``pre_send`` returns the message); for ``kiq_nowait``."""
+        out: Any = args[0] if args else None
+        for fn, _ in self.chains[hook]:
+            res = fn(*args)
+            if hook.startswith("pre_"):
+                if not isinstance(res, TaskMessage):
+                    raise TypeError(f"middleware hook {fn.__qualname__} must return a TaskMessage")
+                args = (res, *args[1:])
+                out = res
+        return out
 
     async def transform(self, hook: str, message: TaskMessage) -> TaskMessage:
         for fn, is_async in self.chains[hook]:

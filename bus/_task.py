@@ -190,6 +190,11 @@ class Task(Generic[P, R]):
         eta_spec: dict[str, Any] | None,
     ) -> TaskMessage:
         eta: float | None = None
+        if labels:
+            try:
+                self.options.with_labels(labels)
+            except (TypeError, ValueError) as exc:
+                raise SendError(f"{self.name}: invalid option label: {exc}") from None
         if labels and ("delay" in labels or "eta" in labels):
             try:
                 eta = resolve_eta(labels)

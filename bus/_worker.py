@@ -299,12 +299,15 @@ class Worker:
         t0 = r.started = time.perf_counter()
         if options.timeout is not None:
             r.scope.deadline = trio.current_time() + options.timeout
+        kwargs = message.kwargs
+        calling = False
         try:
             if "pre_execute" in hooks.has:
                 message = r.message = await hooks.transform("pre_execute", message)
-            kwargs = message.kwargs
+                kwargs = message.kwargs
             if task.context_param is not None:
                 kwargs = {**kwargs, task.context_param: Context(message, broker)}
+            calling = True
             if task.is_async:
                 value = await task.func(*message.args, **kwargs)
             else:
@@ -313,14 +316,23 @@ class Worker:
                     limiter=self._thread_limiter,
                 )
         except TypeError as exc:
-            if not _binds(task, message.args, kwargs):
+            if calling and not _binds(task, message.args, kwargs):
                 self._forget_run(r, tid, token)
-                await self._reject(delivery, "arguments do not match the task's signature", message)
-                self._task_done()
+                try:
+                    await self._reject(
+                        delivery, "arguments do not match the task's signature", message
+                    )
+                finally:
+                    self._task_done()
                 return
             status, error = TaskStatus.FAILURE, exc
         except Exception as exc:
             status, error = TaskStatus.FAILURE, exc
+        if r.scope.cancel_called:
+            # Cancelled or timed out while it ran, but it returned anyway: a sync task
+            # (a thread cannot be interrupted) or one that swallowed Cancelled. Its
+            # outcome is discarded; the runner's epilogue records TIMEOUT / CANCELLED.
+            await trio.lowlevel.checkpoint()  # raises Cancelled here
         # From here on a cancel request or the deadline no longer concerns this task.
         r.done, r.value = True, value
         self._forget_run(r, tid, token)
@@ -420,10 +432,7 @@ class Worker:
         return True
 
     async def _hook(self, name: str, *args: Any) -> None:
-        try:
-            await self.broker.hooks.run(name, *args)
-        except Exception:
-            self._log.exception("middleware.failed", hook=name)
+        await self.broker.hooks.run_all(name, *args)
 
 
 _ERRORS = (TaskStatus.FAILURE, TaskStatus.TIMEOUT)
