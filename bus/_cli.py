@@ -378,6 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(f"{type(exc).__name__}: {exc}", 1)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if args.log_level.lower() == "debug":
+            raise
+        _fail(f"{type(exc).__name__}: {exc} (--log-level debug shows the traceback)", 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

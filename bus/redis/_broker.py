@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import socket
@@ -258,6 +259,9 @@ class RedisBroker(Broker):
         if conn is not None:
             with trio.move_on_after(max(1.0, min(self.shutdown_timeout, 5.0))):
                 await self._release(list(self._inflight))
+                if self._worker_on:
+                    with contextlib.suppress(*FAULTS):
+                        await self.client.hdel(self.keys.workers, [self.consumer])
                 await conn.batcher.flush()
         holder, self._holder = self._holder, None
         if holder is not None and holder.is_alive:
@@ -689,6 +693,12 @@ class RedisBroker(Broker):
         takes them while this worker is alive; only entries still owned are touched."""
         backoff = Backoff()
         while True:
+            try:
+                # Presence for `bus inspect`, also while idle (a blocked XREADGROUP
+                # does not refresh a consumer's idle time on Redis 7.0).
+                await self.client.hset(self.keys.workers, {self.consumer: str(time.time())})
+            except FAULTS as exc:
+                self._log.warning("redis.heartbeat_failed", error=repr(exc))
             await trio.sleep(self.heartbeat_interval)
             running = self._running_ids()
             fresh = trio.current_time() - self.visibility_timeout / 2
@@ -718,15 +728,124 @@ class RedisBroker(Broker):
 
     # ------------------------------------------------------------- inspection
 
-    async def dead_letters(self, count: int = 100) -> list[dict[str, Any]]:
-        """The latest ``count`` dead letters, newest first, as dicts (reason, data, id,
-        queue, deliveries, time; bytes values)."""
-        entries = await self.client.xrevrange(self.keys.dead, "+", "-", count=count)
-        return [
-            {(k.decode() if isinstance(k, bytes) else k): v for k, v in e.field_values.items()}
-            | {"entry": e.identifier}
-            for e in entries
-        ]
+    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The oldest ``limit`` dead letters, as dicts: ``id`` (dead-letter entry id),
+        ``reason``, ``task_name`` and ``task_id`` (``None`` when undecodable), ``entry``
+        (the original stream id), ``deliveries``, ``time`` (Unix) and ``data`` (bytes)."""
+        entries = await self.client.xrange(self.keys.dead, "-", "+", count=limit)
+        return [self._dead_dict(e) for e in entries]
+
+    def _dead_dict(self, e: StreamEntry) -> dict[str, Any]:
+        f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in e.field_values.items()}
+
+        def text(key: str) -> str:
+            v = f.get(key, b"")
+            return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+        data = f.get("data", b"")
+        data = data if isinstance(data, bytes) else str(data).encode()
+        try:
+            msg: TaskMessage | None = self.codec.decode_message(data)
+        except DecodeError:
+            msg = None
+        return {
+            "id": _ident(e).decode(),
+            "reason": text("reason"),
+            "task_name": msg.task_name if msg else None,
+            "task_id": str(msg.task_id) if msg else None,
+            "entry": text("id"),
+            "deliveries": int(text("deliveries") or 0),
+            "time": float(text("time") or 0),
+            "data": data,
+        }
+
+    async def requeue_dead_letters(self, limit: int = 100) -> int:
+        """Send up to ``limit`` of the oldest dead letters back to the queue, as their
+        first delivery, and remove them from the dead-letter stream. Entries that were
+        dead-lettered for a bad signature are left where they are (requeueing would
+        sign what someone else wrote). Returns how many were requeued."""
+        entries = await self.client.xrange(self.keys.dead, "-", "+", count=limit)
+        moved = []
+        async with self.client.pipeline(transaction=True) as pipe:
+            for e in entries:
+                d = self._dead_dict(e)
+                if "signature" in d["reason"]:
+                    continue
+                self._xadd(pipe, d["data"], sign(self.secret, d["data"]))
+                moved.append(_ident(e))
+            if moved:
+                pipe.xdel(self.keys.dead, moved)
+        self._log.info("dead_letters.requeued", count=len(moved))
+        return len(moved)
+
+    async def purge_dead_letters(self) -> int:
+        """Delete the dead-letter stream; returns how many entries it held."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            n = pipe.xlen(self.keys.dead)
+            pipe.delete([self.keys.dead])
+        count = int(await n)
+        self._log.info("dead_letters.purged", count=count)
+        return count
+
+    async def inspect(self) -> dict[str, Any]:
+        """Numbers for operators: ``queued`` (not yet delivered to any worker),
+        ``pending`` (delivered, not acknowledged) in all and per consumer, ``delayed``,
+        ``dead_letters``, and ``workers``: each consumer with its pending count, the age
+        of its last heartbeat (workers write one every ``heartbeat_interval``, busy or
+        idle) and ``live`` (a heartbeat within two intervals)."""
+        client, keys = self.client, self.keys
+        async with client.pipeline(transaction=False) as pipe:
+            length = pipe.xlen(keys.stream)
+            delayed = pipe.zcard(keys.delayed)
+            dead = pipe.xlen(keys.dead)
+            presence = pipe.hgetall(keys.workers)
+        groups: Any = ()
+        consumers: Any = ()
+        try:
+            groups = await client.xinfo_groups(keys.stream)
+            consumers = await client.xinfo_consumers(keys.stream, self.group)
+        except (coredis.exceptions.ResponseError, StreamConsumerGroupError):
+            pass  # no stream or no group yet: nothing was delivered
+        group = next((g for g in groups if g.get(b"name") == self.group), None)
+        queued = int(await length)
+        pending = 0
+        if group is not None:
+            pending = int(group.get(b"pending") or 0)
+            lag = group.get(b"lag")
+            queued = int(lag) if lag is not None else max(0, queued - pending)
+        now = time.time()
+        beats = {
+            (k if isinstance(k, bytes) else str(k).encode()): float(v)
+            for k, v in dict(await presence).items()
+        }
+        seen: dict[bytes, dict[str, Any]] = {}
+        for c in consumers:
+            name = c.get(b"name") or b"?"
+            seen[name] = {"pending": int(c.get(b"pending") or 0)}
+        workers = []
+        for name in sorted(set(seen) | set(beats)):
+            beat = beats.get(name)
+            age = None if beat is None else round(max(0.0, now - beat), 3)
+            workers.append(
+                {
+                    "consumer": name.decode("utf-8", "replace"),
+                    "pending": seen.get(name, {}).get("pending", 0),
+                    "heartbeat_age_seconds": age,
+                    # Heartbeats come every heartbeat_interval: two missed is gone.
+                    "live": age is not None and age < 2 * self.heartbeat_interval + 1,
+                }
+            )
+        return {
+            "queue": self.queue,
+            "stream": keys.stream.decode(),
+            "queued": queued,
+            "pending": pending,
+            "pending_per_consumer": {w["consumer"]: w["pending"] for w in workers},
+            "delayed": int(await delayed),
+            "dead_letters": int(await dead),
+            "workers": workers,
+            "live_workers": sum(1 for w in workers if w["live"]),
+        }
 
 
 def _ident(e: StreamEntry) -> bytes:

@@ -56,6 +56,11 @@ class Keys:
         return f"{self.base}:dead".encode()
 
     @property
+    def workers(self) -> bytes:
+        """Hash of live workers: consumer name -> Unix time of its last heartbeat."""
+        return f"{self.base}:workers".encode()
+
+    @property
     def cancel_channel(self) -> bytes:
         """Pub/sub channel on which cancellations are announced (payload: the task id)."""
         return f"{self.base}:cancel".encode()

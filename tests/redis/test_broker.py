@@ -114,7 +114,8 @@ async def test_max_deliveries_dead_letters(make_broker: Callable[..., RedisBroke
     assert result.error is not None
     assert "max_deliveries=1" in result.error.message
     assert len(dead) == 1
-    assert b"max_deliveries" in dead[0]["reason"]
+    assert "max_deliveries" in dead[0]["reason"]
+    assert dead[0]["task_id"] == str(h.task_id)
 
 
 async def test_signed_messages(make_broker: Callable[..., RedisBroker]) -> None:
@@ -140,4 +141,4 @@ async def test_signed_messages(make_broker: Callable[..., RedisBroker]) -> None:
             w.stop()
             dead = await good.dead_letters()
             assert not await good.result_backend.is_ready(forged.task_id)
-    assert dead[0]["reason"] == b"message signature is wrong"
+    assert dead[0]["reason"] == "message signature is wrong"
