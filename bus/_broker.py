@@ -240,13 +240,13 @@ class Broker(abc.ABC):
             if "pre_send" in self.hooks.has:
                 message = await self.hooks.transform("pre_send", message)
             data = self._encode(message)
-            await self.on_send(Send(message, data))
+            await self.on_send(Send(message, data, verified=True))
             self.stats.sent += 1
             if "post_send" in self.hooks.has:
                 await self.hooks.run_all("post_send", message)  # sent: never raise now
             return
         data = self._encode(message)
-        await self.on_send(Send(message, data))
+        await self.on_send(Send(message, data, verified=True))
         self.stats.sent += 1
 
     def kick_nowait(self, message: TaskMessage) -> None:

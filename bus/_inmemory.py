@@ -99,7 +99,7 @@ class InMemoryBroker(Broker):
             self._slots.acquire_nowait()
         except trio.WouldBlock:
             raise QueueFull(f"the queue holds max_queue={self.max_queue} messages") from None
-        self._enqueue(message, data, True)
+        self._enqueue(message, data, True, True)
         self.stats.sent += 1
         if send_hooks:
             try:
@@ -121,12 +121,16 @@ class InMemoryBroker(Broker):
                 raise BrokerClosed("the broker stopped while the send waited for room") from None
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
-        self._enqueue(event.message, event.data, True)
+        self._enqueue(event.message, event.data, True, event.verified)
 
-    def _enqueue(self, message: TaskMessage, data: bytes, counted: bool) -> None:
+    def _enqueue(self, message: TaskMessage, data: bytes, counted: bool, verified: bool) -> None:
         tid = message.task_id
         self._pending.add(tid)
-        delivery = Delivery(data, tag=(tid, counted), message=None, deliveries=1)
+        # A task must see its own copy of its arguments, which decoding ``data`` makes.
+        # When they are all immutable there is nothing to copy, and the message the
+        # producer built (and the codec accepted) goes to the worker as it is.
+        shared = message if verified and _immutable_message(message) else None
+        delivery = Delivery(data, tag=(tid, counted), message=shared, deliveries=1)
         eta = message.eta
         if eta is not None:
             wait = eta - time.time()
@@ -306,3 +310,23 @@ class InMemoryBroker(Broker):
 def _task_id_of(d: Delivery) -> TaskID | None:
     tag = d.tag
     return tag[0] if isinstance(tag, tuple) else None
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
+
+
+def _immutable(value: object) -> bool:
+    t = type(value)
+    if t in _SCALARS:
+        return True
+    if t is tuple:
+        return all(_immutable(v) for v in value)  # type: ignore[attr-defined]
+    return False
+
+
+def _immutable_message(message: TaskMessage) -> bool:
+    return (
+        all(_immutable(a) for a in message.args)
+        and all(_immutable(v) for v in message.kwargs.values())
+        and all(_immutable(v) for v in message.labels.values())
+    )

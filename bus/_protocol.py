@@ -28,10 +28,16 @@ __all__ = ["Ack", "Cancel", "Delivery", "Nack", "Receive", "Register", "Send"]
 
 @attrs.frozen
 class Send:
-    """Enqueue ``message``; ``data`` is its encoded form (what travels)."""
+    """Enqueue ``message``; ``data`` is its encoded form (what travels).
+
+    ``verified`` is set by :meth:`Broker.kick`, which made ``data`` from ``message`` with
+    the broker's codec: an in-process broker may then hand ``message`` itself to the
+    worker instead of decoding ``data`` again.
+    """
 
     message: TaskMessage
     data: bytes
+    verified: bool = False
 
 
 @attrs.frozen

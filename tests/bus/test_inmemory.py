@@ -285,3 +285,25 @@ async def test_many_tasks_all_complete(autojump_clock: trio.testing.MockClock) -
             results = await bus.gather(*handles)
     assert [r.return_value for r in results] == [i * i for i in range(2000)]
     assert broker.stats.succeeded == 2000
+
+
+async def test_a_task_gets_its_own_copy_of_mutable_arguments(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broker = bus.InMemoryBroker()
+    seen: list[list[int]] = []
+
+    @broker.task
+    async def grab(items: list[int], name: str) -> int:
+        items.append(99)  # must not reach the producer's list
+        seen.append(items)
+        return len(items)
+
+    with trio.fail_after(60):
+        async with broker:
+            mine = [1, 2]
+            handle = await grab.kiq(mine, "x")
+            mine.append(3)  # must not reach the task
+            assert (await handle.wait_result()).return_value == 3
+    assert mine == [1, 2, 3]
+    assert seen == [[1, 2, 99]]
