@@ -608,7 +608,11 @@ def _targets(summ: dict[str, dict[str, tuple[float, float, float]]]) -> list[str
 
 
 def chart(summ: dict[str, dict[str, tuple[float, float, float]]], path: Path, title: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no chart drawn")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
