@@ -90,11 +90,15 @@ class _Listener(actors.Actor):
         with trio.CancelScope() as scope:
             backend._listen_scope = scope
             try:
-                await self._listen_loop(task_status)
+                task_status.started()  # the client is connected
+                # Subscribe only once someone in this process waits for a result: a
+                # worker-only process would otherwise receive every announcement.
+                await backend._want_subscription.wait()
+                await self._listen_loop(_Subscribed(backend._subscribed))
             finally:
                 backend._listen_done.set()
 
-    async def _listen_loop(self, task_status: trio.TaskStatus[None]) -> None:
+    async def _listen_loop(self, task_status: _Subscribed) -> None:
         backend = self.backend
         client = backend._client()
         channel = backend.channel
@@ -133,6 +137,16 @@ class _Listener(actors.Actor):
             except FAULTS as exc:
                 log.warning("results.subscription_lost", error=repr(exc), actor=self.name)
                 await trio.sleep(backoff.next())
+
+
+class _Subscribed:
+    """Stands in for a task status: marks the subscription as live."""
+
+    def __init__(self, event: trio.Event) -> None:
+        self.event = event
+
+    def started(self) -> None:
+        self.event.set()
 
 
 class RedisResultBackend(ResultBackend):
@@ -176,6 +190,8 @@ class RedisResultBackend(ResultBackend):
         self.conn_ready = trio.Event()
         self._listen_scope: trio.CancelScope | None = None
         self._listen_done = trio.Event()
+        self._want_subscription = trio.Event()
+        self._subscribed = trio.Event()
 
     # ------------------------------------------------------------------ keys
 
@@ -193,6 +209,8 @@ class RedisResultBackend(ResultBackend):
         self.conn_ready = trio.Event()
         self._listen_scope = None
         self._listen_done = trio.Event()
+        self._want_subscription = trio.Event()
+        self._subscribed = trio.Event()
         name = f"redis-results-{TaskID.new()[-12:]}"
         self._ref = await system.spawn(lambda: _Listener(self), name=name, mailbox_size=16)
         ref = self._ref
@@ -207,6 +225,7 @@ class RedisResultBackend(ResultBackend):
     async def shutdown(self) -> None:
         self._running = False
         self.waiters.close("the result backend shut down")
+        self._subscribed.set()  # release a first waiter still waiting to subscribe
         if self._listen_scope is not None:
             # Leave the subscription before the client closes (a clean UNSUBSCRIBE).
             self._listen_scope.cancel()
@@ -310,6 +329,12 @@ class RedisResultBackend(ResultBackend):
         w = waiters.add(tid)
         try:
             with trio.move_on_after(math.inf if timeout is None else timeout):
+                if not self._subscribed.is_set():
+                    # The first waiter of this process: subscribe now (once).
+                    self._want_subscription.set()
+                    await self._subscribed.wait()
+                    if w.gone:
+                        raise ResultNotFound(task_id, w.gone)
                 # Registered first, then read: a result stored in between is not missed.
                 raw = await self._client().get(self.result_key(tid))
                 if raw is not None and w.result is None:
