@@ -188,6 +188,14 @@ class ActorRef:
         """Request a stop (as ``stop``) without waiting for it to finish."""
         self._cell.send_channel.close()
 
+    async def join(self) -> None:
+        """Wait until the actor has stopped, for whatever reason (a stop, a failure
+        under STOP or ESCALATE, cancellation), without asking it to stop.
+
+        Cancellation: only the waiting ends.
+        """
+        await self._cell.stopped.wait()
+
 
 class Cell:
     """Runtime state of one actor across restarts: mailbox, policy, children."""

@@ -214,10 +214,17 @@ class RedisResultBackend(ResultBackend):
         name = f"redis-results-{TaskID.new()[-12:]}"
         self._ref = await system.spawn(lambda: _Listener(self), name=name, mailbox_size=16)
         ref = self._ref
-        with trio.move_on_after(35):  # the listener gives up after 30 s
-            while not self.conn_ready.is_set() and ref.is_alive:
-                with trio.move_on_after(0.05):
-                    await self.conn_ready.wait()
+
+        async def listener_died(scope: trio.CancelScope) -> None:
+            await ref.join()
+            scope.cancel()
+
+        # Wait for the connection, or for the listener to give up (after 30 s).
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listener_died, nursery.cancel_scope)
+            with trio.move_on_after(35):
+                await self.conn_ready.wait()
+            nursery.cancel_scope.cancel()
         if not self.conn_ready.is_set():
             raise ConnectionError(f"cannot subscribe to results on {self.url}")
         self._running = True

@@ -410,3 +410,25 @@ async def test_lifecycle_logging() -> None:
         assert started[0]["actor"] == "c"
         assert stopped[0]["actor"] == "c"
         assert stopped[0]["how"] == "stopped"
+
+
+async def test_join_waits_for_the_actor_to_stop_for_any_reason() -> None:
+    with trio.fail_after(5), structlog.testing.capture_logs():
+        async with actors.open_system() as system:
+            failing = await system.spawn(Counter, name="failing", on_failure=actors.STOP)
+            stopped = await system.spawn(Counter, name="stopped")
+            joined: list[str] = []
+
+            async def join(ref: actors.ActorRef) -> None:
+                await ref.join()
+                joined.append(ref.name)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(join, failing)
+                nursery.start_soon(join, stopped)
+                await trio.testing.wait_all_tasks_blocked()
+                assert joined == []
+                await failing.tell(Fail())
+                await stopped.stop()
+            assert sorted(joined) == ["failing", "stopped"]
+            await failing.join()  # already stopped: returns at once
