@@ -6,7 +6,7 @@ import abc
 import contextlib
 import enum
 import inspect
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 
 import attrs
@@ -248,6 +248,13 @@ class Broker(abc.ABC):
         data = self._encode(message)
         await self.on_send(Send(message, data, verified=True))
         self.stats.sent += 1
+
+    async def kick_many(self, messages: Sequence[TaskMessage]) -> None:
+        """Send many messages; brokers with a faster bulk path (Redis pipelines)
+        override it. Each message goes through the middlewares as with :meth:`kick`.
+        On failure, the messages before the failing one were sent."""
+        for message in messages:
+            await self.kick(message)
 
     def kick_nowait(self, message: TaskMessage) -> None:
         """Send without waiting (no async middlewares run); :class:`QueueFull` when full.

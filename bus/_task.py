@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import typing
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 import trio
@@ -173,6 +173,29 @@ class Task(Generic[P, R]):
         msg = self._message(args, kwargs, None, None, None)
         await self.broker.kick(msg)
         return TaskHandle(msg.task_id, self.broker)
+
+    async def kiq_many(
+        self, calls: Iterable[tuple[tuple[Any, ...], dict[str, Any]] | tuple[Any, ...]]
+    ) -> list[TaskHandle[R]]:
+        """Send one task per call, in bulk, and return their handles in order.
+
+        Each call is a tuple of positional arguments, or an ``(args, kwargs)`` pair::
+
+            await add.kiq_many((i, i) for i in range(1000))
+            await greet.kiq_many([(("ann",), {"loud": True})])
+
+        Arguments are not type-checked as with :meth:`kiq`. The Redis broker sends
+        them in pipelines (one round trip per 500). Raises as :meth:`kiq` does.
+        """
+        messages = []
+        for call in calls:
+            if len(call) == 2 and isinstance(call[0], tuple) and isinstance(call[1], dict):
+                args, kwargs = call[0], call[1]
+            else:
+                args, kwargs = tuple(call), {}
+            messages.append(self._message(args, kwargs, None, None, None))
+        await self.broker.kick_many(messages)
+        return [TaskHandle(m.task_id, self.broker) for m in messages]
 
     def kiq_nowait(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
         """Send without waiting, on brokers that can (the in-memory one); raises

@@ -354,7 +354,7 @@ class RedisBroker(Broker):
             self.stats.sent += len(chunk)
         if "post_send" in hooks.has:
             for m, _ in prepared:
-                await hooks.run("post_send", m)
+                await hooks.run_all("post_send", m)  # sent: never raise now
 
     # ---------------------------------------------------------------- receiving
 

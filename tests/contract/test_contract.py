@@ -478,3 +478,19 @@ async def test_trio_cancellation_of_the_worker_is_not_a_task_failure(
             with pytest.raises(bus.ResultNotFound):
                 await handle.get_result()
     assert broker.stats.failed == 0
+
+
+async def test_kiq_many_sends_in_bulk(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+
+    @broker.task
+    async def combine(a: int, b: int, *, scale: int = 1) -> int:
+        return (a + b) * scale
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            handles = await combine.kiq_many((i, i) for i in range(20))
+            handles += await combine.kiq_many([((1, 2), {"scale": 10})])
+            results = await bus.gather(*handles, timeout=5)
+    assert [r.return_value for r in results] == [2 * i for i in range(20)] + [30]
+    assert broker.stats.sent == 21
