@@ -325,11 +325,15 @@ class RedisBroker(Broker):
 
     async def on_send(self, event: Send) -> None:
         client = self.client
+        rb = self.result_backend if isinstance(self.result_backend, RedisResultBackend) else None
+        gen = rb.live_generation() if rb is not None else None
 
         async def send() -> Any:
             return await self._enqueue_op(client, event.message, event.data)
 
         await self._retrying(f"cannot send {event.message.task_name}", send)
+        if rb is not None:
+            rb.note_sent(event.message.task_id, gen)
 
     async def kick_many(self, messages: Sequence[TaskMessage]) -> None:
         """Send many messages in pipelines (one round trip per 500): the fast path for
@@ -342,6 +346,8 @@ class RedisBroker(Broker):
                 m = await hooks.transform("pre_send", m)
             prepared.append((m, self._encode(m)))
         client = self.client
+        rb = self.result_backend if isinstance(self.result_backend, RedisResultBackend) else None
+        gen = rb.live_generation() if rb is not None else None
         for i in range(0, len(prepared), 500):
             chunk = prepared[i : i + 500]
 
@@ -352,6 +358,9 @@ class RedisBroker(Broker):
 
             await self._retrying("cannot send a batch", send)
             self.stats.sent += len(chunk)
+            if rb is not None and gen is not None:
+                for m, _ in chunk:
+                    rb.note_sent(m.task_id, gen)
         if "post_send" in hooks.has:
             for m, _ in prepared:
                 await hooks.run_all("post_send", m)  # sent: never raise now

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 from typing import TYPE_CHECKING, Any
@@ -117,6 +118,8 @@ class _Listener(actors.Actor):
                         kind = msg["type"]
                         if kind == "subscribe":
                             backoff.reset()
+                            backend._generation += 1
+                            backend._live = True
                             if started:
                                 self.nursery.start_soon(backend._recheck)
                             else:
@@ -135,6 +138,7 @@ class _Listener(actors.Actor):
                         if result is not None:
                             waiters.wake(TaskID.parse(tid), result)
             except FAULTS as exc:
+                backend._live = False
                 log.warning("results.subscription_lost", error=repr(exc), actor=self.name)
                 await trio.sleep(backoff.next())
 
@@ -192,6 +196,12 @@ class RedisResultBackend(ResultBackend):
         self._listen_done = trio.Event()
         self._want_subscription = trio.Event()
         self._subscribed = trio.Event()
+        # Subscription generations: a task sent from this process while the
+        # subscription was live, and still live in the same generation when its waiter
+        # registers, cannot have been announced unseen, so wait_result skips its GET.
+        self._generation = 0
+        self._live = False
+        self._sent_gen: collections.OrderedDict[TaskID, int] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ keys
 
@@ -211,6 +221,9 @@ class RedisResultBackend(ResultBackend):
         self._listen_done = trio.Event()
         self._want_subscription = trio.Event()
         self._subscribed = trio.Event()
+        self._generation = 0
+        self._live = False
+        self._sent_gen.clear()
         name = f"redis-results-{TaskID.new()[-12:]}"
         self._ref = await system.spawn(lambda: _Listener(self), name=name, mailbox_size=16)
         ref = self._ref
@@ -243,6 +256,20 @@ class RedisResultBackend(ResultBackend):
         if ref is not None and ref.is_alive:
             await ref.stop()
         self.conn = None
+
+    def live_generation(self) -> int | None:
+        """The subscription's generation if it is live now, else ``None``; a sender
+        reads it before it sends and passes it to :meth:`note_sent` after."""
+        return self._generation if self._live else None
+
+    def note_sent(self, task_id: TaskID, generation: int | None) -> None:
+        """Remember that ``task_id`` was sent while the subscription was live."""
+        if generation is None:
+            return
+        sent = self._sent_gen
+        sent[task_id] = generation
+        if len(sent) > 100_000:
+            sent.popitem(last=False)
 
     def _conn_or_fail(self) -> Connection:
         if self.conn is None:
@@ -342,8 +369,12 @@ class RedisResultBackend(ResultBackend):
                     await self._subscribed.wait()
                     if w.gone:
                         raise ResultNotFound(task_id, w.gone)
-                # Registered first, then read: a result stored in between is not missed.
-                raw = await self._client().get(self.result_key(tid))
+                sent_in = self._sent_gen.pop(tid, None)
+                if sent_in is not None and self._live and sent_in == self._generation:
+                    raw = None  # sent after we subscribed: its announcement reaches us
+                else:
+                    # Registered first, then read: a result stored in between is seen.
+                    raw = await self._client().get(self.result_key(tid))
                 if raw is not None and w.result is None:
                     found = self._decode(raw)
                     if found is not None:
