@@ -236,18 +236,13 @@ class Broker(abc.ABC):
         :class:`BrokerClosed`. Waits while the queue is full. Cancellation: if cancelled
         before the broker took the message, it was not sent.
         """
-        if self.hooks.has:
-            if "pre_send" in self.hooks.has:
-                message = await self.hooks.transform("pre_send", message)
-            data = self._encode(message)
-            await self.on_send(Send(message, data, verified=True))
-            self.stats.sent += 1
-            if "post_send" in self.hooks.has:
-                await self.hooks.run_all("post_send", message)  # sent: never raise now
-            return
-        data = self._encode(message)
-        await self.on_send(Send(message, data, verified=True))
+        hooks = self.hooks
+        if "pre_send" in hooks.has:
+            message = await hooks.transform("pre_send", message)
+        await self.on_send(Send(message, self._encode(message), verified=True))
         self.stats.sent += 1
+        if "post_send" in hooks.has:
+            await hooks.run_all("post_send", message)  # sent: never raise now
 
     async def kick_many(self, messages: Sequence[TaskMessage]) -> None:
         """Send many messages; brokers with a faster bulk path (Redis pipelines)

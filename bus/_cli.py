@@ -346,11 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.processes < 1 or (args.concurrency is not None and args.concurrency < 1):
                 raise CLIError("--processes and --concurrency must be at least 1")
             if args.processes > 1:
-                child = [a for a in args_list if not a.startswith("--processes")]
-                if "--processes" in args_list:
-                    k = args_list.index("--processes")
-                    child = args_list[:k] + args_list[k + 2 :]
-                return supervise(child, args.processes)
+                # Each child runs this same command as one process (the last value wins).
+                return supervise([*args_list, "--processes", "1"], args.processes)
             timeout = (
                 broker.shutdown_timeout
                 if args.shutdown_timeout is None

@@ -112,6 +112,7 @@ class InMemoryBroker(Broker):
 
         It does not yield to the scheduler when there is room (a cancelled caller still
         gets ``Cancelled``), so a burst of sends costs no context switches."""
+        await trio.lowlevel.checkpoint_if_cancelled()  # before a slot is taken
         try:
             self._slots.acquire_nowait()
         except trio.WouldBlock:
@@ -119,25 +120,31 @@ class InMemoryBroker(Broker):
             if not self._running:
                 self._slots.release()
                 raise BrokerClosed("the broker stopped while the send waited for room") from None
-        else:
-            await trio.lowlevel.checkpoint_if_cancelled()
         self._enqueue(event.message, event.data, True, event.verified)
 
-    def _enqueue(self, message: TaskMessage, data: bytes, counted: bool, verified: bool) -> None:
-        tid = message.task_id
-        self._pending.add(tid)
+    def _enqueue(
+        self,
+        message: TaskMessage,
+        data: bytes,
+        counted: bool,
+        verified: bool,
+        delay: float | None = None,
+    ) -> None:
+        """Queue a delivery now, after ``delay`` seconds of the Trio clock, or else at
+        ``message.eta`` (wall clock). ``counted``: it holds a ``max_queue`` slot
+        (retries do not, so a worker never waits for room)."""
+        self._pending.add(message.task_id)
         # A task must see its own copy of its arguments, which decoding ``data`` makes.
         # When they are all immutable there is nothing to copy, and the message the
         # producer built (and the codec accepted) goes to the worker as it is.
         shared = message if verified and _immutable_message(message) else None
-        delivery = Delivery(data, tag=(tid, counted), message=shared, deliveries=1)
-        eta = message.eta
-        if eta is not None:
-            wait = eta - time.time()
-            if wait > 0:
-                self._delay(delivery, wait)
-                return
-        self._ready_send.send_nowait(delivery)
+        delivery = Delivery(data, tag=(message.task_id, counted), message=shared)
+        if delay is None:
+            delay = 0.0 if message.eta is None else message.eta - time.time()
+        if delay > 0:
+            self._delay(delivery, delay)
+        else:
+            self._ready_send.send_nowait(delivery)
 
     def _delay(self, delivery: Delivery, seconds: float) -> None:
         due = trio.current_time() + seconds
@@ -150,7 +157,7 @@ class InMemoryBroker(Broker):
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         task_status.started()
-        heap = self._delayed
+        heap = self._delayed  # the same list for the broker's whole run
         while True:
             with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as scope:
                 self._timer = scope
@@ -190,26 +197,16 @@ class InMemoryBroker(Broker):
         self._finish_delivery(event.delivery)
 
     async def on_nack(self, event: Nack) -> None:
-        d = event.delivery
         if event.requeue is not None:
-            data = self.codec.encode_message(event.requeue)
-            retry = Delivery(data, tag=(event.requeue.task_id, False), message=None, deliveries=1)
-            if event.delay > 0:
-                self._delay(retry, event.delay)
-            else:
-                self._ready_send.send_nowait(retry)
+            retry = event.requeue
+            data = self.codec.encode_message(retry)
+            self._enqueue(retry, data, False, True, delay=event.delay)
             return
-        self._dead.append((event.reason, d.data))
-        self._finish_delivery(d)
+        self._dead.append((event.reason, event.delivery.data))
+        self._finish_delivery(event.delivery)
 
     def _finish_delivery(self, d: Delivery) -> None:
-        # The worker decoded the message; the task id is in its data. Look it up cheaply.
-        tid = _task_id_of(d)
-        if tid is not None:
-            self._finish(tid)
-        elif not self._pending and self._all_done is not None:
-            self._all_done.set()
-            self._all_done = None
+        self._finish(d.tag[0])  # the tag is (task id, counted): see _enqueue
 
     async def on_cancel(self, event: Cancel) -> None:
         tid = event.task_id
@@ -275,13 +272,13 @@ class InMemoryBroker(Broker):
         # Intake stops first: senders now get BrokerClosed.
         self._running = False
         # Delayed tasks would not be due before the deadline: cancel them now.
-        heap, self._delayed = self._delayed, []
-        for _, _, d in heap:
-            await self._cancel_unstarted(d, "the broker shut down before it was due")
+        await self._cancel_delayed("the broker shut down before it was due")
         if any(not w.stopped for w in self.workers):  # else nothing could finish: no wait
             with trio.move_on_after(self.shutdown_timeout):
                 await self.wait_all()
-        # Past the deadline: what is queued never starts, what runs is cancelled.
+        # Past the deadline: what is queued never starts (retries waiting for their
+        # backoff included), what runs is cancelled.
+        await self._cancel_delayed("the broker shut down before its retry was due")
         while True:
             try:
                 d = self._ready_recv.receive_nowait()
@@ -294,10 +291,14 @@ class InMemoryBroker(Broker):
         while self._slots.statistics().tasks_waiting:
             self._slots.release()
 
+    async def _cancel_delayed(self, why: str) -> None:
+        heap = list(self._delayed)
+        self._delayed.clear()  # in place: the timer task holds this list
+        for _, _, d in heap:
+            await self._cancel_unstarted(d, why)
+
     async def _cancel_unstarted(self, d: Delivery, why: str) -> None:
-        tid = _task_id_of(d)
-        if tid is None:
-            return
+        tid: TaskID = d.tag[0]
         if tid not in self._cancelled:
             await self._store_cancelled(tid, why)
         self._finish(tid)
@@ -305,11 +306,6 @@ class InMemoryBroker(Broker):
     async def _stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-
-
-def _task_id_of(d: Delivery) -> TaskID | None:
-    tag = d.tag
-    return tag[0] if isinstance(tag, tuple) else None
 
 
 _SCALARS = frozenset({str, int, float, bool, type(None), bytes})

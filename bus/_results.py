@@ -203,10 +203,6 @@ class InMemoryResultBackend(ResultBackend):
         self._closed = True
         self.table.close("the result backend shut down")
 
-    def set_result_nowait(self, task_id: TaskID, result: TaskResult[Any]) -> None:
-        """Store ``result`` now (the in-memory store never blocks)."""
-        self.table.store(task_id, result, trio.current_time())
-
     async def set_result(self, task_id: TaskID, result: TaskResult[Any]) -> None:
         self.table.store(task_id, result, trio.current_time())
         await trio.lowlevel.checkpoint_if_cancelled()

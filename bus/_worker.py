@@ -76,7 +76,7 @@ class _Runner:
     so running a task costs no scope of its own: a timeout is the scope's deadline, a
     cancel request cancels the scope, and a fresh runner takes the slot over."""
 
-    __slots__ = ("delivery", "done", "idle", "message", "reason", "scope", "started", "value")
+    __slots__ = ("delivery", "idle", "message", "reason", "scope", "started")
 
     def __init__(self, scope: trio.CancelScope) -> None:
         self.scope = scope
@@ -85,8 +85,6 @@ class _Runner:
         self.message: TaskMessage | None = None
         self.delivery: Delivery | None = None
         self.started = 0.0
-        self.done = False
-        self.value: Any = None
 
 
 class Worker:
@@ -293,7 +291,7 @@ class Worker:
         error: BaseException | None = None
         value: Any = None
         self._task_started()
-        r.message, r.delivery, r.done, r.reason = message, delivery, False, ""
+        r.message, r.delivery, r.reason = message, delivery, ""
         self.running[tid] = r
         token = _current.set(Context(message, broker))
         t0 = r.started = time.perf_counter()
@@ -334,7 +332,6 @@ class Worker:
             # outcome is discarded; the runner's epilogue records TIMEOUT / CANCELLED.
             await trio.lowlevel.checkpoint()  # raises Cancelled here
         # From here on a cancel request or the deadline no longer concerns this task.
-        r.done, r.value = True, value
         self._forget_run(r, tid, token)
         try:
             await self._finish(message, delivery, options, status, value, error, t0)

@@ -307,3 +307,50 @@ async def test_a_task_gets_its_own_copy_of_mutable_arguments(
             assert (await handle.wait_result()).return_value == 3
     assert mine == [1, 2, 3]
     assert seen == [[1, 2, 99]]
+
+
+async def test_a_retry_waiting_at_shutdown_is_recorded_not_lost(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broker = bus.InMemoryBroker(shutdown_timeout=5)
+    calls = 0
+
+    @broker.task(retries=3, retry_backoff=60)
+    async def flaky() -> None:
+        nonlocal calls
+        calls += 1
+        await trio.sleep(2)
+        raise OSError("down")
+
+    with trio.fail_after(600):
+        async with broker:
+            handle = await flaky.kiq()
+            await trio.sleep(1)
+            # Leaving now: the attempt fails during the drain, and its retry would
+            # wait 60 s, past the shutdown timeout.
+        result = await handle.get_result()
+    assert calls == 1
+    assert result.status is bus.TaskStatus.CANCELLED
+    assert broker.queued == 0
+
+
+async def test_a_cancelled_kiq_does_not_hold_a_queue_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broker = bus.InMemoryBroker(concurrency=1, max_queue=1)
+    gate = trio.Event()
+
+    @broker.task
+    async def blocked() -> None:
+        await gate.wait()
+
+    with trio.fail_after(60):
+        async with broker:
+            await blocked.kiq()  # taken by the worker
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await blocked.kiq()  # cancelled: nothing sent, no slot kept
+            assert broker.queued == 0
+            blocked.kiq_nowait()  # the one slot is still free
+            gate.set()
