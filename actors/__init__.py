@@ -13,7 +13,7 @@ from ._errors import (
     UnhandledMessage,
 )
 from ._runtime import ActorRef
-from ._supervision import ESCALATE, RESTART, STOP, Policy
+from ._supervision import ESCALATE, RESTART, STOP, Backoff, Policy
 from ._system import ActorSystem, open_system
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "ActorStopped",
     "ActorSystem",
     "AskTimeout",
+    "Backoff",
     "MailboxFull",
     "Policy",
     "UnhandledMessage",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import trio
 
 from ._errors import ActorError
-from ._supervision import STOP, Policy
+from ._supervision import STOP, Backoff, Policy
 
 if TYPE_CHECKING:
     from ._runtime import ActorRef, Cell
@@ -78,6 +78,9 @@ class Actor:
     #: Message types known to have no handler.
     _actor_misses: ClassVar[set[type]] = set()
 
+    #: Whether the class overrides :meth:`on_drained` (checked once per class).
+    _actor_wants_drained: ClassVar[bool] = False
+
     _actor_cell: Cell | None = None
     _actor_nursery: trio.Nursery | None = None
 
@@ -90,6 +93,7 @@ class Actor:
                     names[t] = attr_name
         cls._actor_handlers = {t: _as_async(getattr(cls, n)) for t, n in names.items()}
         cls._actor_misses = set()
+        cls._actor_wants_drained = cls.on_drained is not Actor.on_drained
 
     @classmethod
     def _actor_resolve(cls, message_type: type) -> Handler | None:
@@ -147,8 +151,9 @@ class Actor:
         name: str,
         mailbox_size: int | float = DEFAULT_MAILBOX_SIZE,
         on_failure: Policy = STOP,
-        max_restarts: int = 3,
+        max_restarts: int | None = 3,
         restart_window: float = 60.0,
+        backoff: Backoff | None = None,
     ) -> ActorRef:
         """Spawn a child actor; see ``ActorSystem.spawn`` for the arguments.
 
@@ -166,6 +171,7 @@ class Actor:
             on_failure=on_failure,
             max_restarts=max_restarts,
             restart_window=restart_window,
+            backoff=backoff,
         )
 
     # -- lifecycle hooks --------------------------------------------------
@@ -175,6 +181,16 @@ class Actor:
 
         ``self.nursery`` is usable and children may be spawned. An exception here
         is a failure of the actor.
+        """
+
+    async def on_drained(self) -> None:
+        """Run each time the mailbox is empty after one or more messages were handled
+        (the end of a batch), before the actor waits for the next message.
+
+        Override it to act once per batch instead of once per message, e.g. to write
+        the commands that the handlers of one batch gathered as one pipeline. It is
+        not called at all when a class does not override it. An exception here is a
+        failure of the actor.
         """
 
     async def on_stop(self) -> None:

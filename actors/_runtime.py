@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -17,12 +17,12 @@ from ._errors import (
     MailboxFull,
     UnhandledMessage,
 )
-from ._supervision import ESCALATE, RESTART, Policy, RestartLimiter
+from ._supervision import ESCALATE, RESTART, Backoff, Policy, RestartLimiter
 
 if TYPE_CHECKING:
     from ._system import ActorSystem
 
-__all__ = ["ActorRef", "Cell", "failure_of", "failures_in", "spawn_cell"]
+__all__ = ["ActorRef", "Cell", "failure_of", "failures_in", "run_cell", "spawn_cell"]
 
 logger = structlog.get_logger("actors")
 
@@ -112,6 +112,26 @@ class ActorRef:
         """How many times the actor was restarted after a failure."""
         return self._cell.restarts
 
+    @property
+    def children(self) -> Mapping[str, ActorRef]:
+        """A snapshot of the actor's running children, by name."""
+        return {name: cell.ref for name, cell in self._cell.children.items()}
+
+    @property
+    def actor_type(self) -> str:
+        """The class name of the actor's current instance."""
+        return type(self._cell.instance).__qualname__
+
+    @property
+    def mailbox_size(self) -> int | float:
+        """The mailbox's capacity (``math.inf`` when unbounded)."""
+        return self._cell.send_channel.statistics().max_buffer_size
+
+    @property
+    def mailbox_used(self) -> int:
+        """How many messages wait in the mailbox now."""
+        return self._cell.send_channel.statistics().current_buffer_used
+
     def __repr__(self) -> str:
         state = "alive" if self.is_alive else "stopped"
         return f"<{type(self).__name__} {self._cell.name!r} {state}>"
@@ -186,7 +206,7 @@ class ActorRef:
 
     def stop_nowait(self) -> None:
         """Request a stop (as ``stop``) without waiting for it to finish."""
-        self._cell.send_channel.close()
+        self._cell.request_stop()
 
     async def join(self) -> None:
         """Wait until the actor has stopped, for whatever reason (a stop, a failure
@@ -201,6 +221,8 @@ class Cell:
     """Runtime state of one actor across restarts: mailbox, policy, children."""
 
     __slots__ = (
+        "_wake_backoff",
+        "backoff",
         "children",
         "children_nursery",
         "done",
@@ -216,6 +238,7 @@ class Cell:
         "registry",
         "restarts",
         "send_channel",
+        "stop_requested",
         "stopped",
         "system",
         "task",
@@ -234,6 +257,7 @@ class Cell:
         mailbox_size: int | float,
         policy: Policy,
         limiter: RestartLimiter,
+        backoff: Backoff | None = None,
     ) -> None:
         self.system = system
         self.parent = parent
@@ -243,6 +267,8 @@ class Cell:
         self.name = name
         self.policy = policy
         self.limiter = limiter
+        self.backoff = backoff
+        self.stop_requested = False
         self.send_channel, self.receive_channel = trio.open_memory_channel[object](mailbox_size)
         self.ref = ActorRef(self)
         self.children: dict[str, Cell] = {}
@@ -251,13 +277,21 @@ class Cell:
         self.stopped = trio.Event()
         self.task: trio.lowlevel.Task | None = None
         self.unhandled = 0
+        self._wake_backoff: trio.CancelScope | None = None
         self.restarts = 0
         self.log = logger.bind(actor=name)
 
     # -- control ------------------------------------------------------------
 
-    async def stop(self) -> None:
+    def request_stop(self) -> None:
+        self.stop_requested = True
         self.send_channel.close()
+        wake = self._wake_backoff
+        if wake is not None:
+            wake.cancel()
+
+    async def stop(self) -> None:
+        self.request_stop()
         if self.done or trio.lowlevel.current_task() is self.task:
             return
         await self.stopped.wait()
@@ -269,8 +303,9 @@ class Cell:
         name: str,
         mailbox_size: int | float,
         on_failure: Policy,
-        max_restarts: int,
+        max_restarts: int | None,
         restart_window: float,
+        backoff: Backoff | None = None,
     ) -> ActorRef:
         nursery = self.children_nursery
         if nursery is None or self.done:
@@ -286,13 +321,16 @@ class Cell:
             on_failure=on_failure,
             max_restarts=max_restarts,
             restart_window=restart_window,
+            backoff=backoff,
         )
 
     # -- the actor's task ---------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[ActorRef] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         self.task = trio.lowlevel.current_task()
-        task_status.started()
+        task_status.started(self.ref)
         self.log.debug("actor.started")
         how = "cancelled"
         instance: Actor | None = self.instance
@@ -321,8 +359,25 @@ class Cell:
                     how = "failed"
                     return
                 how = "cancelled"
+                if not await self._wait_before_restart():
+                    how = "stopped"
+                    return
         finally:
             self._finish(how)
+
+    async def _wait_before_restart(self) -> bool:
+        """Wait out the backoff; False when a stop request makes a restart pointless
+        (stop was asked and nothing is left in the mailbox to handle)."""
+        if self.backoff is not None and not self.stop_requested:
+            delay = self.backoff.delay(self.limiter.recent)
+            self.log.info("actor.restart_backoff", delay=round(delay, 3))
+            with trio.move_on_after(delay) as scope:
+                self._wake_backoff = scope
+                await trio.sleep_forever()
+            self._wake_backoff = None
+        if self.stop_requested:
+            return self.receive_channel.statistics().current_buffer_used > 0
+        return True
 
     def _recover(self, error: BaseException) -> bool:
         """Apply the policy to ``error``: True to restart, False to stop; may raise."""
@@ -370,6 +425,7 @@ class Cell:
         receive = self.receive_channel.receive
         receive_nowait = self.receive_channel.receive_nowait
         handlers = actor._actor_handlers
+        drained = actor.on_drained if actor._actor_wants_drained else None
         ask_type = _Ask
         while True:
             try:
@@ -390,8 +446,12 @@ class Cell:
                 try:
                     msg = receive_nowait()
                 except trio.WouldBlock:
+                    if drained is not None:
+                        await drained()
                     break
                 except trio.EndOfChannel:
+                    if drained is not None:
+                        await drained()
                     return
 
     async def _handle_ask(self, actor: Actor, req: _Ask) -> None:
@@ -448,6 +508,55 @@ class Cell:
         self.log.debug("actor.stopped", how=how)
 
 
+def _make_cell(
+    *,
+    system: ActorSystem,
+    parent: Cell | None,
+    registry: dict[str, Cell],
+    factory: Callable[[], Actor],
+    name: str,
+    mailbox_size: int | float,
+    on_failure: Policy,
+    max_restarts: int | None,
+    restart_window: float,
+    backoff: Backoff | None,
+) -> Cell:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"actor name must be a non-empty string, got {name!r}")
+    if not isinstance(on_failure, Policy):
+        raise TypeError(f"on_failure must be an actors.Policy, got {on_failure!r}")
+    if backoff is not None and not isinstance(backoff, Backoff):
+        raise TypeError(f"backoff must be an actors.Backoff or None, got {backoff!r}")
+    if name in registry:
+        raise ValueError(f"an actor named {name!r} is already running here")
+    limiter = RestartLimiter(max_restarts, restart_window)
+    instance = factory()
+    if not isinstance(instance, Actor):
+        raise TypeError(f"factory of actor {name!r} returned {instance!r}, not an Actor")
+    return Cell(
+        system=system,
+        parent=parent,
+        registry=registry,
+        factory=factory,
+        instance=instance,
+        name=name,
+        mailbox_size=mailbox_size,
+        policy=on_failure,
+        limiter=limiter,
+        backoff=backoff,
+    )
+
+
+def _discard(cell: Cell) -> None:
+    """Undo a cell whose task never ran."""
+    if cell.registry.get(cell.name) is cell:
+        del cell.registry[cell.name]
+    cell.done = True
+    cell.send_channel.close()
+    cell.receive_channel.close()
+    cell.stopped.set()
+
+
 async def spawn_cell(
     *,
     system: ActorSystem,
@@ -458,40 +567,61 @@ async def spawn_cell(
     name: str,
     mailbox_size: int | float,
     on_failure: Policy,
-    max_restarts: int,
+    max_restarts: int | None,
     restart_window: float,
+    backoff: Backoff | None = None,
 ) -> ActorRef:
     """Build the first instance, start the actor's task in ``nursery``, return its ref."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"actor name must be a non-empty string, got {name!r}")
-    if not isinstance(on_failure, Policy):
-        raise TypeError(f"on_failure must be an actors.Policy, got {on_failure!r}")
-    if name in registry:
-        raise ValueError(f"an actor named {name!r} is already running here")
-    limiter = RestartLimiter(max_restarts, restart_window)
-    instance = factory()
-    if not isinstance(instance, Actor):
-        raise TypeError(f"factory of actor {name!r} returned {instance!r}, not an Actor")
-    cell = Cell(
+    cell = _make_cell(
         system=system,
         parent=parent,
         registry=registry,
         factory=factory,
-        instance=instance,
         name=name,
         mailbox_size=mailbox_size,
-        policy=on_failure,
-        limiter=limiter,
+        on_failure=on_failure,
+        max_restarts=max_restarts,
+        restart_window=restart_window,
+        backoff=backoff,
     )
     registry[name] = cell
     try:
         await nursery.start(cell.run)
     except BaseException:
-        if registry.get(name) is cell:
-            del registry[name]
-        cell.done = True
-        cell.send_channel.close()
-        cell.receive_channel.close()
-        cell.stopped.set()
+        _discard(cell)
         raise
     return cell.ref
+
+
+async def run_cell(
+    *,
+    system: ActorSystem,
+    registry: dict[str, Cell],
+    factory: Callable[[], Actor],
+    name: str,
+    mailbox_size: int | float,
+    on_failure: Policy,
+    max_restarts: int | None,
+    restart_window: float,
+    backoff: Backoff | None,
+    task_status: trio.TaskStatus[ActorRef],
+) -> None:
+    """Run an actor in the calling task until it stops (see ``ActorSystem.run``)."""
+    cell = _make_cell(
+        system=system,
+        parent=None,
+        registry=registry,
+        factory=factory,
+        name=name,
+        mailbox_size=mailbox_size,
+        on_failure=on_failure,
+        max_restarts=max_restarts,
+        restart_window=restart_window,
+        backoff=backoff,
+    )
+    registry[name] = cell
+    try:
+        await cell.run(task_status=task_status)
+    finally:
+        if not cell.done:  # pragma: no cover - run() always finishes the cell
+            _discard(cell)

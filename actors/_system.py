@@ -9,8 +9,8 @@ import trio
 
 from ._actor import DEFAULT_MAILBOX_SIZE, Actor
 from ._errors import ActorError
-from ._runtime import ActorRef, Cell, failures_in, spawn_cell
-from ._supervision import STOP, Policy
+from ._runtime import ActorRef, Cell, failures_in, run_cell, spawn_cell
+from ._supervision import STOP, Backoff, Policy
 
 __all__ = ["ActorSystem", "open_system"]
 
@@ -34,8 +34,9 @@ class ActorSystem:
         name: str,
         mailbox_size: int | float = DEFAULT_MAILBOX_SIZE,
         on_failure: Policy = STOP,
-        max_restarts: int = 3,
+        max_restarts: int | None = 3,
         restart_window: float = 60.0,
+        backoff: Backoff | None = None,
     ) -> ActorRef:
         """Start a top-level actor and return its ref.
 
@@ -46,7 +47,10 @@ class ActorSystem:
         (``math.inf`` for unbounded). ``on_failure`` is ``STOP`` (the default:
         a failure is logged and the actor stops), ``RESTART`` (at most
         ``max_restarts`` restarts within ``restart_window`` seconds, then
-        ``ESCALATE``) or ``ESCALATE`` (the system fails with ``ActorFailed``).
+        ``ESCALATE``; ``max_restarts=None`` never gives up) or ``ESCALATE`` (the
+        system fails with ``ActorFailed``). ``backoff`` (an :class:`actors.Backoff`)
+        makes a restarting actor wait, longer each time, before its next instance
+        starts: reconnect-with-backoff is this, not a loop of your own.
 
         Can be called from any task while the system is open; raises
         ``ActorError`` once it is closed.
@@ -69,11 +73,70 @@ class ActorSystem:
                 on_failure=on_failure,
                 max_restarts=max_restarts,
                 restart_window=restart_window,
+                backoff=backoff,
             )
         except RuntimeError as exc:  # the nursery closed under us
             if self._nursery is None or nursery is not self._nursery:
                 raise ActorError("the actor system is closed") from None
             raise exc from None
+
+    async def run(
+        self,
+        factory: Callable[[], Actor],
+        *,
+        name: str,
+        mailbox_size: int | float = DEFAULT_MAILBOX_SIZE,
+        on_failure: Policy = STOP,
+        max_restarts: int | None = 3,
+        restart_window: float = 60.0,
+        backoff: Backoff | None = None,
+        task_status: trio.TaskStatus[ActorRef] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run a top-level actor in the calling task, until it stops.
+
+        The actor belongs to this system (it is listed in :attr:`actors` and
+        :meth:`tree`, and the system stops it when it closes) but its lifetime is
+        also the caller's: use it with ``await nursery.start(system.run, F,
+        name=...)``, which returns the actor's ref once it has started. Arguments
+        as :meth:`spawn`.
+
+        Cancellation: cancelling the caller cancels the actor (its children, its
+        nursery and the handler it is in); ``on_stop`` does not run.
+        """
+        if self._nursery is None:
+            raise ActorError("the actor system is not open")
+        await run_cell(
+            system=self,
+            registry=self._cells,
+            factory=factory,
+            name=name,
+            mailbox_size=mailbox_size,
+            on_failure=on_failure,
+            max_restarts=max_restarts,
+            restart_window=restart_window,
+            backoff=backoff,
+            task_status=task_status,
+        )
+
+    def tree(self) -> str:
+        """The running actors as an indented tree, one line each: name, type, and
+        mailbox use (``used/size``). For logs, debugging and tests."""
+        lines = ["actors"]
+
+        def walk(cells: list[Cell], prefix: str) -> None:
+            for i, cell in enumerate(cells):
+                last = i == len(cells) - 1
+                size = cell.send_channel.statistics().max_buffer_size
+                used = cell.send_channel.statistics().current_buffer_used
+                cap = "inf" if size == float("inf") else str(size)
+                lines.append(
+                    f"{prefix}{'└── ' if last else '├── '}{cell.name} "
+                    f"({type(cell.instance).__qualname__}, mailbox {used}/{cap})"
+                )
+                walk(list(cell.children.values()), prefix + ("    " if last else "│   "))
+
+        walk(list(self._cells.values()), "")
+        return "\n".join(lines)
 
     async def _stop_all(self) -> None:
         while self._cells:

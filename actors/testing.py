@@ -194,7 +194,7 @@ async def run_actor(
     name: str = "actor-under-test",
     mailbox_size: int | float = DEFAULT_MAILBOX_SIZE,
     on_failure: Policy = STOP,
-    max_restarts: int = 3,
+    max_restarts: int | None = 3,
     restart_window: float = 60.0,
 ) -> AsyncIterator[ActorRef]:
     """Run one actor in a fresh system: ``async with run_actor(F) as ref: ...``.

@@ -18,6 +18,7 @@ def test_public_names() -> None:
             "ActorStopped",
             "ActorSystem",
             "AskTimeout",
+            "Backoff",
             "MailboxFull",
             "Policy",
             "UnhandledMessage",
