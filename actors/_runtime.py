@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import structlog
 import trio
 
 from ._actor import Actor
@@ -17,6 +16,7 @@ from ._errors import (
     MailboxFull,
     UnhandledMessage,
 )
+from ._log import get_logger
 from ._supervision import ESCALATE, RESTART, Backoff, Policy, RestartLimiter
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ActorRef", "Cell", "failure_of", "failures_in", "run_cell", "spawn_cell"]
 
-logger = structlog.get_logger("actors")
+logger = get_logger("actors")
 
 _CLOSED = (trio.ClosedResourceError, trio.BrokenResourceError)
 
@@ -504,7 +504,10 @@ class Cell:
             del self.registry[self.name]
         self.stopped.set()
         if dropped:
-            self.log.warning("actor.dropped_messages", dropped=dropped)
+            # Expected when Trio cancels the actor; a loss worth a warning otherwise.
+            (self.log.debug if how == "cancelled" else self.log.warning)(
+                "actor.dropped_messages", dropped=dropped
+            )
         self.log.debug("actor.stopped", how=how)
 
 

@@ -5,6 +5,7 @@ results back with ``await handle.wait_result()``. See docs/ for the guide.
 """
 
 from bus._broker import Broker, BrokerState, BrokerStats, BusEvent
+from bus._broker_actor import BrokerActor
 from bus._codec import Codec, DecodeError, JSONCodec
 from bus._context import CONTEXT, Context, current_context
 from bus._errors import (
@@ -18,6 +19,7 @@ from bus._errors import (
     TaskFailed,
     UnknownTaskError,
 )
+from bus._frozen import FrozenDict
 from bus._ids import TaskID
 from bus._inmemory import InMemoryBroker
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
@@ -25,12 +27,13 @@ from bus._middleware import Middleware
 from bus._options import TaskOptions
 from bus._results import InMemoryResultBackend, InmemoryResultBackend, ResultBackend
 from bus._task import AsyncTask, Kicker, SyncTask, Task, TaskHandle, gather
-from bus._worker import Worker
+from bus._worker import Worker, WorkerActor
 
 __all__ = [
     "CONTEXT",
     "AsyncTask",
     "Broker",
+    "BrokerActor",
     "BrokerClosed",
     "BrokerState",
     "BrokerStats",
@@ -39,6 +42,7 @@ __all__ = [
     "Codec",
     "Context",
     "DecodeError",
+    "FrozenDict",
     "InMemoryBroker",
     "InMemoryResultBackend",
     "InmemoryResultBackend",
@@ -63,6 +67,7 @@ __all__ = [
     "TaskStatus",
     "UnknownTaskError",
     "Worker",
+    "WorkerActor",
     "current_context",
     "gather",
 ]

@@ -6,21 +6,22 @@ import abc
 import contextlib
 import enum
 import inspect
+import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 
 import attrs
-import structlog
 import trio
 
 import actors
+from actors._log import get_logger
 from bus._codec import Codec, JSONCodec
 from bus._errors import BrokerClosed, SendError, UnknownTaskError
 from bus._ids import TaskID
 from bus._message import TaskMessage
 from bus._middleware import HookChain, Middleware
 from bus._options import TaskOptions
-from bus._protocol import Ack, Cancel, Delivery, Nack, Receive, Register, Send
+from bus._protocol import Cancel, Inspect, Send
 from bus._results import InMemoryResultBackend, ResultBackend
 from bus._task import AsyncTask, SyncTask, Task
 
@@ -33,7 +34,7 @@ __all__ = ["Broker", "BrokerState", "BrokerStats", "BusEvent"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-log = structlog.get_logger("bus")
+log = get_logger("bus")
 
 
 class BusEvent(enum.Enum):
@@ -75,19 +76,16 @@ def plain_error(exc: BaseException) -> BaseException:
 
 
 class Broker(abc.ABC):
-    """The abstract broker: a registry of tasks plus the protocol seam.
+    """The facade a program holds: a registry of tasks, sending, middlewares, lifecycle.
 
-    Implementations provide the ``on_*`` protocol handlers (one per event of
-    :mod:`bus.protocol`) and may hook :meth:`_start` / :meth:`_stop`. The rest
-    (tasks, sending, middlewares, the worker, lifecycle events) is shared, so every
-    broker behaves the same; the contract test suite checks that they do.
+    Behind it, inside ``async with broker``, runs an actor system: the broker actor
+    (``broker.ref``: it takes the events of :mod:`bus.protocol`), the result store
+    (``broker.result_backend.ref``) and, where the broker runs them, workers. Producers
+    and workers reach those actors only by message and through the channel ends they
+    were lent. A broker implementation provides :meth:`_open` (spawn its actor) and may
+    hook :meth:`_send`, :meth:`_started`, :meth:`_drain` and :meth:`_close`; the rest
+    is shared, so every broker behaves the same (``bus.testing.check_broker``).
     """
-
-    #: Whether workers run in this process inside ``async with broker``.
-    runs_worker_inside: bool = False
-    #: Whether tasks interrupted by shutdown are recorded as CANCELLED (True) or left
-    #: unacknowledged for another worker (False).
-    records_shutdown_cancel: bool = True
 
     def __init__(
         self,
@@ -98,8 +96,7 @@ class Broker(abc.ABC):
         middlewares: Iterable[Middleware] = (),
         shutdown_timeout: float = 30.0,
     ) -> None:
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ValueError(f"concurrency must be a whole number >= 1, not {concurrency!r}")
+        _check_concurrency(concurrency)
         if not shutdown_timeout >= 0:
             raise ValueError(f"shutdown_timeout must be >= 0 seconds, not {shutdown_timeout!r}")
         self.concurrency = concurrency
@@ -112,7 +109,7 @@ class Broker(abc.ABC):
         self.state = BrokerState()
         self.stats = BrokerStats()
         self.system: actors.ActorSystem | None = None
-        self.workers: list[Worker] = []
+        self._ref: actors.ActorRef | None = None
         self._handlers: dict[BusEvent, list[Callable[[BrokerState], Any]]] = {
             e: [] for e in BusEvent
         }
@@ -121,6 +118,11 @@ class Broker(abc.ABC):
         self._nursery: trio.Nursery | None = None
         if middlewares:
             self.with_middlewares(*middlewares)
+
+    #: Whether processes other than this one can reach the queue (``bus worker``,
+    #: ``bus inspect`` and ``bus dead`` need that). It describes the broker for tools;
+    #: the worker behaves the same either way.
+    distributed: bool = False
 
     # ---------------------------------------------------------------- configuration
 
@@ -215,6 +217,34 @@ class Broker(abc.ABC):
         """The task registered as ``name``, or ``None``."""
         return self.tasks.get(name)
 
+    # ------------------------------------------------------------------ the actors
+
+    @property
+    def ref(self) -> actors.ActorRef:
+        """The broker actor (inside ``async with broker``): it takes the events of
+        :mod:`bus.protocol`. A ``Send`` told to it enqueues exactly as :meth:`kick`
+        does after the middlewares."""
+        ref = self._ref
+        if ref is None:
+            raise BrokerClosed("the broker is not running: use it inside `async with broker`")
+        return ref
+
+    @abc.abstractmethod
+    async def _open(self, system: actors.ActorSystem) -> actors.ActorRef:
+        """Spawn the broker actor (and its children) in ``system``; return its ref."""
+
+    async def _started(self) -> None:  # noqa: B027
+        """Called once everything is up (the in-memory broker starts its worker here)."""
+
+    async def _drain(self) -> None:  # noqa: B027
+        """Called on a clean exit of ``async with broker``, before anything stops."""
+
+    async def _close(self) -> None:
+        """Stop the broker actor (its children stop first)."""
+        ref, self._ref = self._ref, None
+        if ref is not None and ref.is_alive:
+            await ref.stop()
+
     # ---------------------------------------------------------------------- sending
 
     def _encode(self, message: TaskMessage) -> bytes:
@@ -229,6 +259,18 @@ class Broker(abc.ABC):
                 f"cannot encode the arguments or labels of {message.task_name}: {exc}"
             ) from exc
 
+    async def _send(self, message: TaskMessage, data: bytes) -> None:
+        """Hand a verified message to the broker actor. The default tells it a ``Send``
+        (waiting while its mailbox is full); brokers may do more (take a place in a
+        bounded queue, wait for a server's confirmation)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        event = Send(message, data, verified=True)
+        ref = self.ref
+        try:
+            ref.tell_nowait(event)
+        except actors.MailboxFull:
+            await ref.tell(event)
+
     async def kick(self, message: TaskMessage) -> None:
         """Send ``message`` through the middlewares to the queue.
 
@@ -239,7 +281,7 @@ class Broker(abc.ABC):
         hooks = self.hooks
         if "pre_send" in hooks.has:
             message = await hooks.transform("pre_send", message)
-        await self.on_send(Send(message, self._encode(message), verified=True))
+        await self._send(message, self._encode(message))
         self.stats.sent += 1
         if "post_send" in hooks.has:
             await hooks.run_all("post_send", message)  # sent: never raise now
@@ -259,66 +301,17 @@ class Broker(abc.ABC):
         raise SendError(f"{type(self).__name__} cannot send without waiting; use kiq()")
 
     async def cancel_task(self, task_id: TaskID | str) -> None:
-        """Cancel a task by id; see :meth:`TaskHandle.cancel`."""
-        await self.on_cancel(Cancel(TaskID.parse(task_id)))
-
-    def _cancel_local(self, task_id: TaskID) -> bool:
-        """Cancel ``task_id`` if one of this process's workers runs it."""
-        return any(w.cancel_running(task_id, "cancel") for w in self.workers)
-
-    def is_cancelled(self, task_id: TaskID) -> bool:
-        """Whether a worker must not start ``task_id`` (a queued task was cancelled)."""
-        return False
-
-    # ---------------------------------------------------------- the protocol (seam)
-
-    @abc.abstractmethod
-    async def on_send(self, event: Send) -> None:
-        """Enqueue ``event.message`` (at its eta). Waits while the queue is full."""
-
-    @abc.abstractmethod
-    async def on_receive(self, event: Receive) -> tuple[Delivery, ...]:
-        """Wait for and return 1 to ``event.max_messages`` deliveries.
-
-        Cancellation: nothing was taken (or what was taken is redelivered later)."""
-
-    def on_receive_nowait(self, event: Receive) -> tuple[Delivery, ...] | None:
-        """Deliveries that can be had without waiting, or ``None`` (the default: the
-        worker then calls :meth:`on_receive`). A fast path for in-process queues."""
-        return None
-
-    @abc.abstractmethod
-    async def on_ack(self, event: Ack) -> None:
-        """The delivery is done (its result stored)."""
-
-    @abc.abstractmethod
-    async def on_nack(self, event: Nack) -> None:
-        """Requeue ``event.requeue`` (after ``event.delay``) or dead-letter the delivery."""
-
-    @abc.abstractmethod
-    async def on_cancel(self, event: Cancel) -> None:
-        """Make sure the task never starts, or stops where it runs."""
-
-    async def on_register(self, event: Register) -> None:
-        """A worker can run ``event.name`` (most brokers need not care)."""
-        await trio.lowlevel.checkpoint()
-
-    async def _start(self, nursery: trio.Nursery) -> None:  # noqa: B027
-        """Open connections and start background work (in ``nursery``)."""
-
-    async def _stop(self) -> None:  # noqa: B027
-        """Undo :meth:`_start`."""
-
-    async def _drain(self) -> None:  # noqa: B027
-        """Called on the way out of ``async with broker`` before anything stops."""
+        """Cancel a task by id; see :meth:`TaskHandle.cancel`. Returns once the broker
+        actor took the request."""
+        await self.ref.ask(Cancel(TaskID.parse(task_id)))
 
     # ------------------------------------------------------------ operations (CLI)
 
     async def inspect(self) -> dict[str, Any]:
-        """Numbers for operators (queue length, pending, delayed, dead letters, workers).
-
-        Brokers shared between processes implement it; ``bus inspect`` prints it."""
-        raise NotImplementedError(f"{type(self).__name__} cannot be inspected from outside")
+        """Numbers for operators: the broker actor's answer to ``Inspect`` (at least
+        ``queued``, ``delayed``, ``running`` and ``workers``)."""
+        info: dict[str, Any] = await self.ref.ask(Inspect())
+        return info
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """The oldest ``limit`` dead letters, each a dict with at least ``id``,
@@ -340,26 +333,25 @@ class Broker(abc.ABC):
         return self._running
 
     async def __aenter__(self) -> Self:
-        """Start the broker: actor system, result backend, middlewares, transport, client
-        startup handlers, and (for in-process brokers) the worker."""
+        """Start the broker: actor system, result store, broker actor, middlewares,
+        client startup handlers, and (for in-process brokers) the worker."""
         if self._running or self._stack is not None:
             raise RuntimeError(f"{type(self).__name__} is already running")
         stack = contextlib.AsyncExitStack()
         self._stack = stack
         try:
-            self.system = await stack.enter_async_context(actors.open_system())
+            self.system = system = await stack.enter_async_context(actors.open_system())
             self._nursery = await stack.enter_async_context(trio.open_nursery())
-            await self.result_backend.startup(self.system)
+            await self.result_backend.startup(system)
             stack.push_async_callback(self._shielded, self.result_backend.shutdown)
-            await self._start(self._nursery)
-            stack.push_async_callback(self._shielded, self._stop)
+            self._ref = await self._open(system)
+            stack.push_async_callback(self._shielded, self._close)
             await self.hooks.run("startup")
             stack.push_async_callback(self._shielded, self.hooks.run_all, "shutdown")
             await self._fire(BusEvent.CLIENT_STARTUP)
             stack.push_async_callback(self._shielded, self._fire, BusEvent.CLIENT_SHUTDOWN)
             self._running = True
-            if self.runs_worker_inside:
-                await self._nursery.start(self._serve_worker)
+            await self._started()
         except BaseException as exc:
             self._running = False
             self._stack = None
@@ -367,20 +359,16 @@ class Broker(abc.ABC):
                 await stack.__aexit__(type(exc), exc, exc.__traceback__)
             except BaseException as inner:
                 raise plain_error(inner) from None
+            finally:
+                self._ref = None
+                self.system = None
             raise
         return self
 
-    async def _serve_worker(
-        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        from bus._worker import Worker
-
-        worker = Worker(self, self.concurrency, name=f"{type(self).__name__}-worker")
-        await worker.run(task_status=task_status)
-
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         """Stop intake, let running tasks finish within ``shutdown_timeout``, cancel the
-        rest, then stop everything that was started, in reverse order."""
+        rest, then stop everything that was started, in reverse order: workers, the
+        broker actor, the result store."""
         stack, self._stack = self._stack, None
         assert stack is not None, "broker was not entered"
         try:
@@ -388,19 +376,27 @@ class Broker(abc.ABC):
                 with trio.CancelScope(shield=True) as scope:
                     # A safety net: _drain honours shutdown_timeout itself.
                     scope.deadline = trio.current_time() + self.shutdown_timeout + 10
-                    await self._drain()
+                    try:
+                        await self._drain()
+                    except actors.ActorStopped:
+                        pass  # the actors were cancelled from outside: nothing to drain
+                    except Exception:
+                        log.exception("bus.drain_failed")
         finally:
             self._running = False
-            for w in list(self.workers):
-                w.stop()
             if self._nursery is not None:
-                # Background work of the broker (timers, readers) ends here; the
-                # shutdown steps below are shielded.
+                # Workers this broker started itself end here (drained already on a
+                # clean exit); the shutdown steps below are shielded.
                 self._nursery.cancel_scope.cancel()
-        try:
-            return await stack.__aexit__(*exc_info)
-        except BaseException as exc:
-            raise plain_error(exc) from None
+            try:
+                suppress = await stack.__aexit__(*exc_info)
+            except BaseException as exc:
+                raise plain_error(exc) from None
+            finally:
+                self._ref = None
+                self.system = None
+                self._nursery = None
+        return suppress
 
     async def _shielded(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         with trio.CancelScope(shield=True) as scope:
@@ -410,31 +406,71 @@ class Broker(abc.ABC):
             except Exception:
                 log.exception("bus.shutdown_step_failed", step=getattr(fn, "__qualname__", fn))
 
+    # ----------------------------------------------------------------------- workers
+
     async def run_worker(
         self,
         concurrency: int | None = None,
         *,
+        queues: Sequence[str] | None = None,
         task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run a worker for this broker until cancelled (``await nursery.start(...)`` gives
-        the :class:`Worker`). Enters ``async with broker`` itself when needed.
+        its :class:`Worker` handle). Enters ``async with broker`` itself when needed.
 
-        Cancellation: running tasks are cancelled; the Redis broker leaves them
-        unacknowledged so another worker runs them again.
+        The worker is an actor of the broker's system (``bus.WorkerActor``): it
+        registers with the broker actor and takes deliveries from the lease it lends.
+        ``queues`` lists the queues it consumes (default: the broker's).
+
+        Cancellation: running tasks are cancelled and nothing is recorded for them;
+        a broker that redelivers (Redis) runs them again elsewhere.
         """
-        from bus._worker import Worker
-
-        if concurrency is not None and (
-            isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
-        ):
-            raise ValueError(f"concurrency must be a whole number >= 1, not {concurrency!r}")
+        if concurrency is not None:
+            _check_concurrency(concurrency)
+        qs = tuple(queues or ())
         if not self._running:
             async with self:
-                worker = Worker(self, concurrency or self.concurrency)
-                await worker.run(task_status=task_status)
+                await self._run_worker(concurrency or self.concurrency, qs, None, task_status)
             return
-        worker = Worker(self, concurrency or self.concurrency)
-        await worker.run(task_status=task_status)
+        await self._run_worker(concurrency or self.concurrency, qs, None, task_status)
+
+    async def _run_worker(
+        self,
+        concurrency: int,
+        queues: tuple[str, ...],
+        name: str | None,
+        task_status: trio.TaskStatus[Worker],
+    ) -> None:
+        from bus._worker import Worker, WorkerActor
+
+        system = self.system
+        if system is None:
+            raise BrokerClosed("the broker is not running")
+        wname: str = name or f"worker-{TaskID.new()[-8:]}"
+        await self._fire(BusEvent.WORKER_STARTUP)
+        try:
+            with trio.CancelScope() as scope:
+
+                class Started:
+                    def started(self, ref: actors.ActorRef | None = None) -> None:
+                        assert ref is not None
+                        task_status.started(Worker(ref, concurrency, wname, scope))
+
+                await system.run(
+                    lambda: WorkerActor(self, concurrency, queues),
+                    name=wname,
+                    mailbox_size=math.inf,
+                    task_status=Started(),
+                )
+        finally:
+            with trio.CancelScope(shield=True) as shield:
+                shield.deadline = trio.current_time() + 10
+                await self._fire(BusEvent.WORKER_SHUTDOWN)
+
+
+def _check_concurrency(concurrency: object) -> None:
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency must be a whole number >= 1, not {concurrency!r}")
 
 
 class _TaskDecorator:

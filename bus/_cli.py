@@ -87,7 +87,7 @@ def configure_logging(fmt: str | None, level: str) -> None:
 
 
 def _in_process_only(broker: Broker, command: str) -> None:
-    if broker.runs_worker_inside:
+    if not broker.distributed:
         raise CLIError(
             f"`bus {command}` does not apply to {type(broker).__name__}: its queue and worker "
             "live inside one Python process, so no other process can reach them. Use a "

@@ -1,28 +1,390 @@
-"""The in-memory broker: one process, no server, every feature."""
+"""The in-memory broker: one process, no server, every feature.
+
+``InMemoryBroker`` is the facade; :class:`InMemoryBrokerActor` owns the queue: the
+ready channel (it keeps the send end and lends receive clones to the workers that
+``Receive``), the delay timer (a task in its own nursery), the pending deliveries and
+cancellations (:class:`~bus._queue.QueueCore`, plain synchronous state) and the dead
+letters. The bound on waiting messages (``max_queue``) is a semaphore the actor owns
+and lends to the facade, which takes a place before it sends.
+"""
 
 from __future__ import annotations
 
-import collections
-import heapq
 import math
 import time
 from typing import Any
 
-import structlog
+import attrs
 import trio
 
+import actors
+from actors._log import get_logger
 from bus._broker import Broker
+from bus._broker_actor import BrokerActor
 from bus._codec import Codec, DecodeError
 from bus._errors import BrokerClosed, QueueFull, SendError
+from bus._frozen import json_faithful
 from bus._ids import TaskID
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
 from bus._middleware import Middleware
-from bus._protocol import Ack, Cancel, Delivery, Nack, Receive, Send
+from bus._protocol import (
+    Ack,
+    Cancel,
+    CancelRunning,
+    Delivery,
+    Drain,
+    DrainTicket,
+    Inspect,
+    Lease,
+    Nack,
+    Receive,
+    Release,
+    Send,
+)
+from bus._queue import DELAYED, QueueCore, holds_slot, task_id_of
 from bus._results import InMemoryResultBackend, ResultBackend
 
-__all__ = ["InMemoryBroker"]
+__all__ = ["InMemoryBroker", "InMemoryBrokerActor"]
 
-log = structlog.get_logger("bus")
+log = get_logger("bus")
+
+# ------------------------------------------------------------ private messages
+
+
+@attrs.frozen
+class WatchIdle:
+    """Ask: a ``trio.Event`` set when nothing is queued, delayed or running."""
+
+
+@attrs.frozen
+class CloseIntake:
+    """Ask: the broker is shutting down; senders waiting for room get BrokerClosed and
+    later sends are cancelled at once."""
+
+
+@attrs.frozen
+class CancelUnstarted:
+    """Ask: record every delayed task (and, with ``queued``, every queued one) as
+    CANCELLED so it never starts; the answer is how many."""
+
+    why_delayed: str
+    why_queued: str = ""
+    queued: bool = False
+
+
+@attrs.frozen
+class ListWorkers:
+    """Ask: the refs of the registered workers."""
+
+
+@attrs.frozen
+class DeadLetters:
+    """Ask: the oldest ``limit`` dead letters."""
+
+    limit: int = 100
+
+
+@attrs.frozen
+class PurgeDeadLetters:
+    """Ask: drop every dead letter; the answer is how many there were."""
+
+
+# --------------------------------------------------------------------- the lease
+
+
+class _MemoryLease(Lease):
+    """A receive clone of the ready channel, lent to one worker. Taking a delivery frees
+    its place in the bounded queue and updates the broker's bookkeeping, as a memory
+    channel's receive end updates the channel's buffer; a delivery cancelled while
+    queued is skipped."""
+
+    redeliver_interrupted = False
+
+    __slots__ = ("_core", "_recv", "_slots")
+
+    def __init__(
+        self, recv: trio.MemoryReceiveChannel[Delivery], core: QueueCore, slots: trio.Semaphore
+    ) -> None:
+        self._recv = recv
+        self._core = core
+        self._slots = slots
+
+    def receive_nowait(self) -> Delivery:
+        recv, take, slots = self._recv, self._core.take, self._slots
+        while True:
+            d = recv.receive_nowait()
+            if d.tag[1]:
+                slots.release()
+            if take(d):
+                return d
+
+    async def receive(self) -> Delivery:
+        recv, take, slots = self._recv, self._core.take, self._slots
+        while True:
+            d = await recv.receive()
+            if d.tag[1]:
+                slots.release()
+            if take(d):
+                return d
+
+    def close(self) -> None:
+        self._recv.close()
+
+
+# --------------------------------------------------------------------- the actor
+
+
+def _cancelled(tid: TaskID, why: str) -> TaskResult[Any]:
+    return TaskResult(tid, TaskStatus.CANCELLED, None, RemoteError("bus.Cancelled", why), 0.0, {})
+
+
+class InMemoryBrokerActor(BrokerActor):
+    """The in-memory broker actor. Its decisions are :class:`~bus._queue.QueueCore`'s;
+    this class applies them (channel, timer, results, workers)."""
+
+    def __init__(self, codec: Codec, max_queue: int, results: ResultBackend) -> None:
+        super().__init__()
+        self.codec = codec
+        self.results = results
+        self.core = QueueCore()
+        #: The bound on waiting messages, lent to the facade (``Broker.kick`` takes a
+        #: place before it sends; a worker taking the delivery gives it back).
+        self.slots = trio.Semaphore(max_queue)
+        self._send, self._recv = trio.open_memory_channel[Delivery](math.inf)
+        self._timer: trio.CancelScope | None = None
+        self._idle: list[trio.Event] = []
+        self.closed = False
+
+    async def on_start(self) -> None:
+        await self.nursery.start(self._run_timer)
+
+    async def on_stop(self) -> None:
+        self._send.close()  # leases end once what is buffered was taken
+
+    # ------------------------------------------------------------------- the timer
+
+    async def _run_timer(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        core, send = self.core, self._send.send_nowait
+        while True:
+            with trio.CancelScope(deadline=core.next_due()) as scope:
+                self._timer = scope
+                await trio.sleep_forever()
+            self._timer = None
+            for d in core.due(trio.current_time()):
+                send(d)
+
+    def _wake_timer(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            due = self.core.next_due()
+            if due < timer.deadline:
+                timer.deadline = due
+
+    def _became_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for ev in idle:
+            ev.set()
+
+    # --------------------------------------------------------------------- sending
+
+    def _enqueue(self, d: Delivery, message: TaskMessage, delay: float | None) -> None:
+        if delay is None:
+            eta = message.eta
+            delay = 0.0 if eta is None else eta - time.time()
+        now = trio.current_time() if delay > 0 else 0.0
+        if self.core.send(d, delay, now):
+            self._send.send_nowait(d)
+        else:
+            self._wake_timer()
+
+    @actors.handles(Send)
+    async def send(self, msg: Send) -> None:
+        message = msg.message
+        data = msg.data
+        shared: TaskMessage | None = None
+        if data is None:
+            try:
+                data = self.codec.encode_message(message)
+            except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+                reason = f"cannot encode the message: {exc}"
+                log.error("task.rejected", reason=reason, task_id=message.task_id, actor=self.name)
+                self.core.dead.append((reason, b""))
+                await self.results.set_result(
+                    message.task_id,
+                    TaskResult(
+                        message.task_id,
+                        TaskStatus.FAILURE,
+                        None,
+                        RemoteError("bus.Rejected", reason),
+                        0.0,
+                        message.labels,
+                    ),
+                )
+                if msg.admitted:
+                    self.slots.release()
+                return
+            shared = message if _faithful(message) else None
+        elif msg.verified and _faithful(message):
+            # A task must see its own copy of its arguments, with the codec's shapes.
+            # The message is immutable and a round trip would not change it: the worker
+            # may take it as it is instead of decoding ``data``.
+            shared = message
+        counted = msg.admitted
+        if not counted:
+            try:
+                self.slots.acquire_nowait()
+                counted = True
+            except trio.WouldBlock:
+                pass  # a raw Send beyond the bound: queued, not counted
+        d = Delivery(data, (message.task_id, counted), shared)
+        if self.closed:
+            self.core.send(d, 0.0, 0.0)
+            self.core.cancel(message.task_id)
+            if counted:
+                self.slots.release()
+            await self.results.set_result(
+                message.task_id,
+                _cancelled(message.task_id, "the broker shut down before it started"),
+            )
+            return
+        self._enqueue(d, message, None)
+
+    # ------------------------------------------------------------------- protocol
+
+    @actors.handles(Receive)
+    def receive(self, msg: Receive) -> Lease:
+        return _MemoryLease(self._recv.clone(), self.core, self.slots)
+
+    @actors.handles(Ack)
+    def ack(self, msg: Ack) -> None:
+        if self.core.finish(msg.delivery) and self._idle:
+            self._became_idle()
+
+    @actors.handles(Nack)
+    def nack(self, msg: Nack) -> None:
+        d = msg.delivery
+        retry = msg.requeue
+        if retry is None:
+            if self.core.dead_letter(d, msg.reason) and self._idle:
+                self._became_idle()
+            return
+        new = Delivery(self.codec.encode_message(retry), (retry.task_id, False), retry)
+        now = trio.current_time() if msg.delay > 0 else 0.0
+        if self.core.requeue(d, new, msg.delay, now):
+            self._send.send_nowait(new)
+        else:
+            self._wake_timer()
+
+    @actors.handles(Release)
+    def release(self, msg: Release) -> None:
+        d = msg.delivery
+        new = Delivery(d.data, (task_id_of(d), False), d.message, d.deliveries + 1)
+        if self.core.requeue(d, new, 0.0, 0.0):
+            self._send.send_nowait(new)
+
+    @actors.handles(Cancel)
+    async def cancel(self, msg: Cancel) -> None:
+        tid = msg.task_id
+        outcome, _, frees_slot = self.core.cancel(tid)
+        if outcome == "running":
+            self.tell_workers(CancelRunning(tid, "cancel"))
+        elif outcome == "unstarted":
+            if frees_slot:
+                self.slots.release()
+            await self.results.set_result(tid, _cancelled(tid, "cancelled before it started"))
+            if self.core.idle and self._idle:
+                self._became_idle()
+
+    @actors.handles(Inspect)
+    def inspect(self, msg: Inspect) -> dict[str, Any]:
+        core = self.core
+        return {
+            "queued": core.queued,
+            "delayed": core.delayed_count,
+            "running": core.running,
+            "pending": len(core.state),
+            "workers": len(self.workers),
+            "dead_letters": len(core.dead),
+            "senders_waiting": self.slots.statistics().tasks_waiting,
+        }
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @actors.handles(WatchIdle)
+    def watch_idle(self, msg: WatchIdle) -> trio.Event:
+        ev = trio.Event()
+        if self.core.idle:
+            ev.set()
+        else:
+            self._idle.append(ev)
+        return ev
+
+    @actors.handles(CloseIntake)
+    def close_intake(self, msg: CloseIntake) -> None:
+        self.closed = True
+        # Senders blocked on a full queue: wake them so they see BrokerClosed.
+        while self.slots.statistics().tasks_waiting:
+            self.slots.release()
+
+    @actors.handles(CancelUnstarted)
+    async def cancel_unstarted(self, msg: CancelUnstarted) -> int:
+        delayed_ids = {task_id_of(d) for d, st in self.core.state.items() if st == DELAYED}
+        found, freed = self.core.unstarted(queued=msg.queued)
+        for _ in range(freed):
+            self.slots.release()
+        if msg.queued:
+            while True:  # what is still on the channel never starts
+                try:
+                    d = self._recv.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                if holds_slot(d):
+                    self.slots.release()
+                self.core.take(d)
+        for d in found:
+            tid = task_id_of(d)
+            why = msg.why_delayed if tid in delayed_ids else msg.why_queued
+            await self.results.set_result(tid, _cancelled(tid, why))
+        if self.core.idle and self._idle:
+            self._became_idle()
+        return len(found)
+
+    @actors.handles(ListWorkers)
+    def list_workers(self, msg: ListWorkers) -> list[actors.ActorRef]:
+        return list(self.workers)
+
+    @actors.handles(DeadLetters)
+    def dead_letters(self, msg: DeadLetters) -> list[dict[str, Any]]:
+        out = []
+        for i, (reason, data) in enumerate(list(self.core.dead)[: msg.limit]):
+            try:
+                name: str | None = self.codec.decode_message(data).task_name
+            except DecodeError:
+                name = None
+            out.append({"id": i, "reason": reason, "task_name": name, "data": data})
+        return out
+
+    @actors.handles(PurgeDeadLetters)
+    def purge_dead_letters(self, msg: PurgeDeadLetters) -> int:
+        n = len(self.core.dead)
+        self.core.dead.clear()
+        return n
+
+
+def _faithful(message: TaskMessage) -> bool:
+    """Whether the JSON codec gives this message back unchanged (after the worker's
+    thaw): then decoding is not needed to give the task its own copy."""
+    if message.args and not all(json_faithful(a) for a in message.args):
+        return False
+    if message.kwargs and not all(json_faithful(v) for v in message.kwargs.values()):
+        return False
+    return not message.labels or all(json_faithful(v) for v in message.labels.values())
+
+
+# -------------------------------------------------------------------- the facade
 
 
 class InMemoryBroker(Broker):
@@ -35,12 +397,11 @@ class InMemoryBroker(Broker):
     - ``shutdown_timeout``: on leaving ``async with``, how long queued and running tasks
       get to finish before they are cancelled (and recorded as CANCELLED).
 
-    Messages are encoded on send and decoded by the worker, as with a real transport,
-    so a task sees its own copy of its arguments and a bad message is caught early.
+    The actors behind it: ``broker.ref`` (the broker actor, which owns the queue),
+    ``broker.result_backend.ref`` (the result store) and the worker. Messages are
+    encoded on send, and results are passed through the codec, as with a real
+    transport, so what fails on Redis fails here too.
     """
-
-    runs_worker_inside = True
-    records_shutdown_cancel = True
 
     def __init__(
         self,
@@ -58,7 +419,7 @@ class InMemoryBroker(Broker):
             raise ValueError(f"max_queue must be a whole number >= 1, not {max_queue!r}")
         if result_backend is None:
             result_backend = InMemoryResultBackend(
-                max_stored_results=max_stored_results, ttl=result_ttl
+                max_stored_results=max_stored_results, ttl=result_ttl, codec=codec
             )
         super().__init__(
             concurrency=concurrency,
@@ -68,22 +429,45 @@ class InMemoryBroker(Broker):
             shutdown_timeout=shutdown_timeout,
         )
         self.max_queue = max_queue
-        self._setup()
+        self._slots: trio.Semaphore | None = None
+        self._core: QueueCore | None = None
 
-    def _setup(self) -> None:
-        self._ready_send, self._ready_recv = trio.open_memory_channel[Delivery](math.inf)
-        self._slots = trio.Semaphore(self.max_queue)
-        self._delayed: list[tuple[float, int, Delivery]] = []
-        self._seq = 0
-        self._timer: trio.CancelScope | None = None
-        self._pending: set[TaskID] = set()  # sent and not yet acked/nacked
-        self._cancelled: set[TaskID] = set()
-        # Made only while someone waits in wait_all(): no Event per task otherwise.
-        self._all_done: trio.Event | None = None
-        # The last 1,000 rejected messages: (reason, raw bytes); see dead_letters().
-        self._dead: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=1000)
+    async def _open(self, system: actors.ActorSystem) -> actors.ActorRef:
+        def make() -> InMemoryBrokerActor:
+            actor = InMemoryBrokerActor(self.codec, self.max_queue, self.result_backend)
+            self._slots = actor.slots  # lent: the bound producers wait on
+            self._core = actor.core  # read by `queued` only
+            return actor
 
-    # --------------------------------------------------------------- sending
+        # Unbounded: sends are bounded by max_queue (the lent semaphore), acks by the
+        # workers' runners; a full mailbox would only make a producer yield.
+        return await system.spawn(make, name="broker", mailbox_size=math.inf)
+
+    async def _started(self) -> None:
+        assert self._nursery is not None
+        await self._nursery.start(self._embedded_worker)
+
+    async def _embedded_worker(self, task_status: trio.TaskStatus[Any]) -> None:
+        await self._run_worker(self.concurrency, (), "worker", task_status)
+
+    # ---------------------------------------------------------------- sending
+
+    async def _send(self, message: TaskMessage, data: bytes) -> None:
+        """Take a place in the queue (waiting while ``max_queue`` messages wait), then
+        tell the broker actor. Does not yield to the scheduler when there is room (a
+        cancelled caller still gets ``Cancelled``), so a burst of sends costs no
+        context switches."""
+        await trio.lowlevel.checkpoint_if_cancelled()  # before a place is taken
+        slots = self._slots
+        assert slots is not None
+        try:
+            slots.acquire_nowait()
+        except trio.WouldBlock:
+            await slots.acquire()
+            if not self._running:
+                slots.release()
+                raise BrokerClosed("the broker stopped while the send waited for room") from None
+        self.ref.tell_nowait(Send(message, data, True, True))
 
     def kick_nowait(self, message: TaskMessage) -> None:
         """Send now, or raise :class:`QueueFull`. ``pre_send``/``post_send`` hooks run when
@@ -95,11 +479,13 @@ class InMemoryBroker(Broker):
                 raise SendError("kiq_nowait cannot run async pre_send/post_send hooks; use kiq()")
             message = hooks.run_sync("pre_send", message)
         data = self._encode(message)
+        slots = self._slots
+        assert slots is not None
         try:
-            self._slots.acquire_nowait()
+            slots.acquire_nowait()
         except trio.WouldBlock:
             raise QueueFull(f"the queue holds max_queue={self.max_queue} messages") from None
-        self._enqueue(message, data, True, True)
+        self.ref.tell_nowait(Send(message, data, True, True))
         self.stats.sent += 1
         if send_hooks:
             try:
@@ -107,222 +493,59 @@ class InMemoryBroker(Broker):
             except Exception:
                 log.exception("middleware.failed", hook="post_send")
 
-    async def on_send(self, event: Send) -> None:
-        """Enqueue; waits while ``max_queue`` messages are waiting.
-
-        It does not yield to the scheduler when there is room (a cancelled caller still
-        gets ``Cancelled``), so a burst of sends costs no context switches."""
-        await trio.lowlevel.checkpoint_if_cancelled()  # before a slot is taken
-        try:
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            await self._slots.acquire()
-            if not self._running:
-                self._slots.release()
-                raise BrokerClosed("the broker stopped while the send waited for room") from None
-        self._enqueue(event.message, event.data, True, event.verified)
-
-    def _enqueue(
-        self,
-        message: TaskMessage,
-        data: bytes,
-        counted: bool,
-        verified: bool,
-        delay: float | None = None,
-    ) -> None:
-        """Queue a delivery now, after ``delay`` seconds of the Trio clock, or else at
-        ``message.eta`` (wall clock). ``counted``: it holds a ``max_queue`` slot
-        (retries do not, so a worker never waits for room)."""
-        self._pending.add(message.task_id)
-        # A task must see its own copy of its arguments, which decoding ``data`` makes.
-        # When they are all immutable there is nothing to copy, and the message the
-        # producer built (and the codec accepted) goes to the worker as it is.
-        shared = message if verified and _immutable_message(message) else None
-        delivery = Delivery(data, tag=(message.task_id, counted), message=shared)
-        if delay is None:
-            delay = 0.0 if message.eta is None else message.eta - time.time()
-        if delay > 0:
-            self._delay(delivery, delay)
-        else:
-            self._ready_send.send_nowait(delivery)
-
-    def _delay(self, delivery: Delivery, seconds: float) -> None:
-        due = trio.current_time() + seconds
-        self._seq += 1
-        heapq.heappush(self._delayed, (due, self._seq, delivery))
-        if self._timer is not None and due < self._timer.deadline:
-            self._timer.deadline = due
-
-    async def _run_timer(
-        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        task_status.started()
-        heap = self._delayed  # the same list for the broker's whole run
-        while True:
-            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as scope:
-                self._timer = scope
-                await trio.sleep_forever()
-            self._timer = None
-            now = trio.current_time()
-            while heap and heap[0][0] <= now:
-                _, _, delivery = heapq.heappop(heap)
-                self._ready_send.send_nowait(delivery)
-
-    # ------------------------------------------------------------- protocol
-
-    async def on_receive(self, event: Receive) -> tuple[Delivery, ...]:
-        delivery = await self._ready_recv.receive()
-        if delivery.tag[1]:
-            self._slots.release()
-        return (delivery,)
-
-    def on_receive_nowait(self, event: Receive) -> tuple[Delivery, ...] | None:
-        try:
-            delivery = self._ready_recv.receive_nowait()
-        except trio.WouldBlock:
-            return None
-        if delivery.tag[1]:
-            self._slots.release()
-        return (delivery,)
-
-    def _finish(self, tid: TaskID) -> None:
-        pending = self._pending
-        pending.discard(tid)
-        self._cancelled.discard(tid)
-        if not pending and self._all_done is not None:
-            self._all_done.set()
-            self._all_done = None
-
-    async def on_ack(self, event: Ack) -> None:
-        self._finish_delivery(event.delivery)
-
-    async def on_nack(self, event: Nack) -> None:
-        if event.requeue is not None:
-            retry = event.requeue
-            data = self.codec.encode_message(retry)
-            self._enqueue(retry, data, False, True, delay=event.delay)
-            return
-        self._dead.append((event.reason, event.delivery.data))
-        self._finish_delivery(event.delivery)
-
-    def _finish_delivery(self, d: Delivery) -> None:
-        self._finish(d.tag[0])  # the tag is (task id, counted): see _enqueue
-
-    async def on_cancel(self, event: Cancel) -> None:
-        tid = event.task_id
-        if self._cancel_local(tid):
-            await trio.lowlevel.checkpoint()
-            return
-        if tid in self._pending and tid not in self._cancelled:
-            self._cancelled.add(tid)
-            await self._store_cancelled(tid, "cancelled before it started")
-        else:
-            await trio.lowlevel.checkpoint()
-
-    async def _store_cancelled(self, tid: TaskID, why: str) -> None:
-        err = RemoteError("bus.Cancelled", why)
-        await self.result_backend.set_result(
-            tid, TaskResult(tid, TaskStatus.CANCELLED, None, err, 0.0, {})
-        )
-
-    def is_cancelled(self, task_id: TaskID) -> bool:
-        return task_id in self._cancelled
-
-    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The oldest of the last 1,000 rejected messages (this process only)."""
-        await trio.lowlevel.checkpoint_if_cancelled()
-        out = []
-        for i, (reason, data) in enumerate(list(self._dead)[:limit]):
-            try:
-                name: str | None = self.codec.decode_message(data).task_name
-            except DecodeError:
-                name = None
-            out.append({"id": i, "reason": reason, "task_name": name, "data": data})
-        return out
-
-    async def purge_dead_letters(self) -> int:
-        n = len(self._dead)
-        self._dead.clear()
-        await trio.lowlevel.checkpoint_if_cancelled()
-        return n
-
-    # ------------------------------------------------------------- lifecycle
+    # --------------------------------------------------------------- queries
 
     async def wait_all(self) -> None:
         """Return when nothing is queued, delayed or running.
 
         Cancellation: only the wait stops."""
-        if not self._pending:
-            await trio.lowlevel.checkpoint()
-            return
-        if self._all_done is None:
-            self._all_done = trio.Event()
-        await self._all_done.wait()
+        idle: trio.Event = await self.ref.ask(WatchIdle())
+        await idle.wait()
 
     @property
     def queued(self) -> int:
-        """Messages waiting to start (delayed ones included)."""
-        return int(self._ready_recv.statistics().current_buffer_used) + len(self._delayed)
+        """Messages waiting to start (delayed ones included): the places taken in the
+        bounded queue (retries, which hold none, are not counted)."""
+        slots = self._slots
+        return 0 if slots is None else self.max_queue - slots.value
 
-    async def _start(self, nursery: trio.Nursery) -> None:
-        self._setup()
-        await nursery.start(self._run_timer)
+    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The oldest of the last 1,000 rejected messages (this process only)."""
+        letters: list[dict[str, Any]] = await self.ref.ask(DeadLetters(limit))
+        return letters
+
+    async def purge_dead_letters(self) -> int:
+        n: int = await self.ref.ask(PurgeDeadLetters())
+        return n
+
+    # -------------------------------------------------------------- lifecycle
 
     async def _drain(self) -> None:
+        ref = self._ref
+        if ref is None:
+            return
         # Intake stops first: senders now get BrokerClosed.
         self._running = False
+        await ref.ask(CloseIntake())
         # Delayed tasks would not be due before the deadline: cancel them now.
-        await self._cancel_delayed("the broker shut down before it was due")
-        if any(not w.stopped for w in self.workers):  # else nothing could finish: no wait
+        await ref.ask(CancelUnstarted("the broker shut down before it was due"))
+        workers: list[actors.ActorRef] = await ref.ask(ListWorkers())
+        if workers:  # else nothing could finish: no wait
+            idle: trio.Event = await ref.ask(WatchIdle())
             with trio.move_on_after(self.shutdown_timeout):
-                await self.wait_all()
+                await idle.wait()
         # Past the deadline: what is queued never starts (retries waiting for their
         # backoff included), what runs is cancelled.
-        await self._cancel_delayed("the broker shut down before its retry was due")
-        while True:
+        await ref.ask(
+            CancelUnstarted(
+                "the broker shut down before its retry was due",
+                "the broker shut down before it started",
+                queued=True,
+            )
+        )
+        for w in await ref.ask(ListWorkers()):
             try:
-                d = self._ready_recv.receive_nowait()
-            except trio.WouldBlock:
-                break
-            await self._cancel_unstarted(d, "the broker shut down before it started")
-        for w in list(self.workers):
-            await w.drain(0)
-        # Senders blocked on a full queue: wake them so they see BrokerClosed.
-        while self._slots.statistics().tasks_waiting:
-            self._slots.release()
-
-    async def _cancel_delayed(self, why: str) -> None:
-        heap = list(self._delayed)
-        self._delayed.clear()  # in place: the timer task holds this list
-        for _, _, d in heap:
-            await self._cancel_unstarted(d, why)
-
-    async def _cancel_unstarted(self, d: Delivery, why: str) -> None:
-        tid: TaskID = d.tag[0]
-        if tid not in self._cancelled:
-            await self._store_cancelled(tid, why)
-        self._finish(tid)
-
-    async def _stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-
-_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
-
-
-def _immutable(value: object) -> bool:
-    t = type(value)
-    if t in _SCALARS:
-        return True
-    if t is tuple:
-        return all(_immutable(v) for v in value)  # type: ignore[attr-defined]
-    return False
-
-
-def _immutable_message(message: TaskMessage) -> bool:
-    return (
-        all(_immutable(a) for a in message.args)
-        and all(_immutable(v) for v in message.kwargs.values())
-        and all(_immutable(v) for v in message.labels.values())
-    )
+                ticket: DrainTicket = await w.ask(Drain(0))
+            except actors.ActorStopped:
+                continue
+            await ticket.wait()

@@ -9,6 +9,7 @@ from typing import Any, Generic, TypeVar
 import attrs
 
 from bus._errors import TaskCancelled, TaskFailed
+from bus._frozen import FrozenDict, freeze_args, freeze_mapping
 from bus._ids import TaskID
 
 __all__ = ["RemoteError", "TaskMessage", "TaskResult", "TaskStatus"]
@@ -16,24 +17,26 @@ __all__ = ["RemoteError", "TaskMessage", "TaskResult", "TaskStatus"]
 R = TypeVar("R")
 
 
-def _to_tuple(value: Any) -> tuple[Any, ...]:
-    return value if type(value) is tuple else tuple(value)
-
-
 @attrs.frozen
 class TaskMessage:
-    """One request to run a task: what a producer sends and a worker receives."""
+    """One request to run a task: what a producer sends and a worker receives.
+
+    Immutable all the way down: lists in the arguments and labels become tuples and
+    dicts become read-only :class:`~bus._frozen.FrozenDict` values, so a message can
+    be shared and hashed. A worker hands the task function mutable copies.
+    """
 
     task_id: TaskID
     """Identity of this task; retries keep it, so its final result is found under it."""
     task_name: str
     """The registered name of the task to run."""
-    args: tuple[Any, ...] = attrs.field(converter=_to_tuple)
+    args: tuple[Any, ...] = attrs.field(converter=freeze_args)
     """Positional arguments (JSON values with the default codec)."""
-    kwargs: dict[str, Any]
-    """Keyword arguments."""
-    labels: dict[str, Any]
-    """Free-form metadata; the task options (``timeout``, ``retries``, ...) may be set here."""
+    kwargs: FrozenDict = attrs.field(converter=freeze_mapping)
+    """Keyword arguments (read-only)."""
+    labels: FrozenDict = attrs.field(converter=freeze_mapping)
+    """Free-form metadata (read-only); the task options (``timeout``, ``retries``,
+    ...) may be set here."""
     attempt: int = 1
     """1 for the first delivery to a task function, 2 for the first retry, and so on."""
     eta: float | None = None

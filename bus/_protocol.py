@@ -1,51 +1,104 @@
-"""The broker protocol: the events producers, workers and brokers exchange.
+"""The broker protocol: the messages producers, workers, brokers and result stores exchange.
 
-A broker is anything that answers these events (see :class:`bus.Broker`):
+Every broker is an actor (``broker.ref``) whose mailbox takes these events:
 
 * :class:`Send` from a producer: enqueue a message (now, or at its ``eta``).
-* :class:`Receive` from a worker: hand over up to ``max_messages`` deliveries, waiting
-  until there is at least one.
-* :class:`Ack` from a worker: the delivery is finished (its result is stored); forget it.
+* :class:`Receive` from a worker (``ask``): the answer is a :class:`Lease`, a receive
+  channel of deliveries the broker lends the worker.
+* :class:`Ack` from a worker: the delivery is finished (its result is stored).
 * :class:`Nack` from a worker: the delivery is not finished: put a (new) message back,
   or dead-letter it with a reason.
-* :class:`Cancel` from anyone: the task must not start, or must stop where it runs.
-* :class:`Register` from a worker: it can run the named task.
+* :class:`Release` from a worker: a stop interrupted the delivery; hand it to another
+  worker as it was.
+* :class:`Cancel` from anyone (``ask``): the task must not start, or must stop where it
+  runs.
+* :class:`Register` / :class:`Unregister` from a worker: it can run a task, and the ref
+  the broker sends :class:`CancelRunning` to.
+* :class:`Inspect` (``ask``): numbers for operators and tests.
 
-The events are frozen values, so brokers can be tested by feeding them events.
+Every result store is an actor (``result_backend.ref``) that takes :class:`StoreResult`,
+:class:`GetResult` (``ask``), :class:`ForgetResult`, :class:`Watch` / :class:`Unwatch`,
+:class:`SetProgress` and :class:`GetProgress` (``ask``).
+
+A worker is an actor that takes :class:`CancelRunning` and :class:`Drain` (``ask``).
+
+The messages are frozen values, so every part can be tested by feeding it messages.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 import attrs
+import trio
 
 from bus._ids import TaskID
-from bus._message import TaskMessage
+from bus._message import TaskMessage, TaskResult
 
-__all__ = ["Ack", "Cancel", "Delivery", "Nack", "Receive", "Register", "Send"]
+if TYPE_CHECKING:
+    import actors
+
+__all__ = [
+    "Ack",
+    "Cancel",
+    "CancelRunning",
+    "Delivery",
+    "Drain",
+    "DrainTicket",
+    "ForgetResult",
+    "GetProgress",
+    "GetResult",
+    "Inspect",
+    "Lease",
+    "Nack",
+    "Receive",
+    "Register",
+    "Release",
+    "Send",
+    "SetProgress",
+    "StoreResult",
+    "Unregister",
+    "Unwatch",
+    "Watch",
+    "Watcher",
+]
+
+# ------------------------------------------------------------------ broker events
 
 
 @attrs.frozen
 class Send:
-    """Enqueue ``message``; ``data`` is its encoded form (what travels).
+    """Enqueue ``message``.
 
-    ``verified`` is set by :meth:`Broker.kick`, which made ``data`` from ``message`` with
-    the broker's codec: an in-process broker may then hand ``message`` itself to the
-    worker instead of decoding ``data`` again.
+    ``data`` is its encoded form (what travels); ``None`` lets the broker encode it
+    with its codec. ``verified`` is set by :meth:`Broker.kick`, which made ``data``
+    from ``message`` with the broker's codec: a broker may then hand ``message``
+    itself to the worker instead of decoding ``data``. Without it the worker decodes
+    ``data`` (and rejects it when it is not a valid message). ``admitted`` is set when
+    the producer already holds a place in a bounded queue (``Broker.kick`` takes one
+    before it sends); a broker counts other sends against its bound on arrival.
     """
 
     message: TaskMessage
-    data: bytes
+    data: bytes | None = None
     verified: bool = False
+    admitted: bool = False
 
 
 @attrs.frozen
 class Receive:
-    """A worker asks for up to ``max_messages`` deliveries."""
+    """A worker asks for deliveries; the answer to ``ask`` is a :class:`Lease`.
+
+    ``max_messages`` is how many deliveries the consumer holds at most at once (its
+    concurrency): a broker that reads ahead (Redis) reads no more than that.
+    ``consumer`` names the worker; ``queues`` lists the queues it consumes (empty:
+    the broker's default queue).
+    """
 
     max_messages: int = 1
     consumer: str = "worker"
+    queues: tuple[str, ...] = ()
 
 
 @attrs.frozen(eq=False)
@@ -74,9 +127,10 @@ class Ack:
 class Nack:
     """``delivery`` is not done.
 
-    With ``requeue`` set, that message (usually the next attempt) is enqueued, after
-    ``delay`` seconds, in place of the delivery. Without it the delivery is dead-lettered
-    (or dropped and counted, on a broker without a dead-letter store) with ``reason``.
+    With ``requeue`` set, that message (the next attempt, or the same one handed back
+    at shutdown) is enqueued, after ``delay`` seconds, in place of the delivery.
+    Without it the delivery is dead-lettered (or dropped and counted, on a broker
+    without a dead-letter store) with ``reason``.
     """
 
     delivery: Delivery
@@ -86,14 +140,209 @@ class Nack:
 
 
 @attrs.frozen
+class Release:
+    """``delivery`` was interrupted unfinished (its worker stopped): hand it back as it
+    was, so that another worker runs it again (its delivery count goes on)."""
+
+    delivery: Delivery
+
+
+@attrs.frozen
 class Cancel:
-    """Stop ``task_id``: a queued task never starts, a running one is cancelled."""
+    """Stop ``task_id``: a queued task never starts, a running one is cancelled, and its
+    result says CANCELLED. The answer to ``ask`` comes once the broker took it."""
+
+    task_id: TaskID
+
+
+@attrs.frozen(eq=False)
+class Register:
+    """A worker announces that it can run the task ``name``.
+
+    ``worker`` is the worker's ref: the broker sends it :class:`CancelRunning` when a
+    task it may run is cancelled. A register without a ref only informs.
+    """
+
+    name: str
+    worker: actors.ActorRef | None = None
+
+
+@attrs.frozen(eq=False)
+class Unregister:
+    """The worker behind ``worker`` stopped; the broker forgets it."""
+
+    worker: actors.ActorRef
+
+
+@attrs.frozen
+class Inspect:
+    """Ask a broker for numbers: the answer is a dict with at least ``queued``
+    (waiting to start), ``delayed`` (waiting for their time), ``running`` (handed to a
+    worker and not finished) and ``workers`` (registered workers)."""
+
+
+class Lease(trio.abc.ReceiveChannel[Delivery]):
+    """The receive end of a broker's deliveries, lent to one worker (the answer to
+    :class:`Receive`).
+
+    ``receive()`` waits for the next delivery; ``receive_nowait()`` returns one or
+    raises ``trio.WouldBlock``; both raise ``trio.EndOfChannel`` once the broker stops
+    lending (it is shutting down) and ``trio.ClosedResourceError`` after ``aclose``.
+    Closing a lease tells the broker that this worker takes nothing more.
+
+    ``redeliver_interrupted`` tells the worker what to do with a task that a stop
+    interrupts: ``True`` (a broker shared between processes) hands it back with a
+    :class:`Nack` whose ``requeue`` is the same message, so another worker runs it;
+    ``False`` (the in-memory broker) records it as CANCELLED.
+
+    Cancellation: ``receive`` takes nothing when it is cancelled.
+    """
+
+    redeliver_interrupted: bool = False
+
+    def receive_nowait(self) -> Delivery:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - abstract
+        """Give the lease back now (the synchronous twin of ``aclose``)."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+
+# ------------------------------------------------------------------- worker control
+
+
+@attrs.frozen
+class CancelRunning:
+    """Told to a worker: cancel ``task_id`` if it runs there (``reason`` is recorded:
+    ``"cancel"`` for a user's request, ``"shutdown"`` for a stop)."""
+
+    task_id: TaskID
+    reason: str = "cancel"
+
+
+@attrs.frozen
+class Drain:
+    """Asked of a worker: take nothing more, give running tasks ``timeout`` seconds
+    (``None``: as long as they need), then interrupt the rest. The answer is a
+    :class:`DrainTicket` at once; ``await ticket.wait()`` returns how many tasks were
+    interrupted."""
+
+    timeout: float | None = None
+
+
+class DrainTicket:
+    """The answer to :class:`Drain`: wait for the drain to end."""
+
+    __slots__ = ("_done", "interrupted")
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self.interrupted = 0
+
+    def finish(self, interrupted: int) -> None:
+        self.interrupted = interrupted
+        self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    async def wait(self) -> int:
+        """Wait until the drain has ended; return how many tasks it interrupted.
+
+        Cancellation: only the waiting stops; the drain goes on."""
+        await self._done.wait()
+        return self.interrupted
+
+
+# ------------------------------------------------------------------- result store
+
+
+@attrs.frozen
+class StoreResult:
+    """Store ``result`` for ``task_id`` and wake its watchers."""
+
+    task_id: TaskID
+    result: TaskResult[Any]
+
+
+@attrs.frozen
+class GetResult:
+    """Ask for the stored result of ``task_id``: the answer is the ``TaskResult`` or
+    ``None``."""
 
     task_id: TaskID
 
 
 @attrs.frozen
-class Register:
-    """A worker announces that it can run the task ``name``."""
+class ForgetResult:
+    """Drop the result (and progress) of ``task_id``; its later watchers learn it is
+    gone."""
 
-    name: str
+    task_id: TaskID
+
+
+class Watcher:
+    """Made by whoever waits for a result and handed over with :class:`Watch`; the
+    result store resolves it once, with the result or with the reason it is gone."""
+
+    __slots__ = ("event", "gone", "result")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.result: TaskResult[Any] | None = None
+        self.gone = ""
+
+    def resolve(self, result: TaskResult[Any]) -> None:
+        if not self.event.is_set():
+            self.result = result
+            self.event.set()
+
+    def fail(self, why: str) -> None:
+        if not self.event.is_set():
+            self.gone = why
+            self.event.set()
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait until resolved, at most ``timeout`` seconds; True if resolved.
+
+        Cancellation: only the waiting stops (send :class:`Unwatch` to withdraw)."""
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            await self.event.wait()
+        return self.event.is_set()
+
+
+@attrs.frozen(eq=False)
+class Watch:
+    """Resolve ``watcher`` when the result of ``task_id`` is stored (at once if it
+    is already stored, or already known to be gone)."""
+
+    task_id: TaskID
+    watcher: Watcher
+
+
+@attrs.frozen(eq=False)
+class Unwatch:
+    """Withdraw ``watcher`` (its wait timed out or was cancelled)."""
+
+    task_id: TaskID
+    watcher: Watcher
+
+
+@attrs.frozen
+class SetProgress:
+    """Store the latest progress report of a running task."""
+
+    task_id: TaskID
+    progress: Any
+
+
+@attrs.frozen
+class GetProgress:
+    """Ask for the latest progress report of ``task_id`` (``None`` when there is none)."""
+
+    task_id: TaskID

@@ -1,11 +1,16 @@
-"""The worker: takes deliveries from a broker and runs them, with a real concurrency limit.
+"""The worker: an actor that takes deliveries from a broker and runs them, with a real
+concurrency limit.
 
 The decisions (what an attempt's outcome means: store, retry, reject) live in plain
-synchronous functions (:func:`decide`), the I/O around them in :class:`Worker`.
+synchronous functions (:func:`decide`); the worker actor does the I/O around them. It
+speaks to the broker only by message (``Register``, ``Receive``, ``Ack``, ``Nack``,
+``Release``) and through the :class:`~bus.protocol.Lease` the broker lent it, and it
+takes ``CancelRunning`` and ``Drain`` in its own mailbox.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -13,23 +18,37 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import structlog
 import trio
 
+import actors
+from actors._log import get_logger
 from bus._codec import DecodeError
 from bus._context import Context, _current
+from bus._frozen import thaw, thaw_args
 from bus._ids import TaskID
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
 from bus._options import TaskOptions
-from bus._protocol import Ack, Delivery, Nack, Receive, Register
+from bus._protocol import (
+    Ack,
+    CancelRunning,
+    Delivery,
+    Drain,
+    DrainTicket,
+    Lease,
+    Nack,
+    Receive,
+    Register,
+    Release,
+    Unregister,
+)
 
 if TYPE_CHECKING:
     from bus._broker import Broker
     from bus._task import Task
 
-__all__ = ["Decision", "Worker", "decide"]
+__all__ = ["Decision", "Worker", "WorkerActor", "decide"]
 
-log = structlog.get_logger("bus.worker")
+log = get_logger("bus.worker")
 
 
 @attrs.frozen
@@ -69,6 +88,8 @@ def decide(
 
 
 _STREAK = 32
+_ERRORS = (TaskStatus.FAILURE, TaskStatus.TIMEOUT)
+_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
 
 
 class _Runner:
@@ -87,108 +108,130 @@ class _Runner:
         self.started = 0.0
 
 
-class Worker:
-    """Runs a broker's tasks: ``concurrency`` runner tasks in one nursery, each taking a
-    delivery, running it to its end, storing its result and acking it.
+class WorkerActor(actors.Actor):
+    """Runs a broker's tasks: ``concurrency`` runner tasks in its own nursery, each taking
+    a delivery from the broker's lease, running it to its end, storing its result and
+    acking it.
 
-    Made by :meth:`Broker.run_worker` (which hands it to ``nursery.start``'s caller).
-    Use :meth:`drain` for a graceful stop and :meth:`cancel_running` to stop one task.
+    On start it registers every task with the broker actor (``Register`` with its own
+    ref) and asks it for a lease (``Receive``). Its mailbox takes ``CancelRunning``
+    (cancel one task if it runs here) and ``Drain`` (stop taking work, let running
+    tasks finish within a timeout, interrupt the rest). Made by
+    :meth:`Broker.run_worker`, which hands out a :class:`Worker` handle.
     """
 
-    def __init__(self, broker: Broker, concurrency: int, name: str | None = None) -> None:
+    def __init__(self, broker: Broker, concurrency: int, queues: tuple[str, ...] = ()) -> None:
         self.broker = broker
         self.concurrency = concurrency
-        self.name = name or f"worker-{TaskID.new()[-12:]}"
+        self.queues = queues
+        self.stats = broker.stats
         self.running: dict[TaskID, _Runner] = {}
         self._runners: set[_Runner] = set()
-        #: Set by :meth:`stop` (and when the worker's task ends).
-        self.stopped = False
         self._draining = False
-        self._nursery: trio.Nursery | None = None
         self._thread_limiter = trio.CapacityLimiter(concurrency)
         self._active = 0
-        self._idle: trio.Event | None = None  # made only while drain() waits
+        self._idle: trio.Event | None = None  # made only while a drain waits
+        self._lease: Lease | None = None
+        self._broker_ref: actors.ActorRef | None = None
+        self._log = log
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def on_start(self) -> None:
+        broker_ref = self.broker.ref
+        self._broker_ref = broker_ref
         self._log = log.bind(actor=self.name)
+        me = self.ref
+        for name in self.broker.tasks:
+            await broker_ref.tell(Register(name, me))
+        lease = await broker_ref.ask(Receive(self.concurrency, self.name, self.queues))
+        if not isinstance(lease, Lease):
+            raise TypeError(f"the broker answered Receive with {lease!r}, not a bus.protocol.Lease")
+        self._lease = lease
+        await self.nursery.start(self._keep)
+        for _ in range(self.concurrency):
+            self.nursery.start_soon(self._runner)
+        self._log.info(
+            "worker.started", concurrency=self.concurrency, tasks=sorted(self.broker.tasks)
+        )
 
-    # ------------------------------------------------------------------ control
+    async def _keep(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Lives as long as the worker's nursery: on the way out (a stop, a failure or
+        Trio's cancellation) the lease is given back and the broker told."""
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            if self._lease is not None:
+                self._lease.close()
+            if self._broker_ref is not None:
+                with contextlib.suppress(actors.ActorError):
+                    self._broker_ref.tell_nowait(Unregister(self.ref))
+            self._log.info("worker.stopped")
 
-    def cancel_running(self, task_id: TaskID, reason: str = "cancel") -> bool:
-        """Cancel ``task_id`` if this worker runs it; True if it did."""
-        runner = self.running.get(task_id)
+    async def on_stop(self) -> None:
+        if self._active:
+            await self._drain(self.broker.shutdown_timeout, DrainTicket())
+
+    # -------------------------------------------------------------------- control
+
+    @actors.handles(CancelRunning)
+    def cancel_running(self, msg: CancelRunning) -> bool:
+        """Cancel ``msg.task_id`` if this worker runs it; True if it did."""
+        runner = self.running.get(msg.task_id)
         if runner is None:
             return False
-        runner.reason = reason
+        runner.reason = msg.reason
         runner.scope.cancel()
+        if msg.reason == "cancel":
+            self._log.info("task.cancel_requested", task_id=msg.task_id)
         return True
 
-    def stop_intake(self) -> None:
-        """Take no new deliveries; running tasks go on."""
+    @actors.handles(Drain)
+    def drain(self, msg: Drain) -> DrainTicket:
+        ticket = DrainTicket()
+        self.nursery.start_soon(self._drain, msg.timeout, ticket)
+        return ticket
+
+    def _stop_intake(self) -> None:
         self._draining = True
+        if self._lease is not None:
+            self._lease.close()  # the broker lends this worker nothing more
         for runner in list(self._runners):
             if runner.idle:
                 runner.scope.cancel()
 
-    async def drain(self, timeout: float | None = None) -> int:
-        """Stop intake, wait up to ``timeout`` seconds for running tasks, then cancel the
-        rest (recorded as CANCELLED, or left unacknowledged on brokers that redeliver).
-        Returns how many were cancelled. Cancellation: the running tasks go on."""
-        self.stop_intake()
-        if self.stopped:
-            return 0
+    async def _drain(self, timeout: float | None, ticket: DrainTicket) -> None:
+        self._stop_intake()
         with trio.move_on_after(math.inf if timeout is None else timeout):
             await self._wait_idle()
         n = 0
         for tid in list(self.running):
-            n += self.cancel_running(tid, "shutdown")
+            n += self.cancel_running(CancelRunning(tid, "shutdown"))
         await self._wait_idle()
-        return n
+        ticket.finish(n)
 
-    def stop(self) -> None:
-        """Cancel everything at once (running tasks included, nothing recorded)."""
-        self._draining = True
-        self.stopped = True
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+    async def _wait_idle(self) -> None:
+        if self._active == 0:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._idle is None:
+            self._idle = trio.Event()
+        await self._idle.wait()
 
-    @property
-    def active(self) -> int:
-        """How many tasks run right now."""
-        return self._active
+    def _task_done(self) -> None:
+        self._active -= 1
+        if self._active == 0 and self._idle is not None:
+            self._idle.set()
+            self._idle = None
 
-    # ------------------------------------------------------------------- running
-
-    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until cancelled or stopped."""
-        from bus._broker import BusEvent
-
-        broker = self.broker
-        for name in broker.tasks:
-            await broker.on_register(Register(name))
-        await broker._fire(BusEvent.WORKER_STARTUP)
-        broker.workers.append(self)
-        self._log.info("worker.started", concurrency=self.concurrency, tasks=sorted(broker.tasks))
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                for _ in range(self.concurrency):
-                    nursery.start_soon(self._runner)
-                task_status.started(self)
-        finally:
-            self.stopped = True
-            self._active = 0  # runners are gone, whatever they were doing
-            if self._idle is not None:
-                self._idle.set()
-            broker.workers.remove(self)
-            self._nursery = None
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + 10
-                await broker._fire(BusEvent.WORKER_SHUTDOWN)
-            self._log.info("worker.stopped")
+    # --------------------------------------------------------------------- running
 
     async def _runner(self) -> None:
-        receive = Receive(1, self.name)
-        on_receive = self.broker.on_receive
-        on_receive_nowait = self.broker.on_receive_nowait
+        lease = self._lease
+        assert lease is not None
+        receive = lease.receive
+        receive_nowait = lease.receive_nowait
         process = self._process
         streak = 0
         with trio.CancelScope() as scope:
@@ -199,17 +242,23 @@ class Worker:
                     # Fast path: take what is ready without a trip through the
                     # scheduler, but yield at least every _STREAK deliveries so no-op
                     # tasks cannot starve the rest of the program.
-                    deliveries = on_receive_nowait(receive) if streak < _STREAK else None
-                    if deliveries:
+                    d: Delivery | None = None
+                    if streak < _STREAK:
+                        try:  # noqa: SIM105 - the hot path: no context manager
+                            d = receive_nowait()
+                        except trio.WouldBlock:
+                            pass
+                    if d is not None:
                         streak += 1
                         await trio.lowlevel.checkpoint_if_cancelled()
                     else:
                         streak = 0
-                        deliveries = await on_receive(receive)
+                        d = await receive()
                     r.idle = False
-                    for d in deliveries:
-                        await process(d, r)
+                    await process(d, r)
                     r.idle = True
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                pass  # the broker stopped lending, or intake stopped
             finally:
                 self._runners.discard(r)
                 if r.message is not None:
@@ -222,47 +271,12 @@ class Worker:
                 await self._interrupted(r, message, delivery)
             finally:
                 self._task_done()
-            if not self._draining and self._nursery is not None:
-                self._nursery.start_soon(self._runner)
-
-    async def _wait_idle(self) -> None:
-        if self._active == 0:
-            await trio.lowlevel.checkpoint()
-            return
-        if self._idle is None:
-            self._idle = trio.Event()
-        await self._idle.wait()
-
-    def _task_started(self) -> None:
-        self._active += 1
-
-    def _task_done(self) -> None:
-        self._active -= 1
-        if self._active == 0 and self._idle is not None:
-            self._idle.set()
-            self._idle = None
-
-    async def _reject(self, delivery: Delivery, reason: str, message: TaskMessage | None) -> None:
-        broker = self.broker
-        broker.stats.rejected += 1
-        self._log.error(
-            "task.rejected",
-            reason=reason,
-            task_id=message.task_id if message else None,
-            task_name=message.task_name if message else None,
-        )
-        if message is not None:
-            # Whoever waits for this id learns it will never run.
-            err = RemoteError("bus.Rejected", reason)
-            result: TaskResult[Any] = TaskResult(
-                message.task_id, TaskStatus.FAILURE, None, err, 0.0, message.labels
-            )
-            await self._store(message, result)
-        await broker.on_nack(Nack(delivery, reason))
+            if not self._draining:
+                self.nursery.start_soon(self._runner)
 
     async def _process(self, delivery: Delivery, r: _Runner) -> None:
         broker = self.broker
-        stats = broker.stats
+        stats = self.stats
         stats.received += 1
         message = delivery.message
         if message is None:
@@ -276,10 +290,6 @@ class Worker:
             await self._reject(delivery, f"unknown task {message.task_name!r}", message)
             return
         tid = message.task_id
-        if broker.is_cancelled(tid):
-            stats.cancelled += 1
-            await broker.on_ack(Ack(delivery))
-            return
         labels = message.labels
         try:
             options = task.options.with_labels(labels) if labels else task.options
@@ -290,31 +300,33 @@ class Worker:
         status = TaskStatus.SUCCESS
         error: BaseException | None = None
         value: Any = None
-        self._task_started()
+        self._active += 1
         r.message, r.delivery, r.reason = message, delivery, ""
         self.running[tid] = r
         token = _current.set(Context(message, broker))
         t0 = r.started = time.perf_counter()
         if options.timeout is not None:
             r.scope.deadline = trio.current_time() + options.timeout
-        kwargs = message.kwargs
+        args: tuple[Any, ...] = ()
+        kwargs: dict[str, Any] = {}
         calling = False
         try:
             if "pre_execute" in hooks.has:
                 message = r.message = await hooks.transform("pre_execute", message)
-                kwargs = message.kwargs
+            args = thaw_args(message.args)
+            kwargs = _thaw_kwargs(message.kwargs)
             if task.context_param is not None:
-                kwargs = {**kwargs, task.context_param: Context(message, broker)}
+                kwargs[task.context_param] = Context(message, broker)
             calling = True
             if task.is_async:
-                value = await task.func(*message.args, **kwargs)
+                value = await task.func(*args, **kwargs)
             else:
                 value = await trio.to_thread.run_sync(
-                    functools.partial(task.func, *message.args, **kwargs),
+                    functools.partial(task.func, *args, **kwargs),
                     limiter=self._thread_limiter,
                 )
         except TypeError as exc:
-            if calling and not _binds(task, message.args, kwargs):
+            if calling and not _binds(task, args, kwargs):
                 self._forget_run(r, tid, token)
                 try:
                     await self._reject(
@@ -346,18 +358,36 @@ class Worker:
         _current.reset(token)
 
     async def _interrupted(self, r: _Runner, message: TaskMessage, delivery: Delivery) -> None:
-        broker = self.broker
-        task = broker.tasks[message.task_name]
+        task = self.broker.tasks[message.task_name]
         try:
             options = task.options.with_labels(message.labels)
         except (TypeError, ValueError):
             options = task.options
-        if r.reason == "shutdown" and not broker.records_shutdown_cancel:
-            # Left unacknowledged: another worker runs it again.
+        lease = self._lease
+        if r.reason == "shutdown" and lease is not None and lease.redeliver_interrupted:
+            # Handed back unfinished: another worker runs it again.
             self._log.info("task.interrupted", task_id=message.task_id, task_name=message.task_name)
+            await self._tell_broker(Release(delivery))
             return
         status = TaskStatus.CANCELLED if r.reason else TaskStatus.TIMEOUT
         await self._finish(message, delivery, options, status, None, None, r.started)
+
+    async def _reject(self, delivery: Delivery, reason: str, message: TaskMessage | None) -> None:
+        self.stats.rejected += 1
+        self._log.error(
+            "task.rejected",
+            reason=reason,
+            task_id=message.task_id if message else None,
+            task_name=message.task_name if message else None,
+        )
+        if message is not None:
+            # Whoever waits for this id learns it will never run.
+            err = RemoteError("bus.Rejected", reason)
+            result: TaskResult[Any] = TaskResult(
+                message.task_id, TaskStatus.FAILURE, None, err, 0.0, message.labels
+            )
+            await self._store(message, result)
+        await self._tell_broker(Nack(delivery, reason))
 
     async def _finish(
         self,
@@ -369,9 +399,8 @@ class Worker:
         error: BaseException | None,
         t0: float,
     ) -> None:
-        broker = self.broker
-        stats = broker.stats
-        hooks = broker.hooks
+        stats = self.stats
+        hooks = self.broker.hooks
         elapsed = time.perf_counter() - t0
         if status is TaskStatus.SUCCESS:
             stats.succeeded += 1
@@ -401,13 +430,13 @@ class Worker:
                 message.task_id, status, value, None, elapsed, message.labels
             )
             if "post_execute" in hooks.has:
-                await self._hook("post_execute", message, result)
+                await hooks.run_all("post_execute", message, result)
             if status in _ERRORS and "on_error" in hooks.has:
                 err = error if error is not None else TimeoutError("task timed out")
-                await self._hook("on_error", message, result, err)
+                await hooks.run_all("on_error", message, result, err)
         if decision.retry is not None:
             stats.retried += 1
-            await broker.on_nack(
+            await self._tell_broker(
                 Nack(delivery, "retry", requeue=decision.retry, delay=decision.delay)
             )
             return
@@ -415,8 +444,23 @@ class Worker:
         if not await self._store(message, decision.result):
             return  # not acked: a redelivering broker runs it again
         if "post_save" in hooks.has:
-            await self._hook("post_save", message, decision.result)
-        await broker.on_ack(Ack(delivery))
+            await hooks.run_all("post_save", message, decision.result)
+        broker_ref = self._broker_ref
+        assert broker_ref is not None
+        try:
+            broker_ref.tell_nowait(Ack(delivery))
+        except actors.MailboxFull:
+            await self._tell_broker(Ack(delivery))
+        except actors.ActorStopped:
+            self._log.warning("worker.ack_lost", task_id=message.task_id)
+
+    async def _tell_broker(self, msg: object) -> None:
+        broker_ref = self._broker_ref
+        assert broker_ref is not None
+        try:
+            await broker_ref.tell(msg)
+        except actors.ActorStopped:
+            self._log.warning("worker.broker_stopped", message=type(msg).__name__)
 
     async def _store(self, message: TaskMessage, result: TaskResult[Any]) -> bool:
         try:
@@ -428,11 +472,12 @@ class Worker:
             return False
         return True
 
-    async def _hook(self, name: str, *args: Any) -> None:
-        await self.broker.hooks.run_all(name, *args)
 
-
-_ERRORS = (TaskStatus.FAILURE, TaskStatus.TIMEOUT)
+def _thaw_kwargs(kwargs: Any) -> dict[str, Any]:
+    for v in kwargs.values():
+        if type(v) not in _SCALARS:
+            return {k: thaw(v) for k, v in kwargs.items()}
+    return dict(kwargs)
 
 
 def _binds(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -443,3 +488,47 @@ def _binds(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) 
     except ValueError:
         return True
     return True
+
+
+class Worker:
+    """A handle on a running worker (what ``await nursery.start(broker.run_worker)``
+    returns): its actor's ref, a graceful :meth:`drain` and a hard :meth:`stop`."""
+
+    __slots__ = ("_scope", "concurrency", "name", "ref")
+
+    def __init__(
+        self, ref: actors.ActorRef, concurrency: int, name: str, scope: trio.CancelScope
+    ) -> None:
+        self.ref = ref
+        self.concurrency = concurrency
+        self.name = name
+        self._scope = scope
+
+    async def drain(self, timeout: float | None = None) -> int:
+        """Stop taking work, wait up to ``timeout`` seconds (``None``: no limit) for
+        running tasks, then interrupt the rest (recorded as CANCELLED, or handed back
+        for another worker on brokers that redeliver). Returns how many were
+        interrupted. Cancellation: only the waiting stops; the drain goes on."""
+        try:
+            ticket: DrainTicket = await self.ref.ask(Drain(timeout))
+        except actors.ActorStopped:
+            return 0
+        return await ticket.wait()
+
+    def stop(self) -> None:
+        """Cancel the worker at once: running tasks are cancelled and nothing is
+        recorded for them (a redelivering broker runs them again). ``run_worker``
+        then returns."""
+        self._scope.cancel()
+
+    async def cancel_running(self, task_id: TaskID | str) -> bool:
+        """Cancel ``task_id`` if this worker runs it; True if it did."""
+        found: bool = await self.ref.ask(CancelRunning(TaskID.parse(task_id)))
+        return found
+
+    @property
+    def is_alive(self) -> bool:
+        return self.ref.is_alive
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.name} concurrency={self.concurrency}>"

@@ -1,5 +1,54 @@
-"""The broker protocol's events, for people who write or test brokers."""
+"""The messages of the bus's actors, for people who write, test or drive brokers.
 
-from bus._protocol import Ack, Cancel, Delivery, Nack, Receive, Register, Send
+See docs/concepts.md for who sends what to whom.
+"""
 
-__all__ = ["Ack", "Cancel", "Delivery", "Nack", "Receive", "Register", "Send"]
+from bus._protocol import (
+    Ack,
+    Cancel,
+    CancelRunning,
+    Delivery,
+    Drain,
+    DrainTicket,
+    ForgetResult,
+    GetProgress,
+    GetResult,
+    Inspect,
+    Lease,
+    Nack,
+    Receive,
+    Register,
+    Release,
+    Send,
+    SetProgress,
+    StoreResult,
+    Unregister,
+    Unwatch,
+    Watch,
+    Watcher,
+)
+
+__all__ = [
+    "Ack",
+    "Cancel",
+    "CancelRunning",
+    "Delivery",
+    "Drain",
+    "DrainTicket",
+    "ForgetResult",
+    "GetProgress",
+    "GetResult",
+    "Inspect",
+    "Lease",
+    "Nack",
+    "Receive",
+    "Register",
+    "Release",
+    "Send",
+    "SetProgress",
+    "StoreResult",
+    "Unregister",
+    "Unwatch",
+    "Watch",
+    "Watcher",
+]

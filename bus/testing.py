@@ -28,7 +28,7 @@ async def run_broker(broker: B, *, concurrency: int | None = None) -> AsyncItera
             assert (await handle.wait_result(timeout=5)).return_value == 3
     """
     async with broker:
-        if broker.runs_worker_inside:
+        if not broker.distributed:
             yield broker
             return
         async with trio.open_nursery() as nursery:

@@ -212,13 +212,14 @@ def test_register_task_names_and_lookup() -> None:
 def test_public_surface_is_pinned() -> None:
     assert sorted(bus.__all__) == sorted(
         [
-            "CONTEXT", "AsyncTask", "Broker", "BrokerClosed", "BrokerState", "BrokerStats",
-            "BusError", "BusEvent", "Codec", "Context", "DecodeError", "InMemoryBroker",
+            "CONTEXT", "AsyncTask", "Broker", "BrokerActor", "BrokerClosed", "BrokerState",
+            "BrokerStats", "BusError", "BusEvent", "Codec", "Context", "DecodeError",
+            "FrozenDict", "InMemoryBroker",
             "InMemoryResultBackend", "InmemoryResultBackend", "JSONCodec", "Kicker",
             "Middleware", "QueueFull", "RemoteError", "ResultBackend", "ResultNotFound",
             "ResultTimeout", "SendError", "SyncTask", "Task", "TaskCancelled", "TaskFailed",
             "TaskHandle", "TaskID", "TaskMessage", "TaskOptions", "TaskResult", "TaskStatus",
-            "UnknownTaskError", "Worker", "current_context", "gather",
+            "UnknownTaskError", "Worker", "WorkerActor", "current_context", "gather",
         ]
     )  # fmt: skip
     for name in bus.__all__:
