@@ -22,6 +22,7 @@ __all__ = ["DEFAULT_MAILBOX_SIZE", "Actor", "Handler", "handles"]
 DEFAULT_MAILBOX_SIZE = 100
 
 _MARK = "__actors_handles__"
+_INLINE = "__actors_inline__"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -29,13 +30,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 Handler = Callable[[Any, Any], Awaitable[Any]]
 
 
-def handles(*message_types: type) -> Callable[[F], F]:
+def handles(*message_types: type, inline: bool = False) -> Callable[[F], F]:
     """Mark a method of an ``Actor`` subclass as the handler of ``message_types``.
 
     The method receives the message and its return value is the reply to ``ask``.
     It may be ``async def`` (usual) or a plain ``def``. A message whose exact type
     has no handler is routed by walking its type's MRO, so ``@handles(Base)``
     also receives subclasses of ``Base``.
+
+    ``inline=True`` (plain ``def`` handlers only) lets the runtime run the handler
+    for a told message (``tell`` / ``tell_nowait``, not ``ask``) at once, in the
+    sender's task, when the actor is idle: waiting for mail with an empty mailbox
+    and not in a handler. The actor still handles one message at a time and in
+    order; what is saved is the context switch (a scheduler pass) per message. An
+    exception in an inline handler is a failure of the actor, raised in the actor's
+    own task; the sender does not see it (as with any ``tell``).
     """
     if not message_types:
         raise TypeError("handles() needs at least one message type")
@@ -44,8 +53,12 @@ def handles(*message_types: type) -> Callable[[F], F]:
             raise TypeError(f"handles() takes types, got {t!r}")
 
     def mark(func: F) -> F:
+        if inline and inspect.iscoroutinefunction(func):
+            raise TypeError(f"an inline handler must be a plain def, not async: {func!r}")
         previous: tuple[type, ...] = getattr(func, _MARK, ())
         setattr(func, _MARK, previous + message_types)
+        if inline:
+            setattr(func, _INLINE, getattr(func, _INLINE, ()) + message_types)
         return func
 
     return mark
@@ -80,6 +93,8 @@ class Actor:
 
     #: Whether the class overrides :meth:`on_drained` (checked once per class).
     _actor_wants_drained: ClassVar[bool] = False
+    #: Handlers that may run inline (see ``handles(..., inline=True)``), by exact type.
+    _actor_inline: ClassVar[dict[type, Callable[[Any, Any], Any]]] = {}
 
     _actor_cell: Cell | None = None
     _actor_nursery: trio.Nursery | None = None
@@ -87,11 +102,15 @@ class Actor:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         names: dict[type, str] = {}
+        inline: set[type] = set()
         for klass in reversed(cls.__mro__):
             for attr_name, value in vars(klass).items():
                 for t in getattr(value, _MARK, ()):
                     names[t] = attr_name
+                    inline.discard(t)
+                inline.update(getattr(value, _INLINE, ()))
         cls._actor_handlers = {t: _as_async(getattr(cls, n)) for t, n in names.items()}
+        cls._actor_inline = {t: getattr(cls, names[t]) for t in inline if t in names}
         cls._actor_misses = set()
         cls._actor_wants_drained = cls.on_drained is not Actor.on_drained
 

@@ -17,6 +17,7 @@ from ._errors import (
     UnhandledMessage,
 )
 from ._log import get_logger
+from ._mailbox import Mailbox
 from ._supervision import ESCALATE, RESTART, Backoff, Policy, RestartLimiter
 
 if TYPE_CHECKING:
@@ -27,6 +28,16 @@ __all__ = ["ActorRef", "Cell", "failure_of", "failures_in", "run_cell", "spawn_c
 logger = get_logger("actors")
 
 _CLOSED = (trio.ClosedResourceError, trio.BrokenResourceError)
+
+
+class _Raise:
+    """Put in an actor's mailbox when one of its inline handlers raised: the actor's
+    own task raises ``error``, so supervision applies as for any handler."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 class _Ask:
@@ -90,7 +101,7 @@ class ActorRef:
 
     def __init__(self, cell: Cell) -> None:
         self._cell = cell
-        self._send = cell.send_channel
+        self._send = cell.mailbox
 
     @property
     def name(self) -> str:
@@ -125,12 +136,12 @@ class ActorRef:
     @property
     def mailbox_size(self) -> int | float:
         """The mailbox's capacity (``math.inf`` when unbounded)."""
-        return self._cell.send_channel.statistics().max_buffer_size
+        return self._cell.mailbox.statistics().max_buffer_size
 
     @property
     def mailbox_used(self) -> int:
         """How many messages wait in the mailbox now."""
-        return self._cell.send_channel.statistics().current_buffer_used
+        return self._cell.mailbox.statistics().current_buffer_used
 
     def __repr__(self) -> str:
         state = "alive" if self.is_alive else "stopped"
@@ -144,6 +155,14 @@ class ActorRef:
         Cancellation: if cancelled while waiting for room, the message was not
         delivered.
         """
+        cell = self._cell
+        fn = cell.inline.get(type(msg)) if cell.inline else None
+        if fn is not None and cell.mailbox.receiver_waiting and not cell.inline_busy:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if cell.mailbox.receiver_waiting and not cell.inline_busy:
+                cell.run_inline(fn, msg)
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return
         try:
             await self._send.send(msg)
         except _CLOSED:
@@ -151,6 +170,19 @@ class ActorRef:
 
     def tell_nowait(self, msg: object) -> None:
         """Put ``msg`` in the mailbox now, or raise ``MailboxFull`` (or ``ActorStopped``)."""
+        cell = self._cell
+        if cell.inline:
+            fn = cell.inline.get(type(msg))
+            if fn is not None and cell.mailbox.receiver_waiting and not cell.inline_busy:
+                # Idle actor: run the handler here and now (see handles(inline=True)).
+                cell.inline_busy = True
+                try:
+                    fn(cell.instance, msg)
+                except Exception as exc:
+                    cell.fail_inline(exc)
+                finally:
+                    cell.inline_busy = False
+                return
         try:
             self._send.send_nowait(msg)
         except trio.WouldBlock:
@@ -227,17 +259,18 @@ class Cell:
         "children_nursery",
         "done",
         "factory",
+        "inline",
+        "inline_busy",
         "instance",
         "limiter",
         "log",
+        "mailbox",
         "name",
         "parent",
         "policy",
-        "receive_channel",
         "ref",
         "registry",
         "restarts",
-        "send_channel",
         "stop_requested",
         "stopped",
         "system",
@@ -269,7 +302,10 @@ class Cell:
         self.limiter = limiter
         self.backoff = backoff
         self.stop_requested = False
-        self.send_channel, self.receive_channel = trio.open_memory_channel[object](mailbox_size)
+        self.mailbox = Mailbox(mailbox_size)
+        # Inline handlers of the running instance (empty while none runs its loop).
+        self.inline: dict[type, Callable[[Any, Any], Any]] = {}
+        self.inline_busy = False
         self.ref = ActorRef(self)
         self.children: dict[str, Cell] = {}
         self.children_nursery: trio.Nursery | None = None
@@ -283,9 +319,24 @@ class Cell:
 
     # -- control ------------------------------------------------------------
 
+    def run_inline(self, fn: Callable[[Any, Any], Any], msg: object) -> None:
+        """Run an inline handler now, in the caller's task (the actor is idle)."""
+        self.inline_busy = True
+        try:
+            fn(self.instance, msg)
+        except Exception as exc:
+            self.fail_inline(exc)
+        finally:
+            self.inline_busy = False
+
+    def fail_inline(self, exc: Exception) -> None:
+        """An inline handler raised: a failure of the actor, which its own task
+        raises (so supervision applies as for any handler)."""
+        self.mailbox.send_nowait(_Raise(exc))
+
     def request_stop(self) -> None:
         self.stop_requested = True
-        self.send_channel.close()
+        self.mailbox.close()
         wake = self._wake_backoff
         if wake is not None:
             wake.cancel()
@@ -376,7 +427,7 @@ class Cell:
                 await trio.sleep_forever()
             self._wake_backoff = None
         if self.stop_requested:
-            return self.receive_channel.statistics().current_buffer_used > 0
+            return self.mailbox.statistics().current_buffer_used > 0
         return True
 
     def _recover(self, error: BaseException) -> bool:
@@ -422,11 +473,27 @@ class Cell:
 
     async def _loop(self, actor: Actor) -> None:
         # The hot path: one dict lookup on the exact type and a direct await.
-        receive = self.receive_channel.receive
-        receive_nowait = self.receive_channel.receive_nowait
+        receive = self.mailbox.receive
+        receive_nowait = self.mailbox.receive_nowait
         handlers = actor._actor_handlers
         drained = actor.on_drained if actor._actor_wants_drained else None
+        self.inline = actor._actor_inline
+        try:
+            await self._loop_body(actor, receive, receive_nowait, handlers, drained)
+        finally:
+            self.inline = {}
+
+    async def _loop_body(
+        self,
+        actor: Actor,
+        receive: Callable[[], Any],
+        receive_nowait: Callable[[], Any],
+        handlers: dict[type, Any],
+        drained: Callable[[], Any] | None,
+    ) -> None:
         ask_type = _Ask
+        raise_type = _Raise
+        msg: Any
         while True:
             try:
                 msg = await receive()
@@ -435,6 +502,8 @@ class Cell:
             while True:
                 if type(msg) is ask_type:
                     await self._handle_ask(actor, msg)
+                elif type(msg) is raise_type:
+                    raise msg.error
                 else:
                     handler = handlers.get(type(msg))
                     if handler is None:
@@ -488,18 +557,18 @@ class Cell:
     def _finish(self, how: str) -> None:
         """Close the mailbox, fail what is still queued, report the actor stopped."""
         self.done = True
-        self.send_channel.close()
+        self.mailbox.close()
         dropped = 0
         while True:
             try:
-                item = self.receive_channel.receive_nowait()
+                item = self.mailbox.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
             if type(item) is _Ask:
                 item.fail(self._stopped_error(item.msg))
             else:
                 dropped += 1
-        self.receive_channel.close()
+        self.mailbox.close_receiver()
         if self.registry.get(self.name) is self:
             del self.registry[self.name]
         self.stopped.set()
@@ -555,8 +624,7 @@ def _discard(cell: Cell) -> None:
     if cell.registry.get(cell.name) is cell:
         del cell.registry[cell.name]
     cell.done = True
-    cell.send_channel.close()
-    cell.receive_channel.close()
+    cell.mailbox.close_receiver()
     cell.stopped.set()
 
 

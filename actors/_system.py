@@ -126,8 +126,8 @@ class ActorSystem:
         def walk(cells: list[Cell], prefix: str) -> None:
             for i, cell in enumerate(cells):
                 last = i == len(cells) - 1
-                size = cell.send_channel.statistics().max_buffer_size
-                used = cell.send_channel.statistics().current_buffer_used
+                stats = cell.mailbox.statistics()
+                size, used = stats.max_buffer_size, stats.current_buffer_used
                 cap = "inf" if size == float("inf") else str(size)
                 lines.append(
                     f"{prefix}{'└── ' if last else '├── '}{cell.name} "

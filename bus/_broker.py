@@ -247,11 +247,14 @@ class Broker(abc.ABC):
 
     # ---------------------------------------------------------------------- sending
 
-    def _encode(self, message: TaskMessage) -> bytes:
+    def _check_send(self, message: TaskMessage) -> None:
         if not self._running:
             raise BrokerClosed("the broker is not running: send inside `async with broker`")
         if message.task_name not in self.tasks:
             raise UnknownTaskError(message.task_name)
+
+    def _encode(self, message: TaskMessage) -> bytes:
+        """The message encoded by the codec; :class:`SendError` when it cannot be."""
         try:
             return self.codec.encode_message(message)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
@@ -259,12 +262,12 @@ class Broker(abc.ABC):
                 f"cannot encode the arguments or labels of {message.task_name}: {exc}"
             ) from exc
 
-    async def _send(self, message: TaskMessage, data: bytes) -> None:
-        """Hand a verified message to the broker actor. The default tells it a ``Send``
-        (waiting while its mailbox is full); brokers may do more (take a place in a
-        bounded queue, wait for a server's confirmation)."""
+    async def _send(self, message: TaskMessage) -> None:
+        """Encode a checked message and hand it to the broker actor. The default tells
+        it a ``Send`` (waiting while its mailbox is full); brokers may do more (take a
+        place in a bounded queue, wait for a server's confirmation)."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        event = Send(message, data, verified=True)
+        event = Send(message, self._encode(message), verified=True)
         ref = self.ref
         try:
             ref.tell_nowait(event)
@@ -281,7 +284,8 @@ class Broker(abc.ABC):
         hooks = self.hooks
         if "pre_send" in hooks.has:
             message = await hooks.transform("pre_send", message)
-        await self._send(message, self._encode(message))
+        self._check_send(message)
+        await self._send(message)
         self.stats.sent += 1
         if "post_send" in hooks.has:
             await hooks.run_all("post_send", message)  # sent: never raise now

@@ -23,12 +23,12 @@ class BrokerActor(actors.Actor):
     def __init__(self) -> None:
         self.workers: dict[actors.ActorRef, set[str]] = {}
 
-    @actors.handles(Register)
+    @actors.handles(Register, inline=True)
     def register(self, msg: Register) -> None:
         if msg.worker is not None:
             self.workers.setdefault(msg.worker, set()).add(msg.name)
 
-    @actors.handles(Unregister)
+    @actors.handles(Unregister, inline=True)
     def unregister(self, msg: Unregister) -> None:
         self.workers.pop(msg.worker, None)
 

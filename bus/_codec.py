@@ -28,6 +28,16 @@ class Codec(Protocol):
 
 
 _STATUSES = {s.value: s for s in TaskStatus}
+_PLAIN = frozenset({int, bool, type(None)})
+
+
+def _plain(value: Any) -> bool:
+    t = type(value)
+    return (
+        t in _PLAIN
+        or (t is str and value.isascii())
+        or (t is float and value - value == 0.0)  # finite: NaN and inf are refused
+    )
 
 
 class JSONCodec:
@@ -51,6 +61,25 @@ class JSONCodec:
         if self._c_encode is None:  # pragma: no cover - pure-Python json
             return self._enc.encode(obj).encode()
         return "".join(self._c_encode(obj, 0)).encode()
+
+    def encodes_trivially(self, message: TaskMessage) -> bool:
+        """Whether encoding ``message`` is certain to succeed, from the types alone
+        (every argument and label an ``int``, ``bool``, ``None``, finite ``float`` or
+        ASCII ``str``): an in-process broker may then skip encoding it."""
+        if not message.task_name.isascii():
+            return False
+        for a in message.args:
+            if not _plain(a):
+                return False
+        if message.kwargs:
+            for k, v in message.kwargs.items():
+                if not (_plain(v) and k.isascii()):
+                    return False
+        if message.labels:
+            for k, v in message.labels.items():
+                if not (_plain(v) and k.isascii()):
+                    return False
+        return True
 
     def encode_message(self, message: TaskMessage) -> bytes:
         return self._dumps(

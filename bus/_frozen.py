@@ -74,7 +74,7 @@ class FrozenList(tuple[Any, ...]):
     def __eq__(self, other: object) -> bool:
         if isinstance(other, list):
             return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-        return tuple.__eq__(self, other)  # type: ignore[arg-type]
+        return tuple.__eq__(self, other)
 
     def __ne__(self, other: object) -> bool:
         return not self == other

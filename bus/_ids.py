@@ -10,6 +10,8 @@ from typing import ClassVar
 __all__ = ["TaskID"]
 
 _getrandbits = random.getrandbits
+_time_ns = time.time_ns
+_VARIANT = 0x8000_0000_0000_0000  # the RFC 9562 variant bits, 10 in the top two
 _PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z")
 
 
@@ -26,27 +28,29 @@ class TaskID(str):
 
     _last_ms: ClassVar[int] = 0
     _seq: ClassVar[int] = 0
+    _prefix: ClassVar[str] = ""  # the text of _last_ms, up to the version digit
 
     @classmethod
     def new(cls) -> TaskID:
         """A fresh, unique id that sorts after every id this process made before."""
-        ms = time.time_ns() // 1_000_000
+        ms = _time_ns() // 1_000_000
         if ms <= TaskID._last_ms:
             # Same (or a backwards-stepped) millisecond: keep order with the counter,
             # borrowing the next millisecond if the counter runs out.
-            ms = TaskID._last_ms
             TaskID._seq += 1
             if TaskID._seq > 0xFFF:
-                ms += 1
+                TaskID._last_ms += 1
                 TaskID._seq = 0
+                TaskID._prefix = _prefix(TaskID._last_ms)
         else:
             TaskID._seq = 0
-        TaskID._last_ms = ms
+            TaskID._last_ms = ms
+            TaskID._prefix = _prefix(ms)
         # The module-level generator is seeded from the OS and re-seeded in forked
         # children, so ids stay unique across processes; it is ~10x cheaper than urandom.
-        rand = _getrandbits(62)
-        h = f"{ms:012x}7{TaskID._seq:03x}{(rand >> 48) | 0x8000:04x}{rand & 0xFFFF_FFFF_FFFF:012x}"
-        return str.__new__(cls, f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+        r = _getrandbits(62) | _VARIANT
+        tail = f"{TaskID._seq:03x}-{r >> 48:04x}-{r & 0xFFFF_FFFF_FFFF:012x}"
+        return str.__new__(cls, TaskID._prefix + tail)
 
     @classmethod
     def parse(cls, text: str) -> TaskID:
@@ -70,6 +74,12 @@ class TaskID(str):
     def timestamp(self) -> float:
         """The Unix time (seconds) at which :meth:`new` made this id."""
         return int(self[:8] + self[9:13], 16) / 1000.0
+
+
+def _prefix(ms: int) -> str:
+    """The first 15 characters of an id made in millisecond ``ms``."""
+    h = f"{ms:012x}"
+    return f"{h[:8]}-{h[8:]}-7"
 
 
 EXAMPLE = "0190a6f2-3b1c-7d4e-8f00-123456789abc"

@@ -27,7 +27,6 @@ The messages are frozen values, so every part can be tested by feeding it messag
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -311,7 +310,10 @@ class Watcher:
         """Wait until resolved, at most ``timeout`` seconds; True if resolved.
 
         Cancellation: only the waiting stops (send :class:`Unwatch` to withdraw)."""
-        with trio.move_on_after(math.inf if timeout is None else timeout):
+        if timeout is None:
+            await self.event.wait()
+            return True
+        with trio.move_on_after(timeout):
             await self.event.wait()
         return self.event.is_set()
 

@@ -101,13 +101,17 @@ class QueueCore:
     def send(self, d: Delivery, delay: float, now: float) -> bool:
         """A new delivery: True when it is ready now (put it on the ready channel),
         False when it waits ``delay`` seconds from ``now`` (see :meth:`next_due`)."""
-        self.by_id[task_id_of(d)] = d
+        self.by_id[d.tag[0]] = d
         if delay > 0:
             self._set(d, DELAYED)
             self._seq += 1
             heapq.heappush(self.delayed, (now + delay, self._seq, d))
             return False
-        self._set(d, QUEUED)
+        if d in self.state:
+            self._set(d, QUEUED)
+        else:  # the hot path: a new delivery
+            self.state[d] = QUEUED
+            self.counts[QUEUED] += 1
         return True
 
     def due(self, now: float) -> list[Delivery]:
@@ -130,19 +134,25 @@ class QueueCore:
         if tomb and d in tomb:
             tomb.discard(d)
             return False
-        if self.state.get(d) == QUEUED:
-            self._set(d, TAKEN)
+        state = self.state
+        if state.get(d) == QUEUED:
+            state[d] = TAKEN
+            counts = self.counts
+            counts[QUEUED] -= 1
+            counts[TAKEN] += 1
             return True
         return False  # not known here (finished by a shutdown): never run it
 
     def _drop(self, d: Delivery) -> bool:
-        old = self.state.pop(d, None)
+        state = self.state
+        old = state.pop(d, None)
         if old is not None:
             self.counts[old] -= 1
-        tid = task_id_of(d)
-        if self.by_id.get(tid) is d:
-            del self.by_id[tid]
-        return not self.state
+        by_id = self.by_id
+        tid = d.tag[0]
+        if by_id.get(tid) is d:
+            del by_id[tid]
+        return not state
 
     def finish(self, d: Delivery) -> bool:
         """``d`` is done (acked); True when nothing is pending any more."""

@@ -162,9 +162,8 @@ class ResultTable:
             raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
         self.max_stored = max_stored
         self.ttl = ttl
-        self.results: collections.OrderedDict[TaskID, tuple[float, TaskResult[Any]]] = (
-            collections.OrderedDict()
-        )
+        # A plain dict keeps store order too (and is faster than an OrderedDict).
+        self.results: dict[TaskID, tuple[float, TaskResult[Any]]] = {}
         self.progress: dict[TaskID, Any] = {}
         self.watchers: dict[TaskID, list[Watcher]] = {}
         self.gone: collections.OrderedDict[TaskID, str] = collections.OrderedDict()
@@ -175,19 +174,21 @@ class ResultTable:
     def store(self, task_id: TaskID, result: TaskResult[Any], now: float) -> None:
         results = self.results
         if task_id in results:
-            del results[task_id]
+            del results[task_id]  # re-stored: it moves to the end
         results[task_id] = (now, result)
         if self.progress:
             self.progress.pop(task_id, None)
         if self.gone:
             self.gone.pop(task_id, None)
-        watchers = self.watchers.pop(task_id, None)
-        if watchers:
-            for w in watchers:
-                w.resolve(result)
+        if self.watchers:
+            watchers = self.watchers.pop(task_id, None)
+            if watchers:
+                for w in watchers:
+                    w.resolve(result)
         if self.max_stored is not None:
             while len(results) > self.max_stored:
-                old, _ = results.popitem(last=False)
+                old = next(iter(results))
+                del results[old]
                 self.evicted += 1
                 self._forget(old, "result was evicted (max_stored_results)")
         if self.ttl is not None:
@@ -313,7 +314,7 @@ class ResultStoreActor(actors.Actor):
     def _now(self) -> float:
         return trio.current_time() if self._timed else 0.0
 
-    @actors.handles(StoreResult)
+    @actors.handles(StoreResult, inline=True)
     def store(self, msg: StoreResult) -> None:
         self.table.store(msg.task_id, msg.result, self._now())
 
@@ -321,19 +322,19 @@ class ResultStoreActor(actors.Actor):
     def get(self, msg: GetResult) -> TaskResult[Any] | None:
         return self.table.get(msg.task_id, self._now())
 
-    @actors.handles(ForgetResult)
+    @actors.handles(ForgetResult, inline=True)
     def forget(self, msg: ForgetResult) -> None:
         self.table.forget(msg.task_id)
 
-    @actors.handles(Watch)
+    @actors.handles(Watch, inline=True)
     def watch(self, msg: Watch) -> None:
         self.table.watch(msg.task_id, msg.watcher, self._now())
 
-    @actors.handles(Unwatch)
+    @actors.handles(Unwatch, inline=True)
     def unwatch(self, msg: Unwatch) -> None:
         self.table.unwatch(msg.task_id, msg.watcher)
 
-    @actors.handles(SetProgress)
+    @actors.handles(SetProgress, inline=True)
     def set_progress(self, msg: SetProgress) -> None:
         self.table.progress[msg.task_id] = msg.progress
 
@@ -422,7 +423,12 @@ class InMemoryResultBackend(ResultBackend):
     async def set_result(self, task_id: TaskID, result: TaskResult[Any]) -> None:
         """Store ``result`` (passed through the codec). Does not wait and does not yield
         to the scheduler: every later read, from any task, sees the result."""
-        self._tell(StoreResult(task_id, through_codec(self.codec, task_id, result)))
+        ref = self._ref
+        if ref is None:
+            raise ResultNotFound(task_id, "the result backend is not running")
+        if result.error is not None or not json_faithful(result.return_value):
+            result = through_codec(self.codec, task_id, result)
+        ref.tell_nowait(StoreResult(task_id, result))  # unbounded mailbox: never full
 
     def get_result_nowait(self, task_id: TaskID) -> TaskResult[Any]:
         """The stored result, read from the view; :class:`ResultNotFound` otherwise

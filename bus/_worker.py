@@ -175,7 +175,7 @@ class WorkerActor(actors.Actor):
 
     # -------------------------------------------------------------------- control
 
-    @actors.handles(CancelRunning)
+    @actors.handles(CancelRunning, inline=True)
     def cancel_running(self, msg: CancelRunning) -> bool:
         """Cancel ``msg.task_id`` if this worker runs it; True if it did."""
         runner = self.running.get(msg.task_id)
@@ -311,10 +311,12 @@ class WorkerActor(actors.Actor):
         kwargs: dict[str, Any] = {}
         calling = False
         try:
-            if "pre_execute" in hooks.has:
+            if hooks.has and "pre_execute" in hooks.has:
                 message = r.message = await hooks.transform("pre_execute", message)
-            args = thaw_args(message.args)
-            kwargs = _thaw_kwargs(message.kwargs)
+            if message.args:
+                args = thaw_args(message.args)
+            if message.kwargs:
+                kwargs = _thaw_kwargs(message.kwargs)
             if task.context_param is not None:
                 kwargs[task.context_param] = Context(message, broker)
             calling = True
@@ -344,11 +346,43 @@ class WorkerActor(actors.Actor):
             # outcome is discarded; the runner's epilogue records TIMEOUT / CANCELLED.
             await trio.lowlevel.checkpoint()  # raises Cancelled here
         # From here on a cancel request or the deadline no longer concerns this task.
-        self._forget_run(r, tid, token)
+        if r.scope.deadline != math.inf:
+            r.scope.deadline = math.inf
+        del self.running[tid]
+        r.message = r.delivery = None
+        _current.reset(token)
         try:
-            await self._finish(message, delivery, options, status, value, error, t0)
+            if status is TaskStatus.SUCCESS and not hooks.has:
+                # The common case, without the decision machinery: store, then ack.
+                stats.succeeded += 1
+                result: TaskResult[Any] = TaskResult(
+                    tid, status, value, None, time.perf_counter() - t0, message.labels
+                )
+                try:
+                    await self.broker.result_backend.set_result(tid, result)
+                except Exception:
+                    self._log.exception(
+                        "result.store_failed", task_id=tid, task_name=message.task_name
+                    )
+                else:
+                    self._ack(delivery, tid)
+            else:
+                await self._finish(message, delivery, options, status, value, error, t0)
         finally:
-            self._task_done()
+            self._active -= 1
+            if self._active == 0 and self._idle is not None:
+                self._idle.set()
+                self._idle = None
+
+    def _ack(self, delivery: Delivery, tid: TaskID) -> None:
+        broker_ref = self._broker_ref
+        assert broker_ref is not None
+        try:
+            broker_ref.tell_nowait(Ack(delivery))
+        except actors.MailboxFull:
+            self.nursery.start_soon(self._tell_broker, Ack(delivery))
+        except actors.ActorStopped:
+            self._log.warning("worker.ack_lost", task_id=tid)
 
     def _forget_run(self, r: _Runner, tid: TaskID, token: Any) -> None:
         if r.scope.deadline != math.inf:
@@ -445,14 +479,7 @@ class WorkerActor(actors.Actor):
             return  # not acked: a redelivering broker runs it again
         if "post_save" in hooks.has:
             await hooks.run_all("post_save", message, decision.result)
-        broker_ref = self._broker_ref
-        assert broker_ref is not None
-        try:
-            broker_ref.tell_nowait(Ack(delivery))
-        except actors.MailboxFull:
-            await self._tell_broker(Ack(delivery))
-        except actors.ActorStopped:
-            self._log.warning("worker.ack_lost", task_id=message.task_id)
+        self._ack(delivery, message.task_id)
 
     async def _tell_broker(self, msg: object) -> None:
         broker_ref = self._broker_ref
