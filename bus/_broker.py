@@ -47,7 +47,17 @@ class BusEvent(enum.Enum):
 
 
 class BrokerState:
-    """A namespace for your own things (clients, pools) set up in event handlers."""
+    """A namespace for your own things (clients, pools) set up in event handlers.
+
+    Any attribute can be set; reading one that was never set raises
+    ``AttributeError``. (Typed as ``Any`` so type checkers accept your names.)
+    """
+
+    if TYPE_CHECKING:
+
+        def __getattr__(self, name: str) -> Any: ...
+
+        def __setattr__(self, name: str, value: Any) -> None: ...
 
     def __repr__(self) -> str:
         return f"BrokerState({vars(self)!r})"
@@ -123,6 +133,12 @@ class Broker(abc.ABC):
     #: ``bus inspect`` and ``bus dead`` need that). It describes the broker for tools;
     #: the worker behaves the same either way.
     distributed: bool = False
+
+    @property
+    def embedded_worker(self) -> bool:
+        """Whether ``async with broker`` runs a worker itself (the in-memory broker
+        does, unless made with ``start_worker=False``)."""
+        return False
 
     # ---------------------------------------------------------------- configuration
 

@@ -407,6 +407,9 @@ class InMemoryBroker(Broker):
     - ``max_stored_results`` / ``result_ttl``: bound the default result store.
     - ``shutdown_timeout``: on leaving ``async with``, how long queued and running tasks
       get to finish before they are cancelled (and recorded as CANCELLED).
+    - ``start_worker``: run a worker inside ``async with broker`` (the default). With
+      ``False`` nothing runs the tasks until you call :meth:`run_worker`, or drive the
+      broker actor (``broker.ref``) with protocol messages yourself, as a test does.
 
     The actors behind it: ``broker.ref`` (the broker actor, which owns the queue),
     ``broker.result_backend.ref`` (the result store) and the worker. Messages are
@@ -425,6 +428,7 @@ class InMemoryBroker(Broker):
         result_backend: ResultBackend | None = None,
         codec: Codec | None = None,
         middlewares: tuple[Middleware, ...] = (),
+        start_worker: bool = True,
     ) -> None:
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"max_queue must be a whole number >= 1, not {max_queue!r}")
@@ -440,6 +444,7 @@ class InMemoryBroker(Broker):
             shutdown_timeout=shutdown_timeout,
         )
         self.max_queue = max_queue
+        self.start_worker = bool(start_worker)
         self._slots: trio.Semaphore | None = None
         self._core: QueueCore | None = None
 
@@ -454,9 +459,14 @@ class InMemoryBroker(Broker):
         # workers' runners; a full mailbox would only make a producer yield.
         return await system.spawn(make, name="broker", mailbox_size=math.inf)
 
+    @property
+    def embedded_worker(self) -> bool:
+        return self.start_worker
+
     async def _started(self) -> None:
-        assert self._nursery is not None
-        await self._nursery.start(self._embedded_worker)
+        if self.start_worker:
+            assert self._nursery is not None
+            await self._nursery.start(self._embedded_worker)
 
     async def _embedded_worker(self, task_status: trio.TaskStatus[Any]) -> None:
         await self._run_worker(self.concurrency, (), "worker", task_status)

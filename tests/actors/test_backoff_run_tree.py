@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import attrs
@@ -76,7 +77,7 @@ async def test_restarts_wait_longer_each_time(autojump_clock: trio.abc.Clock) ->
                 await ref.tell(Fail())
                 # the ask is queued during the backoff and answered by the new instance
                 assert await ref.ask(Get()) == len(starts)
-    gaps = [round(b - a, 6) for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(starts)]
     assert gaps == [1.0, 2.0, 4.0, 4.0]
 
 

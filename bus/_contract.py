@@ -1,0 +1,539 @@
+"""The broker contract: checks every broker must pass, unchanged.
+
+Run them against a broker of your own with :func:`bus.testing.check_broker`; this
+project's test suite runs each one against every broker it ships. They run on the
+real clock (a distributed broker does real I/O), with short times, and each has a
+``trio.fail_after`` deadline.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import structlog
+import trio
+
+import bus
+from bus.protocol import Send
+from bus.testing import run_broker
+
+__all__ = ["CHECKS", "BrokerFactory"]
+
+#: Builds a fresh, isolated broker from keyword options (``concurrency``,
+#: ``shutdown_timeout``, ...).
+BrokerFactory = Callable[..., bus.Broker]
+
+
+@contextmanager
+def _raises(kind: type[BaseException], match: str | None = None) -> Iterator[None]:
+    try:
+        yield
+    except kind as exc:
+        if match is not None and not re.search(match, str(exc)):
+            raise AssertionError(f"{kind.__name__} raised, but {str(exc)!r} !~ {match!r}") from exc
+    else:
+        raise AssertionError(f"{kind.__name__} was not raised")
+
+
+DEADLINE = 10
+
+
+async def check_kiq_then_wait_result(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+
+    @broker.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            handle = await add.kiq(1, 2)
+            result = await handle.wait_result(timeout=5)
+            assert result.return_value == 3
+            assert not result.is_err
+            assert result.status is bus.TaskStatus.SUCCESS
+            assert result.task_id == handle.task_id
+            assert await handle.is_ready()
+            assert await handle.get_result() == result
+            assert result.unwrap() == 3
+
+
+async def check_calling_a_task_runs_the_function_directly(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+
+    @broker.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    @broker.task
+    def triple(x: int) -> int:
+        return 3 * x
+
+    assert await double(4) == 8
+    assert triple(4) == 12
+
+
+async def check_sync_task_runs_in_a_thread(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+    import threading
+
+    main = threading.get_ident()
+
+    @broker.task(name="contract.thread")
+    def where() -> bool:
+        return threading.get_ident() != main
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            result = await (await where.kiq()).wait_result(timeout=5)
+    assert result.return_value is True
+
+
+async def check_failure_is_reported_as_text(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+
+    @broker.task
+    async def boom(x: int) -> None:
+        raise ValueError(f"bad value {x}")
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            result = await (await boom.kiq(7)).wait_result(timeout=5)
+    assert result.is_err and result.status is bus.TaskStatus.FAILURE
+    assert result.error is not None
+    assert result.error.type_name == "ValueError"
+    assert result.error.message == "bad value 7"
+    assert "raise ValueError" in result.error.traceback
+    with _raises(bus.TaskFailed, match="bad value 7"):
+        result.unwrap()
+
+
+async def check_timeout_reports_timeout(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+
+    @broker.task(timeout=0.05)
+    async def slow() -> None:
+        await trio.sleep(30)
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            result = await (await slow.kiq()).wait_result(timeout=5)
+    assert result.status is bus.TaskStatus.TIMEOUT
+    assert result.is_err
+
+
+async def check_retries_keep_the_task_id(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+    attempts: list[int] = []
+
+    @broker.task(retries=3, retry_backoff=0.01)
+    async def flaky(ctx: bus.Context = bus.CONTEXT) -> int:
+        attempts.append(ctx.attempt)
+        if ctx.attempt < 3:
+            raise ConnectionError("try again")
+        return ctx.attempt
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            handle = await flaky.kiq()
+            result = await handle.wait_result(timeout=5)
+    assert result.task_id == handle.task_id
+    assert result.return_value == 3
+    assert attempts == [1, 2, 3]
+
+
+async def check_retries_run_out(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+    calls = 0
+
+    @broker.task(retries=2, retry_backoff=0)
+    async def always() -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("nope")
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            result = await (await always.kiq()).wait_result(timeout=5)
+    assert calls == 3
+    assert result.status is bus.TaskStatus.FAILURE
+
+
+async def check_retry_on_limits_what_is_retried(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+    calls = 0
+
+    @broker.task(retries=5, retry_backoff=0, retry_on=(ConnectionError,))
+    async def picky() -> None:
+        nonlocal calls
+        calls += 1
+        raise KeyError("not retried")
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            result = await (await picky.kiq()).wait_result(timeout=5)
+    assert calls == 1
+    assert result.error is not None and result.error.type_name == "KeyError"
+
+
+async def check_cancel_a_running_task(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+    started = trio.Event()
+    finished = False
+
+    @broker.task
+    async def long() -> None:
+        nonlocal finished
+        started.set()
+        await trio.sleep(30)
+        finished = True
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            handle = await long.kiq()
+            await started.wait()
+            await handle.cancel()
+            result = await handle.wait_result(timeout=5)
+    assert result.status is bus.TaskStatus.CANCELLED
+    assert not finished
+    with _raises(bus.TaskCancelled):
+        result.unwrap()
+
+
+async def check_cancel_a_queued_task_it_never_starts(make_broker: BrokerFactory) -> None:
+    broker = make_broker(concurrency=1)
+    gate = trio.Event()
+    ran: list[str] = []
+
+    @broker.task
+    async def blocker() -> None:
+        await gate.wait()
+
+    @broker.task
+    async def victim() -> None:
+        ran.append("victim")
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            first = await blocker.kiq()
+            queued = await victim.kiq()
+            await queued.cancel()
+            gate.set()
+            assert (await first.wait_result(timeout=5)).status is bus.TaskStatus.SUCCESS
+            result = await queued.wait_result(timeout=5)
+            after = await victim.kiq()  # the worker is still healthy
+            await after.wait_result(timeout=5)
+    assert result.status is bus.TaskStatus.CANCELLED
+    assert ran == ["victim"]
+
+
+async def check_delay_is_honoured(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+    ran_at: list[float] = []
+
+    @broker.task
+    async def stamp() -> None:
+        ran_at.append(trio.current_time())
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            sent = trio.current_time()
+            handle = await stamp.kicker().with_delay(0.3).kiq()
+            assert not await handle.is_ready()
+            await handle.wait_result(timeout=5)
+    assert ran_at[0] - sent >= 0.25
+
+
+async def check_concurrency_is_a_real_limit(make_broker: BrokerFactory) -> None:
+    broker = make_broker(concurrency=3)
+    now = peak = 0
+
+    @broker.task
+    async def work() -> None:
+        nonlocal now, peak
+        now += 1
+        peak = max(peak, now)
+        await trio.sleep(0.02)
+        now -= 1
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            handles = [await work.kiq() for _ in range(12)]
+            await bus.gather(*handles, timeout=5)
+    assert peak == 3
+
+
+async def check_labels_and_task_id_travel(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+    seen: dict[str, Any] = {}
+
+    @broker.task
+    async def echo(ctx: bus.Context = bus.CONTEXT) -> str:
+        seen.update(ctx.labels)
+        return str(ctx.task_id)
+
+    tid = bus.TaskID.new()
+    labels = {"n": 1, "f": 1.5, "s": "x", "b": True, "none": None, "l": [1, "2"], "d": {"k": 2}}
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            handle = await echo.kicker().with_labels(**labels).with_task_id(tid).kiq()
+            assert handle.task_id == tid
+            result = await handle.wait_result(timeout=5)
+    assert result.return_value == tid
+    assert seen == labels
+    assert result.labels == labels
+
+
+async def check_progress_is_visible(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+    reported = trio.Event()
+    go_on = trio.Event()
+
+    @broker.task
+    async def job(ctx: bus.Context = bus.CONTEXT) -> None:
+        await ctx.set_progress({"done": 1, "of": 2})
+        reported.set()
+        await go_on.wait()
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            handle = await job.kiq()
+            await reported.wait()
+            assert await handle.get_progress() == {"done": 1, "of": 2}
+            go_on.set()
+            await handle.wait_result(timeout=5)
+
+
+async def check_middleware_hook_order(make_broker: BrokerFactory) -> None:
+    calls: list[str] = []
+    saved = trio.Event()
+
+    class Recorder(bus.Middleware):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def startup(self) -> None:
+            calls.append(f"{self.name}.startup")
+
+        async def shutdown(self) -> None:
+            calls.append(f"{self.name}.shutdown")
+
+        def pre_send(self, message: bus.TaskMessage) -> bus.TaskMessage:
+            calls.append(f"{self.name}.pre_send")
+            return message
+
+        async def post_send(self, message: bus.TaskMessage) -> None:
+            calls.append(f"{self.name}.post_send")
+
+        async def pre_execute(self, message: bus.TaskMessage) -> bus.TaskMessage:
+            calls.append(f"{self.name}.pre_execute")
+            return message
+
+        def post_execute(self, message: bus.TaskMessage, result: bus.TaskResult[Any]) -> None:
+            calls.append(f"{self.name}.post_execute")
+
+        def post_save(self, message: bus.TaskMessage, result: bus.TaskResult[Any]) -> None:
+            calls.append(f"{self.name}.post_save")
+            if self.name == "a":
+                saved.set()
+
+    broker = make_broker().with_middlewares(Recorder("a"), Recorder("b"))
+
+    @broker.task
+    async def noop() -> None:
+        pass
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            handle = await noop.kiq()
+            await handle.wait_result(timeout=5)
+            await saved.wait()  # post_save runs right after the store
+    assert calls == [
+        "a.startup",
+        "b.startup",
+        "a.pre_send",
+        "b.pre_send",
+        "b.post_send",
+        "a.post_send",
+        "a.pre_execute",
+        "b.pre_execute",
+        "b.post_execute",
+        "a.post_execute",
+        "b.post_save",
+        "a.post_save",
+        "b.shutdown",
+        "a.shutdown",
+    ]
+
+
+async def check_unknown_task_name_is_refused(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+    with trio.fail_after(DEADLINE):
+        async with broker:
+            msg = bus.TaskMessage(
+                task_id=bus.TaskID.new(), task_name="no.such", args=(), kwargs={}, labels={}
+            )
+            with _raises(bus.UnknownTaskError, match=r"no\.such"):
+                await broker.kick(msg)
+
+
+async def check_unencodable_arguments_fail_at_kiq(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+
+    @broker.task
+    async def takes(x: object) -> None:
+        pass
+
+    with trio.fail_after(DEADLINE):
+        async with broker:
+            with _raises(bus.SendError, match="cannot encode"):
+                await takes.kiq(object())
+
+
+async def check_bad_messages_are_rejected_and_the_worker_goes_on(
+    make_broker: BrokerFactory,
+) -> None:
+    broker = make_broker()
+
+    @broker.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    with trio.fail_after(DEADLINE), structlog.testing.capture_logs() as logs:
+        async with run_broker(broker):
+            good = add.kicker().message(1, 2)
+            await broker.ref.tell(Send(good, b"\x00not json at all"))
+            wrong_args = add.kicker().message(1, 2)
+            data = broker.codec.encode_message(wrong_args).replace(b"[1,2]", b"[1,2,3]")
+            await broker.ref.tell(Send(wrong_args, data))
+            handle = await add.kiq(20, 22)
+            assert (await handle.wait_result(timeout=5)).return_value == 42
+            rejected = await bus.TaskHandle[Any](wrong_args.task_id, broker).wait_result(timeout=5)
+    assert rejected.status is bus.TaskStatus.FAILURE
+    assert rejected.error is not None and rejected.error.type_name == "bus.Rejected"
+    reasons = [e["reason"] for e in logs if e["event"] == "task.rejected"]
+    assert any("undecodable" in r for r in reasons)
+    assert any("arguments" in r for r in reasons)
+
+
+async def check_wait_result_timeout(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+
+    @broker.task
+    async def forever() -> None:
+        await trio.sleep_forever()
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            handle = await forever.kiq()
+            with _raises(bus.ResultTimeout):
+                await handle.wait_result(timeout=0.05)
+            await handle.cancel()
+
+
+async def check_gather_returns_results_in_order(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+
+    @broker.task
+    async def ident(x: int) -> int:
+        await trio.sleep(0.001 * (5 - x))
+        return x
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            handles = [await ident.kiq(i) for i in range(5)]
+            results = await bus.gather(*handles, timeout=5)
+    assert [r.return_value for r in results] == [0, 1, 2, 3, 4]
+
+
+async def check_lifecycle_events(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+    seen: list[str] = []
+
+    @broker.on_event(bus.BusEvent.CLIENT_STARTUP, bus.BusEvent.WORKER_STARTUP)
+    async def up(state: bus.BrokerState) -> None:
+        seen.append("up")
+        state.ready = True
+
+    @broker.on_event(bus.BusEvent.CLIENT_SHUTDOWN, bus.BusEvent.WORKER_SHUTDOWN)
+    def down(state: bus.BrokerState) -> None:
+        seen.append("down")
+
+    @broker.task
+    async def uses_state(ctx: bus.Context = bus.CONTEXT) -> bool:
+        return bool(ctx.broker.state.ready)
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            result = await (await uses_state.kiq()).wait_result(timeout=5)
+    assert result.return_value is True
+    assert seen.count("up") == 2 and seen.count("down") == 2
+
+
+async def check_trio_cancellation_of_the_worker_is_not_a_task_failure(
+    make_broker: BrokerFactory,
+) -> None:
+    broker = make_broker()
+    started = trio.Event()
+
+    @broker.task
+    async def long() -> None:
+        started.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(DEADLINE):
+        with trio.CancelScope() as scope:
+            async with run_broker(broker):
+                await long.kiq()
+                await started.wait()
+                scope.cancel()  # Trio cancels everything, the worker included
+    assert scope.cancelled_caught
+    assert broker.stats.failed == 0 and broker.stats.cancelled == 0
+    assert broker.stats.succeeded == 0
+
+
+async def check_kiq_many_sends_in_bulk(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+
+    @broker.task
+    async def combine(a: int, b: int, *, scale: int = 1) -> int:
+        return (a + b) * scale
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            handles = await combine.kiq_many((i, i) for i in range(20))
+            handles += await combine.kiq_many([((1, 2), {"scale": 10})])
+            results = await bus.gather(*handles, timeout=5)
+    assert [r.return_value for r in results] == [2 * i for i in range(20)] + [30]
+    assert broker.stats.sent == 21
+
+
+#: Every check, in the order they run.
+CHECKS: tuple[Callable[[BrokerFactory], Awaitable[None]], ...] = (
+    check_kiq_then_wait_result,
+    check_calling_a_task_runs_the_function_directly,
+    check_sync_task_runs_in_a_thread,
+    check_failure_is_reported_as_text,
+    check_timeout_reports_timeout,
+    check_retries_keep_the_task_id,
+    check_retries_run_out,
+    check_retry_on_limits_what_is_retried,
+    check_cancel_a_running_task,
+    check_cancel_a_queued_task_it_never_starts,
+    check_delay_is_honoured,
+    check_concurrency_is_a_real_limit,
+    check_labels_and_task_id_travel,
+    check_progress_is_visible,
+    check_middleware_hook_order,
+    check_unknown_task_name_is_refused,
+    check_unencodable_arguments_fail_at_kiq,
+    check_bad_messages_are_rejected_and_the_worker_goes_on,
+    check_wait_result_timeout,
+    check_gather_returns_results_in_order,
+    check_lifecycle_events,
+    check_trio_cancellation_of_the_worker_is_not_a_task_failure,
+    check_kiq_many_sends_in_bulk,
+)
