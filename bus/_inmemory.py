@@ -447,6 +447,7 @@ class InMemoryBroker(Broker):
         self.start_worker = bool(start_worker)
         self._slots: trio.Semaphore | None = None
         self._core: QueueCore | None = None
+        self._worker_done: trio.Event | None = None
 
     async def _open(self, system: actors.ActorSystem) -> actors.ActorRef:
         def make() -> InMemoryBrokerActor:
@@ -469,7 +470,12 @@ class InMemoryBroker(Broker):
             await self._nursery.start(self._embedded_worker)
 
     async def _embedded_worker(self, task_status: trio.TaskStatus[Any]) -> None:
-        await self._run_worker(self.concurrency, (), "worker", task_status)
+        done = self._worker_done = trio.Event()
+        try:
+            await self._run_worker(self.concurrency, (), "worker", task_status)
+        finally:
+            done.set()
+
 
     # ---------------------------------------------------------------- sending
 
@@ -601,3 +607,8 @@ class InMemoryBroker(Broker):
             except actors.ActorStopped:
                 continue
             await ticket.wait()
+        # The embedded worker ends before the client shutdown handlers run.
+        done = self._worker_done
+        if done is not None and self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+            await done.wait()

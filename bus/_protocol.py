@@ -27,6 +27,7 @@ The messages are frozen values, so every part can be tested by feeding it messag
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -42,6 +43,7 @@ __all__ = [
     "Ack",
     "Cancel",
     "CancelRunning",
+    "ChannelLease",
     "Delivery",
     "Drain",
     "DrainTicket",
@@ -209,6 +211,42 @@ class Lease(trio.abc.ReceiveChannel[Delivery]):
     async def aclose(self) -> None:
         self.close()
         await trio.lowlevel.checkpoint()
+
+
+class ChannelLease(Lease):
+    """A :class:`Lease` over a receive clone of a Trio memory channel of deliveries,
+    for brokers that keep their ready queue in a memory channel (the in-memory broker
+    does). ``skip`` (optional) is asked about each delivery taken: when it returns
+    True the delivery is dropped and the next one is taken (a task cancelled while it
+    was queued)."""
+
+    def __init__(
+        self,
+        receive: trio.MemoryReceiveChannel[Delivery],
+        skip: Callable[[Delivery], bool] | None = None,
+        *,
+        redeliver_interrupted: bool = False,
+    ) -> None:
+        self._recv = receive
+        self._skip = skip
+        self.redeliver_interrupted = redeliver_interrupted
+
+    def receive_nowait(self) -> Delivery:
+        skip = self._skip
+        while True:
+            d = self._recv.receive_nowait()
+            if skip is None or not skip(d):
+                return d
+
+    async def receive(self) -> Delivery:
+        skip = self._skip
+        while True:
+            d = await self._recv.receive()
+            if skip is None or not skip(d):
+                return d
+
+    def close(self) -> None:
+        self._recv.close()
 
 
 # ------------------------------------------------------------------- worker control

@@ -417,17 +417,21 @@ class InMemoryResultBackend(ResultBackend):
     def _tell(self, msg: object) -> None:
         ref = self._ref
         if ref is None:
-            raise ResultNotFound("-", "the result backend is not running")
+            # No store actor runs (outside `async with broker`, e.g. a task called
+            # directly in a test): nobody else writes the table, so write it here.
+            _apply_offline(self._table, msg)
+            return
         ref.tell_nowait(msg)  # unbounded mailbox: never full
 
     async def set_result(self, task_id: TaskID, result: TaskResult[Any]) -> None:
         """Store ``result`` (passed through the codec). Does not wait and does not yield
         to the scheduler: every later read, from any task, sees the result."""
-        ref = self._ref
-        if ref is None:
-            raise ResultNotFound(task_id, "the result backend is not running")
         if result.error is not None or not json_faithful(result.return_value):
             result = through_codec(self.codec, task_id, result)
+        ref = self._ref
+        if ref is None:
+            _apply_offline(self._table, StoreResult(task_id, result))
+            return
         ref.tell_nowait(StoreResult(task_id, result))  # unbounded mailbox: never full
 
     def get_result_nowait(self, task_id: TaskID) -> TaskResult[Any]:
@@ -499,6 +503,17 @@ class InMemoryResultBackend(ResultBackend):
             await trio.lowlevel.checkpoint()
             return self._table.progress.get(task_id)
         return await ref.ask(GetProgress(task_id))
+
+
+def _apply_offline(table: ResultTable, msg: object) -> None:
+    now = trio.current_time() if table.ttl is not None else 0.0
+    if isinstance(msg, StoreResult):
+        table.store(msg.task_id, msg.result, now)
+    elif isinstance(msg, SetProgress):
+        table.progress[msg.task_id] = msg.progress
+    elif isinstance(msg, ForgetResult):
+        table.forget(msg.task_id)
+    # Watch / Unwatch need a running store; wait_result refuses before sending one.
 
 
 InmemoryResultBackend = InMemoryResultBackend
