@@ -39,12 +39,12 @@ def handles(*message_types: type, inline: bool = False) -> Callable[[F], F]:
     also receives subclasses of ``Base``.
 
     ``inline=True`` (plain ``def`` handlers only) lets the runtime run the handler
-    for a told message (``tell`` / ``tell_nowait``, not ``ask``) at once, in the
-    sender's task, when the actor is idle: waiting for mail with an empty mailbox
-    and not in a handler. The actor still handles one message at a time and in
-    order; what is saved is the context switch (a scheduler pass) per message. An
-    exception in an inline handler is a failure of the actor, raised in the actor's
-    own task; the sender does not see it (as with any ``tell``).
+    at once, in the sender's task, when the actor is idle: waiting for mail with an
+    empty mailbox and not in a handler. The actor still handles one message at a
+    time and in order; what is saved is the context switch (a scheduler pass) per
+    message. An exception in an inline handler is a failure of the actor, raised in
+    the actor's own task (so supervision applies); a teller does not see it, an
+    asker gets it raised (as with any ask).
     """
     if not message_types:
         raise TypeError("handles() needs at least one message type")

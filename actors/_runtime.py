@@ -201,7 +201,24 @@ class ActorRef:
 
         Cancellation (and timeout): if the message was already queued it may
         still be handled; its reply is discarded.
+
+        An idle actor answers an ask of an inline handler (``handles(...,
+        inline=True)``) at once, in this task: that ask is a cancellation point but
+        does not yield to the scheduler.
         """
+        cell = self._cell
+        if cell.inline:
+            fn = cell.inline.get(type(msg))
+            if fn is not None and cell.mailbox.receiver_waiting and not cell.inline_busy:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                cell.inline_busy = True
+                try:
+                    return fn(cell.instance, msg)
+                except Exception as exc:
+                    cell.fail_inline(exc)
+                    raise
+                finally:
+                    cell.inline_busy = False
         req = _Ask(msg)
         if timeout is None:
             await self._ask(req)

@@ -239,3 +239,77 @@ async def test_on_drained_runs_once_per_batch() -> None:
 async def test_actors_without_on_drained_pay_nothing() -> None:
     assert not Counter._actor_wants_drained
     assert Batcher._actor_wants_drained
+
+
+# ---------------------------------------------------------------- inline handlers
+
+
+@attrs.frozen
+class Peek:
+    pass
+
+
+class InlineCounter(actors.Actor):
+    def __init__(self, tasks: list[str]) -> None:
+        self.n = 0
+        self.tasks = tasks
+        self.gate = trio.Event()
+
+    @actors.handles(Incr, inline=True)
+    def incr(self, msg: Incr) -> None:
+        self.n += msg.by
+        self.tasks.append(trio.lowlevel.current_task().name)
+
+    @actors.handles(Peek, inline=True)
+    def peek(self, msg: Peek) -> int:
+        return self.n
+
+    @actors.handles(Fail, inline=True)
+    def fail(self, msg: Fail) -> None:
+        raise ValueError(msg.reason)
+
+    @actors.handles(Get)
+    async def get(self, msg: Get) -> int:
+        await self.gate.wait()
+        return self.n
+
+
+async def test_an_idle_actor_runs_inline_handlers_in_the_senders_task() -> None:
+    tasks: list[str] = []
+    counter = InlineCounter(tasks)
+    with trio.fail_after(5):
+        async with actors.open_system() as system:
+            ref = await system.spawn(lambda: counter, name="c")
+            await trio.testing.wait_all_tasks_blocked()
+            ref.tell_nowait(Incr(2))  # handled before tell_nowait returns
+            assert await ref.ask(Peek()) == 2  # an inline ask is answered at once
+            assert tasks == [trio.lowlevel.current_task().name]
+            # A busy actor queues the message: its own task handles it, in order.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ref.ask, Get())
+                await trio.testing.wait_all_tasks_blocked()  # the actor waits in `get`
+                ref.tell_nowait(Incr(3))
+                assert len(tasks) == 1
+                counter.gate.set()
+            assert await ref.ask(Peek()) == 5
+            assert len(tasks) == 2 and tasks[1] != tasks[0]
+
+
+async def test_an_inline_ask_raises_in_the_asker_and_fails_the_actor() -> None:
+    with trio.fail_after(5):
+        async with actors.open_system() as system:
+            ref = await system.spawn(lambda: InlineCounter([]), name="c", on_failure=actors.RESTART)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(ValueError, match="boom"):
+                await ref.ask(Fail())
+            await trio.testing.wait_all_tasks_blocked()
+            assert ref.restart_count == 1
+
+
+def test_an_inline_handler_must_be_a_plain_function() -> None:
+    with pytest.raises(TypeError, match="plain def"):
+
+        class Bad(actors.Actor):
+            @actors.handles(Incr, inline=True)
+            async def incr(self, msg: Incr) -> None:
+                pass
