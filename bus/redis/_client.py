@@ -233,7 +233,6 @@ class _Base:
                 return
             raise self._lost()
         try:
-            receive = self._stream.receive_some
             while not self.is_closed:
                 # The read deadline is that of a command in flight, or earlier (stale):
                 # when it fires, overdue commands time out, else it is re-armed.
@@ -242,7 +241,7 @@ class _Base:
                     self._read_scope = scope
                     while True:
                         try:
-                            data = await receive(_READ_SIZE)
+                            data = await self._receive()
                         except _STREAM_ERRORS as exc:
                             await self._fail(f"connection lost: {exc}", exc)
                             break
@@ -264,6 +263,30 @@ class _Base:
             raise
         if not self._closing:
             raise self._lost()
+
+    async def _receive(self) -> bytes | bytearray:
+        """The next bytes from the server. On a plain socket (TCP / unix) with nothing
+        in flight, wait until it is readable before reading (a read now would only
+        fail, and a failed read costs more in Trio than the wait); with replies due,
+        yield once and read, as ``receive_some`` does. TLS: ``receive_some``."""
+        fd = self._fd
+        if fd is None:
+            return await self._stream.receive_some(_READ_SIZE)
+        if self._idle():
+            await trio.lowlevel.wait_readable(fd)
+        else:
+            await trio.lowlevel.checkpoint()
+        while True:
+            if self._error is not None:
+                # Closed while this task was being woken: its number may be reused.
+                raise trio.ClosedResourceError("the connection was closed")
+            try:
+                return os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+
+    def _idle(self) -> bool:
+        return True
 
     def _feed(self) -> bool:  # pragma: no cover - overridden
         """Route the parsed replies; True if :meth:`_deliver` has work."""
@@ -305,30 +328,37 @@ class _Base:
             self._closing = True
         await self._fail("closed by aclose()")
 
+    def _write_now(self, data: bytes) -> int:
+        """Write what the socket takes right now, without blocking or a checkpoint
+        (plain TCP / unix; 0 on TLS). Raises OSError if the connection broke."""
+        if self._fd is None or self._error is not None:
+            return 0  # never write to a closed descriptor (its number may be reused)
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+
     async def _send(self, data: bytes) -> None:
-        """Send ``data`` whole. On a plain socket it is first written without
-        blocking (usually all of it: no checkpoint then); the rest, or all of it on
-        TLS, is sent shielded from cancellation (a command is never cut in half on the
-        wire) and bounded by ``command_timeout``. A failed or timed-out write closes
-        the connection and raises nothing: the callers' commands fail instead."""
+        """Send ``data`` whole: first :meth:`_write_now` (usually all of it), then the
+        rest, or all of it on TLS, shielded from cancellation (a command is never cut
+        in half on the wire) and bounded by ``command_timeout``. A failed or timed-out
+        write closes the connection and raises nothing: the callers' commands fail
+        instead."""
+        try:
+            sent = self._write_now(data)
+        except OSError as exc:
+            await self._fail(f"connection lost while writing: {exc}", exc)
+            return
+        if sent < len(data):
+            await self._send_rest(memoryview(data)[sent:] if sent else data)
+
+    async def _send_rest(self, data: bytes | memoryview) -> None:
         if self._error is not None:
-            return  # never write to a closed descriptor (its number may be reused)
-        rest: bytes | memoryview = data
-        if self._fd is not None:
-            try:
-                sent = os.write(self._fd, data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                await self._fail(f"connection lost while writing: {exc}", exc)
-                return
-            if sent == len(data):
-                return
-            rest = memoryview(data)[sent:]
+            return
         try:
             with trio.CancelScope(shield=True) as scope:
                 scope.relative_deadline = self._timeout
-                await self._stream.send_all(rest)
+                await self._stream.send_all(data)
         except _STREAM_ERRORS as exc:
             await self._fail(f"connection lost while writing: {exc}", exc)
             return
@@ -501,7 +531,14 @@ class Connection(_Base):
                 buffer = self._outbuf
                 self._outbuf = []
                 seq = self._seq
-                await self._send(buffer[0] if len(buffer) == 1 else b"".join(buffer))
+                data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+                try:
+                    sent = self._write_now(data)
+                except OSError as exc:
+                    await self._fail(f"connection lost while writing: {exc}", exc)
+                    break
+                if sent < len(data):
+                    await self._send_rest(memoryview(data)[sent:] if sent else data)
                 self._written = seq
                 self.stats.writes += 1
                 if self._outbuf and self._hand_off():
@@ -583,6 +620,9 @@ class Connection(_Base):
                     pending._task = None
                     reschedule(task)
         return False
+
+    def _idle(self) -> bool:
+        return not self._waiting
 
     def _next_deadline(self) -> float:
         return min((pending._deadline for pending in self._waiting), default=_INF)
