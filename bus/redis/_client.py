@@ -69,6 +69,7 @@ __all__ = [
     "ReplyError",
     "Script",
     "Stats",
+    "is_noscript",
     "open_connection",
     "open_pubsub",
     "rerun_noscript",
@@ -661,6 +662,8 @@ class Connection(_Base):
         connection is or gets broken, :class:`RedisTimeout` if no reply came within
         ``timeout`` (default: the URL's ``command_timeout``; pass more than a
         blocking command's block time, or ``math.inf``) and the connection is dropped.
+        A blocking command (BLPOP, XREADGROUP BLOCK) holds up every command queued
+        behind it on this connection: run those on a connection of their own.
 
         Cancellation: if already cancelled when called, nothing is sent. Once
         queued, the command is written whole (the write is shielded, bounded by
@@ -799,6 +802,7 @@ class Script:
 
 
 def is_noscript(reply: Reply) -> bool:
+    """True for a ``NOSCRIPT`` error reply (in a batch's replies)."""
     return isinstance(reply, ReplyError) and reply.code == "NOSCRIPT"
 
 

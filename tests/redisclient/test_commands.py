@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import attrs
 import pytest
 import trio
 
@@ -294,3 +295,42 @@ async def test_per_call_timeout_overrides_command_timeout(url: str, key: str) ->
         async with open_connection(url + "?command_timeout=0.2") as conn:
             assert await conn.execute("BLPOP", key, 0.5, timeout=5) is None
             assert await conn.execute("PING") == b"PONG"
+
+
+@attrs.define(eq=False)
+class Steps(trio.abc.Instrument):
+    """Counts scheduler task steps: a cost that does not depend on the machine."""
+
+    steps: int = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+
+async def test_scheduler_steps_per_command(conn: Connection) -> None:
+    with trio.fail_after(10):
+        await conn.execute("PING")
+        sequential = Steps()
+        trio.lowlevel.add_instrument(sequential)
+        try:
+            for _ in range(200):
+                await conn.execute("GET", "x")
+        finally:
+            trio.lowlevel.remove_instrument(sequential)
+        # One step of the caller (write, park) and one of the reader (read, wake it).
+        assert sequential.steps <= 2 * 200 + 10, sequential.steps
+
+        async def loop() -> None:
+            for _ in range(50):
+                await conn.execute("GET", "x")
+
+        pipelined = Steps()
+        trio.lowlevel.add_instrument(pipelined)
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(32):
+                    nursery.start_soon(loop)
+        finally:
+            trio.lowlevel.remove_instrument(pipelined)
+        # Many replies per read and many commands per write: fewer steps per command.
+        assert pipelined.steps < 1.6 * 32 * 50, pipelined.steps

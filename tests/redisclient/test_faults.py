@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -187,3 +188,48 @@ async def test_connect_timeout_on_a_silent_server() -> None:
                     f"redis://127.0.0.1:{port}?connect_timeout=0.2", name="handshake"
                 )
             nursery.cancel_scope.cancel()
+
+
+async def test_a_write_that_cannot_finish_drops_the_connection(own_server: RedisServer) -> None:
+    """A stopped server reads nothing: a 64 MB write fills the socket buffers and
+    blocks. Cancelling its caller does not cut it short (never half a command on a
+    shared connection); the write's own deadline (command_timeout) drops the
+    connection, and every command in flight gets ConnectionLost."""
+    assert own_server.process is not None
+    pid = own_server.process.pid
+    with trio.fail_after(15):
+        async with open_connection(own_server.url + "?command_timeout=0.5") as conn:
+            assert await conn.execute("PING") == b"PONG"
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                outcomes: dict[str, str] = {}
+                writer = trio.CancelScope()
+
+                async def big() -> None:
+                    try:
+                        with writer:
+                            await conn.execute("SET", "big", b"x" * (64 * 1024 * 1024))
+                            outcomes["big"] = "ok"
+                    except ConnectionLost:
+                        outcomes["big"] = "lost"
+
+                async def small() -> None:
+                    try:
+                        await conn.execute("PING")
+                    except ConnectionLost:
+                        outcomes["small"] = "lost"
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(big)
+                    await all_parked()  # big is blocked in its shielded write
+                    nursery.start_soon(small)
+                    await all_parked()  # small queued behind it
+                    writer.cancel()  # the write goes on, until its deadline
+                assert conn.is_closed
+                assert outcomes.get("small") == "lost"
+                assert outcomes.get("big") != "ok"
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        async with open_connection(own_server.url) as fresh:
+            assert await fresh.execute("PING") == b"PONG"
+            assert await fresh.execute("EXISTS", "big") == 0
