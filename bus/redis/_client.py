@@ -190,9 +190,11 @@ class _Base:
         #: The read scope's deadline (kept here: cheaper to compare than to ask).
         self._armed = _INF
         self._timeout = url.command_timeout
-        #: The socket's descriptor for non-blocking writes without a trip through the
-        #: scheduler (plain TCP / unix; None for TLS, which writes via its SSLStream).
-        self._fd: int | None = transport.socket.fileno() if stream is transport else None
+        #: The socket's descriptor, read and written directly (``os.read``/``os.write``,
+        #: POSIX) to save trips through the scheduler; None for TLS (its SSLStream).
+        self._fd: int | None = (
+            transport.socket.fileno() if stream is transport and os.name == "posix" else None
+        )
 
     def __repr__(self) -> str:
         state = "open" if self._error is None else "closed"
