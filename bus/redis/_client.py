@@ -260,9 +260,11 @@ class _Base:
                             break
                 if scope.cancelled_caught and not self.is_closed:
                     await self._expire()
-        except BaseException:
+        except BaseException as exc:
+            cancelled = isinstance(exc, trio.Cancelled)
+            why = "closed: its reader was cancelled" if cancelled else f"reader failed: {exc!r}"
             with trio.CancelScope(shield=True):
-                await self._fail("closed: its reader was cancelled", quiet=True)
+                await self._fail(why, None if cancelled else exc, quiet=cancelled)
             raise
         if not self._closing:
             raise self._lost()

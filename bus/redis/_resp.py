@@ -68,6 +68,9 @@ class _ProtocolError(Exception):
     """hiredis found bytes that are not RESP (wrapped into ConnectionLost)."""
 
 
+#: Arguments at least this long are joined into the command without an extra copy.
+_BIG = 16384
+
 #: hiredis's "no complete reply buffered yet" marker.
 MORE: Any = object()
 
@@ -95,12 +98,17 @@ def _bulk(arg: Arg) -> bytes:
 def encode(args: Iterable[Arg]) -> bytes:
     """One command as RESP (an array of bulk strings)."""
     parts = [b""]
+    count = 0
     for arg in args:
         data = arg if type(arg) is bytes else _bulk(arg)
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    if len(parts) == 1:
+        count += 1
+        if len(data) < _BIG:
+            parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+        else:  # not copied twice
+            parts += (b"$%d\r\n" % len(data), data, b"\r\n")
+    if not count:
         raise ValueError("a Redis command needs at least its name")
-    parts[0] = b"*%d\r\n" % (len(parts) - 1)
+    parts[0] = b"*%d\r\n" % count
     return b"".join(parts)
 
 
