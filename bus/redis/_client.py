@@ -585,9 +585,9 @@ class Connection(_Base):
         written to the socket. Does not wait for replies.
 
         Cancellation: the write itself is shielded (bounded by ``command_timeout``):
-        when cancelled while writing, it returns after the write (then raises
-        Cancelled at the next checkpoint); when cancelled while waiting for another
-        task's write, the queued commands are still written by that task."""
+        when cancelled while writing, Cancelled is raised once the write is done;
+        when cancelled while waiting for another task's write, the queued commands
+        are still written by that task."""
         self._check()
         target = self._seq
         if self._written >= target:
