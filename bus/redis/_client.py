@@ -36,7 +36,6 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any, Final
 
 import attrs
-import structlog
 import trio
 
 from bus.redis._resp import (
@@ -74,8 +73,6 @@ __all__ = [
     "open_pubsub",
     "rerun_noscript",
 ]
-
-log = structlog.get_logger("bus.redis.client")
 
 _READ_SIZE: Final = 65536
 _INF: Final = math.inf
@@ -264,7 +261,7 @@ class _Base:
             cancelled = isinstance(exc, trio.Cancelled)
             why = "closed: its reader was cancelled" if cancelled else f"reader failed: {exc!r}"
             with trio.CancelScope(shield=True):
-                await self._fail(why, None if cancelled else exc, quiet=cancelled)
+                await self._fail(why, None if cancelled else exc)
             raise
         if not self._closing:
             raise self._lost()
@@ -309,19 +306,17 @@ class _Base:
     def _fail_waiters(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    async def _fail(
-        self, why: str, cause: BaseException | None = None, *, quiet: bool = False
-    ) -> None:
+    async def _fail(self, why: str, cause: BaseException | None = None) -> None:
         """Make the connection unusable for good: fail everything in flight, stop the
-        reader, close the socket. Idempotent; a checkpoint that cannot block."""
+        reader, close the socket. Idempotent; a checkpoint that cannot block. Nothing
+        is logged: the ConnectionLost raised to the callers and by :meth:`run` says
+        why, and the owner's supervision decides what to report."""
         if self._error is None:
             self._error = why
             self._cause = cause
             self._fail_waiters()
             if self._read_scope is not None:
                 self._read_scope.cancel()
-            if not (quiet or self._closing):
-                log.debug("redis.connection_lost", url=self.url.redacted(), name=self.name, why=why)
         await trio.aclose_forcefully(self._transport)
 
     async def aclose(self) -> None:
