@@ -13,9 +13,10 @@ the same run, ``GET`` of a small key:
     one shared connection (ours, coredis), microseconds per command of wall time.
 Repetitions alternate the clients; medians (min-max) and ratios to ours are printed.
 
-Round trips on a 2-core machine depend on where the scheduler puts this process and
-redis-server (a wake-up on the other core costs tens of microseconds): ``--cpu N``
-pins both to core N, which gives steadier figures.
+Round trips depend on where the scheduler puts this process and redis-server: on a
+VM, waking an idle virtual CPU on the other core can cost tens of microseconds per
+round trip, in some runs and not others. ``--cpu N`` pins both to core N, which
+gives steady figures.
 """
 
 from __future__ import annotations
