@@ -40,6 +40,8 @@ class RedisServer:
     port: int
     appendonly: bool
     process: subprocess.Popen[bytes] | None = None
+    #: More redis-server arguments (TLS, unix socket, requirepass ...).
+    extra_args: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -60,6 +62,7 @@ class RedisServer:
             "yes" if self.appendonly else "no",
             "--appendfsync",
             "always" if self.appendonly else "everysec",
+            *self.extra_args,
         ]
         self.process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.directory
@@ -71,7 +74,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                         return
             except OSError:
                 time.sleep(0.02)
@@ -93,7 +96,9 @@ class RedisServer:
         self.start()
 
 
-def start_server(directory: Path, *, appendonly: bool = False) -> RedisServer:
-    server = RedisServer(directory, free_port(), appendonly)
+def start_server(
+    directory: Path, *, appendonly: bool = False, extra_args: tuple[str, ...] = ()
+) -> RedisServer:
+    server = RedisServer(directory, free_port(), appendonly, extra_args=extra_args)
     server.start()
     return server

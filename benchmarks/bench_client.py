@@ -1,0 +1,211 @@
+"""Redis clients on one connection: ours against coredis, redis-py and the bare wire.
+
+    .venv/bin/python benchmarks/bench_client.py [--count 5000] [--repeat 3]
+        [--inflight 32] [--cpu 0]
+
+Starts its own redis-server (127.0.0.1, a free port, no persistence) and measures, in
+the same run, ``GET`` of a small key:
+  * sequential: ``--count`` commands one after the other (microseconds per command),
+    for our client (bus/redis/_client.py) on Trio, coredis on Trio, redis-py's
+    synchronous client, and a bare ``trio.open_tcp_stream`` + ``hiredis.Reader`` loop
+    (the floor: no client at all);
+  * in flight: ``--inflight`` tasks each sending ``--count / inflight`` commands on
+    one shared connection (ours, coredis), microseconds per command of wall time.
+Repetitions alternate the clients; medians (min-max) and ratios to ours are printed.
+
+Round trips depend on where the scheduler puts this process and redis-server: on a
+VM, waking an idle virtual CPU on the other core can cost tens of microseconds per
+round trip, in some runs and not others. ``--cpu N`` pins both to core N, which
+gives steady figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _redis_server import RedisServer, redis_server_version  # noqa: E402
+
+KEY = "bench:key"
+WARMUP = 200
+
+
+async def ours_sequential(url: str, count: int) -> float:
+    from bus.redis._client import open_connection
+
+    async with open_connection(url) as conn:
+        for _ in range(WARMUP):
+            await conn.execute("GET", KEY)
+        t0 = time.perf_counter()
+        for _ in range(count):
+            await conn.execute("GET", KEY)
+        return time.perf_counter() - t0
+
+
+async def ours_inflight(url: str, count: int, inflight: int) -> float:
+    from bus.redis._client import open_connection
+
+    async with open_connection(url) as conn:
+
+        async def loop(n: int) -> None:
+            for _ in range(n):
+                await conn.execute("GET", KEY)
+
+        await loop(WARMUP)
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(inflight):
+                nursery.start_soon(loop, count // inflight)
+        return time.perf_counter() - t0
+
+
+def _coredis(url: str):  # type: ignore[no-untyped-def]
+    import coredis
+    from coredis.retry import NoRetryPolicy
+
+    return coredis.Redis.from_url(url, decode_responses=False, retry_policy=NoRetryPolicy())
+
+
+async def coredis_sequential(url: str, count: int) -> float:
+    client = _coredis(url)
+    async with client:
+        for _ in range(WARMUP):
+            await client.get(KEY)
+        t0 = time.perf_counter()
+        for _ in range(count):
+            await client.get(KEY)
+        return time.perf_counter() - t0
+
+
+async def coredis_inflight(url: str, count: int, inflight: int) -> float:
+    client = _coredis(url)
+    async with client:
+
+        async def loop(n: int) -> None:
+            for _ in range(n):
+                await client.get(KEY)
+
+        await loop(WARMUP)
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(inflight):
+                nursery.start_soon(loop, count // inflight)
+        return time.perf_counter() - t0
+
+
+def redispy_sequential(url: str, count: int) -> float:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        for _ in range(WARMUP):
+            client.get(KEY)
+        t0 = time.perf_counter()
+        for _ in range(count):
+            client.get(KEY)
+        return time.perf_counter() - t0
+    finally:
+        client.close()
+
+
+async def bare_sequential(port: int, count: int) -> float:
+    import hiredis
+
+    more = object()
+    command = b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(KEY), KEY.encode())
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        reader = hiredis.Reader(notEnoughData=more)
+
+        async def one() -> None:
+            await stream.send_all(command)
+            while True:
+                reader.feed(await stream.receive_some(65536))
+                if reader.gets() is not more:
+                    return
+
+        for _ in range(WARMUP):
+            await one()
+        t0 = time.perf_counter()
+        for _ in range(count):
+            await one()
+        return time.perf_counter() - t0
+
+
+def _available(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=5000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--inflight", type=int, default=32)
+    parser.add_argument("--cpu", type=int, default=None, help="pin this and the server to it")
+    options = parser.parse_args()
+    count, inflight = options.count, options.inflight
+    if options.cpu is not None:
+        os.sched_setaffinity(0, {options.cpu})  # redis-server, started below, inherits it
+
+    with RedisServer() as server:
+        import redis
+
+        redis.Redis.from_url(server.url).set(KEY, b"x" * 16)
+        runs: dict[str, Callable[[], float]] = {
+            "ours (trio)": lambda: trio.run(ours_sequential, server.url, count),
+            "bare trio + hiredis": lambda: trio.run(bare_sequential, server.port, count),
+            "redis-py (sync)": lambda: redispy_sequential(server.url, count),
+        }
+        if _available("coredis"):
+            runs["coredis (trio)"] = lambda: trio.run(coredis_sequential, server.url, count)
+        inflight_runs: dict[str, Callable[[], float]] = {
+            "ours (trio)": lambda: trio.run(ours_inflight, server.url, count, inflight),
+        }
+        if _available("coredis"):
+            inflight_runs["coredis (trio)"] = lambda: trio.run(
+                coredis_inflight, server.url, count, inflight
+            )
+        seq: dict[str, list[float]] = {name: [] for name in runs}
+        par: dict[str, list[float]] = {name: [] for name in inflight_runs}
+        for _ in range(options.repeat):
+            for name, run in runs.items():
+                seq[name].append(run() / count * 1e6)
+            for name, run in inflight_runs.items():
+                par[name].append(run() / (count // inflight * inflight) * 1e6)
+        version = redis_server_version(server.binary)
+
+    pinned = f"pinned to cpu {options.cpu}" if options.cpu is not None else "not pinned"
+    print(
+        f"redis-server {version}, python {sys.version.split()[0]}, trio {trio.__version__}, "
+        f"{count} commands x {options.repeat} repetitions, {pinned}"
+    )
+    _table("sequential GET (us/command)", seq)
+    _table(f"{inflight} in flight on one connection (us/command, wall)", par)
+
+
+def _table(title: str, results: dict[str, list[float]]) -> None:
+    ours = statistics.median(results["ours (trio)"])
+    print(f"\n{title}")
+    print(f"  {'client':<22}{'median':>9}{'min-max':>18}{'vs ours':>10}")
+    for name, values in results.items():
+        median = statistics.median(values)
+        spread = f"{min(values):.1f}-{max(values):.1f}"
+        print(f"  {name:<22}{median:>9.1f}{spread:>18}{median / ours:>9.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1045 @@
+"""A lean Trio-native Redis client on hiredis: only what the bus needs.
+
+- :class:`Connection`: one socket (TCP, TLS or unix), RESP2. Commands are written
+  straight from the calling task; concurrent callers are coalesced into one socket
+  write (automatic pipelining); one reader task per connection hands the replies back
+  in FIFO order. :meth:`Connection.pipeline`, :meth:`Connection.transaction`, and the
+  non-waiting :meth:`Connection.submit` + :meth:`Connection.flush` for actors.
+- :class:`Script`: Lua by EVALSHA, falling back to EVAL on ``NOSCRIPT``.
+- :class:`PubSub`: a dedicated subscriber connection; ``subscribe`` returns once Redis
+  confirmed, ``unsubscribe`` has no close timeout, messages arrive by async iteration.
+
+Structured concurrency: a connection's reader is :meth:`Connection.run`, which the
+owner starts in a nursery of its own (``await nursery.start(conn.run)``), or
+:func:`open_connection` / :func:`open_pubsub` open that nursery themselves.
+
+Blocking commands (``BLPOP``, ``XREADGROUP ... BLOCK``) hold up every command queued
+behind them on the same connection (replies come back in order): give blocking reads
+a connection of their own, and a per-call ``timeout=`` longer than the block.
+
+Cluster seam (not implemented): every key of one bus queue shares a hash tag
+``{queue}``, so a queue lives in one slot and one connection serves it. A cluster
+mode would intercept ``MOVED``/``ASK`` error replies where :meth:`Connection._feed`
+routes a reply to its command (the one place a reply is matched to its command) and
+re-send the command to the right node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager, suppress
+from typing import Any, Final
+
+import attrs
+import trio
+
+from bus.redis._resp import (
+    MORE,
+    Arg,
+    Command,
+    ConnectionLost,
+    RedisError,
+    RedisTimeout,
+    Reply,
+    ReplyError,
+    _ProtocolError,
+    encode,
+    encode_many,
+    new_reader,
+)
+from bus.redis._url import RedisURL
+
+__all__ = [
+    "Arg",
+    "Command",
+    "Connection",
+    "ConnectionLost",
+    "Pending",
+    "PubSub",
+    "RedisError",
+    "RedisTimeout",
+    "RedisURL",
+    "Reply",
+    "ReplyError",
+    "Script",
+    "Stats",
+    "is_noscript",
+    "open_connection",
+    "open_pubsub",
+    "rerun_noscript",
+]
+
+_READ_SIZE: Final = 65536
+_INF: Final = math.inf
+
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+# --------------------------------------------------------------------------- connect
+
+
+def _ssl_context(url: RedisURL) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=url.ssl_ca_certs)
+    if url.ssl_cert_reqs == "none":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif url.ssl_cert_reqs == "optional":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+def _setup_commands(url: RedisURL, name: str | None) -> list[Command]:
+    commands: list[Command] = []
+    if url.password is not None:
+        auth: list[Arg] = ["AUTH"]
+        if url.username is not None:
+            auth.append(url.username)
+        auth.append(url.password)
+        commands.append(auth)
+    if url.db:
+        commands.append(("SELECT", url.db))
+    if name:
+        commands.append(("CLIENT", "SETNAME", name))
+    return commands
+
+
+async def _open(
+    url: RedisURL, name: str | None, ssl_context: ssl.SSLContext | None
+) -> tuple[trio.abc.Stream, trio.SocketStream]:
+    """Connect, do TLS and AUTH/SELECT/CLIENT SETNAME; return (stream, raw socket)."""
+    where = url.redacted()
+    transport: trio.SocketStream | None = None
+    try:
+        with trio.fail_after(url.connect_timeout):
+            if url.path is not None:
+                transport = await trio.open_unix_socket(url.path)
+            else:
+                transport = await trio.open_tcp_stream(url.host, url.port)
+            stream: trio.abc.Stream = transport
+            if url.tls:
+                context = ssl_context if ssl_context is not None else _ssl_context(url)
+                tls = trio.SSLStream(transport, context, server_hostname=url.host)
+                await tls.do_handshake()
+                stream = tls
+            commands = _setup_commands(url, name)
+            if commands:
+                data, count = encode_many(commands)
+                await stream.send_all(data)
+                reader = new_reader()
+                replies: list[Reply] = []
+                while len(replies) < count:
+                    chunk = await stream.receive_some(_READ_SIZE)
+                    if not chunk:
+                        raise ConnectionLost(f"{where}: the server closed the connection")
+                    reader.feed(chunk)  # type: ignore[arg-type]  # any buffer works
+                    while (reply := reader.gets()) is not MORE:
+                        replies.append(reply)
+                for command, reply in zip(commands, replies, strict=True):
+                    if isinstance(reply, ReplyError):
+                        what = "AUTH" if command[0] == "AUTH" else " ".join(map(str, command))
+                        raise ReplyError(f"{reply.message} (while connecting: {what})")
+            return stream, transport
+    except BaseException as exc:
+        if transport is not None:
+            await trio.aclose_forcefully(transport)
+        if isinstance(exc, RedisError):
+            raise
+        if isinstance(exc, trio.TooSlowError):
+            raise RedisTimeout(
+                f"could not connect to {where} within {url.connect_timeout} s"
+            ) from None
+        if isinstance(exc, (*_STREAM_ERRORS, _ProtocolError)):
+            raise ConnectionLost(f"could not connect to {where}: {exc}") from exc
+        raise
+
+
+def _as_url(url: str | RedisURL) -> RedisURL:
+    return url if isinstance(url, RedisURL) else RedisURL.parse(url)
+
+
+# --------------------------------------------------------------------------- base
+
+
+class _Base:
+    """What a command connection and a subscriber connection share: the stream,
+    the reader loop, and failing for good."""
+
+    def __init__(
+        self, stream: trio.abc.Stream, transport: trio.SocketStream, url: RedisURL, name: str | None
+    ) -> None:
+        self.url = url
+        self.name = name
+        self._stream = stream
+        self._transport = transport
+        self._parser = new_reader()
+        #: Why this connection can no longer be used (None while it can).
+        self._error: str | None = None
+        self._cause: BaseException | None = None
+        self._closing = False
+        self._started = False
+        self._read_scope: trio.CancelScope | None = None
+        #: The read scope's deadline (kept here: cheaper to compare than to ask).
+        self._armed = _INF
+        self._timeout = url.command_timeout
+        #: The socket's descriptor, read and written directly (``os.read``/``os.write``,
+        #: POSIX) to save trips through the scheduler; None for TLS (its SSLStream).
+        self._fd: int | None = (
+            transport.socket.fileno() if stream is transport and os.name == "posix" else None
+        )
+
+    def __repr__(self) -> str:
+        state = "open" if self._error is None else "closed"
+        return f"<{type(self).__name__} {self.url.redacted()} name={self.name!r} {state}>"
+
+    @property
+    def is_closed(self) -> bool:
+        """True once the connection broke or was closed; it is never reused then."""
+        return self._error is not None
+
+    def _lost(self) -> ConnectionLost:
+        exc = ConnectionLost(f"{self.url.redacted()}: {self._error}")
+        exc.__cause__ = self._cause
+        return exc
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._lost()
+        if not self._started:
+            raise RuntimeError(f"{self!r}: its run() reader is not running (start it first)")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The reader: hands each reply to its command. Start it in the owner's
+        nursery (``await nursery.start(conn.run)``); it reports started at once.
+
+        Returns after :meth:`aclose`. Raises :class:`ConnectionLost` when the
+        connection broke (EOF, reset, killed, a protocol error, a command timed out),
+        after failing every command in flight with ConnectionLost (a timed-out command
+        gets :class:`RedisTimeout`): a supervisor restarts it with a new connection.
+
+        Cancellation: the connection is closed (commands in flight get ConnectionLost)
+        and Cancelled propagates."""
+        if self._started:
+            raise RuntimeError(f"{self!r}: run() was already started")
+        self._started = True
+        task_status.started()
+        if self._error is not None:
+            if self._closing:
+                return
+            raise self._lost()
+        try:
+            while not self.is_closed:
+                # The read deadline is that of a command in flight, or earlier (stale):
+                # when it fires, overdue commands time out, else it is re-armed.
+                self._armed = self._next_deadline()
+                with trio.CancelScope(deadline=self._armed) as scope:
+                    self._read_scope = scope
+                    while True:
+                        try:
+                            data = await self._receive()
+                        except _STREAM_ERRORS as exc:
+                            await self._fail(f"connection lost: {exc}", exc)
+                            break
+                        if not data:
+                            await self._fail("the server closed the connection")
+                            break
+                        self._parser.feed(data)  # type: ignore[arg-type]  # any buffer works
+                        try:
+                            if self._feed():
+                                await self._deliver()
+                        except _ProtocolError as exc:
+                            await self._fail(f"protocol error: {exc}", exc)
+                            break
+                if scope.cancelled_caught and not self.is_closed:
+                    await self._expire()
+        except BaseException as exc:
+            cancelled = isinstance(exc, trio.Cancelled)
+            why = "closed: its reader was cancelled" if cancelled else f"reader failed: {exc!r}"
+            with trio.CancelScope(shield=True):
+                await self._fail(why, None if cancelled else exc)
+            raise
+        if not self._closing:
+            raise self._lost()
+
+    async def _receive(self) -> bytes | bytearray:
+        """The next bytes from the server. On a plain socket (TCP / unix) with nothing
+        in flight, wait until it is readable before reading (a read now would only
+        fail, and a failed read costs more in Trio than the wait); with replies due,
+        yield once and read, as ``receive_some`` does. TLS: ``receive_some``."""
+        fd = self._fd
+        if fd is None:
+            return await self._stream.receive_some(_READ_SIZE)
+        if self._idle():
+            await trio.lowlevel.wait_readable(fd)
+        else:
+            await trio.lowlevel.checkpoint()
+        while True:
+            if self._error is not None:
+                # Closed while this task was being woken: its number may be reused.
+                raise trio.ClosedResourceError("the connection was closed")
+            try:
+                return os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+
+    def _idle(self) -> bool:
+        return True
+
+    def _feed(self) -> bool:  # pragma: no cover - overridden
+        """Route the parsed replies; True if :meth:`_deliver` has work."""
+        raise NotImplementedError
+
+    async def _deliver(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _next_deadline(self) -> float:
+        return _INF
+
+    async def _expire(self) -> None:
+        """The read deadline fired: fail the connection if a command is overdue."""
+
+    def _fail_waiters(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    async def _fail(self, why: str, cause: BaseException | None = None) -> None:
+        """Make the connection unusable for good: fail everything in flight, stop the
+        reader, close the socket. Idempotent; a checkpoint that cannot block. Nothing
+        is logged: the ConnectionLost raised to the callers and by :meth:`run` says
+        why, and the owner's supervision decides what to report."""
+        if self._error is None:
+            self._error = why
+            self._cause = cause
+            self._fail_waiters()
+            if self._read_scope is not None:
+                self._read_scope.cancel()
+        await trio.aclose_forcefully(self._transport)
+
+    async def aclose(self) -> None:
+        """Close now. Commands still in flight fail with :class:`ConnectionLost`
+        (to let them finish first, await them: replies come in order, so the reply to
+        one last ``PING`` means every earlier one is in); :meth:`run` returns.
+        Idempotent. Cancellation: the connection is closed all the same."""
+        if self._error is None:
+            self._closing = True
+        await self._fail("closed by aclose()")
+
+    def _write_now(self, data: bytes) -> int:
+        """Write what the socket takes right now, without blocking or a checkpoint
+        (plain TCP / unix; 0 on TLS). Raises OSError if the connection broke."""
+        if self._fd is None or self._error is not None:
+            return 0  # never write to a closed descriptor (its number may be reused)
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+
+    async def _send(self, data: bytes) -> None:
+        """Send ``data`` whole: first :meth:`_write_now` (usually all of it), then the
+        rest, or all of it on TLS, shielded from cancellation (a command is never cut
+        in half on the wire) and bounded by ``command_timeout``. A failed or timed-out
+        write closes the connection and raises nothing: the callers' commands fail
+        instead."""
+        try:
+            sent = self._write_now(data)
+        except OSError as exc:
+            await self._fail(f"connection lost while writing: {exc}", exc)
+            return
+        if sent < len(data):
+            await self._send_rest(memoryview(data)[sent:] if sent else data)
+
+    async def _send_rest(self, data: bytes | memoryview) -> None:
+        if self._error is not None:
+            return
+        try:
+            with trio.CancelScope(shield=True) as scope:
+                scope.relative_deadline = self._timeout
+                await self._stream.send_all(data)
+        except _STREAM_ERRORS as exc:
+            await self._fail(f"connection lost while writing: {exc}", exc)
+            return
+        if scope.cancelled_caught:
+            await self._fail("a write did not complete within the command timeout")
+
+
+async def _serve(
+    conn: _Base, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """``conn.run`` for the context managers: a broken connection is reported to the
+    commands (ConnectionLost), not by failing the body's nursery."""
+    with suppress(ConnectionLost):
+        await conn.run(task_status=task_status)
+
+
+@asynccontextmanager
+async def _served(conn: _Base) -> AsyncIterator[None]:
+    body_error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_serve, conn)
+        try:
+            yield
+        except BaseException as exc:
+            # Re-raised outside the nursery: a plain exception, not an ExceptionGroup.
+            body_error = exc
+        finally:
+            await conn.aclose()
+    if body_error is not None:
+        try:
+            raise body_error
+        finally:
+            body_error = None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@attrs.define
+class Stats:
+    """Counters of one connection (cheap; for tests and benchmarks)."""
+
+    #: Commands queued (a pipeline of n counts n).
+    commands: int = 0
+    #: Socket writes: fewer than ``commands`` when calls were coalesced.
+    writes: int = 0
+
+
+class Pending:
+    """The replies to a batch of commands given to :meth:`Connection.submit` (and the
+    internal slot of every command: one per call, no Task or Event of its own)."""
+
+    __slots__ = ("_count", "_deadline", "_error", "_replies", "_seq", "_task", "conn")
+
+    def __init__(self, conn: Connection, count: int) -> None:
+        self.conn = conn
+        self._count = count
+        self._replies: list[Reply] = []
+        self._task: trio.lowlevel.Task | None = None
+        self._error: BaseException | None = None
+        self._seq = 0
+        self._deadline = _INF
+
+    @property
+    def done(self) -> bool:
+        """True once every reply arrived, or the connection failed."""
+        return self._error is not None or len(self._replies) == self._count
+
+    async def wait(self) -> list[Reply]:
+        """The replies, in order; an error reply is a :class:`ReplyError` in its place
+        (not raised). Writes the commands first if they are still queued (so waiting
+        never waits on a :meth:`Connection.flush` nobody calls). Raises
+        :class:`ConnectionLost` if the connection broke first, :class:`RedisTimeout`
+        for the command that timed out. One task at a time may wait.
+
+        Cancellation: only the wait stops; the commands are still sent and their
+        replies read (and kept: ``wait`` may be called again)."""
+        if not self.done:
+            await self.conn._wait(self)
+        else:
+            await trio.lowlevel.checkpoint()
+        if self._error is not None:
+            raise self._error
+        return self._replies
+
+    def _abort(self, raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
+class Connection(_Base):
+    """One Redis connection shared by many tasks (RESP2, automatic pipelining).
+
+    Make one with :meth:`connect` and start its reader with
+    ``await nursery.start(conn.run)``, or use ``async with open_connection(url)``.
+
+    How a command travels: the caller encodes it and appends it to the outgoing
+    buffer; if no write is in progress the caller writes the buffer itself (shielded,
+    bounded by ``command_timeout``), otherwise the task writing now picks it up in its
+    next round, or hands that round to the owner of the newest queued command (so no
+    caller writes for others for long). Then the caller parks until the reader
+    reschedules it with its reply. Replies come back in command order.
+
+    Timeouts: the reply of the oldest command in flight must arrive within its
+    timeout (``command_timeout`` of the URL, or the call's ``timeout=``), else that
+    command raises :class:`RedisTimeout`, the connection is dropped and every other
+    command in flight gets :class:`ConnectionLost`. Commands queued behind a blocking
+    command wait for it.
+    """
+
+    def __init__(
+        self, stream: trio.abc.Stream, transport: trio.SocketStream, url: RedisURL, name: str | None
+    ) -> None:
+        super().__init__(stream, transport, url, name)
+        self._waiting: deque[Pending] = deque()
+        self._outbuf: list[bytes] = []
+        self._writing = False
+        #: Sequence number of the newest queued batch, and of the newest one written.
+        self._seq = 0
+        self._written = 0
+        self._flushers: trio.lowlevel.ParkingLot | None = None
+        self.stats = Stats()
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str | RedisURL,
+        *,
+        name: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> Connection:
+        """Connect to ``url`` (a text URL or a :class:`RedisURL`), authenticate,
+        select the db, set the client name. The caller then starts :meth:`run`.
+
+        Raises :class:`ConnectionLost` if the server cannot be reached,
+        :class:`RedisTimeout` after ``connect_timeout``, :class:`ReplyError` if AUTH or
+        SELECT was refused, ValueError for a malformed URL. ``ssl_context`` overrides
+        the one made from the URL's ``ssl_*`` options (``rediss://`` only).
+        Cancellation: nothing is left open."""
+        url = _as_url(url)
+        stream, transport = await _open(url, name, ssl_context)
+        return cls(stream, transport, url, name)
+
+    # -- queueing and writing
+
+    def _enqueue(self, data: bytes, pending: Pending, timeout: float | None) -> None:
+        if self._error is not None or not self._started:
+            self._check()
+        deadline = trio.current_time() + (self._timeout if timeout is None else timeout)
+        pending._deadline = deadline
+        if deadline < self._armed and self._read_scope is not None:
+            self._read_scope.deadline = self._armed = deadline
+        self._waiting.append(pending)
+        self._outbuf.append(data)
+        self._seq += 1
+        pending._seq = self._seq
+        self.stats.commands += pending._count
+
+    async def _flush(self, coalesce: bool = False) -> None:
+        """Write the outgoing buffer (the caller saw no write in progress). With
+        ``coalesce``, first yield once, so the other tasks running in this scheduler
+        pass add their commands to the same write. Loops for what others queued
+        meanwhile, unless a parked owner of such a command can take the next round.
+        Not interrupted by cancellation (see :meth:`_send`)."""
+        self._writing = True
+        try:
+            if coalesce:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            while self._outbuf and self._error is None:
+                buffer = self._outbuf
+                self._outbuf = []
+                seq = self._seq
+                data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+                try:
+                    sent = self._write_now(data)
+                except OSError as exc:
+                    await self._fail(f"connection lost while writing: {exc}", exc)
+                    break
+                if sent < len(data):
+                    await self._send_rest(memoryview(data)[sent:] if sent else data)
+                self._written = seq
+                self.stats.writes += 1
+                if self._outbuf and self._hand_off():
+                    break
+        finally:
+            self._writing = False
+            if self._flushers is not None:
+                self._flushers.unpark_all()
+
+    def _hand_off(self) -> bool:
+        """Wake the owner of the newest unwritten command to write the next round."""
+        written = self._written
+        for pending in reversed(self._waiting):
+            if pending._seq <= written:
+                break
+            task = pending._task
+            if task is not None:
+                pending._task = None
+                trio.lowlevel.reschedule(task)  # it finds its command unwritten: flushes
+                return True
+        return False
+
+    async def _wait(self, pending: Pending) -> None:
+        first = True
+        while not pending.done:
+            if pending._seq > self._written and not self._writing:
+                # Others in flight: pipelining is on, so gather this pass's commands
+                # into one write. Alone (sequential use): write at once.
+                await self._flush(first and len(self._waiting) > 1)
+                continue
+            first = False
+            if pending._task is not None:
+                raise RuntimeError("another task is already waiting for these replies")
+            pending._task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(pending._abort)
+
+    async def flush(self) -> None:
+        """Return once everything queued so far (by :meth:`submit` or anyone) was
+        written to the socket. Does not wait for replies.
+
+        Cancellation: the write itself is shielded (bounded by ``command_timeout``):
+        when cancelled while writing, Cancelled is raised once the write is done;
+        when cancelled while waiting for another task's write, the queued commands
+        are still written by that task."""
+        self._check()
+        target = self._seq
+        if self._written >= target:
+            await trio.lowlevel.checkpoint()
+            return
+        while self._written < target and self._error is None:
+            if not self._writing:
+                await self._flush()
+            else:
+                if self._flushers is None:
+                    self._flushers = trio.lowlevel.ParkingLot()
+                await self._flushers.park()
+        if self._error is not None:
+            raise self._lost()
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+    # -- reading
+
+    def _feed(self) -> bool:
+        # The one place a reply is matched to its command (the cluster seam: MOVED/ASK
+        # would be intercepted here).
+        waiting = self._waiting
+        gets = self._parser.gets
+        reschedule = trio.lowlevel.reschedule
+        while (reply := gets()) is not MORE:
+            if not waiting:
+                raise _ProtocolError(f"a reply that no command waits for: {reply!r:.200}")
+            pending = waiting[0]
+            replies = pending._replies
+            replies.append(reply)
+            if len(replies) == pending._count:
+                waiting.popleft()
+                task = pending._task
+                if task is not None:
+                    pending._task = None
+                    reschedule(task)
+        return False
+
+    def _idle(self) -> bool:
+        return not self._waiting
+
+    def _next_deadline(self) -> float:
+        return min((pending._deadline for pending in self._waiting), default=_INF)
+
+    async def _expire(self) -> None:
+        now = trio.current_time()
+        for pending in self._waiting:
+            if pending._deadline <= now:
+                pending._error = RedisTimeout(
+                    f"{self.url.redacted()}: no reply within the timeout; connection dropped"
+                )
+                await self._fail(
+                    "a command got no reply within its timeout; the connection was dropped"
+                )
+                return
+
+    def _fail_waiters(self) -> None:
+        waiting, self._waiting = self._waiting, deque()
+        self._outbuf = []
+        for pending in waiting:
+            if pending._error is None:
+                pending._error = self._lost()
+            task = pending._task
+            if task is not None:
+                pending._task = None
+                trio.lowlevel.reschedule(task)
+        if self._flushers is not None:
+            self._flushers.unpark_all()
+
+    # -- the API
+
+    async def execute(self, *args: Arg, timeout: float | None = None) -> Reply:
+        """Run one command; return its reply (``bytes`` / ``int`` / ``list`` / ``None``).
+
+        Raises :class:`ReplyError` for an error reply, :class:`ConnectionLost` if the
+        connection is or gets broken, :class:`RedisTimeout` if no reply came within
+        ``timeout`` (default: the URL's ``command_timeout``; pass more than a
+        blocking command's block time, or ``math.inf``) and the connection is dropped.
+        A blocking command (BLPOP, XREADGROUP BLOCK) holds up every command queued
+        behind it on this connection: run those on a connection of their own.
+
+        Cancellation: if already cancelled when called, nothing is sent. Once
+        queued, the command is written whole (the write is shielded, bounded by
+        ``command_timeout``); if cancelled while waiting for the reply, the command
+        still runs on the server and its reply is read and discarded by the reader.
+        Other callers on the connection are not affected."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        pending = Pending(self, 1)
+        self._enqueue(encode(args), pending, timeout)
+        await self._wait(pending)
+        if pending._error is not None:
+            raise pending._error
+        reply = pending._replies[0]
+        if isinstance(reply, ReplyError):
+            raise reply
+        return reply
+
+    async def pipeline(
+        self, commands: Iterable[Command], *, timeout: float | None = None
+    ) -> list[Reply]:
+        """Run several commands in one write (no transaction: other callers' commands
+        may interleave on the server); return their replies in order, each error
+        reply a :class:`ReplyError` in its place (not raised). Raises ConnectionLost /
+        RedisTimeout as :meth:`execute`. Cancellation: as :meth:`execute`."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return await self.submit(commands, timeout=timeout).wait()
+
+    async def transaction(
+        self, commands: Sequence[Command], *, timeout: float | None = None
+    ) -> list[Reply]:
+        """Run ``commands`` inside MULTI ... EXEC (one write); return EXEC's list
+        (an error of one command, such as WRONGTYPE, is a ReplyError in its place).
+        Raises :class:`ReplyError` with code ``EXECABORT`` when Redis refused to queue a
+        command (that refusal is its ``__cause__``). Cancellation: as :meth:`execute`
+        (the transaction runs whole or not at all on the server)."""
+        batch: list[Command] = [("MULTI",), *commands, ("EXEC",)]
+        replies = await self.pipeline(batch, timeout=timeout)
+        result = replies[-1]
+        if isinstance(result, ReplyError):
+            queued = [r for r in replies[:-1] if isinstance(r, ReplyError)]
+            raise result from (queued[0] if queued else None)
+        if result is None:
+            raise RedisError("EXEC returned nil: the transaction was aborted")
+        assert isinstance(result, list)
+        return result
+
+    def submit(self, commands: Iterable[Command], *, timeout: float | None = None) -> Pending:
+        """Queue ``commands`` for the next write and return at once, without waiting
+        for anything: a :class:`Pending` whose ``await pending.wait()`` gives the
+        replies (errors in place). The commands go out with the next write on this
+        connection: call :meth:`flush` (an actor: once after queueing everything of
+        one mailbox drain, so the whole drain is one write), or any ``execute`` /
+        ``pipeline`` / ``wait`` writes them too. The timeout counts from now: a
+        submit never flushed times out and drops the connection.
+
+        Raises :class:`ConnectionLost` at once on a broken connection. Not a
+        checkpoint (not async)."""
+        data, count = encode_many(commands)
+        pending = Pending(self, count)
+        if count:
+            self._enqueue(data, pending, timeout)
+        else:
+            self._check()
+        return pending
+
+
+@asynccontextmanager
+async def open_connection(
+    url: str | RedisURL,
+    *,
+    name: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> AsyncIterator[Connection]:
+    """``async with open_connection(url, name=...) as conn:`` connects (see
+    :meth:`Connection.connect`), runs the reader in a nursery of its own, and closes
+    the connection on exit. A broken connection does not cancel the body: its
+    commands raise :class:`ConnectionLost`."""
+    conn = await Connection.connect(url, name=name, ssl_context=ssl_context)
+    async with _served(conn):
+        yield conn
+
+
+# --------------------------------------------------------------------------- Lua
+
+
+class _ScriptCall(tuple[Arg, ...]):
+    """An EVALSHA command that remembers its script (for :func:`rerun_noscript`)."""
+
+    script: Script
+
+
+class Script:
+    """A Lua script run by its SHA1 (``EVALSHA``), loaded on demand.
+
+    ``await script.run(conn, keys=[...], args=[...])`` falls back to ``EVAL`` (which
+    also caches the script on the server) when the server answers ``NOSCRIPT``. In a
+    batch, use :meth:`command` and repair the batch with :func:`rerun_noscript`."""
+
+    def __init__(self, source: str | bytes) -> None:
+        self.source = source.encode() if isinstance(source, str) else source
+        self.sha = hashlib.sha1(self.source).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"<Script {self.sha[:12]}>"
+
+    def command(self, keys: Sequence[Arg] = (), args: Sequence[Arg] = ()) -> Command:
+        """The ``EVALSHA`` command for a pipeline or :meth:`Connection.submit`."""
+        call = _ScriptCall(("EVALSHA", self.sha, len(keys), *keys, *args))
+        call.script = self
+        return call
+
+    def eval_command(self, keys: Sequence[Arg] = (), args: Sequence[Arg] = ()) -> Command:
+        """The same call as ``EVAL`` with the whole source."""
+        return ("EVAL", self.source, len(keys), *keys, *args)
+
+    async def load(self, conn: Connection) -> None:
+        """``SCRIPT LOAD`` it (e.g. once after connecting, so batches rarely NOSCRIPT)."""
+        await conn.execute("SCRIPT", "LOAD", self.source)
+
+    async def run(
+        self,
+        conn: Connection,
+        keys: Sequence[Arg] = (),
+        args: Sequence[Arg] = (),
+        *,
+        timeout: float | None = None,
+    ) -> Reply:
+        """Run it: EVALSHA, then EVAL on ``NOSCRIPT``. Raises :class:`ReplyError`
+        for a script error. Cancellation: as :meth:`Connection.execute`."""
+        try:
+            return await conn.execute(*self.command(keys, args), timeout=timeout)
+        except ReplyError as exc:
+            if exc.code != "NOSCRIPT":
+                raise
+        return await conn.execute(*self.eval_command(keys, args), timeout=timeout)
+
+
+def is_noscript(reply: Reply) -> bool:
+    """True for a ``NOSCRIPT`` error reply (in a batch's replies)."""
+    return isinstance(reply, ReplyError) and reply.code == "NOSCRIPT"
+
+
+async def rerun_noscript(
+    conn: Connection, commands: Sequence[Command], replies: list[Reply]
+) -> list[Reply]:
+    """Repair a batch's replies after ``NOSCRIPT``: each entry made by
+    :meth:`Script.command` whose reply is NOSCRIPT is run again with ``EVAL`` (all in
+    one pipeline) and its reply replaced. Returns ``replies`` (changed in place).
+
+    Those entries then ran after the rest of the batch, not in their place: a batch
+    whose order matters should ``Script.load`` its scripts first. Cancellation: as
+    :meth:`Connection.pipeline`."""
+    again = [
+        i
+        for i, (command, reply) in enumerate(zip(commands, replies, strict=True))
+        if is_noscript(reply) and isinstance(command, _ScriptCall)
+    ]
+    if again:
+        retry: list[Command] = []
+        for i in again:
+            call = commands[i]
+            assert isinstance(call, _ScriptCall)
+            retry.append(("EVAL", call.script.source, *call[2:]))
+        for i, reply in zip(again, await conn.pipeline(retry), strict=True):
+            replies[i] = reply
+    return replies
+
+
+# --------------------------------------------------------------------------- pub/sub
+
+
+@attrs.define
+class _Confirm:
+    kind: bytes
+    left: int
+    done: trio.Event = attrs.Factory(trio.Event)
+    error: BaseException | None = None
+
+
+_CONFIRMS: Final = {
+    b"subscribe": b"subscribe",
+    b"unsubscribe": b"unsubscribe",
+    b"psubscribe": b"psubscribe",
+    b"punsubscribe": b"punsubscribe",
+    b"pong": b"ping",
+}
+
+
+class PubSub(_Base):
+    """A dedicated subscriber connection (one per process in the bus).
+
+    ``await ps.subscribe(*channels)`` returns once Redis confirmed every channel;
+    ``await ps.unsubscribe(*channels)`` once it confirmed the unsubscribe (one round
+    trip, no close timeout). Messages: ``async for channel, data in ps:``; a pattern
+    subscription delivers the concrete channel. When the connection is lost the
+    iteration raises :class:`ConnectionLost` (after the messages already received);
+    after :meth:`aclose` it ends. The owner re-subscribes on a new PubSub.
+
+    Backpressure: at most ``max_buffer`` messages wait for the consumer; past that
+    the reader waits too (and so do confirmations), and Redis may eventually drop a
+    subscriber that lags too far (client-output-buffer-limit pubsub).
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        transport: trio.SocketStream,
+        url: RedisURL,
+        name: str | None,
+        max_buffer: int,
+    ) -> None:
+        super().__init__(stream, transport, url, name)
+        self._confirms: deque[_Confirm] = deque()
+        self._lock = trio.Lock()
+        channel = trio.open_memory_channel[tuple[bytes, bytes]](max_buffer)
+        self._messages_in, self._messages_out = channel
+        self._pending_messages: list[tuple[bytes, bytes]] = []
+        #: The channels and patterns Redis confirmed.
+        self.channels: set[bytes] = set()
+        self.patterns: set[bytes] = set()
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str | RedisURL,
+        *,
+        name: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        max_buffer: int = 1024,
+    ) -> PubSub:
+        """Connect as :meth:`Connection.connect` does; then start :meth:`run`."""
+        url = _as_url(url)
+        stream, transport = await _open(url, name, ssl_context)
+        return cls(stream, transport, url, name, max_buffer)
+
+    def _feed(self) -> bool:
+        gets = self._parser.gets
+        messages = self._pending_messages
+        while (reply := gets()) is not MORE:
+            if type(reply) is list and reply:
+                kind = reply[0]
+                if kind == b"message" and len(reply) == 3:
+                    messages.append((reply[1], reply[2]))
+                    continue
+                if kind == b"pmessage" and len(reply) == 4:
+                    messages.append((reply[2], reply[3]))
+                    continue
+                if kind in _CONFIRMS:
+                    self._confirm(_CONFIRMS[kind], reply)
+                    continue
+            elif reply == b"PONG":
+                self._confirm(b"ping", [reply])
+                continue
+            elif isinstance(reply, ReplyError):
+                self._confirm(None, [reply])
+                continue
+            raise _ProtocolError(f"unexpected reply on a subscriber connection: {reply!r:.200}")
+        return bool(messages)
+
+    def _confirm(self, kind: bytes | None, reply: list[Any]) -> None:
+        if not self._confirms:
+            raise _ProtocolError(f"a confirmation nobody waits for: {reply!r:.200}")
+        head = self._confirms[0]
+        if kind is None:
+            head.error = reply[0]
+            head.left = 0
+        elif kind != head.kind:
+            raise _ProtocolError(f"expected a {head.kind!r} confirmation, got {reply!r:.200}")
+        else:
+            head.left -= 1
+            if kind == b"subscribe":
+                self.channels.add(reply[1])
+            elif kind == b"unsubscribe":
+                self.channels.discard(reply[1])
+            elif kind == b"psubscribe":
+                self.patterns.add(reply[1])
+            elif kind == b"punsubscribe":
+                self.patterns.discard(reply[1])
+        if head.left == 0:
+            self._confirms.popleft()
+            head.done.set()
+
+    async def _deliver(self) -> None:
+        messages = self._pending_messages
+        while messages:
+            self._pending_messages = []
+            try:
+                for message in messages:
+                    try:
+                        self._messages_in.send_nowait(message)
+                    except trio.WouldBlock:
+                        await self._messages_in.send(message)
+            except trio.ClosedResourceError:
+                return  # closed meanwhile (aclose / a failure)
+            messages = self._pending_messages
+
+    def _fail_waiters(self) -> None:
+        confirms, self._confirms = self._confirms, deque()
+        for confirm in confirms:
+            confirm.error = self._lost()
+            confirm.done.set()
+        self._messages_in.close()
+
+    async def _request(self, kind: bytes, command: bytes, names: Sequence[Arg]) -> None:
+        self._check()
+        confirm = _Confirm(kind, max(1, len(names)))
+        data = encode((command, *names))
+        async with self._lock:
+            self._check()
+            self._confirms.append(confirm)
+            await self._send(data)
+        with trio.move_on_after(self._timeout) as scope:
+            await confirm.done.wait()
+        if scope.cancelled_caught:
+            await self._fail("no confirmation within the command timeout; connection dropped")
+            raise RedisTimeout(f"{self.url.redacted()}: no {kind.decode()} confirmation in time")
+        if confirm.error is not None:
+            raise confirm.error
+
+    async def subscribe(self, *channels: Arg) -> None:
+        """Subscribe; return once Redis confirmed every channel. Raises
+        ConnectionLost / RedisTimeout. Cancellation: the SUBSCRIBE is still sent
+        (whole) and may take effect; only the wait for its confirmation stops."""
+        if channels:
+            await self._request(b"subscribe", b"SUBSCRIBE", channels)
+
+    async def unsubscribe(self, *channels: Arg) -> None:
+        """Unsubscribe (no channels: from every confirmed channel); return once Redis
+        confirmed, one round trip. Cancellation: as :meth:`subscribe`."""
+        names: Sequence[Arg] = channels or tuple(self.channels)
+        if names:
+            await self._request(b"unsubscribe", b"UNSUBSCRIBE", names)
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def psubscribe(self, *patterns: Arg) -> None:
+        """Subscribe to glob patterns; as :meth:`subscribe`."""
+        if patterns:
+            await self._request(b"psubscribe", b"PSUBSCRIBE", patterns)
+
+    async def punsubscribe(self, *patterns: Arg) -> None:
+        """Unsubscribe from patterns (none: from every confirmed one); as
+        :meth:`unsubscribe`."""
+        names: Sequence[Arg] = patterns or tuple(self.patterns)
+        if names:
+            await self._request(b"punsubscribe", b"PUNSUBSCRIBE", names)
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def ping(self) -> None:
+        """A round trip on the subscriber connection (a health check)."""
+        await self._request(b"ping", b"PING", ())
+
+    def __aiter__(self) -> AsyncIterator[tuple[bytes, bytes]]:
+        return self
+
+    async def __anext__(self) -> tuple[bytes, bytes]:
+        """The next ``(channel, data)``. Raises ConnectionLost once the connection is
+        lost and the messages received before are consumed; ends after aclose().
+        Cancellation: no message is lost."""
+        try:
+            return await self._messages_out.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            if self._closing:
+                raise StopAsyncIteration from None
+            raise self._lost() from None
+
+
+@asynccontextmanager
+async def open_pubsub(
+    url: str | RedisURL,
+    *,
+    name: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    max_buffer: int = 1024,
+) -> AsyncIterator[PubSub]:
+    """``async with open_pubsub(url) as ps:`` as :func:`open_connection` does."""
+    ps = await PubSub.connect(url, name=name, ssl_context=ssl_context, max_buffer=max_buffer)
+    async with _served(ps):
+        yield ps

@@ -1,0 +1,118 @@
+"""RESP2 on the wire: the client's exceptions, command encoding, and the reply parser.
+
+Encoding is done by hand (one ``bytes.join`` per command); parsing is hiredis's
+:class:`hiredis.Reader`, which returns an error reply as an *instance* of the class it
+is given (here :class:`ReplyError`) rather than raising it, also inside arrays (the
+replies of ``EXEC``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeAlias
+
+import hiredis
+
+__all__ = [
+    "MORE",
+    "Arg",
+    "Command",
+    "ConnectionLost",
+    "RedisError",
+    "RedisTimeout",
+    "Reply",
+    "ReplyError",
+    "encode",
+    "encode_many",
+    "new_reader",
+]
+
+#: What a command's arguments may be. ``bool`` is refused: say ``1``/``0`` or ``"true"``.
+Arg: TypeAlias = bytes | str | int | float | bytearray | memoryview
+Command: TypeAlias = Sequence[Arg]
+#: A reply: ``bytes`` (bulk and status strings), ``int``, ``None``, a ``list`` of
+#: replies, or a :class:`ReplyError` where errors are returned in place.
+Reply: TypeAlias = Any
+
+
+class RedisError(Exception):
+    """Root of every error the client raises."""
+
+
+class ReplyError(RedisError):
+    """The server answered with an error reply.
+
+    ``message`` is the server's text (``"WRONGTYPE Operation against a key ..."``),
+    ``code`` its first word (``"WRONGTYPE"``, ``"NOSCRIPT"``, ``"BUSYGROUP"``, ...)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = message.split(" ", 1)[0]
+
+
+class ConnectionLost(RedisError, ConnectionError):
+    """The connection is gone (or could not be made): the server closed it, it was
+    reset or killed, a reply timed out and the connection was dropped, or it was
+    closed by :meth:`aclose`. A command in flight when it broke fails with this, and
+    every later command on that connection raises it at once."""
+
+
+class RedisTimeout(RedisError, TimeoutError):
+    """A command got no reply within its timeout (or a connect did not complete in
+    ``connect_timeout``). The connection was dropped: the reply can no longer be
+    matched to its command."""
+
+
+class _ProtocolError(Exception):
+    """hiredis found bytes that are not RESP (wrapped into ConnectionLost)."""
+
+
+#: Arguments at least this long are joined into the command without an extra copy.
+_BIG = 16384
+
+#: hiredis's "no complete reply buffered yet" marker.
+MORE: Any = object()
+
+
+def new_reader() -> hiredis.Reader:
+    return hiredis.Reader(protocolError=_ProtocolError, replyError=ReplyError, notEnoughData=MORE)
+
+
+def _bulk(arg: Arg) -> bytes:
+    if isinstance(arg, bytes):
+        return arg
+    if isinstance(arg, str):
+        return arg.encode()
+    if isinstance(arg, bool):
+        raise TypeError(f"a Redis argument cannot be a bool ({arg!r}): pass 1/0 or a string")
+    if isinstance(arg, int):
+        return b"%d" % arg
+    if isinstance(arg, float):
+        return repr(arg).encode()
+    if isinstance(arg, bytearray | memoryview):
+        return bytes(arg)
+    raise TypeError(f"a Redis argument must be bytes, str, int or float, not {type(arg).__name__}")
+
+
+def encode(args: Iterable[Arg]) -> bytes:
+    """One command as RESP (an array of bulk strings)."""
+    parts = [b""]
+    count = 0
+    for arg in args:
+        data = arg if type(arg) is bytes else _bulk(arg)
+        count += 1
+        if len(data) < _BIG:
+            parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+        else:  # not copied twice
+            parts += (b"$%d\r\n" % len(data), data, b"\r\n")
+    if not count:
+        raise ValueError("a Redis command needs at least its name")
+    parts[0] = b"*%d\r\n" % count
+    return b"".join(parts)
+
+
+def encode_many(commands: Iterable[Command]) -> tuple[bytes, int]:
+    """Several commands as one buffer, and how many they are."""
+    chunks = [encode(command) for command in commands]
+    return b"".join(chunks), len(chunks)

@@ -1,0 +1,194 @@
+"""Where a Redis server is and how to talk to it: :class:`RedisURL`.
+
+Accepted forms::
+
+    redis://[[username]:password@]host[:port][/db][?option=value&...]
+    rediss://...                  (the same, over TLS)
+    unix://[[username]:password@]path/to/socket[?db=N&...]
+    unix:///absolute/path/to/socket?db=2
+
+Options: ``db`` (also as the path ``/3`` for redis/rediss), ``connect_timeout`` and
+``command_timeout`` (seconds, floats > 0, ``inf`` allowed), and for ``rediss://`` only
+``ssl_cert_reqs`` (``required`` | ``optional`` | ``none``) and ``ssl_ca_certs`` (a PEM
+file). Anything else is an error: a typo in an option never passes silently.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+
+import attrs
+
+__all__ = ["DEFAULT_COMMAND_TIMEOUT", "DEFAULT_CONNECT_TIMEOUT", "RedisURL"]
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_COMMAND_TIMEOUT = 30.0
+
+_SCHEMES = ("redis", "rediss", "unix")
+_CERT_REQS = ("required", "optional", "none")
+_OPTIONS = ("db", "connect_timeout", "command_timeout", "ssl_cert_reqs", "ssl_ca_certs")
+_USERINFO = re.compile(r"(://[^/@]*?:)[^/@]*@")
+
+
+def _mask(text: str) -> str:
+    """``text`` with anything that looks like a password replaced by ``***``."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def _hidden(password: str | None) -> str:
+    return "None" if password is None else "'***'"
+
+
+def _seconds(name: str, value: str, where: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, not {value!r} in {where}") from None
+    if math.isnan(seconds) or seconds <= 0:
+        raise ValueError(f"{name} must be > 0 seconds, not {value!r} in {where}")
+    return seconds
+
+
+def _db(value: str, where: str) -> int:
+    if not value.isdigit():
+        raise ValueError(f"the db number must be an integer >= 0, not {value!r} in {where}")
+    return int(value)
+
+
+@attrs.frozen(repr=True)
+class RedisURL:
+    """A parsed Redis URL. Build one with :meth:`parse`; ``str()`` and ``repr()`` never
+    show the password (``str(url) == url.redacted()``)."""
+
+    host: str = "localhost"
+    port: int = 6379
+    #: The unix socket's path (``unix://``); then ``host`` and ``port`` are unused.
+    path: str | None = None
+    tls: bool = False
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=_hidden)
+    db: int = 0
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    command_timeout: float = DEFAULT_COMMAND_TIMEOUT
+    ssl_cert_reqs: str = "required"
+    ssl_ca_certs: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "unix" if self.path is not None else "rediss" if self.tls else "redis"
+
+    @classmethod
+    def parse(cls, text: str) -> RedisURL:
+        """Parse ``text``; raise :class:`ValueError` naming what is wrong (the message
+        shows the URL with its password masked)."""
+        where = _mask(text)
+        scheme, sep, _ = text.partition("://")
+        if not sep:
+            raise ValueError(f"a Redis URL needs a scheme (redis://, rediss://, unix://): {where}")
+        if scheme.lower() not in _SCHEMES:
+            raise ValueError(
+                f"unknown scheme {scheme!r} in {where} (expected redis://, rediss:// or unix://)"
+            )
+        scheme = scheme.lower()
+        parts = urlsplit(text)
+        if parts.fragment:
+            raise ValueError(f"a Redis URL has no #fragment: {where}")
+        try:
+            query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+        except ValueError:
+            raise ValueError(f"malformed query string in {where}") from None
+
+        userinfo, at, hostpart = parts.netloc.rpartition("@")
+        username: str | None = None
+        password: str | None = None
+        if at:
+            user, colon, secret = userinfo.partition(":")
+            username = unquote(user) or None
+            password = unquote(secret) if colon and secret else None
+            if username is not None and password is None:
+                raise ValueError(f"a username needs a password (user:password@) in {where}")
+
+        fields: dict[str, object] = {"username": username, "password": password}
+        db: int | None = None
+        if scheme == "unix":
+            socket_path = unquote(hostpart + parts.path)
+            if not socket_path:
+                raise ValueError(f"a unix:// URL needs a socket path: {where}")
+            fields["path"] = socket_path
+        else:
+            fields["tls"] = scheme == "rediss"
+            try:
+                port = parts.port
+            except ValueError as exc:
+                raise ValueError(f"bad port in {where}: {exc}") from None
+            if port == 0:
+                raise ValueError(f"bad port in {where}: 0")
+            if hostpart.endswith(":"):
+                raise ValueError(f"bad port in {where}: empty")
+            if parts.hostname:
+                fields["host"] = unquote(parts.hostname)
+            if port is not None:
+                fields["port"] = port
+            db_path = parts.path.strip("/")
+            if db_path:
+                db = _db(db_path, where)
+
+        seen: set[str] = set()
+        for name, value in query:
+            if name not in _OPTIONS:
+                raise ValueError(
+                    f"unknown option {name!r} in {where} (known: {', '.join(_OPTIONS)})"
+                )
+            if name in seen:
+                raise ValueError(f"option {name!r} given twice in {where}")
+            seen.add(name)
+            if name == "db":
+                query_db = _db(value, where)
+                if db is not None and db != query_db:
+                    raise ValueError(f"two different db numbers in {where}")
+                db = query_db
+            elif name in ("connect_timeout", "command_timeout"):
+                fields[name] = _seconds(name, value, where)
+            else:
+                if scheme != "rediss":
+                    raise ValueError(f"{name} is only for rediss:// URLs: {where}")
+                if name == "ssl_cert_reqs" and value not in _CERT_REQS:
+                    raise ValueError(
+                        f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}, "
+                        f"not {value!r} in {where}"
+                    )
+                if not value:
+                    raise ValueError(f"{name} is empty in {where}")
+                fields[name] = value
+        if db is not None:
+            fields["db"] = db
+        return cls(**fields)  # type: ignore[arg-type]
+
+    def redacted(self) -> str:
+        """The URL as text with the password replaced by ``***`` (for logs)."""
+        auth = ""
+        if self.password is not None:
+            auth = f"{quote(self.username or '', safe='')}:***@"
+        options: dict[str, str] = {}
+        if self.path is not None:
+            location = quote(self.path)
+            if self.db:
+                options["db"] = str(self.db)
+        else:
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            location = f"{host}:{self.port}/{self.db}"
+        if self.connect_timeout != DEFAULT_CONNECT_TIMEOUT:
+            options["connect_timeout"] = repr(self.connect_timeout)
+        if self.command_timeout != DEFAULT_COMMAND_TIMEOUT:
+            options["command_timeout"] = repr(self.command_timeout)
+        if self.tls and self.ssl_cert_reqs != "required":
+            options["ssl_cert_reqs"] = self.ssl_cert_reqs
+        if self.tls and self.ssl_ca_certs is not None:
+            options["ssl_ca_certs"] = self.ssl_ca_certs
+        query = f"?{urlencode(options)}" if options else ""
+        return f"{self.scheme}://{auth}{location}{query}"
+
+    def __str__(self) -> str:
+        return self.redacted()
