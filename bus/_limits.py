@@ -1,0 +1,424 @@
+"""Rate limits and concurrency limits, decided without I/O (plus their Redis scripts).
+
+Rates
+-----
+
+:func:`parse_rate` reads ``"<count>/<period>"``: a whole number of starts per period.
+The period is a unit, optionally preceded by a positive number of units:
+
+- ``s``, ``sec``, ``second`` (also plural), ``m``, ``min``, ``minute``, ``h``, ``hr``,
+  ``hour``, ``d``, ``day``: ``"100/s"``, ``"10/minute"``, ``"5/hour"``, ``"1000/day"``;
+- with a number of units: ``"10/5s"`` (10 per 5 seconds), ``"3/1.5h"``, ``"1/30 min"``.
+
+``m`` is minutes (there is no millisecond unit). Case and spaces around the parts do
+not matter. Anything else raises :class:`ValueError` saying what was expected.
+
+Rate limits: one token bucket per limit key
+-------------------------------------------
+
+:func:`limit` makes a :class:`Limit` (``bus.limit``): a key and a rate, shared by every
+task that names the same key; the task option ``rate_limit="100/s"`` is
+``Limit(key="task:<name>", rate=...)`` (:func:`task_limit`).
+
+A limit is a token bucket holding at most ``burst`` tokens, refilled continuously at
+``count / per`` tokens a second; a task starts only by taking a token.
+
+*Burst.* ``burst`` is the bucket's capacity: how many tasks may start at once after the
+limit has been idle. A limit of ``count/per`` with burst ``b`` lets at most
+``b + count * w / per`` tasks start in any window of ``w`` seconds, so at most
+``rate + burst`` in any 1-second window, ``rate`` being ``count / per`` a second. The
+default burst is 1: starts are spread evenly, one every ``per / count`` seconds, and a
+second holds at most ``rate + 1`` of them (``"100/s"`` never exceeds 101 starts in a
+second; with ``burst=100`` it may start 100 at once, and up to 200 in one second).
+
+:class:`TokenBucket` is the bucket in memory; :data:`TOKEN_BUCKET_LUA` is the same
+bucket in Redis, atomic, with all its state on the server.
+
+*Time in Redis.* The scripts read the server's clock (``TIME``) unless ARGV[1] passes
+a time: every worker host then refills a shared bucket and expires shared leases by
+the same clock, whatever the skew between the hosts' clocks. A script that reads
+``TIME`` and then writes is replicated by its effects, the only mode since Redis 7 and
+the default since Redis 5 (the bus needs Redis 6.2 anyway, for ``XAUTOCLAIM``).
+Passing ARGV[1] is for tests, which need a clock they control; one key must not mix
+the two.
+
+Concurrency limits
+------------------
+
+``max_running=5`` lets at most 5 tasks of one key run at once, across processes. A
+running task holds a *lease* on a slot, which expires unless the task's worker
+refreshes it, so a slot held by a dead worker comes back after ``lease_ttl``.
+:class:`RunningTable` is the in-memory table; :data:`ACQUIRE_SLOT_LUA`,
+:data:`REFRESH_SLOT_LUA` and :data:`RELEASE_SLOT_LUA` do the same on a Redis sorted set
+of tokens scored by the expiry time (ms) of their lease. Expired leases are dropped by
+the next acquire or refresh of their key.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import attrs
+
+__all__ = [
+    "ACQUIRE_SLOT_LUA",
+    "REFRESH_SLOT_LUA",
+    "RELEASE_SLOT_LUA",
+    "TOKEN_BUCKET_LUA",
+    "Limit",
+    "Rate",
+    "RunningTable",
+    "TokenBucket",
+    "bucket_args",
+    "limit",
+    "limit_redis_key",
+    "parse_rate",
+    "running_redis_key",
+    "task_limit",
+    "task_limit_key",
+]
+
+_UNITS = {
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1.0),
+    **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60.0),
+    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 3600.0),
+    **dict.fromkeys(("d", "day", "days"), 86400.0),
+}
+_RATE = re.compile(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?|\.\d+)?\s*([a-z]+)\s*", re.IGNORECASE)
+_SHORT = {1.0: "s", 60.0: "m", 3600.0: "h", 86400.0: "d"}
+
+# Tokens are floats: a refill that should reach exactly one token may fall short of it
+# by a rounding error; this much short still counts as a token (and the debt is kept).
+_EPSILON = 1e-9
+
+
+@attrs.frozen
+class Rate:
+    """``count`` starts per ``per`` seconds."""
+
+    count: int
+    """How many starts a period allows (a whole number >= 1)."""
+    per: float
+    """The period, in seconds (at least 0.001)."""
+
+    def __attrs_post_init__(self) -> None:
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
+            raise ValueError(f"a rate's count is a whole number >= 1, not {self.count!r}")
+        if isinstance(self.per, bool) or not isinstance(self.per, int | float):
+            raise TypeError(f"a rate's period is a number of seconds, not {self.per!r}")
+        if not (math.isfinite(self.per) and self.per >= 0.001):
+            raise ValueError(f"a rate's period is at least 0.001 seconds, not {self.per!r}")
+
+    @property
+    def per_second(self) -> float:
+        """Starts per second."""
+        return self.count / self.per
+
+    def __str__(self) -> str:
+        unit = _SHORT.get(float(self.per))
+        return f"{self.count}/{unit}" if unit else f"{self.count}/{self.per:g}s"
+
+
+def parse_rate(text: str) -> Rate:
+    """Read a rate such as ``"100/s"``, ``"10/minute"`` or ``"10/5s"`` (see the module
+    documentation for the grammar). Raises :class:`ValueError` otherwise."""
+    if not isinstance(text, str):
+        raise TypeError(f"a rate is a string such as '100/s', not {text!r}")
+    expected = (
+        "expected '<count>/<period>' such as '100/s', '10/minute', '5/hour' or '10/5s'"
+        " (units: s, m, h, d and their names)"
+    )
+    match = _RATE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"bad rate {text!r}: {expected}")
+    count_text, amount_text, unit_text = match.groups()
+    unit = _UNITS.get(unit_text.lower())
+    if unit is None:
+        raise ValueError(f"bad rate {text!r}: unknown unit {unit_text!r}; {expected}")
+    amount = 1.0 if amount_text is None else float(amount_text)
+    count = int(count_text)
+    if count < 1:
+        raise ValueError(f"bad rate {text!r}: the count must be at least 1")
+    if amount <= 0:
+        raise ValueError(f"bad rate {text!r}: the period must be positive")
+    return Rate(count, amount * unit)
+
+
+def _rate(rate: str | Rate) -> Rate:
+    return rate if isinstance(rate, Rate) else parse_rate(rate)
+
+
+def _check_burst(burst: object) -> None:
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+        raise ValueError(f"burst is a whole number >= 1, not {burst!r}")
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"a limit key is a non-empty string, not {key!r}")
+
+
+@attrs.frozen
+class Limit:
+    """A rate limit shared by every task that names its key. Make one with
+    :func:`limit`."""
+
+    key: str
+    """What the limit is shared by, e.g. ``"api.example.com"``; ``"task:<name>"`` for a
+    task's own ``rate_limit``."""
+    rate: Rate
+    """The sustained rate."""
+    burst: int = 1
+    """The bucket's capacity: how many may start at once after an idle spell (at most
+    ``burst + count * w / per`` starts in any ``w`` seconds)."""
+
+    def __attrs_post_init__(self) -> None:
+        _check_key(self.key)
+        if not isinstance(self.rate, Rate):
+            raise TypeError(f"a limit's rate is a Rate (see parse_rate), not {self.rate!r}")
+        _check_burst(self.burst)
+
+    def bucket(self) -> TokenBucket:
+        """A fresh in-memory bucket for this limit (full)."""
+        return TokenBucket(self.rate, self.burst)
+
+
+def limit(key: str, rate: str | Rate, *, burst: int | None = None) -> Limit:
+    """A rate limit shared by key: ``bus.limit("api", "10/s")``. ``burst`` defaults to 1
+    (evenly spread starts); see the module documentation for what it bounds."""
+    return Limit(key, _rate(rate), 1 if burst is None else burst)
+
+
+def task_limit_key(task_name: str) -> str:
+    """The limit key of a task's own ``rate_limit`` / ``max_running``: ``task:<name>``."""
+    return f"task:{task_name}"
+
+
+def task_limit(task_name: str, rate_limit: str | Rate | Limit) -> Limit:
+    """The :class:`Limit` of the task option ``rate_limit=``: a :class:`Limit` as given,
+    a rate as ``Limit(key="task:<name>", rate=...)``."""
+    if isinstance(rate_limit, Limit):
+        return rate_limit
+    return Limit(task_limit_key(task_name), _rate(rate_limit))
+
+
+@attrs.define
+class TokenBucket:
+    """A token bucket in memory; the caller passes the time (seconds, any monotonic
+    clock). It starts full."""
+
+    rate: Rate
+    """The refill rate: ``rate.count`` tokens every ``rate.per`` seconds."""
+    burst: int = 1
+    """The capacity."""
+    tokens: float = attrs.field(init=False)
+    """Tokens in the bucket at ``updated``."""
+    updated: float | None = attrs.field(init=False, default=None)
+    """When ``tokens`` was last brought up to date (``None``: never used)."""
+
+    def __attrs_post_init__(self) -> None:
+        _check_burst(self.burst)
+        self.tokens = float(self.burst)
+
+    def _refill(self, now: float) -> None:
+        if self.updated is None:
+            self.updated = now
+        elif now > self.updated:  # a clock that steps back refills nothing
+            gained = (now - self.updated) * self.rate.count / self.rate.per
+            self.tokens = min(float(self.burst), self.tokens + gained)
+            self.updated = now
+
+    def try_take(self, now: float) -> float:
+        """Take a token: 0.0 if one was taken, else the seconds until one is there
+        (and nothing is taken)."""
+        self._refill(now)
+        if self.tokens >= 1 - _EPSILON:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) * self.rate.per / self.rate.count
+
+
+@attrs.define
+class RunningTable:
+    """Concurrency slots by key, each held through a lease that expires; the caller
+    passes the time. A holder is named by a token of its choice (e.g. its task id)."""
+
+    _leases: dict[str, dict[str, float]] = attrs.field(factory=dict, init=False)
+
+    def _live(self, key: str, now: float) -> dict[str, float]:
+        leases = self._leases.get(key)
+        if leases is None:
+            return {}
+        for token in [t for t, expires in leases.items() if expires <= now]:
+            del leases[token]
+        if not leases:
+            del self._leases[key]
+        return leases
+
+    def acquire(
+        self, key: str, token: str, now: float, lease_ttl: float, *, max_running: int
+    ) -> bool:
+        """Take a slot of ``key`` for ``token`` until ``now + lease_ttl``, if fewer than
+        ``max_running`` live leases hold one. True if ``token`` holds a slot now (a token
+        that already holds one has its lease extended)."""
+        _check_max(max_running)
+        _check_ttl(lease_ttl)
+        leases = self._live(key, now)
+        if token in leases or len(leases) < max_running:
+            self._leases.setdefault(key, leases)[token] = now + lease_ttl
+            return True
+        return False
+
+    def refresh(self, key: str, token: str, now: float, lease_ttl: float) -> bool:
+        """Extend ``token``'s lease to ``now + lease_ttl``. False if it holds none (its
+        lease expired: its slot may have gone to another)."""
+        _check_ttl(lease_ttl)
+        leases = self._live(key, now)
+        if token not in leases:
+            return False
+        leases[token] = now + lease_ttl
+        return True
+
+    def release(self, key: str, token: str) -> bool:
+        """Give back ``token``'s slot; True if it held one (a lease that expired counts
+        until :meth:`acquire` or :meth:`refresh` drops it, as in Redis)."""
+        leases = self._leases.get(key)
+        if leases is None or leases.pop(token, None) is None:
+            return False
+        if not leases:
+            del self._leases[key]
+        return True
+
+    def running(self, key: str, now: float) -> int:
+        """How many live leases ``key`` has at ``now`` (a query: it changes nothing)."""
+        return sum(expires > now for expires in self._leases.get(key, {}).values())
+
+
+def _check_max(max_running: object) -> None:
+    if isinstance(max_running, bool) or not isinstance(max_running, int) or max_running < 1:
+        raise ValueError(f"max_running is a whole number >= 1, not {max_running!r}")
+
+
+def _check_ttl(lease_ttl: object) -> None:
+    if isinstance(lease_ttl, bool) or not isinstance(lease_ttl, int | float):
+        raise TypeError(f"lease_ttl is a number of seconds, not {lease_ttl!r}")
+    if not (lease_ttl > 0 and math.isfinite(lease_ttl)):
+        raise ValueError(
+            f"lease_ttl must be a positive, finite number of seconds, not {lease_ttl!r}"
+        )
+
+
+def limit_redis_key(prefix: str, key: str) -> str:
+    """The Redis hash of a limit's token bucket: ``{prefix}:rate:{key}``."""
+    return f"{prefix}:rate:{key}"
+
+
+def running_redis_key(prefix: str, key: str) -> str:
+    """The Redis sorted set of a concurrency limit's leases: ``{prefix}:running:{key}``."""
+    return f"{prefix}:running:{key}"
+
+
+def bucket_args(lim: Limit, now_ms: int | None = None) -> list[str]:
+    """ARGV for :data:`TOKEN_BUCKET_LUA`: the server's clock unless ``now_ms`` is given."""
+    return [
+        "" if now_ms is None else str(now_ms),
+        str(lim.rate.count),
+        repr(lim.rate.per * 1000),
+        str(lim.burst),
+    ]
+
+
+# Sets `now` (ms): ARGV[1] if given, else the server's clock.
+_NOW = """
+local now
+if ARGV[1] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+else
+  now = tonumber(ARGV[1])
+end
+"""
+
+TOKEN_BUCKET_LUA = (
+    """
+-- Take a token from a token bucket. KEYS[1]: a hash {tokens, ts}.
+-- ARGV[1]: now in ms, or '' for the server's clock; ARGV[2]: count; ARGV[3]: per in
+-- ms (count tokens are added every per ms); ARGV[4]: burst (the capacity).
+-- Returns 0 if a token was taken, else the ms until one is there (nothing taken).
+-- The hash expires when the bucket would be full again: a missing bucket is full."""
+    + _NOW
+    + """
+local count = tonumber(ARGV[2])
+local per = tonumber(ARGV[3])
+local burst = tonumber(ARGV[4])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1])
+local ts = tonumber(state[2])
+if tokens == nil or ts == nil then
+  tokens = burst
+  ts = now
+elseif now > ts then
+  tokens = math.min(burst, tokens + (now - ts) * count / per)
+  ts = now
+end
+local wait = 0
+if tokens >= 1 - 1e-9 then
+  tokens = tokens - 1
+else
+  wait = math.max(1, math.ceil((1 - tokens) * per / count))
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', ts)
+redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil((burst - tokens) * per / count)))
+return wait
+"""
+)
+"""Redis script: the token bucket of :class:`TokenBucket`, atomic (ARGV from
+:func:`bucket_args`)."""
+
+ACQUIRE_SLOT_LUA = (
+    """
+-- Take a concurrency slot. KEYS[1]: a sorted set of tokens scored by lease expiry (ms).
+-- ARGV[1]: now in ms, or '' for the server's clock; ARGV[2]: the token;
+-- ARGV[3]: max_running; ARGV[4]: lease ttl in ms.
+-- Returns 1 if the token holds a slot (taken, or its lease extended), else 0."""
+    + _NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[2])
+    or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[2])
+  local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  redis.call('PEXPIRE', KEYS[1], math.max(1, tonumber(last[2]) - now))
+  return 1
+end
+return 0
+"""
+)
+"""Redis script: :meth:`RunningTable.acquire` on a sorted set."""
+
+REFRESH_SLOT_LUA = (
+    """
+-- Extend a lease. KEYS[1]: the sorted set; ARGV[1]: now in ms, or '' for the server's
+-- clock; ARGV[2]: the token; ARGV[3]: lease ttl in ms.
+-- Returns 1 if extended, 0 if the token holds no live lease. Expired leases are removed."""
+    + _NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[2]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[3]), ARGV[2])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIRE', KEYS[1], math.max(1, tonumber(last[2]) - now))
+return 1
+"""
+)
+"""Redis script: :meth:`RunningTable.refresh` on a sorted set."""
+
+RELEASE_SLOT_LUA = """
+-- Give back a slot. KEYS[1]: the sorted set; ARGV[1]: the token. Returns 1 if it held one.
+return redis.call('ZREM', KEYS[1], ARGV[1])
+"""
+"""Redis script: :meth:`RunningTable.release` (a plain ``ZREM``, kept as a script so the
+three operations are used alike)."""
