@@ -21,7 +21,7 @@ from bus._ids import TaskID
 from bus._message import TaskMessage
 from bus._middleware import HookChain, Middleware
 from bus._options import TaskOptions
-from bus._protocol import Cancel, Inspect, Send
+from bus._protocol import Cancel, Drain, Inspect, Send
 from bus._results import InMemoryResultBackend, ResultBackend
 from bus._task import AsyncTask, SyncTask, Task
 
@@ -252,8 +252,21 @@ class Broker(abc.ABC):
     async def _started(self) -> None:  # noqa: B027
         """Called once everything is up (the in-memory broker starts its worker here)."""
 
-    async def _drain(self) -> None:  # noqa: B027
-        """Called on a clean exit of ``async with broker``, before anything stops."""
+    async def _drain(self) -> None:
+        """Called on a clean exit of ``async with broker``, before anything stops: the
+        workers registered with the broker actor (in this process) drain, their tasks
+        getting ``shutdown_timeout`` seconds, so their last acks are queued first."""
+        from bus._broker_actor import ListWorkers
+
+        ref = self._ref
+        if ref is None:
+            return
+        tickets = []
+        for w in await ref.ask(ListWorkers()):
+            with contextlib.suppress(actors.ActorStopped):
+                tickets.append(await w.ask(Drain(self.shutdown_timeout)))
+        for ticket in tickets:
+            await ticket.wait()
 
     async def _close(self) -> None:
         """Stop the broker actor (its children stop first)."""

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import attrs
+
 import actors
 from actors._log import get_logger
 from bus._protocol import Register, Unregister
 
-__all__ = ["BrokerActor"]
+__all__ = ["BrokerActor", "ListWorkers"]
 
 log = get_logger("bus.broker")
+
+
+@attrs.frozen
+class ListWorkers:
+    """Ask: the refs of the workers registered with a broker actor."""
 
 
 class BrokerActor(actors.Actor):
@@ -31,6 +38,10 @@ class BrokerActor(actors.Actor):
     @actors.handles(Unregister, inline=True)
     def unregister(self, msg: Unregister) -> None:
         self.workers.pop(msg.worker, None)
+
+    @actors.handles(ListWorkers, inline=True)
+    def list_workers(self, msg: ListWorkers) -> list[actors.ActorRef]:
+        return list(self.workers)
 
     def tell_workers(self, msg: object) -> None:
         """Tell every registered worker ``msg`` (a worker that stopped is forgotten)."""

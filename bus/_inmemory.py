@@ -20,7 +20,7 @@ import trio
 import actors
 from actors._log import get_logger
 from bus._broker import Broker
-from bus._broker_actor import BrokerActor
+from bus._broker_actor import BrokerActor, ListWorkers
 from bus._codec import Codec, DecodeError, JSONCodec
 from bus._errors import BrokerClosed, QueueFull, SendError
 from bus._frozen import json_faithful
@@ -70,11 +70,6 @@ class CancelUnstarted:
     why_delayed: str
     why_queued: str = ""
     queued: bool = False
-
-
-@attrs.frozen
-class ListWorkers:
-    """Ask: the refs of the registered workers."""
 
 
 @attrs.frozen
@@ -363,10 +358,6 @@ class InMemoryBrokerActor(BrokerActor):
             self._became_idle()
         return len(found)
 
-    @actors.handles(ListWorkers)
-    def list_workers(self, msg: ListWorkers) -> list[actors.ActorRef]:
-        return list(self.workers)
-
     @actors.handles(DeadLetters)
     def dead_letters(self, msg: DeadLetters) -> list[dict[str, Any]]:
         out = []
@@ -475,7 +466,6 @@ class InMemoryBroker(Broker):
             await self._run_worker(self.concurrency, (), "worker", task_status)
         finally:
             done.set()
-
 
     # ---------------------------------------------------------------- sending
 

@@ -193,13 +193,16 @@ class Lease(trio.abc.ReceiveChannel[Delivery]):
 
     ``redeliver_interrupted`` tells the worker what to do with a task that a stop
     interrupts: ``True`` (a broker shared between processes) hands it back with a
-    :class:`Nack` whose ``requeue`` is the same message, so another worker runs it;
-    ``False`` (the in-memory broker) records it as CANCELLED.
+    :class:`Release`, so another worker runs it; ``False`` (the in-memory broker)
+    records it as CANCELLED.
 
     Cancellation: ``receive`` takes nothing when it is cancelled.
     """
 
     redeliver_interrupted: bool = False
+    #: ``True``: a task that failed for good (out of retries) is dead-lettered once its
+    #: result is stored (a ``Nack`` instead of an ``Ack``), so it can be requeued.
+    dead_letter_failures: bool = False
 
     def receive_nowait(self) -> Delivery:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -110,6 +110,15 @@ class ResultBackend(abc.ABC):
         """Store ``result`` and wake its waiters. Once it returns, every later read
         sees the result."""
 
+    async def set_result_if_absent(self, task_id: TaskID, result: TaskResult[Any]) -> bool:
+        """Store ``result`` unless a result is stored already (a cancellation racing
+        the task's own result); True if it was stored. Backends that can do it
+        atomically (Redis: ``SET NX``) override this check-then-set."""
+        if await self.is_ready(task_id):
+            return False
+        await self.set_result(task_id, result)
+        return True
+
     @abc.abstractmethod
     async def get_result(self, task_id: TaskID) -> TaskResult[Any]:
         """The stored result; raises :class:`ResultNotFound` when there is none."""

@@ -133,6 +133,7 @@ class WorkerActor(actors.Actor):
         self._idle: trio.Event | None = None  # made only while a drain waits
         self._lease: Lease | None = None
         self._broker_ref: actors.ActorRef | None = None
+        self._tickets: list[DrainTicket] = []
         self._log = log
 
     # ------------------------------------------------------------------ lifecycle
@@ -162,6 +163,9 @@ class WorkerActor(actors.Actor):
         try:
             await trio.sleep_forever()
         finally:
+            for ticket in self._tickets:  # drains cut short by a cancellation: done too
+                if not ticket.done:
+                    ticket.finish(len(self.running))
             if self._lease is not None:
                 self._lease.close()
             if self._broker_ref is not None:
@@ -190,6 +194,7 @@ class WorkerActor(actors.Actor):
     @actors.handles(Drain)
     def drain(self, msg: Drain) -> DrainTicket:
         ticket = DrainTicket()
+        self._tickets.append(ticket)
         self.nursery.start_soon(self._drain, msg.timeout, ticket)
         return ticket
 
@@ -479,6 +484,11 @@ class WorkerActor(actors.Actor):
             return  # not acked: a redelivering broker runs it again
         if "post_save" in hooks.has:
             await hooks.run_all("post_save", message, decision.result)
+        lease = self._lease
+        if status in _ERRORS and lease is not None and lease.dead_letter_failures:
+            why = f"failed for good after {message.attempt} attempt(s): {decision.result.error}"
+            await self._tell_broker(Nack(delivery, why))
+            return
         self._ack(delivery, message.task_id)
 
     async def _tell_broker(self, msg: object) -> None:

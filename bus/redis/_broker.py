@@ -1,171 +1,590 @@
-"""The Redis Streams broker: a consumer group per queue, redelivery, a dead-letter stream."""
+"""The Redis Streams broker: a small tree of supervised actors.
+
+``RedisBroker`` is the facade. Behind it:
+
+- the process's shared :class:`~bus.redis._pool.ConnectionActor` for the URL (the
+  command connection, and as its child the one pub/sub subscription);
+- :class:`RedisBrokerActor` (``broker.ref``): it turns the ``Send``s, ``Ack``s and
+  ``Nack``s of each mailbox drain into one write on the shared connection, retried
+  until Redis is back; it listens to cancel announcements;
+- its children: the :class:`~bus.redis._reader.StreamReaderActor` (when a worker
+  runs here) and the :class:`DelayedMoverActor`.
+
+Shutdown follows the tree: workers first, then the broker actor (its last acks are
+queued, its children stop: the reader hands back what is unfinished), then its
+writes are confirmed, and the connections close last.
+"""
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import math
-import os
-import socket
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
-import coredis
-import structlog
 import trio
-from coredis import PureToken
-from coredis.exceptions import StreamConsumerGroupError, StreamDuplicateConsumerGroupError
-from coredis.patterns.pubsub import PubSub
-from coredis.response.types import StreamEntry, StreamPending, StreamPendingExt
+import trio.lowlevel
 
 import actors
+from actors._log import get_logger
 from bus._broker import Broker
-from bus._codec import Codec, DecodeError
+from bus._broker_actor import BrokerActor
+from bus._codec import Codec
 from bus._errors import SendError
 from bus._ids import TaskID
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
 from bus._middleware import Middleware
-from bus._protocol import Ack, Cancel, Delivery, Nack, Receive, Send
-from bus._results import ResultBackend
-from bus.redis._conn import FAULTS, Connection
-from bus.redis._logic import (
-    F_DATA,
-    F_SIG,
-    Backoff,
-    Keys,
-    check_entry,
-    join_member,
-    over_delivered,
-    sign,
+from bus._protocol import (
+    Ack,
+    Cancel,
+    CancelRunning,
+    Inspect,
+    Lease,
+    Nack,
+    Receive,
+    Release,
+    Send,
 )
+from bus._results import ResultBackend
+from bus.redis import _ops
+from bus.redis._client import (
+    Command,
+    Connection,
+    ConnectionLost,
+    Pending,
+    ReplyError,
+    rerun_noscript,
+)
+from bus.redis._logic import F_DATA, F_SIG, Keys, join_member, sign
+from bus.redis._pool import (
+    BACKOFF,
+    Announcement,
+    Lent,
+    Resubscribed,
+    Subscribe,
+    UsesConnection,
+    lend,
+    shared_connection,
+    subscription_of,
+    wait_connected,
+    with_connection,
+)
+from bus.redis._reader import Done, InFlight, Lend, ReaderState, StreamReaderActor
 from bus.redis._results import RedisResultBackend
+from bus.redis._scripts import DEAD, HANDBACK, PROMOTE, REQUEUE
+from bus.redis._settings import RedisSettings
 
-__all__ = ["RedisBroker"]
+__all__ = ["DelayedMoverActor", "RedisBroker", "RedisBrokerActor"]
 
-log = structlog.get_logger("bus.redis")
+log = get_logger("bus.redis")
 
-#: Moves due members of the delayed set into the stream, atomically.
-#: KEYS: delayed zset, stream. ARGV: now (ms), batch size, maxlen (0: none).
-#: Returns {moved, score of the next member or false}.
-PROMOTE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-local maxlen = tonumber(ARGV[3])
-for _, member in ipairs(due) do
-  local args = {KEYS[2]}
-  if maxlen > 0 then
-    args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
-  end
-  args[#args + 1] = '*'
-  local nl = string.find(member, '\\n', 1, true)
-  if nl then
-    local sig = string.sub(member, 1, nl - 1)
-    args[#args + 1] = 'd'; args[#args + 1] = string.sub(member, nl + 1)
-    if sig ~= '' then args[#args + 1] = 's'; args[#args + 1] = sig end
-  else
-    args[#args + 1] = 'd'; args[#args + 1] = member
-  end
-  redis.call('XADD', unpack(args))
-  redis.call('ZREM', KEYS[1], member)
-end
-local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {#due, nxt[2] or false}
-"""
 
-#: Resets the idle time of the entries this consumer still owns (a heartbeat), or sets
-#: it to ARGV[3] ms (a release). KEYS: stream. ARGV: group, consumer, idle ms, ids...
-#: Returns the ids it touched.
-TOUCH = """
-local args = {KEYS[1], ARGV[1], ARGV[2], 0}
-for i = 4, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then args[#args + 1] = ARGV[i] end
-end
-if #args == 4 then return {} end
-args[#args + 1] = 'IDLE'; args[#args + 1] = ARGV[3]; args[#args + 1] = 'JUSTID'
-return redis.call('XCLAIM', unpack(args))
-"""
+# ------------------------------------------------------------ private messages
+
+
+@attrs.frozen
+class SendNow:
+    """Ask (inline): queue the XADD/ZADD of ``message``; the answer is the Pending of
+    its reply. What ``kick`` uses: an idle broker actor answers in the producer's own
+    task, and the producer's wait writes the command."""
+
+    message: TaskMessage
+    data: bytes
+
+
+@attrs.frozen
+class SendMany:
+    """Ask (inline): as :class:`SendNow` for a batch (one write)."""
+
+    messages: tuple[tuple[TaskMessage, bytes], ...]
+
+
+@attrs.frozen
+class WakeMover:
+    """Tell: a delayed message was just sent; look at the delayed set now."""
+
+
+# ----------------------------------------------------------------- the mover
+
+
+class DelayedMoverActor(actors.Actor):
+    """Moves due delayed messages into the stream (atomic in Lua, so any number of
+    workers may run it at once). It sleeps until the next due member (at most the
+    poll interval, as other processes add to the set) or until woken."""
+
+    def __init__(self, settings: RedisSettings, keys: Keys, conn_ref: actors.ActorRef) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.conn_ref = conn_ref
+        self._wake = trio.Event()
+
+    async def on_start(self) -> None:
+        self.nursery.start_soon(self._move_forever)
+
+    @actors.handles(WakeMover, inline=True)
+    def wake(self, msg: WakeMover) -> None:
+        self._wake.set()
+
+    async def _move_forever(self) -> None:
+        keys = self.keys
+        while True:
+            wait = self.settings.delay_poll_interval
+            lent = await lend(self.conn_ref)
+            try:
+                moved, nxt = await PROMOTE.run(
+                    lent.conn,
+                    keys=[keys.delayed, keys.stream],
+                    args=[int(time.time() * 1000), 200, self.settings.maxlen or 0],
+                )
+            except ConnectionLost as exc:
+                log.warning("redis.mover_failed", error=str(exc), actor=self.name)
+                await lent.lost.wait()
+                continue
+            if moved >= 200:
+                wait = 0.0
+            elif nxt is not None:
+                wait = min(wait, max(0.0, float(nxt) / 1000 - time.time()))
+            with trio.move_on_after(wait):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+
+# ----------------------------------------------------------- the broker actor
 
 
 @attrs.define
-class _Flight:
-    """An entry handed to a worker and not yet acked or nacked."""
+class _Batch:
+    """Writes of one mailbox drain, confirmed together (and retried together)."""
 
-    task_id: TaskID | None
-    since: float
+    commands: list[Command] = attrs.Factory(list)
+    done: list[bytes] = attrs.Factory(list)  # entries the reader may forget once written
 
 
-class _Holder(actors.Actor):
-    """Keeps the broker's own Redis client open; lives in the actor system so that the
-    client outlives the broker's background tasks (acks are flushed on the way out)."""
+class RedisBrokerActor(BrokerActor, UsesConnection):
+    """The Redis broker actor (see the module docstring)."""
 
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
+    def __init__(
+        self,
+        settings: RedisSettings,
+        keys: Keys,
+        codec: Codec,
+        results: ResultBackend,
+        conn_ref: actors.ActorRef,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.keys = keys
+        self.codec = codec
+        self.results = results
+        self.conn_ref = conn_ref
+        self.group = settings.group.encode()
+        self.consumer = settings.consumer.encode()
+        self._batch = _Batch()
+        self._reader: actors.ActorRef | None = None
+        self._reader_state = ReaderState()
+        self._mover: actors.ActorRef | None = None
+        self._confirming = 0
+        self._confirmed: trio.Event | None = None
+        self._cancels_subscribed = False
+
+    # ------------------------------------------------------------ lifecycle
 
     async def on_start(self) -> None:
-        await self.nursery.start(self.conn.hold)
+        self.start_keeping_connection()
+        settings, keys, conn_ref = self.settings, self.keys, self.conn_ref
+        self._mover = await self.spawn(
+            lambda: DelayedMoverActor(settings, keys, conn_ref),
+            name="delayed",
+            on_failure=actors.RESTART,
+            max_restarts=None,
+            backoff=BACKOFF,
+        )
+
+    async def connected(self, lent: Lent) -> None:
+        if self._batch.commands:
+            await self._write()  # what waited for the connection
+
+    async def on_drained(self) -> None:
+        if self._batch.commands:
+            await self._write()
+
+    async def on_stop(self) -> None:
+        """Children (the reader) stopped already; now make sure every write of this
+        broker reached Redis (bounded), before the connection closes."""
+        deadline = trio.current_time() + max(1.0, min(self.settings.write_timeout, 10.0))
+        with trio.move_on_after(deadline - trio.current_time()):
+            while self._batch.commands or self._confirming:
+                if self._batch.commands and self.lent is not None:
+                    await self._write()
+                self._confirmed = trio.Event()
+                with trio.move_on_after(0.5):
+                    await self._confirmed.wait()
+        if self._batch.commands or self._confirming:
+            log.error(
+                "redis.writes_lost",
+                queued=len(self._batch.commands),
+                unconfirmed=self._confirming,
+                actor=self.name,
+            )
+
+    # ----------------------------------------------------------------- writes
+
+    def _submit_now(self, commands: Sequence[Command]) -> Pending | None:
+        """Queue ``commands`` now; ``None`` while there is no connection (the asker
+        waits for one and asks again: not a failure of this actor)."""
+        lent = self.lent
+        if lent is None or lent.lost.is_set():
+            return None
+        try:
+            return lent.conn.submit(commands)
+        except ConnectionLost:
+            return None
+
+    def _queue(self, commands: Iterable[Command], done: Iterable[bytes] = ()) -> None:
+        """Queue writes for the end of this drain (on_drained writes them)."""
+        self._batch.commands.extend(commands)
+        self._batch.done.extend(done)
+
+    async def _write(self) -> None:
+        lent = self.lent
+        if lent is None or lent.lost.is_set():
+            return  # _keep_connection writes it once reconnected
+        batch, self._batch = self._batch, _Batch()
+        try:
+            pending = lent.conn.submit(batch.commands)
+            await lent.conn.flush()
+        except ConnectionLost:
+            self._requeue_batch(batch)
+            return
+        self._confirming += 1
+        self.nursery.start_soon(self._confirm, pending, batch, trio.current_time())
+
+    def _requeue_batch(self, batch: _Batch) -> None:
+        self._batch.commands[:0] = batch.commands
+        self._batch.done[:0] = batch.done
+
+    async def _confirm(self, pending: Pending, batch: _Batch, since: float) -> None:
+        try:
+            try:
+                replies = await pending.wait()
+            except ConnectionLost as exc:
+                # Acks and the Lua writes are idempotent: send them again on the next
+                # connection, until Redis is back or the write timeout passes.
+                if trio.current_time() - since < self.settings.write_timeout:
+                    log.warning("redis.write_retry", error=str(exc), commands=len(batch.commands))
+                    self._requeue_batch(batch)
+                    if self.lent is not None and not self.lent.lost.is_set():
+                        await self._write()
+                else:
+                    log.error("redis.write_failed", error=str(exc), commands=len(batch.commands))
+                return
+            lent = self.lent
+            if lent is not None and any(isinstance(r, ReplyError) for r in replies):
+                await rerun_noscript(lent.conn, batch.commands, replies)
+            for command, reply in zip(batch.commands, replies, strict=True):
+                if isinstance(reply, ReplyError):
+                    log.error("redis.write_refused", command=str(command[0]), error=reply.message)
+            reader = self._reader
+            if reader is not None:
+                for eid in batch.done:
+                    reader.tell_nowait(Done(eid))
+        finally:
+            self._confirming -= 1
+            if self._confirmed is not None:
+                self._confirmed.set()
+
+    # ---------------------------------------------------------------- sending
+
+    def _enqueue_command(self, message: TaskMessage, data: bytes) -> Command:
+        settings, keys = self.settings, self.keys
+        sig = sign(settings.secret, data)
+        eta = message.eta
+        if eta is not None and eta > time.time():
+            if self._mover is not None:
+                self._mover.tell_nowait(WakeMover())
+            return ("ZADD", keys.delayed, int(eta * 1000), join_member(sig, data))
+        cmd: list[Any] = ["XADD", keys.stream]
+        if settings.maxlen is not None:
+            cmd += ["MAXLEN", "~", settings.maxlen]
+        cmd += ["*", F_DATA, data]
+        if sig:
+            cmd += [F_SIG, sig]
+        return tuple(cmd)
+
+    def _data(self, msg: Send) -> bytes:
+        return msg.data if msg.data is not None else self.codec.encode_message(msg.message)
+
+    @actors.handles(SendNow, inline=True)
+    def send_now(self, msg: SendNow) -> Pending | None:
+        return self._submit_now([self._enqueue_command(msg.message, msg.data)])
+
+    @actors.handles(SendMany, inline=True)
+    def send_many(self, msg: SendMany) -> Pending | None:
+        return self._submit_now([self._enqueue_command(m, d) for m, d in msg.messages])
+
+    @actors.handles(Send)
+    def send(self, msg: Send) -> None:
+        """A Send told to ``broker.ref``: written with this drain's batch."""
+        self._queue([self._enqueue_command(msg.message, self._data(msg))])
+
+    # -------------------------------------------------------------- receiving
+
+    @actors.handles(Receive)
+    async def receive(self, msg: Receive) -> Lease:
+        reader = self._reader
+        if reader is None or not reader.is_alive:
+            settings, keys, codec, conn_ref = self.settings, self.keys, self.codec, self.conn_ref
+            results, state = self.results, self._reader_state
+            reader = self._reader = await self.spawn(
+                lambda: StreamReaderActor(settings, keys, codec, conn_ref, results, state),
+                name="reader",
+                on_failure=actors.RESTART,
+                max_restarts=None,
+                backoff=BACKOFF,
+                mailbox_size=math.inf,
+            )
+            self.nursery.start_soon(self._listen_for_cancels)
+        lease: Lease = await reader.ask(Lend(msg.max_messages))
+        return lease
+
+    async def _listen_for_cancels(self) -> None:
+        if self._cancels_subscribed:
+            return
+        self._cancels_subscribed = True
+        sub = await subscription_of(self.conn_ref)
+        await sub.ask(Subscribe(self.keys.cancel_channel, self.ref))
+
+    # ----------------------------------------------------------- ack and nack
+
+    @actors.handles(Ack)
+    def ack(self, msg: Ack) -> None:
+        eid = msg.delivery.tag
+        stream = self.keys.stream
+        self._queue([("XACK", stream, self.group, eid), ("XDEL", stream, eid)], (eid,))
+
+    @actors.handles(Nack)
+    def nack(self, msg: Nack) -> None:
+        d = msg.delivery
+        eid = d.tag
+        keys, settings = self.keys, self.settings
+        if msg.requeue is not None:
+            retry = msg.requeue
+            data = self.codec.encode_message(retry)
+            due = int((time.time() + msg.delay) * 1000) if msg.delay > 0 else 0
+            if due and self._mover is not None:
+                self._mover.tell_nowait(WakeMover())
+            self._queue(
+                [
+                    REQUEUE.command(
+                        keys=[keys.stream, keys.delayed],
+                        args=[
+                            self.group,
+                            self.consumer,
+                            eid,
+                            due,
+                            data,
+                            sign(settings.secret, data),
+                            settings.maxlen or 0,
+                        ],
+                    )
+                ],
+                (eid,),
+            )
+            return
+        message = d.message
+        log.error(
+            "task.dead_lettered",
+            entry=eid.decode() if isinstance(eid, bytes) else str(eid),
+            reason=msg.reason,
+            task_id=message.task_id if message else None,
+            task_name=message.task_name if message else None,
+            actor=self.name,
+        )
+        self._queue(
+            [
+                DEAD.command(
+                    keys=[keys.stream, keys.dead],
+                    args=[
+                        self.group,
+                        self.consumer,
+                        eid,
+                        settings.dead_letter_maxlen or 0,
+                        b"reason",
+                        msg.reason,
+                        b"data",
+                        d.data,
+                        b"id",
+                        eid,
+                        b"queue",
+                        settings.queue,
+                        b"deliveries",
+                        d.deliveries,
+                        b"time",
+                        str(time.time()),
+                    ],
+                )
+            ],
+            (eid,),
+        )
+
+    @actors.handles(Release)
+    def release(self, msg: Release) -> None:
+        """A stop interrupted the delivery: hand it back to the queue at once (a
+        copy at the end of the stream that remembers its deliveries)."""
+        eid = msg.delivery.tag
+        self._queue(
+            [
+                HANDBACK.command(
+                    keys=[self.keys.stream],
+                    args=[self.group, self.consumer, self.settings.maxlen or 0, eid, 1],
+                )
+            ],
+            (eid,),
+        )
+
+    # ----------------------------------------------------------- cancellation
+
+    def _cancel_payload(self, tid: TaskID) -> bytes:
+        secret = self.settings.secret
+        if secret is None:
+            return tid.encode()
+        return tid.encode() + b":" + sign(secret, tid.encode())
+
+    def _announced_id(self, data: bytes) -> TaskID | None:
+        secret = self.settings.secret
+        text, _, sig = data.partition(b":")
+        if secret is not None:
+            import hmac
+
+            if not sig or not hmac.compare_digest(sig, sign(secret, text)):
+                log.warning("redis.cancel_refused", reason="bad or missing signature")
+                return None
+        try:
+            return TaskID.parse(text.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+
+    @actors.handles(Cancel)
+    async def cancel(self, msg: Cancel) -> None:
+        """Mark the task cancelled (a key with ``cancel_ttl``), announce it to every
+        worker (which cancels it if it runs there), and store a CANCELLED result unless
+        one is stored already: a queued task then never starts, its waiters wake now."""
+        tid = msg.task_id
+        self._cancel_here(tid)
+        keys, settings = self.keys, self.settings
+        ttl_ms = max(1, int(settings.cancel_ttl * 1000))
+        payload = self._cancel_payload(tid)
+
+        async def mark(conn: Connection) -> None:
+            replies = await conn.pipeline(
+                [
+                    ("SET", keys.cancel_marker(tid), b"1", "PX", ttl_ms),
+                    ("PUBLISH", keys.cancel_channel, payload),
+                ]
+            )
+            for r in replies:
+                if isinstance(r, ReplyError):
+                    raise r
+
+        try:
+            await with_connection(
+                self.conn_ref,
+                mark,
+                deadline=trio.current_time() + settings.send_timeout,
+                what=f"cannot cancel {tid}",
+            )
+        except ConnectionLost as exc:
+            raise SendError(str(exc)) from exc
+        err = RemoteError("bus.Cancelled", "cancelled before it finished")
+        result: TaskResult[Any] = TaskResult(tid, TaskStatus.CANCELLED, None, err, 0.0, {})
+        self.nursery.start_soon(self.results.set_result_if_absent, tid, result)
+
+    def _cancel_here(self, tid: TaskID) -> None:
+        self._reader_state.remember_cancel(tid)
+        if self.workers:
+            self.tell_workers(CancelRunning(tid, "cancel"))
+
+    @actors.handles(Announcement, inline=True)
+    def announced(self, msg: Announcement) -> None:
+        tid = self._announced_id(msg.data)
+        if tid is not None:
+            self._cancel_here(tid)
+
+    @actors.handles(Resubscribed)
+    async def resubscribed(self, msg: Resubscribed) -> None:
+        """Cancels announced while the subscription was down were missed: read the
+        markers of the tasks running here."""
+        reader = self._reader
+        if reader is None:
+            return
+        tids: list[TaskID] = await reader.ask(InFlight())
+        if not tids:
+            return
+        lent = await lend(self.conn_ref)
+        marks = await lent.conn.execute("MGET", *(self.keys.cancel_marker(t) for t in tids))
+        for tid, mark in zip(tids, marks, strict=True):
+            if mark is not None:
+                log.info("task.cancel_recovered", task_id=tid, actor=self.name)
+                self._cancel_here(tid)
+
+    # --------------------------------------------------------------- inspect
+
+    @actors.handles(Inspect)
+    async def inspect(self, msg: Inspect) -> dict[str, Any]:
+        lent = await lend(self.conn_ref, timeout=self.settings.send_timeout or None)
+        info = await _ops.inspect(lent.conn, self.keys, self.settings)
+        info["running"] = len(self._reader_state.inflight)
+        info["workers_here"] = len(self.workers)
+        return info
+
+
+# ------------------------------------------------------------------ the facade
 
 
 class RedisBroker(Broker):
     """Tasks on a Redis Streams queue, run by worker processes (``run_worker``).
 
     Delivery is at-least-once: a task whose worker dies is run again by another one,
-    so make tasks idempotent. See docs/redis.md for the keys, every setting and how to
-    inspect dead letters.
+    so make tasks idempotent. Every setting is a :class:`RedisSettings` field, given
+    as a keyword argument (or all at once with ``settings=``); see docs/redis.md for
+    the keys, every setting, and how to inspect dead letters.
     """
 
-    runs_worker_inside = False
-    records_shutdown_cancel = False
+    distributed = True
 
     def __init__(
         self,
         url: str = "redis://127.0.0.1:6379",
         *,
-        queue: str = "bus",
-        prefix: str = "bus",
-        group: str = "workers",
-        consumer: str | None = None,
+        settings: RedisSettings | None = None,
         concurrency: int = 100,
         result_backend: ResultBackend | None = None,
         codec: Codec | None = None,
         middlewares: Iterable[Middleware] = (),
         shutdown_timeout: float = 30.0,
-        maxlen: int | None = None,
-        block: float = 1.0,
-        visibility_timeout: float = 60.0,
-        heartbeat_interval: float | None = None,
-        reap_interval: float | None = None,
-        max_deliveries: int | None = 5,
-        delay_poll_interval: float = 0.5,
-        max_message_bytes: int = 1_048_576,
-        secret: bytes | str | None = None,
-        cancel_ttl: float = 86_400.0,
-        dead_letter_maxlen: int | None = 100_000,
-        send_timeout: float = 10.0,
         client_options: dict[str, Any] | None = None,
+        **options: Any,
     ) -> None:
-        for name, value in (
-            ("block", block),
-            ("visibility_timeout", visibility_timeout),
-            ("delay_poll_interval", delay_poll_interval),
-            ("cancel_ttl", cancel_ttl),
-        ):
-            if not (isinstance(value, int | float) and 0 < value < math.inf):
-                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
-        if not send_timeout >= 0:
-            raise ValueError(f"send_timeout must be >= 0 seconds, not {send_timeout!r}")
-        if max_deliveries is not None and max_deliveries < 1:
-            raise ValueError(f"max_deliveries must be >= 1 or None, not {max_deliveries!r}")
-        if max_message_bytes < 1:
-            raise ValueError(f"max_message_bytes must be >= 1, not {max_message_bytes!r}")
-        if maxlen is not None and maxlen < 1:
-            raise ValueError(f"maxlen must be >= 1 or None, not {maxlen!r}")
-        if not queue or not prefix or not group:
-            raise ValueError("queue, prefix and group must be non-empty strings")
+        if client_options:
+            raise ValueError(
+                "client_options is gone with coredis: put connection options in the URL "
+                "(?connect_timeout=5&command_timeout=30, ssl_ca_certs=... for rediss://)"
+            )
+        if settings is None:
+            try:
+                settings = RedisSettings(url=url, **options)
+            except TypeError as exc:
+                raise TypeError(f"RedisBroker: {exc}") from None
+        elif options:
+            settings = attrs.evolve(settings, **options)
+        self.settings = settings
         if result_backend is None:
             result_backend = RedisResultBackend(
-                url, prefix=prefix, codec=codec, client_options=client_options
+                settings.url,
+                prefix=settings.prefix,
+                codec=codec,
+                write_timeout=settings.write_timeout,
             )
         super().__init__(
             concurrency=concurrency,
@@ -174,689 +593,139 @@ class RedisBroker(Broker):
             middlewares=middlewares,
             shutdown_timeout=shutdown_timeout,
         )
-        self.url = url
-        self.queue = queue
-        self.keys = Keys(prefix, queue)
-        self.group = group.encode()
-        self.consumer = (
-            consumer or f"{socket.gethostname()}-{os.getpid()}-{TaskID.new()[-8:]}"
-        ).encode()
-        self.maxlen = maxlen
-        self.block = float(block)
-        self.visibility_timeout = float(visibility_timeout)
-        self.heartbeat_interval = heartbeat_interval or self.visibility_timeout / 3
-        self.reap_interval = reap_interval or max(0.1, self.visibility_timeout / 4)
-        self.max_deliveries = max_deliveries
-        self.delay_poll_interval = float(delay_poll_interval)
-        self.max_message_bytes = max_message_bytes
-        self.secret = secret.encode() if isinstance(secret, str) else secret
-        self.cancel_ttl_ms = max(1, int(cancel_ttl * 1000))
-        self.dead_letter_maxlen = dead_letter_maxlen
-        self.send_timeout = float(send_timeout)
-        self.client_options = dict(client_options or {})
-        self._log = log.bind(actor=f"redis-broker:{queue}", consumer=self.consumer.decode())
-        self._reset()
+        self.keys = Keys(settings.prefix, settings.queue)
+        self._conn_ref: actors.ActorRef | None = None
 
-    def _reset(self) -> None:
-        self._conn: Connection | None = None
-        self._holder: actors.ActorRef | None = None
-        self._bg: trio.Nursery | None = None
-        self._worker_lock = trio.Lock()
-        self._worker_on = False
-        self._hand_send, self._hand_recv = trio.open_memory_channel[Delivery](0)
-        self._demand = trio.Event()
-        self._mover_wake = trio.Event()
-        self._inflight: dict[bytes, _Flight] = {}
-        self._cancelled: collections.OrderedDict[TaskID, None] = collections.OrderedDict()
-        self._reader_scope: trio.CancelScope | None = None
-        self._promote: Any = None
-        self._touch: Any = None
-
-    # ----------------------------------------------------------------- plumbing
+    # Names kept from earlier versions.
 
     @property
-    def client(self) -> coredis.Redis[bytes]:
-        """The coredis client (only while the broker runs)."""
-        if self._conn is None:
-            raise RuntimeError("the Redis broker is not running")
-        return self._conn.client
+    def url(self) -> str:
+        """The broker's URL, without its password."""
+        return self.settings.url.redacted()
 
-    async def _start(self, nursery: trio.Nursery) -> None:
-        self._reset()
-        self._bg = nursery
-        rb = self.result_backend
-        if (
-            isinstance(rb, RedisResultBackend)
-            and rb.conn is not None
-            and rb.url == self.url
-            and rb.client_options == self.client_options
-        ):
-            await rb.conn_ready.wait()
-            self._conn = rb.conn  # one client: result writes and acks share pipelines
-        else:
-            conn = Connection(
-                self.url, name="bus-broker", block_seconds=self.block, **self.client_options
-            )
-            assert self.system is not None
-            self._holder = await self.system.spawn(
-                lambda: _Holder(conn), name=f"redis-conn-{TaskID.new()[-12:]}"
-            )
-            self._conn = conn
-        client = self._conn.client
-        self._promote = client.register_script(PROMOTE)
-        self._touch = client.register_script(TOUCH)
+    @property
+    def queue(self) -> str:
+        return self.settings.queue
 
-    async def _drain(self) -> None:
-        if self.workers:
-            async with trio.open_nursery() as nursery:
-                for w in list(self.workers):
-                    nursery.start_soon(w.drain, self.shutdown_timeout)
+    @property
+    def consumer(self) -> bytes:
+        return self.settings.consumer.encode()
 
-    async def _stop(self) -> None:
-        if self._reader_scope is not None:
-            self._reader_scope.cancel()
-        conn = self._conn
-        if conn is not None:
-            with trio.move_on_after(max(1.0, min(self.shutdown_timeout, 5.0))):
-                await self._release(list(self._inflight))
-                if self._worker_on:
-                    with contextlib.suppress(*FAULTS):
-                        await self.client.hdel(self.keys.workers, [self.consumer])
-                await conn.batcher.flush()
-        holder, self._holder = self._holder, None
-        if holder is not None and holder.is_alive:
-            await holder.stop()
-        self._conn = None
+    @property
+    def group(self) -> bytes:
+        return self.settings.group.encode()
 
-    async def _release(self, ids: list[bytes]) -> None:
-        """Hand unfinished entries back: make them look idle for longer than the
-        visibility timeout, so the next reaper (any worker's) claims them at once."""
-        if not ids or self._touch is None:
-            return
-        idle = int(self.visibility_timeout * 1000) + 1000
-        try:
-            for i in range(0, len(ids), 200):
-                await self._touch(
-                    keys=[self.keys.stream],
-                    args=[self.group, self.consumer, idle, *ids[i : i + 200]],
-                )
-        except FAULTS as exc:
-            self._log.warning("redis.release_failed", error=repr(exc), entries=len(ids))
-        else:
-            self._log.info("redis.released", entries=len(ids))
+    # ------------------------------------------------------------ lifecycle
 
-    # ------------------------------------------------------------------ sending
-
-    def _xadd(self, target: Any, data: bytes, sig: bytes) -> Any:
-        fields: dict[bytes, bytes] = {F_DATA: data}
-        if sig:
-            fields[F_SIG] = sig
-        if self.maxlen is None:
-            return target.xadd(self.keys.stream, fields)
-        return target.xadd(
-            self.keys.stream,
-            fields,
-            trim_strategy=PureToken.MAXLEN,
-            threshold=self.maxlen,
-            trim_operator=PureToken.APPROXIMATELY,
+    async def _open(self, system: actors.ActorSystem) -> actors.ActorRef:
+        conn_ref = self._conn_ref = await shared_connection(system, self.settings.url)
+        timeout = self.settings.connect_timeout
+        if timeout is not None:
+            try:
+                await lend(conn_ref, timeout=timeout)
+            except ConnectionLost:
+                raise ConnectionError(
+                    f"cannot reach Redis at {self.url} within {timeout:g} s"
+                ) from None
+        settings, keys, codec, results = self.settings, self.keys, self.codec, self.result_backend
+        return await system.spawn(
+            lambda: RedisBrokerActor(settings, keys, codec, results, conn_ref),
+            name="broker",
+            mailbox_size=math.inf,
         )
 
-    def _enqueue_op(self, target: Any, message: TaskMessage, data: bytes) -> Any:
-        sig = sign(self.secret, data)
-        eta = message.eta
-        if eta is not None and eta > time.time():
-            self._mover_wake.set()
-            return target.zadd(self.keys.delayed, {join_member(sig, data): int(eta * 1000)})
-        return self._xadd(target, data, sig)
+    # ---------------------------------------------------------------- sending
 
-    async def _retrying(self, what: str, fn: Any) -> Any:
-        """Run ``fn()`` (a fresh request each time), retrying connection faults for up
-        to ``send_timeout`` seconds. A retried XADD may be stored twice: delivery is
-        at-least-once anyway."""
-        deadline = trio.current_time() + self.send_timeout
-        backoff = Backoff()
+    async def _send(self, message: TaskMessage) -> None:
+        data = self._encode(message)
+        await self._submit(SendNow(message, data), f"cannot send {message.task_name}")
+
+    async def _submit(self, ask: object, what: str) -> list[Any]:
+        """Ask the broker actor to queue a write, wait for its replies; retry while
+        Redis is unreachable, for up to ``send_timeout`` seconds. A retried XADD may
+        be stored twice: delivery is at-least-once anyway."""
+        deadline = trio.current_time() + self.settings.send_timeout
+        conn_ref = self._conn_ref
+        assert conn_ref is not None
         while True:
             try:
-                return await fn()
-            except FAULTS as exc:
-                if trio.current_time() >= deadline:
+                pending: Pending | None = await self.ref.ask(ask)
+                if pending is None:
+                    raise ConnectionLost("not connected")
+                replies = await pending.wait()
+            except ConnectionLost as exc:
+                left = deadline - trio.current_time()
+                if left <= 0 or not await wait_connected(self.ref, left):
                     raise SendError(f"{what}: Redis is unreachable: {exc}") from exc
-                await trio.sleep(min(backoff.next(), max(0.0, deadline - trio.current_time())))
-
-    async def on_send(self, event: Send) -> None:
-        client = self.client
-        rb = self.result_backend if isinstance(self.result_backend, RedisResultBackend) else None
-        gen = rb.live_generation() if rb is not None else None
-
-        async def send() -> Any:
-            return await self._enqueue_op(client, event.message, event.data)
-
-        await self._retrying(f"cannot send {event.message.task_name}", send)
-        if rb is not None:
-            rb.note_sent(event.message.task_id, gen)
+                continue
+            for reply in replies:
+                if isinstance(reply, ReplyError):
+                    raise SendError(f"{what}: Redis refused it: {reply.message}")
+            return replies
 
     async def kick_many(self, messages: Sequence[TaskMessage]) -> None:
-        """Send many messages in pipelines (one round trip per 500): the fast path for
-        bulk producers. Middlewares' ``pre_send``/``post_send`` run for each message.
-        On failure some of the messages may have been sent."""
+        """Send many messages in pipelines (one write per 500): the fast path for bulk
+        producers. Middlewares' ``pre_send``/``post_send`` run for each message. On
+        failure some of the messages may have been sent."""
         hooks = self.hooks
         prepared: list[tuple[TaskMessage, bytes]] = []
         for m in messages:
             if "pre_send" in hooks.has:
                 m = await hooks.transform("pre_send", m)
+            self._check_send(m)
             prepared.append((m, self._encode(m)))
-        client = self.client
-        rb = self.result_backend if isinstance(self.result_backend, RedisResultBackend) else None
-        gen = rb.live_generation() if rb is not None else None
         for i in range(0, len(prepared), 500):
-            chunk = prepared[i : i + 500]
-
-            async def send(chunk: list[tuple[TaskMessage, bytes]] = chunk) -> None:
-                async with client.pipeline(transaction=False) as pipe:
-                    for m, data in chunk:
-                        self._enqueue_op(pipe, m, data)
-
-            await self._retrying("cannot send a batch", send)
+            chunk = tuple(prepared[i : i + 500])
+            await self._submit(SendMany(chunk), "cannot send a batch")
             self.stats.sent += len(chunk)
-            if rb is not None and gen is not None:
-                for m, _ in chunk:
-                    rb.note_sent(m.task_id, gen)
         if "post_send" in hooks.has:
             for m, _ in prepared:
                 await hooks.run_all("post_send", m)  # sent: never raise now
 
-    # ---------------------------------------------------------------- receiving
+    # ------------------------------------------------------------- operators
 
-    async def _ensure_worker(self) -> None:
-        async with self._worker_lock:
-            if self._worker_on:
-                return
-            assert self._bg is not None
-            await self._ensure_group()
-            await self._bg.start(self._cancel_listener)
-            await self._bg.start(self._reader)
-            self._bg.start_soon(self._mover)
-            self._bg.start_soon(self._heartbeat)
-            self._worker_on = True
-            self._log.info("redis.worker_started", stream=self.keys.stream.decode())
+    async def _conn(self) -> Connection:
+        conn_ref = self._conn_ref
+        if conn_ref is None:
+            raise RuntimeError("the Redis broker is not running")
+        return (await lend(conn_ref, timeout=self.settings.send_timeout or None)).conn
 
-    async def _ensure_group(self) -> None:
-        backoff = Backoff()
-        while True:
-            try:
-                await self.client.xgroup_create(self.keys.stream, self.group, "0", mkstream=True)
-            except StreamDuplicateConsumerGroupError:
-                return
-            except FAULTS as exc:
-                self._log.warning("redis.unreachable", error=repr(exc))
-                await trio.sleep(backoff.next())
-            else:
-                return
-
-    async def on_receive(self, event: Receive) -> tuple[Delivery, ...]:
-        if not self._worker_on:
-            await self._ensure_worker()
-        self._demand.set()
-        return (await self._hand_recv.receive(),)
-
-    async def _reader(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.CancelScope() as scope:
-            self._reader_scope = scope
-            task_status.started()
-            await self._read_loop()
-
-    async def _read_loop(self) -> None:
-        keys, group, consumer = self.keys, self.group, self.consumer
-        stream = keys.stream
-        block_ms = max(1, int(self.block * 1000))
-        vt_ms = int(self.visibility_timeout * 1000)
-        stats = self._hand_recv.statistics
-        own_cursor: bytes | None = b"0"  # first re-read our own pending entries
-        reap_cursor = b"0-0"
-        next_reap = trio.current_time()
-        backoff = Backoff()
-        while True:
-            demand = stats().tasks_waiting_receive
-            if demand == 0:
-                self._demand = trio.Event()
-                await self._demand.wait()
-                continue
-            client = self.client
-            try:
-                entries: Sequence[StreamEntry] = ()
-                counted = False
-                if own_cursor is not None:
-                    reply = await client.xreadgroup(
-                        group, consumer, {stream: own_cursor}, count=demand
-                    )
-                    entries = reply.get(stream, ()) if reply else ()
-                    own_cursor = _ident(entries[-1]) if entries else None
-                    counted = bool(entries)
-                elif trio.current_time() >= next_reap:
-                    res = await client.xautoclaim(
-                        stream, group, consumer, vt_ms, reap_cursor, count=demand
-                    )
-                    reap_cursor = res[0]
-                    entries = [e for e in res[1] if e is not None]
-                    if reap_cursor in (b"0-0", "0-0"):
-                        reap_cursor = b"0-0"
-                        next_reap = trio.current_time() + self.reap_interval
-                    counted = bool(entries)
-                    if entries:
-                        self._log.warning("redis.reclaimed", entries=len(entries))
-                if not entries:
-                    reply = await client.xreadgroup(
-                        group, consumer, {stream: ">"}, count=demand, block=block_ms
-                    )
-                    entries = reply.get(stream, ()) if reply else ()
-                backoff.reset()
-                if entries:
-                    await self._dispatch(entries, counted)
-            except StreamConsumerGroupError as exc:  # the group is gone (Redis lost it)
-                self._log.warning("redis.group_missing", error=str(exc))
-                await self._ensure_group()
-            except FAULTS as exc:
-                self._log.warning("redis.read_failed", error=repr(exc))
-                await trio.sleep(backoff.next())
-
-    async def _counts(self, ids: list[bytes]) -> dict[bytes, int]:
-        """How often each of ``ids`` (pending for this consumer) was delivered."""
-        pend = await self.client.xpending(
-            self.keys.stream,
-            self.group,
-            min(ids),
-            max(ids),
-            len(ids) + 16,
-            consumer=self.consumer,
-        )
-        if isinstance(pend, StreamPending):
-            return {}
-        out: dict[bytes, int] = {}
-        for p in pend:
-            if isinstance(p, StreamPendingExt) and isinstance(p.identifier, bytes):
-                out[p.identifier] = p.delivered
-        return out
-
-    async def _dispatch(self, entries: Sequence[StreamEntry], counted: bool) -> None:
-        counts = await self._counts([_ident(e) for e in entries]) if counted else {}
-        codec = self.codec
-        secret, max_bytes, max_del = self.secret, self.max_message_bytes, self.max_deliveries
-        ready: list[Delivery] = []
-        dead: list[tuple[bytes, bytes, str, int, TaskMessage | None]] = []
-        for e in entries:
-            eid = _ident(e)
-            n = counts.get(eid, 1)
-            data, reason = check_entry(e.field_values, secret, max_bytes)
-            message: TaskMessage | None = None
-            if reason is None:
-                try:
-                    message = codec.decode_message(data)
-                except DecodeError:
-                    message = None  # the worker rejects it with the reason
-                if over_delivered(n, max_del):
-                    reason = f"delivered {n} times, more than max_deliveries={max_del}"
-            if reason is not None:
-                dead.append((eid, data, reason, n, message))
-                continue
-            ready.append(Delivery(data, tag=eid, message=message, deliveries=n))
-        if dead:
-            await self._dead_letter_many(dead)
-        tids = [d.message.task_id for d in ready if d.message is not None]
-        if tids:
-            marks = await self.client.mget([self.keys.cancel_marker(t) for t in tids])
-            for tid, mark in zip(tids, marks, strict=True):
-                if mark is not None:
-                    self._remember_cancel(tid)
-        send = self._hand_send.send
-        inflight = self._inflight
-        for d in ready:
-            now = trio.current_time()
-            inflight[d.tag] = _Flight(d.message.task_id if d.message else None, now)
-            try:
-                await send(d)
-            except BaseException:
-                inflight.pop(d.tag, None)
-                raise
-
-    # ------------------------------------------------------------- ack / nack
-
-    async def on_ack(self, event: Ack) -> None:
-        eid = event.delivery.tag
-        self._inflight.pop(eid, None)
-        stream, group = self.keys.stream, self.group
-        assert self._conn is not None
-        self._conn.batcher.submit(lambda p: p.xack(stream, group, [eid]), retry=True)
-        await trio.lowlevel.checkpoint()
-
-    async def on_nack(self, event: Nack) -> None:
-        d = event.delivery
-        eid = d.tag
-        self._inflight.pop(eid, None)
-        client = self.client
-        try:
-            if event.requeue is not None:
-                msg = event.requeue
-                data = self.codec.encode_message(msg)
-                if event.delay > 0:
-                    msg = attrs.evolve(msg, eta=time.time() + event.delay)
-                async with client.pipeline(transaction=True) as pipe:
-                    self._enqueue_op(pipe, msg, data)
-                    pipe.xack(self.keys.stream, self.group, [eid])
-            else:
-                message = d.message
-                await self._dead_letter_many([(eid, d.data, event.reason, d.deliveries, message)])
-        except FAULTS as exc:
-            self._log.warning("redis.nack_failed", error=repr(exc), reason=event.reason)
-
-    async def _dead_letter_many(
-        self, dead: list[tuple[bytes, bytes, str, int, TaskMessage | None]]
-    ) -> None:
-        client = self.client
-        keys = self.keys
-        trim: dict[str, Any] = {}
-        if self.dead_letter_maxlen is not None:
-            trim = {
-                "trim_strategy": PureToken.MAXLEN,
-                "threshold": self.dead_letter_maxlen,
-                "trim_operator": PureToken.APPROXIMATELY,
-            }
-        now = str(time.time())
-        async with client.pipeline(transaction=True) as pipe:
-            for eid, data, reason, n, _ in dead:
-                pipe.xadd(
-                    keys.dead,
-                    {
-                        b"reason": reason,
-                        b"data": data,
-                        b"id": eid,
-                        b"queue": self.queue,
-                        b"deliveries": n,
-                        b"time": now,
-                    },
-                    **trim,
-                )
-            pipe.xack(keys.stream, self.group, [d[0] for d in dead])
-        for eid, _, reason, _, message in dead:
-            self._log.error(
-                "task.dead_lettered",
-                entry=eid.decode(),
-                reason=reason,
-                task_id=message.task_id if message else None,
-                task_name=message.task_name if message else None,
-            )
-            if message is not None and "max_deliveries" in reason:
-                err = RemoteError("bus.DeadLettered", reason)
-                result: TaskResult[Any] = TaskResult(
-                    message.task_id, TaskStatus.FAILURE, None, err, 0.0, message.labels
-                )
-                try:
-                    await self.result_backend.set_result(message.task_id, result)
-                except Exception:
-                    self._log.exception("result.store_failed", task_id=message.task_id)
-
-    # ------------------------------------------------------------ cancellation
-
-    def _remember_cancel(self, tid: TaskID) -> None:
-        c = self._cancelled
-        c[tid] = None
-        c.move_to_end(tid)
-        while len(c) > 100_000:
-            c.popitem(last=False)
-
-    def is_cancelled(self, task_id: TaskID) -> bool:
-        return task_id in self._cancelled
-
-    async def on_cancel(self, event: Cancel) -> None:
-        """Mark the task cancelled (a key with ``cancel_ttl``), announce it to every
-        worker (which cancels it if it runs there), and store a CANCELLED result unless
-        a result is stored already: a queued task then never starts, and its waiters
-        wake now."""
-        tid = event.task_id
-        self._cancel_local(tid)
-        keys = self.keys
-        client = self.client
-
-        async def mark() -> None:
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.set(keys.cancel_marker(tid), b"1", px=self.cancel_ttl_ms)
-                pipe.publish(keys.cancel_channel, tid.encode())
-
-        await self._retrying(f"cannot cancel {tid}", mark)
-        err = RemoteError("bus.Cancelled", "cancelled before it finished")
-        result: TaskResult[Any] = TaskResult(tid, TaskStatus.CANCELLED, None, err, 0.0, {})
-        rb = self.result_backend
-        if isinstance(rb, RedisResultBackend):
-            await rb.set_result_if_absent(tid, result)
-        elif not await rb.is_ready(tid):
-            await rb.set_result(tid, result)
-
-    async def _cancel_listener(
-        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        channel = self.keys.cancel_channel
-        backoff = Backoff()
-        started = False
-        while True:
-            try:
-                async with PubSub[bytes](
-                    self.client.connection_pool, channels=[channel], unsubscription_timeout=0.005
-                ) as ps:
-                    while True:
-                        msg = await ps.get_message()
-                        if msg is None:
-                            continue
-                        if msg["type"] == "subscribe":
-                            backoff.reset()
-                            if not started:
-                                started = True
-                                task_status.started()
-                            continue
-                        data = msg["data"]
-                        if msg["type"] != "message" or not isinstance(data, bytes):
-                            continue
-                        try:
-                            tid = TaskID.parse(data.decode("ascii"))
-                        except (UnicodeDecodeError, ValueError):
-                            continue
-                        self._remember_cancel(tid)
-                        if self._cancel_local(tid):
-                            self._log.info("task.cancel_requested", task_id=tid)
-            except FAULTS as exc:
-                self._log.warning("redis.cancel_subscription_lost", error=repr(exc))
-                await trio.sleep(backoff.next())
-
-    # ------------------------------------------------------------ background
-
-    async def _mover(self) -> None:
-        """Moves due delayed messages into the stream (atomic in Lua, so any number of
-        workers may run it at once)."""
-        keys = self.keys
-        backoff = Backoff()
-        while True:
-            wait = self.delay_poll_interval
-            try:
-                moved, nxt = await self._promote(
-                    keys=[keys.delayed, keys.stream],
-                    args=[int(time.time() * 1000), 200, self.maxlen or 0],
-                )
-                backoff.reset()
-                if moved >= 200:
-                    wait = 0.0
-                elif nxt is not None:
-                    wait = min(wait, max(0.0, float(nxt) / 1000 - time.time()))
-            except FAULTS as exc:
-                self._log.warning("redis.mover_failed", error=repr(exc))
-                wait = backoff.next()
-            with trio.move_on_after(wait):
-                await self._mover_wake.wait()
-            self._mover_wake = trio.Event()
-
-    def _running_ids(self) -> set[TaskID]:
-        ids: set[TaskID] = set()
-        for w in self.workers:
-            ids.update(w.running)
-        return ids
-
-    async def _heartbeat(self) -> None:
-        """Keeps the entries of running tasks fresh (idle time reset) so that no reaper
-        takes them while this worker is alive; only entries still owned are touched."""
-        backoff = Backoff()
-        while True:
-            try:
-                # Presence for `bus inspect`, also while idle (a blocked XREADGROUP
-                # does not refresh a consumer's idle time on Redis 7.0).
-                await self.client.hset(self.keys.workers, {self.consumer: str(time.time())})
-            except FAULTS as exc:
-                self._log.warning("redis.heartbeat_failed", error=repr(exc))
-            await trio.sleep(self.heartbeat_interval)
-            running = self._running_ids()
-            fresh = trio.current_time() - self.visibility_timeout / 2
-            ids = [
-                eid
-                for eid, f in self._inflight.items()
-                if f.since > fresh or (f.task_id is not None and f.task_id in running)
-            ]
-            try:
-                for i in range(0, len(ids), 200):
-                    chunk = ids[i : i + 200]
-                    touched = await self._touch(
-                        keys=[self.keys.stream], args=[self.group, self.consumer, 0, *chunk]
-                    )
-                    lost = set(chunk) - set(touched or ())
-                    for eid in lost:
-                        f = self._inflight.pop(eid, None)
-                        self._log.warning(
-                            "task.ownership_lost",
-                            entry=eid.decode(),
-                            task_id=f.task_id if f else None,
-                        )
-                backoff.reset()
-            except FAULTS as exc:
-                self._log.warning("redis.heartbeat_failed", error=repr(exc))
-                await trio.sleep(backoff.next())
-
-    # ------------------------------------------------------------- inspection
+    @property
+    def client(self) -> _ops.Client:
+        """A small Redis client for your tasks and tools: ``await
+        broker.client.execute("INCR", key)`` on the process's shared connection
+        (retried while Redis is unreachable, for up to ``send_timeout``)."""
+        conn_ref = self._conn_ref
+        if conn_ref is None:
+            raise RuntimeError("the Redis broker is not running")
+        return _ops.Client(conn_ref, self.settings.send_timeout)
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """The oldest ``limit`` dead letters, as dicts: ``id`` (dead-letter entry id),
         ``reason``, ``task_name`` and ``task_id`` (``None`` when undecodable), ``entry``
         (the original stream id), ``deliveries``, ``time`` (Unix) and ``data`` (bytes)."""
-        entries = await self.client.xrange(self.keys.dead, "-", "+", count=limit)
-        return [self._dead_dict(e) for e in entries]
+        return await _ops.dead_letters(await self._conn(), self.keys, self.codec, limit)
 
-    def _dead_dict(self, e: StreamEntry) -> dict[str, Any]:
-        f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in e.field_values.items()}
+    async def requeue_dead_letters(
+        self, limit: int = 100, *, reason: str | None = None, task: str | None = None
+    ) -> int:
+        """Send up to ``limit`` of the oldest dead letters (matching ``reason`` and
+        ``task`` when given) back to the queue; returns how many were requeued. See
+        :meth:`requeue_dead` for why a letter is not."""
+        report = await self.requeue_dead(limit, reason=reason, task=task)
+        return sum(1 for r in report if r["outcome"] == "requeued")
 
-        def text(key: str) -> str:
-            v = f.get(key, b"")
-            return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-
-        data = f.get("data", b"")
-        data = data if isinstance(data, bytes) else str(data).encode()
-        try:
-            msg: TaskMessage | None = self.codec.decode_message(data)
-        except DecodeError:
-            msg = None
-        return {
-            "id": _ident(e).decode(),
-            "reason": text("reason"),
-            "task_name": msg.task_name if msg else None,
-            "task_id": str(msg.task_id) if msg else None,
-            "entry": text("id"),
-            "deliveries": int(text("deliveries") or 0),
-            "time": float(text("time") or 0),
-            "data": data,
-        }
-
-    async def requeue_dead_letters(self, limit: int = 100) -> int:
-        """Send up to ``limit`` of the oldest dead letters back to the queue, as their
-        first delivery, and remove them from the dead-letter stream. Entries that were
-        dead-lettered for a bad signature are left where they are (requeueing would
-        sign what someone else wrote). Returns how many were requeued."""
-        entries = await self.client.xrange(self.keys.dead, "-", "+", count=limit)
-        moved = []
-        async with self.client.pipeline(transaction=True) as pipe:
-            for e in entries:
-                d = self._dead_dict(e)
-                if "signature" in d["reason"]:
-                    continue
-                self._xadd(pipe, d["data"], sign(self.secret, d["data"]))
-                moved.append(_ident(e))
-            if moved:
-                pipe.xdel(self.keys.dead, moved)
-        self._log.info("dead_letters.requeued", count=len(moved))
-        return len(moved)
+    async def requeue_dead(
+        self, limit: int = 100, *, reason: str | None = None, task: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Requeue dead letters and say, for each one looked at, what happened:
+        ``{"id", "task_name", "reason", "outcome"}`` with outcome ``"requeued"`` or
+        ``"skipped: <why>"`` (a letter dead-lettered for its signature is never
+        re-signed; an undecodable one cannot run)."""
+        return await _ops.requeue_dead(
+            await self._conn(), self.keys, self.settings, self.codec, limit, reason, task
+        )
 
     async def purge_dead_letters(self) -> int:
         """Delete the dead-letter stream; returns how many entries it held."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            n = pipe.xlen(self.keys.dead)
-            pipe.delete([self.keys.dead])
-        count = int(await n)
-        self._log.info("dead_letters.purged", count=count)
-        return count
-
-    async def inspect(self) -> dict[str, Any]:
-        """Numbers for operators: ``queued`` (not yet delivered to any worker),
-        ``pending`` (delivered, not acknowledged) in all and per consumer, ``delayed``,
-        ``dead_letters``, and ``workers``: each consumer with its pending count, the age
-        of its last heartbeat (workers write one every ``heartbeat_interval``, busy or
-        idle) and ``live`` (a heartbeat within two intervals)."""
-        client, keys = self.client, self.keys
-        async with client.pipeline(transaction=False) as pipe:
-            length = pipe.xlen(keys.stream)
-            delayed = pipe.zcard(keys.delayed)
-            dead = pipe.xlen(keys.dead)
-            presence = pipe.hgetall(keys.workers)
-        groups: Any = ()
-        consumers: Any = ()
-        try:
-            groups = await client.xinfo_groups(keys.stream)
-            consumers = await client.xinfo_consumers(keys.stream, self.group)
-        except (coredis.exceptions.ResponseError, StreamConsumerGroupError):
-            pass  # no stream or no group yet: nothing was delivered
-        group = next((g for g in groups if g.get(b"name") == self.group), None)
-        queued = int(await length)
-        pending = 0
-        if group is not None:
-            pending = int(group.get(b"pending") or 0)
-            lag = group.get(b"lag")
-            queued = int(lag) if lag is not None else max(0, queued - pending)
-        now = time.time()
-        beats = {
-            (k if isinstance(k, bytes) else str(k).encode()): float(v)
-            for k, v in dict(await presence).items()
-        }
-        seen: dict[bytes, dict[str, Any]] = {}
-        for c in consumers:
-            name = c.get(b"name") or b"?"
-            seen[name] = {"pending": int(c.get(b"pending") or 0)}
-        workers = []
-        for name in sorted(set(seen) | set(beats)):
-            beat = beats.get(name)
-            age = None if beat is None else round(max(0.0, now - beat), 3)
-            workers.append(
-                {
-                    "consumer": name.decode("utf-8", "replace"),
-                    "pending": seen.get(name, {}).get("pending", 0),
-                    "heartbeat_age_seconds": age,
-                    # Heartbeats come every heartbeat_interval: two missed is gone.
-                    "live": age is not None and age < 2 * self.heartbeat_interval + 1,
-                }
-            )
-        return {
-            "queue": self.queue,
-            "stream": keys.stream.decode(),
-            "queued": queued,
-            "pending": pending,
-            "pending_per_consumer": {w["consumer"]: w["pending"] for w in workers},
-            "delayed": int(await delayed),
-            "dead_letters": int(await dead),
-            "workers": workers,
-            "live_workers": sum(1 for w in workers if w["live"]),
-        }
-
-
-def _ident(e: StreamEntry) -> bytes:
-    i = e.identifier
-    return i if isinstance(i, bytes) else i.encode()
+        return await _ops.purge_dead(await self._conn(), self.keys)

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import random
 from collections.abc import Mapping
 
 import attrs
 
 __all__ = [
+    "F_COUNT",
     "F_DATA",
     "F_SIG",
-    "Backoff",
     "Keys",
     "check_entry",
     "join_member",
@@ -24,21 +23,27 @@ __all__ = [
     "split_member",
 ]
 
-#: Stream entry fields: the encoded message, and its HMAC (when a secret is set).
+#: Stream entry fields: the encoded message, its HMAC (when a secret is set), and how
+#: often it was delivered before it was handed back (a copy made at shutdown).
 F_DATA = b"d"
 F_SIG = b"s"
+F_COUNT = b"n"
 
 
 @attrs.frozen
 class Keys:
-    """Every Redis key and channel one queue uses, derived from ``prefix`` and ``queue``."""
+    """Every Redis key and channel one queue uses, derived from ``prefix`` and ``queue``.
+
+    Every key of a queue shares one hash tag, ``{prefix:queue}``, so that a Redis
+    Cluster keeps them on one node (the Lua scripts and transactions touch several).
+    """
 
     prefix: str
     queue: str
 
     @property
     def base(self) -> str:
-        return f"{self.prefix}:{self.queue}"
+        return "{" + f"{self.prefix}:{self.queue}" + "}"
 
     @property
     def stream(self) -> bytes:
@@ -57,12 +62,14 @@ class Keys:
 
     @property
     def workers(self) -> bytes:
-        """Hash of live workers: consumer name -> Unix time of its last heartbeat."""
+        """Sorted set of workers: consumer name scored by the Unix time of its last
+        heartbeat (stale members are pruned)."""
         return f"{self.base}:workers".encode()
 
     @property
     def cancel_channel(self) -> bytes:
-        """Pub/sub channel on which cancellations are announced (payload: the task id)."""
+        """Pub/sub channel on which cancellations are announced (payload: the task id,
+        then its signature when a secret is set)."""
         return f"{self.base}:cancel".encode()
 
     def cancel_marker(self, task_id: str) -> bytes:
@@ -78,7 +85,7 @@ def sign(secret: bytes | None, data: bytes) -> bytes:
 
 
 def check_entry(
-    fields: Mapping[bytes | str, bytes | str] | None, secret: bytes | None, max_bytes: int
+    fields: Mapping[bytes, bytes] | None, secret: bytes | None, max_bytes: int
 ) -> tuple[bytes, str | None]:
     """Validate a raw stream entry: ``(data, None)`` when it may be handed to a worker,
     ``(what to keep of it, reason)`` when it must be dead-lettered."""
@@ -112,21 +119,3 @@ def split_member(member: bytes) -> tuple[bytes, bytes]:
 def over_delivered(deliveries: int, max_deliveries: int | None) -> bool:
     """Whether an entry handed out ``deliveries`` times must be dead-lettered."""
     return max_deliveries is not None and deliveries > max_deliveries
-
-
-@attrs.define
-class Backoff:
-    """Exponential backoff with jitter for reconnect loops: ``next()`` gives the delay,
-    ``reset()`` after a success."""
-
-    base: float = 0.05
-    cap: float = 2.0
-    failures: int = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.base * 2.0**self.failures)
-        self.failures = min(self.failures + 1, 30)
-        return delay * (0.5 + random.random() / 2)
-
-    def reset(self) -> None:
-        self.failures = 0

@@ -1,207 +1,256 @@
-"""The Redis result backend: results in keys with a TTL, announced on one channel."""
+"""The Redis result backend: results in keys with a TTL, announced on one channel.
+
+:class:`RedisResultBackend` is the facade; :class:`RedisResultStoreActor` owns the
+waiters of this process: it is told ``Watch`` / ``Unwatch``, listens to the results
+channel through the process's one subscription, and wakes a waiter the moment its
+result is announced (or found by the read that follows its registration: pushed,
+never polled). Writes go through the store actor onto the process's shared command
+connection, and are retried until Redis is back (within ``write_timeout``).
+"""
 
 from __future__ import annotations
 
-import collections
 import json
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import structlog
+import attrs
 import trio
-from coredis import PureToken
-from coredis.patterns.pubsub import PubSub
+import trio.lowlevel
 
 import actors
+from actors._log import get_logger
 from bus._codec import Codec, DecodeError, JSONCodec
 from bus._errors import ResultNotFound, ResultTimeout
 from bus._ids import TaskID
-from bus._message import RemoteError, TaskResult, TaskStatus
-from bus._results import ResultBackend
-from bus.redis._conn import FAULTS, Connection
-from bus.redis._logic import Backoff
+from bus._message import TaskResult
+from bus._protocol import (
+    ForgetResult,
+    GetProgress,
+    GetResult,
+    SetProgress,
+    StoreResult,
+    Unwatch,
+    Watch,
+    Watcher,
+)
+from bus._results import ResultBackend, encode_result_checked
+from bus.redis._client import Command, ConnectionLost, Pending, ReplyError
+from bus.redis._pool import (
+    Announcement,
+    Resubscribed,
+    Subscribe,
+    UsesConnection,
+    shared_connection,
+    subscription_of,
+    wait_connected,
+    with_connection,
+)
+from bus.redis._url import RedisURL
 
-if TYPE_CHECKING:
-    import coredis
+__all__ = ["RedisResultBackend", "RedisResultStoreActor"]
 
-__all__ = ["RedisResultBackend"]
-
-log = structlog.get_logger("bus.redis.results")
-
-
-class _Waiters:
-    """Who waits for which task id (plain state; the listener and callers share it)."""
-
-    def __init__(self) -> None:
-        self.by_id: dict[TaskID, list[_Wait]] = {}
-
-    def add(self, tid: TaskID) -> _Wait:
-        w = _Wait()
-        self.by_id.setdefault(tid, []).append(w)
-        return w
-
-    def remove(self, tid: TaskID, w: _Wait) -> None:
-        ws = self.by_id.get(tid)
-        if ws is not None:
-            if w in ws:
-                ws.remove(w)
-            if not ws:
-                del self.by_id[tid]
-
-    def wake(self, tid: TaskID, result: TaskResult[Any]) -> None:
-        for w in self.by_id.pop(tid, ()):
-            w.result = result
-            w.event.set()
-
-    def close(self, why: str) -> None:
-        by_id, self.by_id = self.by_id, {}
-        for ws in by_id.values():
-            for w in ws:
-                w.gone = why
-                w.event.set()
+log = get_logger("bus.redis.results")
 
 
-class _Wait:
-    __slots__ = ("event", "gone", "result")
+@attrs.frozen
+class Write:
+    """Ask (inline): queue ``commands`` on the shared connection; the answer is the
+    :class:`Pending` of their replies (``ConnectionLost`` while reconnecting)."""
 
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.result: TaskResult[Any] | None = None
-        self.gone = ""
+    commands: tuple[Command, ...]
 
 
-class _Listener(actors.Actor):
-    """Owns the process's one subscription to the results channel and wakes waiters.
+class RedisResultStoreActor(UsesConnection):
+    """Owns this process's waiters for results kept in Redis."""
 
-    After a reconnect (coredis re-subscribes and a ``subscribe`` message arrives again)
-    it re-reads the keys being waited on, since announcements made while the connection
-    was down are lost.
-    """
-
-    def __init__(self, backend: RedisResultBackend) -> None:
+    def __init__(self, backend: RedisResultBackend, conn_ref: actors.ActorRef) -> None:
         self.backend = backend
+        self.conn_ref = conn_ref
+        self.watchers: dict[TaskID, list[Watcher]] = {}
+        self.subscribed = trio.Event()
+        self._subscribing = False
+        self._to_check: set[TaskID] = set()
+        self._checking = False
 
     async def on_start(self) -> None:
-        with trio.fail_after(30):
-            await self.nursery.start(self.backend._conn_or_fail().hold, self._listen)
-        self.backend.conn_ready.set()
+        self.start_keeping_connection()
 
-    async def _listen(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    # ------------------------------------------------------------------ writes
+
+    @actors.handles(Write, inline=True)
+    def write(self, msg: Write) -> Pending | None:
+        """Queue the commands; ``None`` while there is no connection (the asker
+        waits for one and asks again: not a failure of this actor)."""
+        lent = self.lent
+        if lent is None or lent.lost.is_set():
+            return None
+        try:
+            return lent.conn.submit(msg.commands)
+        except ConnectionLost:
+            return None
+
+    @actors.handles(StoreResult)
+    def store(self, msg: StoreResult) -> None:
+        self.nursery.start_soon(self.backend.set_result, msg.task_id, msg.result)
+
+    @actors.handles(ForgetResult)
+    def forget(self, msg: ForgetResult) -> None:
+        self.nursery.start_soon(self.backend.forget, msg.task_id)
+
+    @actors.handles(SetProgress)
+    def set_progress(self, msg: SetProgress) -> None:
+        self.nursery.start_soon(self.backend.set_progress, msg.task_id, msg.progress)
+
+    # ------------------------------------------------------------------- reads
+
+    @actors.handles(GetResult)
+    async def get(self, msg: GetResult) -> TaskResult[Any] | None:
+        try:
+            return await self.backend.get_result(msg.task_id)
+        except ResultNotFound:
+            return None
+
+    @actors.handles(GetProgress)
+    async def get_progress(self, msg: GetProgress) -> Any:
+        return await self.backend.get_progress(msg.task_id)
+
+    # ---------------------------------------------------------------- watching
+
+    @actors.handles(Watch, inline=True)
+    def watch(self, msg: Watch) -> None:
+        self.watchers.setdefault(msg.task_id, []).append(msg.watcher)
+        if not self.subscribed.is_set() and not self._subscribing:
+            # Subscribe when the first waiter of this process waits: a worker-only
+            # process would otherwise receive every announcement.
+            self._subscribing = True
+            self.nursery.start_soon(self._subscribe)
+        # Registered first, then read: a result stored in between is seen either way.
+        self._to_check.add(msg.task_id)
+        if not self._checking:
+            self._checking = True
+            self.nursery.start_soon(self._check)
+
+    @actors.handles(Unwatch, inline=True)
+    def unwatch(self, msg: Unwatch) -> None:
+        ws = self.watchers.get(msg.task_id)
+        if ws is not None:
+            if msg.watcher in ws:
+                ws.remove(msg.watcher)
+            if not ws:
+                del self.watchers[msg.task_id]
+
+    async def _subscribe(self) -> None:
+        sub = await subscription_of(self.conn_ref)
+        await sub.ask(Subscribe(self.backend.channel, self.ref))
+        self.subscribed.set()
+
+    async def _check(self) -> None:
+        """Read the keys of the new watchers (after the subscription is live, so no
+        announcement falls between the read and the subscription)."""
+        try:
+            await self.subscribed.wait()
+            while self._to_check:
+                ids = [t for t in self._to_check if t in self.watchers]
+                self._to_check = set()
+                if ids:
+                    await self._read_and_wake(ids)
+        finally:
+            self._checking = False
+
+    async def _read_and_wake(self, ids: list[TaskID]) -> None:
         backend = self.backend
-        with trio.CancelScope() as scope:
-            backend._listen_scope = scope
-            try:
-                task_status.started()  # the client is connected
-                # Subscribe only once someone in this process waits for a result: a
-                # worker-only process would otherwise receive every announcement.
-                await backend._want_subscription.wait()
-                await self._listen_loop(_Subscribed(backend._subscribed))
-            finally:
-                backend._listen_done.set()
+        keys = [backend.result_key(t) for t in ids]
+        try:
+            raws = await with_connection(
+                self.conn_ref,
+                lambda conn: conn.execute("MGET", *keys),
+                deadline=trio.current_time() + backend.write_timeout,
+                what="reading results",
+            )
+        except ConnectionLost as exc:
+            log.warning("results.read_failed", error=str(exc))
+            return
+        assert isinstance(raws, list)
+        for tid, raw in zip(ids, raws, strict=True):
+            if isinstance(raw, bytes):
+                result = backend.decode(raw)
+                if result is not None:
+                    self._wake(tid, result)
 
-    async def _listen_loop(self, task_status: _Subscribed) -> None:
-        backend = self.backend
-        client = backend._client()
-        channel = backend.channel
-        waiters = backend.waiters
-        backoff = Backoff()
-        started = False
-        while True:
-            try:
-                async with PubSub[bytes](
-                    client.connection_pool, channels=[channel], unsubscription_timeout=0.005
-                ) as ps:
-                    while True:
-                        msg = await ps.get_message()
-                        if msg is None:
-                            continue
-                        kind = msg["type"]
-                        if kind == "subscribe":
-                            backoff.reset()
-                            backend._generation += 1
-                            backend._live = True
-                            if started:
-                                self.nursery.start_soon(backend._recheck)
-                            else:
-                                started = True
-                                task_status.started()
-                            continue
-                        if kind != "message":
-                            continue
-                        data = msg["data"]
-                        if not isinstance(data, bytes) or len(data) < 36:
-                            continue
-                        tid = data[:36].decode("ascii", "replace")
-                        if tid not in waiters.by_id:
-                            continue
-                        result = backend._decode(data[36:])
-                        if result is not None:
-                            waiters.wake(TaskID.parse(tid), result)
-            except FAULTS as exc:
-                backend._live = False
-                log.warning("results.subscription_lost", error=repr(exc), actor=self.name)
-                await trio.sleep(backoff.next())
+    def _wake(self, tid: TaskID, result: TaskResult[Any]) -> None:
+        for w in self.watchers.pop(tid, ()):
+            w.resolve(result)
 
+    @actors.handles(Announcement, inline=True)
+    def announced(self, msg: Announcement) -> None:
+        data = msg.data
+        if len(data) < 36:
+            return
+        try:
+            tid = TaskID.parse(data[:36].decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            return
+        if tid in self.watchers:
+            result = self.backend.decode(data[36:])
+            if result is not None:
+                self._wake(tid, result)
 
-class _Subscribed:
-    """Stands in for a task status: marks the subscription as live."""
+    @actors.handles(Resubscribed)
+    def resubscribed(self, msg: Resubscribed) -> None:
+        # Announcements made while the subscription was down were missed: re-read
+        # every key being waited on.
+        self._to_check.update(self.watchers)
+        if not self._checking and self._to_check:
+            self._checking = True
+            self.nursery.start_soon(self._check)
 
-    def __init__(self, event: trio.Event) -> None:
-        self.event = event
-
-    def started(self) -> None:
-        self.event.set()
+    async def on_stop(self) -> None:
+        watchers, self.watchers = self.watchers, {}
+        for ws in watchers.values():
+            for w in ws:
+                w.fail("the result backend shut down")
 
 
 class RedisResultBackend(ResultBackend):
     """Results in Redis, pushed to waiters through one pub/sub subscription per process.
 
-    - ``url``: a ``redis://`` or ``rediss://`` URL (password and db included); passed
-      to coredis as is.
-    - ``ttl``: seconds a result (and a progress report) is kept (``SET ... EX``).
+    - ``url``: a ``redis://``, ``rediss://`` or ``unix://`` URL (password and db
+      included); a malformed one raises ``ValueError`` here.
+    - ``ttl``: seconds a result (and a progress report) is kept (``SET ... PX``).
     - ``prefix``: first part of every key and of the channel (default ``"bus"``).
     - ``codec``: how results are encoded (JSON by default; nothing is ever unpickled).
-    - ``client_options``: extra keyword arguments for ``coredis.Redis.from_url``.
+    - ``write_timeout``: seconds a write is retried while Redis is unreachable.
 
     Keys: ``{prefix}:result:{task_id}``, ``{prefix}:progress:{task_id}``; channel
-    ``{prefix}:results`` (payload: the task id followed by the encoded result).
-    When a :class:`~bus.redis.RedisBroker` with the same URL uses this backend they
-    share one client, and result writes and acks travel in the same pipelines.
+    ``{prefix}:results`` (payload: the task id followed by the encoded result). In one
+    process, every user of the same URL shares one connection and one subscription.
     """
 
     def __init__(
         self,
-        url: str = "redis://127.0.0.1:6379",
+        url: str | RedisURL = "redis://127.0.0.1:6379",
         *,
         ttl: float = 86_400.0,
         prefix: str = "bus",
         codec: Codec | None = None,
-        client_options: dict[str, Any] | None = None,
+        write_timeout: float = 300.0,
     ) -> None:
-        if not ttl > 0 or math.isinf(ttl):
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
             raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
-        self.url = url
-        self.ttl = ttl
+        if not isinstance(write_timeout, int | float) or not 0 < write_timeout < math.inf:
+            raise ValueError(f"write_timeout must be > 0 seconds, not {write_timeout!r}")
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"prefix must be a non-empty string, not {prefix!r}")
+        self.url = url if isinstance(url, RedisURL) else RedisURL.parse(url)
+        self.ttl = float(ttl)
         self.ttl_ms = max(1, int(ttl * 1000))
         self.prefix = prefix
         self.codec: Codec = codec or JSONCodec()
-        self.client_options = dict(client_options or {})
+        self.write_timeout = float(write_timeout)
         self.channel = f"{prefix}:results".encode()
-        self.waiters = _Waiters()
-        self.conn: Connection | None = None
         self._ref: actors.ActorRef | None = None
-        self._running = False
-        self.conn_ready = trio.Event()
-        self._listen_scope: trio.CancelScope | None = None
-        self._listen_done = trio.Event()
-        self._want_subscription = trio.Event()
-        self._subscribed = trio.Event()
-        # Subscription generations: a task sent from this process while the
-        # subscription was live, and still live in the same generation when its waiter
-        # registers, cannot have been announced unseen, so wait_result skips its GET.
-        self._generation = 0
-        self._live = False
-        self._sent_gen: collections.OrderedDict[TaskID, int] = collections.OrderedDict()
+        self._conn_ref: actors.ActorRef | None = None
 
     # ------------------------------------------------------------------ keys
 
@@ -213,207 +262,133 @@ class RedisResultBackend(ResultBackend):
 
     # ------------------------------------------------------------- lifecycle
 
+    @property
+    def ref(self) -> actors.ActorRef:
+        if self._ref is None:
+            raise RuntimeError("the result backend is not running (enter `async with broker`)")
+        return self._ref
+
     async def startup(self, system: actors.ActorSystem) -> None:
-        self.conn = Connection(self.url, name="bus-results", block_seconds=0, **self.client_options)
-        self.waiters = _Waiters()
-        self.conn_ready = trio.Event()
-        self._listen_scope = None
-        self._listen_done = trio.Event()
-        self._want_subscription = trio.Event()
-        self._subscribed = trio.Event()
-        self._generation = 0
-        self._live = False
-        self._sent_gen.clear()
-        name = f"redis-results-{TaskID.new()[-12:]}"
-        self._ref = await system.spawn(lambda: _Listener(self), name=name, mailbox_size=16)
-        ref = self._ref
-
-        async def listener_died(scope: trio.CancelScope) -> None:
-            await ref.join()
-            scope.cancel()
-
-        # Wait for the connection, or for the listener to give up (after 30 s).
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(listener_died, nursery.cancel_scope)
-            with trio.move_on_after(35):
-                await self.conn_ready.wait()
-            nursery.cancel_scope.cancel()
-        if not self.conn_ready.is_set():
-            raise ConnectionError(f"cannot subscribe to results on {self.url}")
-        self._running = True
+        conn_ref = self._conn_ref = await shared_connection(system, self.url)
+        self._ref = await system.spawn(
+            lambda: RedisResultStoreActor(self, conn_ref), name="results", mailbox_size=math.inf
+        )
 
     async def shutdown(self) -> None:
-        self._running = False
-        self.waiters.close("the result backend shut down")
-        self._subscribed.set()  # release a first waiter still waiting to subscribe
-        if self._listen_scope is not None:
-            # Leave the subscription before the client closes (a clean UNSUBSCRIBE).
-            self._listen_scope.cancel()
-            with trio.move_on_after(1):
-                await self._listen_done.wait()
-            self._listen_scope = None
         ref, self._ref = self._ref, None
         if ref is not None and ref.is_alive:
             await ref.stop()
-        self.conn = None
 
-    def live_generation(self) -> int | None:
-        """The subscription's generation if it is live now, else ``None``; a sender
-        reads it before it sends and passes it to :meth:`note_sent` after."""
-        return self._generation if self._live else None
-
-    def note_sent(self, task_id: TaskID, generation: int | None) -> None:
-        """Remember that ``task_id`` was sent while the subscription was live."""
-        if generation is None:
-            return
-        sent = self._sent_gen
-        sent[task_id] = generation
-        if len(sent) > 100_000:
-            sent.popitem(last=False)
-
-    def _conn_or_fail(self) -> Connection:
-        if self.conn is None:
-            raise RuntimeError("the Redis result backend is not running")
-        return self.conn
-
-    def _client(self) -> coredis.Redis[bytes]:
-        return self._conn_or_fail().client
+    def _conn(self) -> actors.ActorRef:
+        if self._conn_ref is None:
+            raise ResultNotFound("-", "the result backend is not running")
+        return self._conn_ref
 
     # --------------------------------------------------------------- encoding
 
-    def encode(self, task_id: TaskID, result: TaskResult[Any]) -> bytes:
-        """The stored bytes; a value the codec cannot encode becomes a FAILURE result."""
-        try:
-            return self.codec.encode_result(result)
-        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-            err = RemoteError(
-                "bus.UnencodableResult",
-                f"the task's return value cannot be encoded by the result codec: {exc}",
-            )
-            failed: TaskResult[Any] = TaskResult(
-                task_id, TaskStatus.FAILURE, None, err, result.execution_time, result.labels
-            )
-            try:
-                return self.codec.encode_result(failed)
-            except (TypeError, ValueError, OverflowError, RecursionError):
-                return self.codec.encode_result(
-                    TaskResult(task_id, TaskStatus.FAILURE, None, err, result.execution_time, {})
-                )
-
-    def _decode(self, data: bytes) -> TaskResult[Any] | None:
+    def decode(self, data: bytes) -> TaskResult[Any] | None:
         try:
             return self.codec.decode_result(data)
         except DecodeError as exc:
             log.error("results.undecodable", error=str(exc))
             return None
 
-    def store_ops(self, task_id: TaskID, data: bytes, *, only_new: bool = False) -> Any:
-        """A pipeline op that stores and announces an encoded result."""
+    def store_commands(
+        self, task_id: TaskID, data: bytes, *, only_new: bool
+    ) -> tuple[Command, ...]:
         key = self.result_key(task_id)
         payload = task_id.encode() + data
-        ttl_ms, channel, progress = self.ttl_ms, self.channel, self.progress_key(task_id)
+        set_cmd: Command = ("SET", key, data, "PX", self.ttl_ms, *(("NX",) if only_new else ()))
+        return (set_cmd, ("PUBLISH", self.channel, payload), ("DEL", self.progress_key(task_id)))
 
-        def op(pipe: Any) -> None:
-            if only_new:
-                pipe.set(key, data, px=ttl_ms, condition=PureToken.NX)
-            else:
-                pipe.set(key, data, px=ttl_ms)
-            pipe.publish(channel, payload)
-            pipe.delete([progress])
-
-        return op
+    async def _write(self, commands: tuple[Command, ...], what: str) -> list[Any]:
+        """Queue ``commands`` through the store actor and wait for their replies,
+        retrying while Redis is unreachable (within ``write_timeout``)."""
+        deadline = trio.current_time() + self.write_timeout
+        self._conn()  # running?
+        while True:
+            try:
+                pending: Pending | None = await self.ref.ask(Write(commands))
+                if pending is None:
+                    raise ConnectionLost("not connected")
+                replies = await pending.wait()
+            except ConnectionLost as exc:
+                left = deadline - trio.current_time()
+                if left <= 0 or not await wait_connected(self.ref, left):
+                    raise ConnectionLost(f"{what}: {exc}") from exc
+                continue
+            for reply in replies:
+                if isinstance(reply, ReplyError):
+                    raise reply
+            return replies
 
     # ------------------------------------------------------------- the ABC
 
     async def set_result(self, task_id: TaskID, result: TaskResult[Any]) -> None:
-        data = self.encode(task_id, result)
-        conn = self._conn_or_fail()
-        await conn.batcher.submit(self.store_ops(task_id, data)).wait()
+        """Store and announce ``result``; retried while Redis is unreachable, for up to
+        ``write_timeout`` seconds (then ``ConnectionLost``)."""
+        data = encode_result_checked(self.codec, task_id, result)
+        await self._write(self.store_commands(task_id, data, only_new=False), "storing a result")
 
-    async def set_result_if_absent(self, task_id: TaskID, result: TaskResult[Any]) -> None:
-        """Store ``result`` unless a result is stored already (used for cancellations).
+    async def set_result_if_absent(self, task_id: TaskID, result: TaskResult[Any]) -> bool:
+        data = encode_result_checked(self.codec, task_id, result)
+        commands = self.store_commands(task_id, data, only_new=True)
+        stored, *_ = await self._write(commands[:1], "storing a result")
+        if stored is not None:
+            await self._write(commands[1:2], "announcing a result")
+        return stored is not None
 
-        The announcement is sent either way; a waiter re-reads nothing, so it may see
-        this result while the stored one differs only in a lost race with completion."""
-        data = self.encode(task_id, result)
-        client = self._client()
-        ok = await client.set(
-            self.result_key(task_id), data, px=self.ttl_ms, condition=PureToken.NX
+    async def _execute(self, *args: Any) -> Any:
+        return await with_connection(
+            self._conn(),
+            lambda conn: conn.execute(*args),
+            deadline=trio.current_time() + self.write_timeout,
+            what=f"{args[0]}",
         )
-        if ok:
-            await client.publish(self.channel, task_id.encode() + data)
 
     async def get_result(self, task_id: TaskID) -> TaskResult[Any]:
-        raw = await self._client().get(self.result_key(task_id))
+        raw = await self._execute("GET", self.result_key(task_id))
         if raw is None:
             raise ResultNotFound(task_id, "no result is stored (not finished, or expired)")
-        result = self._decode(raw)
+        result = self.decode(raw)
         if result is None:
             raise ResultNotFound(task_id, "the stored result cannot be decoded")
         return result
 
     async def is_ready(self, task_id: TaskID) -> bool:
-        return bool(await self._client().exists([self.result_key(task_id)]))
+        return bool(await self._execute("EXISTS", self.result_key(task_id)))
 
     async def wait_result(self, task_id: TaskID, timeout: float | None = None) -> TaskResult[Any]:
-        if not self._running:
+        ref = self._ref
+        if ref is None:
             raise ResultNotFound(task_id, "the result backend is not running")
         tid = TaskID.parse(task_id)
-        waiters = self.waiters
-        w = waiters.add(tid)
+        watcher = Watcher()
+        ref.tell_nowait(Watch(tid, watcher))  # unbounded mailbox: never full
         try:
-            with trio.move_on_after(math.inf if timeout is None else timeout):
-                if not self._subscribed.is_set():
-                    # The first waiter of this process: subscribe now (once).
-                    self._want_subscription.set()
-                    await self._subscribed.wait()
-                    if w.gone:
-                        raise ResultNotFound(task_id, w.gone)
-                sent_in = self._sent_gen.pop(tid, None)
-                if sent_in is not None and self._live and sent_in == self._generation:
-                    raw = None  # sent after we subscribed: its announcement reaches us
-                else:
-                    # Registered first, then read: a result stored in between is seen.
-                    raw = await self._client().get(self.result_key(tid))
-                if raw is not None and w.result is None:
-                    found = self._decode(raw)
-                    if found is not None:
-                        return found
-                await w.event.wait()
+            await watcher.wait(timeout)
         finally:
-            if w.result is None:
-                waiters.remove(tid, w)
-        if w.result is not None:
-            return w.result
-        if w.gone:
-            raise ResultNotFound(task_id, w.gone)
+            if not watcher.event.is_set() and self._ref is not None:
+                self._ref.tell_nowait(Unwatch(tid, watcher))
+        if watcher.result is not None:
+            return watcher.result
+        if watcher.gone:
+            raise ResultNotFound(task_id, watcher.gone)
         raise ResultTimeout(task_id, math.inf if timeout is None else timeout)
 
-    async def _recheck(self) -> None:
-        """After a reconnect: read every key being waited on (one MGET) and wake."""
-        ids = list(self.waiters.by_id)
-        if not ids:
-            return
-        try:
-            raws = await self._client().mget([self.result_key(t) for t in ids])
-        except FAULTS as exc:
-            log.warning("results.recheck_failed", error=repr(exc))
-            return
-        for tid, raw in zip(ids, raws, strict=True):
-            if raw is not None:
-                result = self._decode(raw)
-                if result is not None:
-                    self.waiters.wake(tid, result)
-
     async def forget(self, task_id: TaskID) -> None:
-        await self._client().delete([self.result_key(task_id), self.progress_key(task_id)])
+        await self._write(
+            (("DEL", self.result_key(task_id), self.progress_key(task_id)),), "forgetting a result"
+        )
 
     async def set_progress(self, task_id: TaskID, progress: Any) -> None:
         data = json.dumps(progress, separators=(",", ":"), allow_nan=False).encode()
-        await self._client().set(self.progress_key(task_id), data, px=self.ttl_ms)
+        await self._write(
+            (("SET", self.progress_key(task_id), data, "PX", self.ttl_ms),), "storing progress"
+        )
 
     async def get_progress(self, task_id: TaskID) -> Any | None:
-        raw = await self._client().get(self.progress_key(task_id))
+        raw = await self._execute("GET", self.progress_key(task_id))
         if raw is None:
             return None
         try:

@@ -32,7 +32,7 @@ async def add(a: int, b: int) -> int:
 @broker.task(name="sleep")
 async def sleep(seconds: float, ctx: bus.Context = bus.CONTEXT) -> float:
     client = cast(RedisBroker, ctx.broker).client
-    await client.incr(f"{PREFIX}:started")
+    await client.execute("INCR", f"{PREFIX}:started")
     await trio.sleep(seconds)
-    await client.incr(f"{PREFIX}:finished")
+    await client.execute("INCR", f"{PREFIX}:finished")
     return seconds

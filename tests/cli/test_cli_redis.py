@@ -174,14 +174,14 @@ def test_inspect_and_dead_letters(env: dict[str, str]) -> None:
         assert bus(env, "send", APP, "add", "--args", f"[{i}, 1]").returncode == 0
     # A delayed task, straight into the sorted set (the CLI has no --delay), and two
     # hostile entries in the dead-letter stream's place: let a worker reject them.
-    bus_redis(env, "ZADD", f"{prefix}:q:delayed", str(int(time.time() * 1000) + 3_600_000), "x")
+    bus_redis(env, "ZADD", f"{{{prefix}:q}}:delayed", str(int(time.time() * 1000) + 3_600_000), "x")
     proc = bus(env, "inspect", APP, "--json")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["queued"] == 3
     assert info["delayed"] == 1
     assert info["dead_letters"] == 0
-    bus_redis(env, "XADD", f"{prefix}:q:stream", "*", "d", "garbage")
+    bus_redis(env, "XADD", f"{{{prefix}:q}}:stream", "*", "d", "garbage")
     worker = subprocess.Popen(
         [sys.executable, "-m", "bus", "worker", APP, "--log-format", "json"],
         cwd=ROOT, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -202,5 +202,5 @@ def test_inspect_and_dead_letters(env: dict[str, str]) -> None:
     assert "undecodable" in bus(env, "dead", APP, "list").stdout
     assert "requeued 1" in bus(env, "dead", APP, "requeue").stdout
     assert json.loads(bus(env, "inspect", APP, "--json").stdout)["queued"] == 1
-    bus_redis(env, "XADD", f"{prefix}:q:dead", "*", "reason", "test", "data", "x")
+    bus_redis(env, "XADD", f"{{{prefix}:q}}:dead", "*", "reason", "test", "data", "x")
     assert "purged 1" in bus(env, "dead", APP, "purge").stdout

@@ -8,15 +8,9 @@ import pytest
 
 from bus.redis import RedisBroker
 from tests.redis.server import RedisServer, start_server
-from tests.redis.support import collect_coredis_garbage, make_redis_broker
+from tests.redis.support import make_redis_broker
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage() -> Iterator[None]:
-    yield
-    collect_coredis_garbage()
 
 
 @pytest.fixture

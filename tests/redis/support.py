@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -13,16 +11,7 @@ import bus
 from bus.redis import RedisBroker, RedisResultBackend
 from tests.redis.server import RedisServer
 
-__all__ = ["collect_coredis_garbage", "make_redis_broker", "redis_contract_factory"]
-
-
-def collect_coredis_garbage() -> None:
-    """Collect the anyio memory streams coredis 6.9 leaves unclosed on connections it
-    drops (a cancelled blocking read, a server restart), now and silently, rather than
-    in some later test where ``-W error`` turns the ResourceWarning into a failure."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
+__all__ = ["make_redis_broker", "redis_contract_factory"]
 
 
 def make_redis_broker(url: str, **options: Any) -> RedisBroker:
@@ -34,7 +23,6 @@ def make_redis_broker(url: str, **options: Any) -> RedisBroker:
 
 def redis_contract_factory(request: pytest.FixtureRequest) -> Callable[..., bus.Broker]:
     server: RedisServer = request.getfixturevalue("redis_server")
-    request.addfinalizer(collect_coredis_garbage)
 
     def make(**options: Any) -> bus.Broker:
         return make_redis_broker(server.url, **options)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from bus.redis._logic import (
-    Backoff,
     Keys,
     check_entry,
     join_member,
@@ -15,13 +14,17 @@ from bus.redis._logic import (
 )
 
 
-def test_keys_are_namespaced() -> None:
+def test_keys_are_namespaced_and_share_one_hash_tag() -> None:
     k = Keys("bus", "emails")
-    assert k.stream == b"bus:emails:stream"
-    assert k.delayed == b"bus:emails:delayed"
-    assert k.dead == b"bus:emails:dead"
-    assert k.cancel_channel == b"bus:emails:cancel"
-    assert k.cancel_marker("abc") == b"bus:emails:cancelled:abc"
+    assert k.stream == b"{bus:emails}:stream"
+    assert k.delayed == b"{bus:emails}:delayed"
+    assert k.dead == b"{bus:emails}:dead"
+    assert k.workers == b"{bus:emails}:workers"
+    assert k.cancel_channel == b"{bus:emails}:cancel"
+    assert k.cancel_marker("abc") == b"{bus:emails}:cancelled:abc"
+    # A Redis Cluster hashes only what is inside the braces: one slot per queue.
+    tags = {key.split(b"}")[0] for key in (k.stream, k.delayed, k.dead, k.workers)}
+    assert tags == {b"{bus:emails"}
 
 
 def test_sign_is_empty_without_secret_and_hmac_with_one() -> None:
@@ -75,12 +78,3 @@ def test_over_delivered() -> None:
     assert not over_delivered(5, 5)
     assert over_delivered(6, 5)
     assert not over_delivered(1000, None)
-
-
-def test_backoff_grows_to_its_cap_and_resets() -> None:
-    b = Backoff(base=0.1, cap=1.0)
-    delays = [b.next() for _ in range(10)]
-    assert all(0.05 <= d <= 1.0 for d in delays)
-    assert max(delays[-3:]) > 0.4
-    b.reset()
-    assert b.next() <= 0.1

@@ -22,7 +22,7 @@ def build(url: str, prefix: str, vt: float) -> RedisBroker:
     @broker.task(name="fault.sleepy", retries=10, retry_backoff=0.1)
     async def sleepy(i: int, ctx: bus.Context = bus.CONTEXT) -> int:
         b = cast(RedisBroker, ctx.broker)
-        await b.client.incr(f"{prefix}:runs:{i}")
+        await b.client.execute("INCR", f"{prefix}:runs:{i}")
         await trio.sleep(0.005)
         return i
 

@@ -1,0 +1,192 @@
+"""Operator calls on a Redis queue: inspection and dead letters.
+
+Plain functions of a connection and the queue's keys (no broker state), used by the
+broker facade, the broker actor's ``Inspect`` and the ``bus`` command.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import trio
+
+import actors
+from bus._codec import Codec, DecodeError
+from bus._message import TaskMessage
+from bus.redis._client import Arg, Connection, ReplyError
+from bus.redis._logic import F_DATA, F_SIG, Keys, sign
+from bus.redis._pool import with_connection
+from bus.redis._settings import RedisSettings
+
+__all__ = ["Client", "dead_letters", "inspect", "purge_dead", "requeue_dead"]
+
+
+def _fields(flat: Any) -> dict[bytes, Any]:
+    if not isinstance(flat, list):
+        return {}
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return "" if value is None else str(value)
+
+
+async def inspect(conn: Connection, keys: Keys, settings: RedisSettings) -> dict[str, Any]:
+    """Numbers for operators: ``queued`` (not yet delivered), ``pending`` (delivered,
+    not acknowledged) in all and per consumer, ``delayed``, ``dead_letters``, and the
+    live ``workers`` (a heartbeat within the last three intervals), each with its
+    pending count and heartbeat age."""
+    group = settings.group.encode()
+    length, delayed, dead, beats = await conn.pipeline(
+        [
+            ("XLEN", keys.stream),
+            ("ZCARD", keys.delayed),
+            ("XLEN", keys.dead),
+            ("ZRANGE", keys.workers, 0, -1, "WITHSCORES"),
+        ]
+    )
+    pending = 0
+    per_consumer: dict[str, int] = {}
+    try:
+        summary = await conn.execute("XPENDING", keys.stream, group)
+    except ReplyError:
+        summary = None  # no stream or no group yet: nothing was delivered
+    if isinstance(summary, list) and summary:
+        pending = int(summary[0] or 0)
+        for name, count in summary[3] or ():
+            per_consumer[_text(name)] = int(count)
+    now = time.time()
+    stale = 3 * settings.heartbeat + 1
+    workers = []
+    if isinstance(beats, list):
+        for i in range(0, len(beats) - 1, 2):
+            name = _text(beats[i])
+            age = max(0.0, now - float(beats[i + 1]))
+            if age < stale:
+                workers.append(
+                    {
+                        "consumer": name,
+                        "pending": per_consumer.get(name, 0),
+                        "heartbeat_age_seconds": round(age, 3),
+                    }
+                )
+    xlen = int(length) if isinstance(length, int) else 0
+    return {
+        "queue": settings.queue,
+        "stream": keys.stream.decode(),
+        # Acknowledged entries are deleted: what is in the stream is queued or pending.
+        "queued": max(0, xlen - pending),
+        "delayed": int(delayed) if isinstance(delayed, int) else 0,
+        "pending": pending,
+        "pending_per_consumer": per_consumer,
+        "dead_letters": int(dead) if isinstance(dead, int) else 0,
+        "workers": workers,
+        "live_workers": len(workers),
+    }
+
+
+def _letter(entry: list[Any], codec: Codec) -> dict[str, Any]:
+    eid = entry[0]
+    f = {_text(k): v for k, v in _fields(entry[1]).items()}
+    data = f.get("data", b"")
+    data = data if isinstance(data, bytes) else str(data).encode()
+    try:
+        msg: TaskMessage | None = codec.decode_message(data)
+    except DecodeError:
+        msg = None
+    return {
+        "id": _text(eid),
+        "reason": _text(f.get("reason")),
+        "task_name": msg.task_name if msg else None,
+        "task_id": str(msg.task_id) if msg else None,
+        "entry": _text(f.get("id")),
+        "deliveries": int(_text(f.get("deliveries")) or 0),
+        "time": float(_text(f.get("time")) or 0),
+        "data": data,
+    }
+
+
+async def dead_letters(
+    conn: Connection, keys: Keys, codec: Codec, limit: int = 100
+) -> list[dict[str, Any]]:
+    """The oldest ``limit`` dead letters (see ``RedisBroker.dead_letters``)."""
+    entries = await conn.execute("XRANGE", keys.dead, "-", "+", "COUNT", limit)
+    return [_letter(e, codec) for e in entries or ()]
+
+
+async def requeue_dead(
+    conn: Connection,
+    keys: Keys,
+    settings: RedisSettings,
+    codec: Codec,
+    limit: int,
+    reason: str | None,
+    task: str | None,
+) -> list[dict[str, Any]]:
+    """Requeue the oldest ``limit`` dead letters that match ``reason`` (a substring)
+    and ``task`` (a task name); say for each letter looked at what happened."""
+    entries = await conn.execute("XRANGE", keys.dead, "-", "+", "COUNT", limit)
+    report: list[dict[str, Any]] = []
+    for entry in entries or ():
+        letter = _letter(entry, codec)
+        if reason is not None and reason not in letter["reason"]:
+            continue
+        if task is not None and letter["task_name"] != task:
+            continue
+        outcome = "requeued"
+        if "signature" in letter["reason"] or "not signed" in letter["reason"]:
+            outcome = "skipped: dead-lettered for its signature (requeueing would sign it)"
+        if outcome == "requeued":
+            data = letter["data"]
+            cmd: list[Arg] = ["XADD", keys.stream]
+            if settings.maxlen is not None:
+                cmd += ["MAXLEN", "~", settings.maxlen]
+            cmd += ["*", F_DATA, data]
+            sig = sign(settings.secret, data)
+            if sig:
+                cmd += [F_SIG, sig]
+            await conn.transaction([tuple(cmd), ("XDEL", keys.dead, entry[0])])
+        report.append(
+            {
+                "id": letter["id"],
+                "task_name": letter["task_name"],
+                "reason": letter["reason"],
+                "outcome": outcome,
+            }
+        )
+    return report
+
+
+async def purge_dead(conn: Connection, keys: Keys) -> int:
+    """Delete the dead-letter stream; return how many entries it held."""
+    n, _ = await conn.transaction([("XLEN", keys.dead), ("DEL", keys.dead)])
+    return int(n)
+
+
+class Client:
+    """A small Redis client on the process's shared connection, for tasks and tools:
+    ``await client.execute("INCR", key)``; ``await client.pipeline([...])``. Each call
+    is retried while Redis is unreachable, for up to ``timeout`` seconds."""
+
+    def __init__(self, conn_ref: actors.ActorRef, timeout: float) -> None:
+        self._conn_ref = conn_ref
+        self._timeout = timeout
+
+    async def execute(self, *args: Arg) -> Any:
+        return await with_connection(
+            self._conn_ref,
+            lambda conn: conn.execute(*args),
+            deadline=trio.current_time() + self._timeout,
+            what=str(args[0]) if args else "command",
+        )
+
+    async def pipeline(self, commands: list[tuple[Arg, ...]]) -> list[Any]:
+        return await with_connection(
+            self._conn_ref,
+            lambda conn: conn.pipeline(commands),
+            deadline=trio.current_time() + self._timeout,
+            what="pipeline",
+        )

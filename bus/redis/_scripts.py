@@ -1,0 +1,137 @@
+"""The Lua scripts of the Redis broker (each atomic on the server).
+
+Every script that changes an entry a worker read first checks, with ``XPENDING``,
+that this consumer still owns it: a retried script (after a lost reply) or a late
+one (another worker reclaimed the entry meanwhile) then does nothing twice.
+"""
+
+from __future__ import annotations
+
+from bus.redis._client import Script
+
+__all__ = ["DEAD", "HANDBACK", "PROMOTE", "REQUEUE", "TOUCH"]
+
+#: Moves due members of the delayed set into the stream.
+#: KEYS: delayed zset, stream. ARGV: now (ms), batch size, maxlen (0: none).
+#: Returns {moved, score of the next member or false}.
+PROMOTE = Script("""
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local maxlen = tonumber(ARGV[3])
+for _, member in ipairs(due) do
+  local args = {KEYS[2]}
+  if maxlen > 0 then
+    args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
+  end
+  args[#args + 1] = '*'
+  local nl = string.find(member, '\\n', 1, true)
+  if nl then
+    local sig = string.sub(member, 1, nl - 1)
+    args[#args + 1] = 'd'; args[#args + 1] = string.sub(member, nl + 1)
+    if sig ~= '' then args[#args + 1] = 's'; args[#args + 1] = sig end
+  else
+    args[#args + 1] = 'd'; args[#args + 1] = member
+  end
+  redis.call('XADD', unpack(args))
+  redis.call('ZREM', KEYS[1], member)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {#due, nxt[2] or false}
+""")
+
+#: Resets the idle time of the entries this consumer still owns (a heartbeat).
+#: KEYS: stream. ARGV: group, consumer, ids... Returns the ids it touched.
+TOUCH = Script("""
+local args = {KEYS[1], ARGV[1], ARGV[2], 0}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then args[#args + 1] = ARGV[i] end
+end
+if #args == 4 then return {} end
+args[#args + 1] = 'JUSTID'
+return redis.call('XCLAIM', unpack(args))
+""")
+
+#: Hands entries this consumer owns back to the queue at once, as fresh copies at
+#: the end of the stream: acknowledged and deleted here, so nothing stays pending.
+#: The copy carries how often the entry was delivered (field ``n``), so that
+#: ``max_deliveries`` still counts them. KEYS: stream. ARGV: group, consumer, maxlen
+#: (0: none), then pairs (id, started: 1 if a worker began running it, else 0).
+#: Returns how many were handed back.
+HANDBACK = Script("""
+local n = 0
+local maxlen = tonumber(ARGV[3])
+for i = 4, #ARGV, 2 do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    local e = redis.call('XRANGE', KEYS[1], id, id)
+    if e[1] then
+      local fields = e[1][2]
+      local count = p[1][4] - 1 + tonumber(ARGV[i + 1])
+      local args = {KEYS[1]}
+      if maxlen > 0 then
+        args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
+      end
+      args[#args + 1] = '*'
+      for j = 1, #fields, 2 do
+        if fields[j] == 'n' then
+          count = count + tonumber(fields[j + 1])
+        else
+          args[#args + 1] = fields[j]; args[#args + 1] = fields[j + 1]
+        end
+      end
+      args[#args + 1] = 'n'; args[#args + 1] = tostring(count)
+      redis.call('XADD', unpack(args))
+    end
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+    redis.call('XDEL', KEYS[1], id)
+    n = n + 1
+  end
+end
+return n
+""")
+
+#: Replaces an entry this consumer owns by the next attempt of its message (a retry):
+#: XADD to the stream (due = 0) or ZADD to the delayed set, then XACK + XDEL of the
+#: old entry. KEYS: stream, delayed. ARGV: group, consumer, id, due (ms, 0: now),
+#: data, signature, maxlen (0: none). Returns 1, or 0 if not owned (any more).
+REQUEUE = Script("""
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not (p[1] and p[1][2] == ARGV[2]) then return 0 end
+local due = tonumber(ARGV[4])
+if due > 0 then
+  redis.call('ZADD', KEYS[2], due, ARGV[6] .. '\\n' .. ARGV[5])
+else
+  local args = {KEYS[1]}
+  local maxlen = tonumber(ARGV[7])
+  if maxlen > 0 then
+    args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
+  end
+  args[#args + 1] = '*'
+  args[#args + 1] = 'd'; args[#args + 1] = ARGV[5]
+  if ARGV[6] ~= '' then args[#args + 1] = 's'; args[#args + 1] = ARGV[6] end
+  redis.call('XADD', unpack(args))
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+""")
+
+#: Moves an entry this consumer owns to the dead-letter stream: XADD there (fields
+#: from ARGV), then XACK + XDEL. KEYS: stream, dead stream. ARGV: group, consumer,
+#: id, dead maxlen (0: none), then field/value pairs. Returns 1, or 0 if not owned.
+DEAD = Script("""
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not (p[1] and p[1][2] == ARGV[2]) then return 0 end
+local args = {KEYS[2]}
+local maxlen = tonumber(ARGV[4])
+if maxlen > 0 then
+  args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
+end
+args[#args + 1] = '*'
+for i = 5, #ARGV do args[#args + 1] = ARGV[i] end
+redis.call('XADD', unpack(args))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+""")
