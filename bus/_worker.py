@@ -126,6 +126,9 @@ class WorkerActor(actors.Actor):
         self.queues = queues
         self.stats = broker.stats
         self.running: dict[TaskID, _Runner] = {}
+        # A second delivery of a task id that runs here already (at-least-once: a
+        # redelivery can overlap the first run): rare, kept apart from the hot dict.
+        self._also_running: dict[TaskID, list[_Runner]] = {}
         self._runners: set[_Runner] = set()
         self._draining = False
         self._thread_limiter = trio.CapacityLimiter(concurrency)
@@ -185,8 +188,9 @@ class WorkerActor(actors.Actor):
         runner = self.running.get(msg.task_id)
         if runner is None:
             return False
-        runner.reason = msg.reason
-        runner.scope.cancel()
+        for r in (runner, *self._also_running.get(msg.task_id, ())):
+            r.reason = msg.reason
+            r.scope.cancel()
         if msg.reason == "cancel":
             self._log.info("task.cancel_requested", task_id=msg.task_id)
         return True
@@ -212,7 +216,9 @@ class WorkerActor(actors.Actor):
             await self._wait_idle()
         n = 0
         for tid in list(self.running):
-            n += self.cancel_running(CancelRunning(tid, "shutdown"))
+            n += self.cancel_running(CancelRunning(tid, "shutdown")) * (
+                1 + len(self._also_running.get(tid, ()))
+            )
         await self._wait_idle()
         ticket.finish(n)
 
@@ -267,7 +273,7 @@ class WorkerActor(actors.Actor):
             finally:
                 self._runners.discard(r)
                 if r.message is not None:
-                    self.running.pop(r.message.task_id, None)
+                    self._unrun(r.message.task_id, r)
         if r.message is not None and r.delivery is not None:
             # The task was interrupted (timeout, cancel request, shutdown): record it
             # here, outside the cancelled scope, and hand the slot to a fresh runner.
@@ -307,7 +313,10 @@ class WorkerActor(actors.Actor):
         value: Any = None
         self._active += 1
         r.message, r.delivery, r.reason = message, delivery, ""
-        self.running[tid] = r
+        if tid in self.running:
+            self._also_running.setdefault(tid, []).append(r)
+        else:
+            self.running[tid] = r
         token = _current.set(Context(message, broker))
         t0 = r.started = time.perf_counter()
         if options.timeout is not None:
@@ -353,7 +362,7 @@ class WorkerActor(actors.Actor):
         # From here on a cancel request or the deadline no longer concerns this task.
         if r.scope.deadline != math.inf:
             r.scope.deadline = math.inf
-        del self.running[tid]
+        self._unrun(tid, r)
         r.message = r.delivery = None
         _current.reset(token)
         try:
@@ -389,10 +398,28 @@ class WorkerActor(actors.Actor):
         except actors.ActorStopped:
             self._log.warning("worker.ack_lost", task_id=tid)
 
+    def _unrun(self, tid: TaskID, r: _Runner) -> None:
+        """``r`` no longer runs ``tid``."""
+        running = self.running
+        if running.get(tid) is r:
+            extra = self._also_running.get(tid)
+            if extra:
+                running[tid] = extra.pop()
+                if not extra:
+                    del self._also_running[tid]
+            else:
+                del running[tid]
+        else:
+            extra = self._also_running.get(tid)
+            if extra and r in extra:
+                extra.remove(r)
+                if not extra:
+                    del self._also_running[tid]
+
     def _forget_run(self, r: _Runner, tid: TaskID, token: Any) -> None:
         if r.scope.deadline != math.inf:
             r.scope.deadline = math.inf
-        del self.running[tid]
+        self._unrun(tid, r)
         r.message = r.delivery = None
         _current.reset(token)
 

@@ -342,7 +342,10 @@ class StreamReaderActor(actors.Actor):
         counts = await self._counts(conn, [e for e, _ in entries]) if counted else {}
         ready: list[Delivery] = []
         dead: list[tuple[bytes, bytes, str, int, TaskMessage | None]] = []
+        inflight = self.state.inflight
         for eid, fields in entries:
+            if eid in inflight:
+                continue  # runs here already (re-read after a reconnect): not twice
             n = counts.get(eid, 1)
             if fields:
                 extra = fields.get(F_COUNT)
@@ -384,7 +387,6 @@ class StreamReaderActor(actors.Actor):
             ready = [d for d in ready if d not in skipped]
         self._held = list(ready)
         send = state.send.send
-        inflight = state.inflight
         try:
             for d in ready:
                 inflight[d.tag] = Flight(d.message.task_id if d.message else None, time.monotonic())

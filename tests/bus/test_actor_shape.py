@@ -299,3 +299,37 @@ async def test_an_inline_handler_failure_is_the_actors_failure(n: int) -> None:
                 ref.tell_nowait(Boom())  # runs inline: the sender sees nothing
                 await trio.testing.wait_all_tasks_blocked()
             assert ref.restart_count == n
+
+
+async def test_a_task_id_delivered_twice_runs_twice_in_one_worker_without_harm() -> None:
+    """At-least-once: a redelivery can overlap the first run in the same worker."""
+    broker = bus.InMemoryBroker(concurrency=4)
+    started = 0
+    gate = trio.Event()
+
+    @broker.task
+    async def job() -> int:
+        nonlocal started
+        started += 1
+        await gate.wait()
+        return started
+
+    tid = bus.TaskID.new()
+    with trio.fail_after(5):
+        async with broker:
+            first = await job.kicker().with_task_id(tid).kiq()
+            await job.kicker().with_task_id(tid).kiq()
+            await trio.testing.wait_all_tasks_blocked()
+            assert started == 2
+            gate.set()
+            await broker.wait_all()
+            assert (await first.wait_result()).status is bus.TaskStatus.SUCCESS
+            # Both runs of a third pair are cancelled by one cancel.
+            gate = trio.Event()
+            third = await job.kicker().with_task_id(tid).kiq()
+            await job.kicker().with_task_id(tid).kiq()
+            await trio.testing.wait_all_tasks_blocked()
+            await third.cancel()
+            await broker.wait_all()
+            assert (await third.wait_result()).status is bus.TaskStatus.CANCELLED
+            assert (await broker.inspect())["running"] == 0
