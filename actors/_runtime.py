@@ -270,6 +270,7 @@ class Cell:
     """Runtime state of one actor across restarts: mailbox, policy, children."""
 
     __slots__ = (
+        "_status",
         "_wake_backoff",
         "backoff",
         "children",
@@ -331,6 +332,7 @@ class Cell:
         self.task: trio.lowlevel.Task | None = None
         self.unhandled = 0
         self._wake_backoff: trio.CancelScope | None = None
+        self._status: trio.TaskStatus[ActorRef] | None = None
         self.restarts = 0
         self.log = logger.bind(actor=name)
 
@@ -395,10 +397,18 @@ class Cell:
     # -- the actor's task ---------------------------------------------------
 
     async def run(
-        self, *, task_status: trio.TaskStatus[ActorRef] = trio.TASK_STATUS_IGNORED
+        self,
+        *,
+        task_status: trio.TaskStatus[ActorRef] = trio.TASK_STATUS_IGNORED,
+        started_after_start: bool = False,
     ) -> None:
+        """The actor's task. ``task_status.started(ref)`` is called at once, or with
+        ``started_after_start`` once the first instance's ``on_start`` returned."""
         self.task = trio.lowlevel.current_task()
-        task_status.started(self.ref)
+        if started_after_start:
+            self._status = task_status
+        else:
+            task_status.started(self.ref)
         self.log.debug("actor.started")
         how = "cancelled"
         instance: Actor | None = self.instance
@@ -472,6 +482,9 @@ class Cell:
                 async with trio.open_nursery() as background:
                     actor._actor_nursery = background
                     await actor.on_start()
+                    status, self._status = self._status, None
+                    if status is not None:
+                        status.started(self.ref)
                     await self._loop(actor)
                     await self._stop_children()
                     await actor.on_stop()
@@ -709,7 +722,7 @@ async def run_cell(
     )
     registry[name] = cell
     try:
-        await cell.run(task_status=task_status)
+        await cell.run(task_status=task_status, started_after_start=True)
     finally:
         if not cell.done:  # pragma: no cover - run() always finishes the cell
             _discard(cell)

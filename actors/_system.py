@@ -97,8 +97,8 @@ class ActorSystem:
         The actor belongs to this system (it is listed in :attr:`actors` and
         :meth:`tree`, and the system stops it when it closes) but its lifetime is
         also the caller's: use it with ``await nursery.start(system.run, F,
-        name=...)``, which returns the actor's ref once it has started. Arguments
-        as :meth:`spawn`.
+        name=...)``, which returns the actor's ref once its ``on_start`` has
+        returned (it is ready). Arguments as :meth:`spawn`.
 
         Cancellation: cancelling the caller cancels the actor (its children, its
         nursery and the handler it is in); ``on_stop`` does not run.

@@ -4,6 +4,8 @@ Declare tasks with ``@broker.task``, send them with ``await task.kiq(...)``, and
 results back with ``await handle.wait_result()``. See docs/ for the guide.
 """
 
+from importlib import metadata as _metadata
+
 from bus._broker import Broker, BrokerState, BrokerStats, BusEvent
 from bus._broker_actor import BrokerActor
 from bus._codec import Codec, DecodeError, JSONCodec
@@ -28,6 +30,11 @@ from bus._options import TaskOptions
 from bus._results import InMemoryResultBackend, InmemoryResultBackend, ResultBackend
 from bus._task import AsyncTask, Kicker, SyncTask, Task, TaskHandle, gather
 from bus._worker import Worker, WorkerActor
+
+try:
+    __version__: str = _metadata.version("trio-bus")
+except _metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
+    __version__ = "0+unknown"
 
 __all__ = [
     "CONTEXT",
@@ -66,6 +73,7 @@ __all__ = [
     "TaskResult",
     "TaskStatus",
     "UnknownTaskError",
+    "__version__",
     "Worker",
     "WorkerActor",
     "current_context",

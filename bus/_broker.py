@@ -126,6 +126,9 @@ class Broker(abc.ABC):
         self._running = False
         self._stack: contextlib.AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
+        #: Seconds ``async with broker`` waits for its server at start before it fails
+        #: (``None``: as long as it takes). In-process brokers have no server.
+        self.connect_timeout: float | None = None
         if middlewares:
             self.with_middlewares(*middlewares)
 
@@ -133,6 +136,10 @@ class Broker(abc.ABC):
     #: ``bus inspect`` and ``bus dead`` need that). It describes the broker for tools;
     #: the worker behaves the same either way.
     distributed: bool = False
+
+    def describe(self) -> dict[str, str]:
+        """Where the queue is, for start-up lines and logs (no password)."""
+        return {}
 
     @property
     def embedded_worker(self) -> bool:
@@ -355,6 +362,13 @@ class Broker(abc.ABC):
         """Send up to ``limit`` dead letters back to the queue; returns how many."""
         raise NotImplementedError(f"{type(self).__name__} keeps no dead-letter store")
 
+    async def requeue_dead(
+        self, limit: int = 100, *, reason: str | None = None, task: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Requeue dead letters and report, per letter, ``{"id", "task_name", "reason",
+        "outcome"}`` (``"requeued"`` or ``"skipped: <why>"``)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no dead-letter store")
+
     async def purge_dead_letters(self) -> int:
         """Delete every dead letter; returns how many there were."""
         raise NotImplementedError(f"{type(self).__name__} keeps no dead-letter store")
@@ -489,10 +503,13 @@ class Broker(abc.ABC):
                         assert ref is not None
                         task_status.started(Worker(ref, concurrency, wname, scope))
 
+                # ESCALATE: a worker that fails makes run_worker raise (a supervisor
+                # restarts the process); it never dies quietly.
                 await system.run(
                     lambda: WorkerActor(self, concurrency, queues),
                     name=wname,
                     mailbox_size=math.inf,
+                    on_failure=actors.ESCALATE,
                     task_status=Started(),
                 )
         finally:

@@ -7,14 +7,19 @@ output on a terminal, JSON lines otherwise).
 from __future__ import annotations
 
 import argparse
+import base64
+import difflib
+import functools
 import importlib
+import inspect as _inspect
 import json
 import logging
 import math
 import os
 import signal
+import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, NoReturn
 
 import structlog
@@ -26,14 +31,31 @@ from bus._message import TaskResult, TaskStatus
 
 __all__ = ["main"]
 
+#: Two SIGTERMs closer than this are one stop request: systemd's control-group kill
+#: and the supervisor's forward of it reach a child together. (SIGINT, from a person
+#: at a terminal, always counts: Ctrl-C twice cancels.)
+SIGNAL_DEBOUNCE = 1.0
+#: After the shutdown timeout, how long the supervisor waits before SIGKILL.
+KILL_GRACE = 10.0
+
 
 class CLIError(Exception):
-    """A problem to report on one line, with exit code 2."""
+    """A problem to report on one line, with exit code 2 (``code`` may say otherwise)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
     print(f"bus: error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def _version() -> str:
+    from bus import __version__
+
+    return __version__
 
 
 def load_broker(spec: str) -> Broker:
@@ -49,6 +71,8 @@ def load_broker(spec: str) -> Broker:
         if exc.name and module_name.startswith(exc.name):
             raise CLIError(f"no module named {module_name!r} (looked in {os.getcwd()})") from None
         raise CLIError(f"importing {module_name!r} failed: {exc}") from None
+    except ImportError as exc:
+        raise CLIError(f"importing {module_name!r} failed: {exc}") from None
     except Exception as exc:
         raise CLIError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
     obj: Any = module
@@ -63,14 +87,18 @@ def load_broker(spec: str) -> Broker:
 
 
 def configure_logging(fmt: str | None, level: str) -> None:
-    """Console on a terminal, JSON lines otherwise (or as ``fmt`` says)."""
+    """Console on a terminal, JSON lines otherwise (or as ``fmt`` says). Each event is
+    one write of one line, so lines of several processes never interleave."""
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise CLIError(f"unknown log level {level!r} (debug, info, warning, error)")
+    tty = sys.stderr.isatty()
     if fmt is None:
-        fmt = "console" if sys.stderr.isatty() else "json"
+        fmt = "console" if tty else "json"
     renderer: Any = (
-        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=tty)
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[
@@ -81,7 +109,7 @@ def configure_logging(fmt: str | None, level: str) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
 
@@ -96,67 +124,154 @@ def _in_process_only(broker: Broker, command: str) -> None:
         )
 
 
+def _where(broker: Broker) -> str:
+    return " ".join(f"{k}={v}" for k, v in broker.describe().items())
+
+
 # ---------------------------------------------------------------------- worker
 
 
-async def run_worker(broker: Broker, concurrency: int | None, shutdown_timeout: float) -> int:
-    """Run a worker until SIGINT/SIGTERM: the first drains (within ``shutdown_timeout``),
-    a second cancels at once. Unfinished tasks stay unacknowledged on Redis."""
+async def _stop_requests(
+    signals: AsyncIterator[int], window: float = SIGNAL_DEBOUNCE
+) -> AsyncIterator[int]:
+    """The distinct stop requests among the signals: a SIGTERM within ``window``
+    seconds of the previous request is the same request."""
+    last = -math.inf
+    async for signum in signals:
+        now = trio.current_time()
+        if signum != signal.SIGTERM or now - last >= window:
+            last = now
+            yield signum
+
+
+async def run_worker(
+    broker: Broker,
+    concurrency: int | None,
+    shutdown_timeout: float,
+    queues: Sequence[str] = (),
+) -> int:
+    """Run a worker until SIGINT/SIGTERM: the first stop request drains (within
+    ``shutdown_timeout``), a second one cancels at once. What did not finish goes
+    back to the queue for another worker."""
     log = structlog.get_logger("bus.cli")
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as receiver:
+        requests = _stop_requests(receiver)
         async with trio.open_nursery() as nursery:
-            worker = await nursery.start(broker.run_worker, concurrency)
+            worker = await nursery.start(
+                functools.partial(broker.run_worker, concurrency, queues=queues or None)
+            )
+            where = _where(broker)
             print(
-                f"bus worker: {type(broker).__name__} pid={os.getpid()} "
-                f"concurrency={worker.concurrency} tasks={', '.join(sorted(broker.tasks))}",
+                f"bus worker: {type(broker).__name__} {where + ' ' if where else ''}"
+                f"pid={os.getpid()} concurrency={worker.concurrency} "
+                f"tasks={', '.join(sorted(broker.tasks))}",
                 file=sys.stderr,
                 flush=True,
             )
-            async for signum in signals:
+            async for signum in requests:
                 log.info(
                     "worker.draining", signal=signal.Signals(signum).name, timeout=shutdown_timeout
                 )
                 break
-            else:  # pragma: no cover - the receiver never ends by itself
-                return 0
+
+            second = trio.CancelScope()
 
             async def hard_stop() -> None:
-                async for signum in signals:
-                    log.warning("worker.cancelling", signal=signal.Signals(signum).name)
-                    worker.stop()
-                    return
+                with second:
+                    async for signum in requests:
+                        log.warning("worker.cancelling", signal=signal.Signals(signum).name)
+                        worker.stop()
+                        return
 
             nursery.start_soon(hard_stop)
-            await worker.drain(shutdown_timeout)
+            interrupted = await worker.drain(shutdown_timeout)
+            if interrupted:
+                log.warning("worker.interrupted", tasks=interrupted)
             worker.stop()
-            nursery.cancel_scope.cancel()
+            second.cancel()
+            # run_worker now leaves `async with broker` cleanly: its last acks are
+            # written and what is unfinished is handed back before the connection closes.
+    log.info("worker.exited")
     return 0
 
 
-def supervise(argv: list[str], processes: int, max_restarts: int = 5, window: float = 60.0) -> int:
-    """Run ``processes`` copies of this worker command, forward SIGINT/SIGTERM, restart a
-    crashed one with backoff; exit 1 when they keep crashing."""
-    return trio.run(_supervise, argv, processes, max_restarts, window)
+def _child_args(argv: Sequence[str]) -> list[str]:
+    """The worker command without ``--processes N`` / ``--processes=N``."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--processes":
+            skip = True
+            continue
+        if arg.startswith("--processes="):
+            continue
+        out.append(arg)
+    return out
 
 
-async def _supervise(argv: list[str], processes: int, max_restarts: int, window: float) -> int:
+def supervise(
+    argv: Sequence[str],
+    processes: int,
+    shutdown_timeout: float,
+    max_restarts: int = 5,
+    window: float = 60.0,
+) -> int:
+    """Run ``processes`` copies of this worker command, each in its own session (so a
+    terminal's Ctrl-C or a signal to the supervisor's process group reaches a child
+    only through the supervisor, once), relay their log lines whole, forward stop
+    requests, restart a crashed one with backoff, and SIGKILL what is still running
+    ``shutdown_timeout`` + a grace after the first stop. Exits 1 when children keep
+    crashing or one did not exit 0 on a stop."""
+    return trio.run(
+        _supervise, _child_args(argv), processes, shutdown_timeout, max_restarts, window
+    )
+
+
+async def _relay(stream: trio.abc.ReceiveStream) -> None:
+    """Copy a child's stderr to ours, one whole line per write."""
+    out = sys.stderr.buffer
+    buffer = b""
+    async for chunk in stream:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            out.write(line + b"\n")
+            out.flush()
+    if buffer:
+        out.write(buffer + b"\n")
+        out.flush()
+
+
+async def _supervise(
+    argv: list[str], processes: int, shutdown_timeout: float, max_restarts: int, window: float
+) -> int:
     log = structlog.get_logger("bus.cli")
     cmd = [sys.executable, "-m", "bus", *argv]
     procs: dict[int, trio.Process] = {}
     crashes: list[float] = []
     stopping = trio.Event()
     failed = False
+    exit_codes: list[int] = []
 
     async def keep(slot: int) -> None:
         nonlocal failed
         backoff = 0.5
         while not stopping.is_set():
-            proc = await trio.lowlevel.open_process(cmd)
+            proc = await trio.lowlevel.open_process(
+                cmd, stderr=subprocess.PIPE, start_new_session=True
+            )
             procs[slot] = proc
             log.info("supervisor.started", slot=slot, pid=proc.pid)
-            code = await proc.wait()
+            assert proc.stderr is not None
+            async with trio.open_nursery() as relay:
+                relay.start_soon(_relay, proc.stderr)
+                code = await proc.wait()
             del procs[slot]
             if stopping.is_set():
+                exit_codes.append(code)
                 return
             now = trio.current_time()
             crashes.append(now)
@@ -177,19 +292,33 @@ async def _supervise(argv: list[str], processes: int, max_restarts: int, window:
             if proc.returncode is None:
                 proc.send_signal(signum)
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    async def escalate() -> None:
+        await trio.sleep(shutdown_timeout + KILL_GRACE)
+        for proc in list(procs.values()):
+            if proc.returncode is None:
+                log.error("supervisor.killing", pid=proc.pid)
+                proc.kill()
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as receiver:
         async with trio.open_nursery() as outer:
 
             async def forward() -> None:
-                async for signum in signals:
-                    stop_all(signum)  # a second signal is forwarded too: children cancel
+                first = True
+                async for signum in _stop_requests(receiver):
+                    log.info("supervisor.stopping", signal=signal.Signals(signum).name)
+                    stop_all(signum)  # a second request is forwarded too: children cancel
+                    if first:
+                        first = False
+                        outer.start_soon(escalate)
 
             outer.start_soon(forward)
             async with trio.open_nursery() as slots:
                 for slot in range(processes):
                     slots.start_soon(keep, slot)
             outer.cancel_scope.cancel()  # every slot has ended
-    return 1 if failed else 0
+    if failed or any(code != 0 for code in exit_codes):
+        return 1
+    return 0
 
 
 # ------------------------------------------------------------------------ send
@@ -209,6 +338,28 @@ def _result_json(result: TaskResult[Any]) -> str:
     )
 
 
+def _unknown_task(broker: Broker, name: str) -> CLIError:
+    known = sorted(broker.tasks)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return CLIError(f"unknown task {name!r}{hint}; registered tasks: {', '.join(known) or 'none'}")
+
+
+def _check_call(broker: Broker, task_name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Refuse arguments that do not fit the task's signature, naming the parameter."""
+    task = broker.find_task(task_name)
+    assert task is not None
+    try:
+        sig = _inspect.signature(task.func)
+    except (TypeError, ValueError):
+        return
+    params = [p for name, p in sig.parameters.items() if name != task.context_param]
+    try:
+        sig.replace(parameters=params).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise CLIError(f"wrong arguments for {task_name}: {exc}") from None
+
+
 async def send(
     broker: Broker,
     task_name: str,
@@ -219,17 +370,21 @@ async def send(
 ) -> int:
     task = broker.find_task(task_name)
     if task is None:
-        known = ", ".join(sorted(broker.tasks)) or "none"
-        raise CLIError(f"unknown task {task_name!r}; registered tasks: {known}")
-    async with broker:
-        handle = await task.kiq(*args, **kwargs)
-        if not wait:
-            print(handle.task_id)
-            return 0
-        try:
-            result = await handle.wait_result(timeout=timeout)
-        except ResultTimeout:
-            raise CLIError(f"no result for {handle.task_id} within {timeout}s") from None
+        raise _unknown_task(broker, task_name)
+    _check_call(broker, task_name, args, kwargs)
+    # --timeout bounds everything: reaching the broker, sending, and the wait.
+    with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+        async with broker:
+            handle = await task.kiq(*args, **kwargs)
+            if not wait:
+                print(handle.task_id)
+                return 0
+            try:
+                result = await handle.wait_result()
+            except ResultTimeout:  # pragma: no cover - the scope's deadline comes first
+                raise CLIError(f"no result for {handle.task_id} within {timeout}s", 1) from None
+    if scope.cancelled_caught:
+        raise CLIError(f"no result within {timeout}s (--timeout)", 1)
     print(_result_json(result))
     return 0 if result.status is TaskStatus.SUCCESS else 1
 
@@ -248,44 +403,92 @@ def _json_arg(text: str, what: str, kind: type) -> Any:
 # --------------------------------------------------------------- inspect, dead
 
 
-async def inspect(broker: Broker, as_json: bool) -> int:
-    async with broker:
-        info = await broker.inspect()
-    if as_json:
-        print(json.dumps(info, indent=2, default=str))
-        return 0
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    """``inspect``'s numbers as text: scalars in a column, mappings and lists of
+    records as indented tables (no Python reprs)."""
     for key, value in info.items():
         if isinstance(value, dict):
             print(f"{key}:")
             if not value:
                 print("  (none)")
             for k, v in value.items():
-                print(f"  {k:<40} {v}")
+                print(f"  {k:<40} {_cell(v)}")
         elif isinstance(value, list):
             print(f"{key}:")
             if not value:
                 print("  (none)")
             for item in value:
-                print(f"  {item}")
+                if isinstance(item, dict):
+                    print("  " + "  ".join(f"{k}={_cell(v)}" for k, v in item.items()))
+                else:
+                    print(f"  {_cell(item)}")
         else:
-            print(f"{key:<24} {value}")
+            print(f"{key:<24} {_cell(value)}")
+
+
+async def inspect(broker: Broker, as_json: bool) -> int:
+    async with broker:
+        info = await broker.inspect()
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    _print_info(info)
     return 0
 
 
-async def dead(broker: Broker, action: str, limit: int, as_json: bool) -> int:
+def _letter_json(letter: dict[str, Any]) -> dict[str, Any]:
+    """A dead letter for JSON: its data as text, or as base64 when not UTF-8."""
+    out = dict(letter)
+    data = out.pop("data", b"")
+    if isinstance(data, bytes):
+        try:
+            out["data"] = data.decode("utf-8")
+            out["data_encoding"] = "utf-8"
+        except UnicodeDecodeError:
+            out["data"] = base64.b64encode(data).decode("ascii")
+            out["data_encoding"] = "base64"
+    return out
+
+
+async def dead(
+    broker: Broker,
+    action: str,
+    limit: int,
+    as_json: bool,
+    reason: str | None,
+    task: str | None,
+) -> int:
     async with broker:
         if action == "list":
             letters = await broker.dead_letters(limit)
+            if reason is not None:
+                letters = [d for d in letters if reason in str(d.get("reason", ""))]
+            if task is not None:
+                letters = [d for d in letters if d.get("task_name") == task]
             if as_json:
-                print(json.dumps(letters, indent=2, default=str))
+                print(json.dumps([_letter_json(d) for d in letters], indent=2, default=str))
             elif not letters:
                 print("no dead letters")
             else:
                 for d in letters:
                     print(f"{d.get('id')}  {d.get('task_name') or '?':<30} {d.get('reason')}")
         elif action == "requeue":
-            n = await broker.requeue_dead_letters(limit)
-            print(f"requeued {n} dead letter(s)")
+            report = await broker.requeue_dead(limit, reason=reason, task=task)
+            if as_json:
+                print(json.dumps(report, indent=2, default=str))
+            else:
+                for r in report:
+                    print(f"{r['id']}  {r.get('task_name') or '?':<30} {r['outcome']}")
+                n = sum(1 for r in report if r["outcome"] == "requeued")
+                print(f"requeued {n} dead letter(s)")
         else:
             n = await broker.purge_dead_letters()
             print(f"purged {n} dead letter(s)")
@@ -297,6 +500,7 @@ async def dead(broker: Broker, action: str, limit: int, as_json: bool) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bus", description="Run and inspect trio-bus workers.")
+    p.add_argument("--version", action="version", version=f"bus {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     w = sub.add_parser("worker", help="run a worker for MODULE:BROKER")
@@ -304,10 +508,23 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--concurrency", type=int, default=None, help="tasks at once per process")
     w.add_argument("--processes", type=int, default=1, help="worker processes to supervise")
     w.add_argument(
+        "--queue",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="a queue to consume (repeat for several; default: the broker's)",
+    )
+    w.add_argument(
         "--shutdown-timeout",
         type=float,
         default=None,
         help="seconds running tasks get after the first SIGINT/SIGTERM",
+    )
+    w.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=None,
+        help="fail if the broker's server cannot be reached within S seconds at start",
     )
     w.add_argument("--log-format", choices=["console", "json"], default=None)
     w.add_argument("--log-level", default="info")
@@ -318,7 +535,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--args", default="[]", help="positional arguments as a JSON array")
     s.add_argument("--kwargs", default="{}", help="keyword arguments as a JSON object")
     s.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    s.add_argument("--timeout", type=float, default=None, help="with --wait: give up after S")
+    s.add_argument(
+        "--timeout", type=float, default=None, help="give up after S seconds (all of it)"
+    )
     s.add_argument("--log-level", default="warning")
 
     i = sub.add_parser("inspect", help="queue length, pending, delayed, dead letters, workers")
@@ -330,9 +549,16 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("broker", metavar="MODULE:BROKER")
     d.add_argument("action", choices=["list", "requeue", "purge"])
     d.add_argument("--limit", type=int, default=100)
+    d.add_argument("--reason", default=None, help="only letters whose reason contains TEXT")
+    d.add_argument("--task", default=None, help="only letters of this task")
     d.add_argument("--json", action="store_true")
     d.add_argument("--log-level", default="warning")
     return p
+
+
+def _positive(value: float | None, what: str, *, zero: bool = False) -> None:
+    if value is not None and (math.isnan(value) or value < 0 or (value == 0 and not zero)):
+        raise CLIError(f"{what} must be {'>= 0' if zero else '> 0'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -345,22 +571,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             _in_process_only(broker, "worker")
             if args.processes < 1 or (args.concurrency is not None and args.concurrency < 1):
                 raise CLIError("--processes and --concurrency must be at least 1")
-            if args.processes > 1:
-                # Each child runs this same command as one process (the last value wins).
-                return supervise([*args_list, "--processes", "1"], args.processes)
             timeout = (
-                broker.shutdown_timeout
-                if args.shutdown_timeout is None
-                else (args.shutdown_timeout)
+                broker.shutdown_timeout if args.shutdown_timeout is None else args.shutdown_timeout
             )
-            if not timeout >= 0 or math.isnan(timeout):
-                raise CLIError("--shutdown-timeout must be >= 0")
-            return trio.run(run_worker, broker, args.concurrency, timeout)
+            _positive(timeout, "--shutdown-timeout", zero=True)
+            _positive(args.connect_timeout, "--connect-timeout")
+            if args.processes > 1:
+                return supervise(args_list, args.processes, timeout)
+            if args.connect_timeout is not None:
+                broker.connect_timeout = args.connect_timeout
+            return trio.run(run_worker, broker, args.concurrency, timeout, args.queue or ())
         if args.command == "send":
             call_args = _json_arg(args.args, "args", list)
             call_kwargs = _json_arg(args.kwargs, "kwargs", dict)
-            if args.timeout is not None and not args.wait:
-                raise CLIError("--timeout only makes sense with --wait")
+            _positive(args.timeout, "--timeout")
             return trio.run(
                 send, broker, args.task, call_args, call_kwargs, args.wait, args.timeout
             )
@@ -368,9 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _in_process_only(broker, "inspect")
             return trio.run(inspect, broker, args.json)
         _in_process_only(broker, "dead")
-        return trio.run(dead, broker, args.action, args.limit, args.json)
+        return trio.run(dead, broker, args.action, args.limit, args.json, args.reason, args.task)
     except CLIError as exc:
-        _fail(str(exc))
+        _fail(str(exc), exc.code)
     except (BusError, OSError, NotImplementedError) as exc:
         _fail(f"{type(exc).__name__}: {exc}", 1)
     except KeyboardInterrupt:

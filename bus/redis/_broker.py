@@ -617,16 +617,31 @@ class RedisBroker(Broker):
 
     # ------------------------------------------------------------ lifecycle
 
+    def describe(self) -> dict[str, str]:
+        return {"url": self.url, "queue": self.queue}
+
+    def __repr__(self) -> str:
+        return f"<RedisBroker {self.url} queue={self.queue!r}>"
+
     async def _open(self, system: actors.ActorSystem) -> actors.ActorRef:
         conn_ref = self._conn_ref = await shared_connection(system, self.settings.url)
-        timeout = self.settings.connect_timeout
-        if timeout is not None:
+        timeout = (
+            self.connect_timeout
+            if self.connect_timeout is not None
+            else self.settings.connect_timeout
+        )
+        deadline = trio.current_time() + (math.inf if timeout is None else timeout)
+        while True:  # wait for Redis, saying so every few seconds
+            left = deadline - trio.current_time()
             try:
-                await lend(conn_ref, timeout=timeout)
+                await lend(conn_ref, timeout=min(5.0, left))
+                break
             except ConnectionLost:
-                raise ConnectionError(
-                    f"cannot reach Redis at {self.url} within {timeout:g} s"
-                ) from None
+                if trio.current_time() >= deadline:
+                    raise ConnectionError(
+                        f"cannot reach Redis at {self.url} within {timeout:g} s"
+                    ) from None
+                log.warning("redis.unreachable", url=self.url, waiting=True)
         settings, keys, codec, results = self.settings, self.keys, self.codec, self.result_backend
         return await system.spawn(
             lambda: RedisBrokerActor(settings, keys, codec, results, conn_ref),

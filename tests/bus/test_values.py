@@ -219,7 +219,8 @@ def test_public_surface_is_pinned() -> None:
             "Middleware", "QueueFull", "RemoteError", "ResultBackend", "ResultNotFound",
             "ResultTimeout", "SendError", "SyncTask", "Task", "TaskCancelled", "TaskFailed",
             "TaskHandle", "TaskID", "TaskMessage", "TaskOptions", "TaskResult", "TaskStatus",
-            "UnknownTaskError", "Worker", "WorkerActor", "current_context", "gather",
+            "UnknownTaskError", "Worker", "WorkerActor", "__version__", "current_context",
+            "gather",
         ]
     )  # fmt: skip
     for name in bus.__all__:
