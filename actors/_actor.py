@@ -93,6 +93,10 @@ class Actor:
 
     #: Whether the class overrides :meth:`on_drained` (checked once per class).
     _actor_wants_drained: ClassVar[bool] = False
+    #: Failures that are part of this actor's life (say, a lost connection that its
+    #: supervisor's restart re-establishes): under RESTART they are logged as one
+    #: warning line, without a traceback.
+    expected_failures: ClassVar[tuple[type[BaseException], ...]] = ()
     #: Handlers that may run inline (see ``handles(..., inline=True)``), by exact type.
     _actor_inline: ClassVar[dict[type, Callable[[Any, Any], Any]]] = {}
 

@@ -460,11 +460,18 @@ class Cell:
     def _recover(self, error: BaseException) -> bool:
         """Apply the policy to ``error``: True to restart, False to stop; may raise."""
         policy = self.policy
-        self.log.error("actor.failed", error=repr(error), policy=policy.value, exc_info=error)
+        expected = isinstance(error, type(self.instance).expected_failures)
+        if expected and policy is RESTART:
+            # Part of the actor's life (a lost connection): one line, no traceback.
+            self.log.warning("actor.failed", error=str(error), policy=policy.value)
+        else:
+            self.log.error("actor.failed", error=repr(error), policy=policy.value, exc_info=error)
         if policy is RESTART:
             if self.limiter.allow(trio.current_time()):
                 self.restarts += 1
-                self.log.warning("actor.restarted", restarts=self.restarts)
+                (self.log.debug if expected else self.log.warning)(
+                    "actor.restarted", restarts=self.restarts
+                )
                 return True
             self.log.error("actor.restart_limit", restarts=self.restarts)
             policy = ESCALATE

@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 import structlog
 import trio
 
-from bus._broker import Broker
+from bus._broker import Broker, plain_error
 from bus._errors import BusError, ResultTimeout
 from bus._message import TaskResult, TaskStatus
 
@@ -216,6 +216,7 @@ def supervise(
     argv: Sequence[str],
     processes: int,
     shutdown_timeout: float,
+    kill_grace: float = KILL_GRACE,
     max_restarts: int = 5,
     window: float = 60.0,
 ) -> int:
@@ -223,10 +224,15 @@ def supervise(
     terminal's Ctrl-C or a signal to the supervisor's process group reaches a child
     only through the supervisor, once), relay their log lines whole, forward stop
     requests, restart a crashed one with backoff, and SIGKILL what is still running
-    ``shutdown_timeout`` + a grace after the first stop. Exits 1 when children keep
-    crashing or one did not exit 0 on a stop."""
+    ``shutdown_timeout + kill_grace`` seconds after the first stop. Exits 1 when
+    children keep crashing or one did not exit 0 on a stop."""
     return trio.run(
-        _supervise, _child_args(argv), processes, shutdown_timeout, max_restarts, window
+        _supervise,
+        _child_args(argv),
+        processes,
+        shutdown_timeout + kill_grace,
+        max_restarts,
+        window,
     )
 
 
@@ -246,7 +252,7 @@ async def _relay(stream: trio.abc.ReceiveStream) -> None:
 
 
 async def _supervise(
-    argv: list[str], processes: int, shutdown_timeout: float, max_restarts: int, window: float
+    argv: list[str], processes: int, kill_after: float, max_restarts: int, window: float
 ) -> int:
     log = structlog.get_logger("bus.cli")
     cmd = [sys.executable, "-m", "bus", *argv]
@@ -293,7 +299,7 @@ async def _supervise(
                 proc.send_signal(signum)
 
     async def escalate() -> None:
-        await trio.sleep(shutdown_timeout + KILL_GRACE)
+        await trio.sleep(kill_after)
         for proc in list(procs.values()):
             if proc.returncode is None:
                 log.error("supervisor.killing", pid=proc.pid)
@@ -521,6 +527,13 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds running tasks get after the first SIGINT/SIGTERM",
     )
     w.add_argument(
+        "--kill-grace",
+        type=float,
+        default=KILL_GRACE,
+        help="with --processes: SIGKILL children still running S seconds after the "
+        "shutdown timeout (default 10)",
+    )
+    w.add_argument(
         "--connect-timeout",
         type=float,
         default=None,
@@ -565,6 +578,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(args_list)
     try:
+        return _main(args, args_list)
+    except BaseExceptionGroup as group:
+        # One error from inside a nursery: report it as itself, on one line.
+        leaf = plain_error(group)
+        if isinstance(leaf, BaseExceptionGroup) or not isinstance(leaf, Exception):
+            raise
+        return _report(leaf, args)
+
+
+def _report(exc: Exception, args: argparse.Namespace) -> int:
+    leaf = plain_error(exc)
+    if isinstance(leaf, Exception) and not isinstance(leaf, BaseExceptionGroup):
+        exc = leaf
+    if isinstance(exc, CLIError):
+        _fail(str(exc), exc.code)
+    if isinstance(exc, BusError | OSError | NotImplementedError):
+        _fail(f"{type(exc).__name__}: {exc}", 1)
+    if args.log_level.lower() == "debug":
+        raise exc
+    _fail(f"{type(exc).__name__}: {exc} (--log-level debug shows the traceback)", 1)
+
+
+def _main(args: argparse.Namespace, args_list: list[str]) -> int:
+    try:
         configure_logging(getattr(args, "log_format", None), args.log_level)
         broker = load_broker(args.broker)
         if args.command == "worker":
@@ -576,8 +613,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             _positive(timeout, "--shutdown-timeout", zero=True)
             _positive(args.connect_timeout, "--connect-timeout")
+            _positive(args.kill_grace, "--kill-grace", zero=True)
             if args.processes > 1:
-                return supervise(args_list, args.processes, timeout)
+                return supervise(args_list, args.processes, timeout, args.kill_grace)
             if args.connect_timeout is not None:
                 broker.connect_timeout = args.connect_timeout
             return trio.run(run_worker, broker, args.concurrency, timeout, args.queue or ())
@@ -593,16 +631,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(inspect, broker, args.json)
         _in_process_only(broker, "dead")
         return trio.run(dead, broker, args.action, args.limit, args.json, args.reason, args.task)
-    except CLIError as exc:
-        _fail(str(exc), exc.code)
-    except (BusError, OSError, NotImplementedError) as exc:
-        _fail(f"{type(exc).__name__}: {exc}", 1)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        if args.log_level.lower() == "debug":
-            raise
-        _fail(f"{type(exc).__name__}: {exc} (--log-level debug shows the traceback)", 1)
+        return _report(exc, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -495,6 +495,29 @@ async def check_trio_cancellation_of_the_worker_is_not_a_task_failure(
     assert broker.stats.succeeded == 0
 
 
+async def check_results_pass_through_the_codec(make_broker: BrokerFactory) -> None:
+    """What a shared backend could not store fails on every broker the same way, and
+    what it changes (tuples become lists) comes back changed on every broker."""
+    broker = make_broker()
+
+    @broker.task
+    async def a_set() -> object:
+        return {1, 2}
+
+    @broker.task
+    async def a_tuple() -> object:
+        return (1, (2, "x"))
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            unencodable = await (await a_set.kiq()).wait_result(timeout=5)
+            shaped = await (await a_tuple.kiq()).wait_result(timeout=5)
+    assert unencodable.status is bus.TaskStatus.FAILURE
+    assert unencodable.error is not None
+    assert unencodable.error.type_name == "bus.UnencodableResult"
+    assert shaped.return_value == [1, [2, "x"]]
+
+
 async def check_kiq_many_sends_in_bulk(make_broker: BrokerFactory) -> None:
     broker = make_broker()
 
@@ -536,4 +559,5 @@ CHECKS: tuple[Callable[[BrokerFactory], Awaitable[None]], ...] = (
     check_lifecycle_events,
     check_trio_cancellation_of_the_worker_is_not_a_task_failure,
     check_kiq_many_sends_in_bulk,
+    check_results_pass_through_the_codec,
 )

@@ -19,6 +19,7 @@ __all__ = [
     "freeze_args",
     "freeze_mapping",
     "json_faithful",
+    "value_faithful",
     "thaw",
     "thaw_args",
 ]
@@ -156,4 +157,18 @@ def json_faithful(value: Any) -> bool:
         return t is not float or value == value  # NaN never survives the codec
     if t is tuple or t is FrozenList:
         return all(json_faithful(v) for v in value)
+    return False
+
+
+def value_faithful(value: Any) -> bool:
+    """Whether a JSON round trip gives ``value`` back as it is (a task's return value):
+    scalars, and lists and str-keyed dicts of them. Tuples are not (they come back as
+    lists), nor is NaN."""
+    t = type(value)
+    if t in _SCALARS:
+        return t is not bytes and (t is not float or value == value)
+    if t is list:
+        return all(value_faithful(v) for v in value)
+    if t is dict:
+        return all(type(k) is str and value_faithful(v) for k, v in value.items())
     return False

@@ -22,7 +22,7 @@ import trio
 import actors
 from bus._codec import Codec, JSONCodec
 from bus._errors import ResultNotFound, ResultTimeout
-from bus._frozen import json_faithful
+from bus._frozen import value_faithful
 from bus._ids import TaskID
 from bus._message import RemoteError, TaskResult, TaskStatus
 from bus._protocol import (
@@ -75,7 +75,7 @@ def through_codec(codec: Codec, task_id: TaskID, result: TaskResult[Any]) -> Tas
     task returning a ``set`` fails in memory exactly as it does on Redis). A result
     whose value a round trip cannot change (None, numbers, strings, tuples of them)
     is returned as it is, without encoding."""
-    if result.error is None and json_faithful(result.return_value):
+    if result.error is None and value_faithful(result.return_value):
         return result
     try:
         return codec.decode_result(codec.encode_result(result))
@@ -435,7 +435,7 @@ class InMemoryResultBackend(ResultBackend):
     async def set_result(self, task_id: TaskID, result: TaskResult[Any]) -> None:
         """Store ``result`` (passed through the codec). Does not wait and does not yield
         to the scheduler: every later read, from any task, sees the result."""
-        if result.error is not None or not json_faithful(result.return_value):
+        if result.error is not None or not value_faithful(result.return_value):
             result = through_codec(self.codec, task_id, result)
         ref = self._ref
         if ref is None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
 from bus._broker import Broker
 
-__all__ = ["check_broker", "run_broker"]
+__all__ = ["check_broker", "in_memory", "run_broker"]
 
 B = TypeVar("B", bound=Broker)
 
@@ -37,6 +37,39 @@ async def run_broker(broker: B, *, concurrency: int | None = None) -> AsyncItera
                 yield broker
             finally:
                 worker.stop()
+
+
+@asynccontextmanager
+async def in_memory(broker: Broker, **options: Any) -> AsyncIterator[Broker]:
+    """Run the tasks declared on ``broker`` (a module-level ``RedisBroker``, say) in
+    memory, for the length of the block: inside it, ``task.kiq(...)`` of those tasks
+    goes to a fresh :class:`~bus.InMemoryBroker` (made with ``options``, e.g.
+    ``concurrency``) that runs them in this process, with the same options and
+    lifecycle handlers. No server is needed. On the way out the tasks point at
+    ``broker`` again::
+
+        async with bus.testing.in_memory(app.broker) as mem:
+            result = await (await app.resize.kiq(640)).wait_result(timeout=5)
+
+    Cancellation: as ``async with broker``; the tasks are restored either way.
+    """
+    from bus._inmemory import InMemoryBroker
+
+    options.setdefault("concurrency", broker.concurrency)
+    options.setdefault("shutdown_timeout", broker.shutdown_timeout)
+    mem = InMemoryBroker(codec=broker.codec, **options)
+    for event, handlers in broker._handlers.items():
+        mem._handlers[event] = list(handlers)
+    saved = {name: task.broker for name, task in broker.tasks.items()}
+    try:
+        for name, task in broker.tasks.items():
+            mem.tasks[name] = task
+            task.broker = mem
+        async with mem:
+            yield mem
+    finally:
+        for name, task in broker.tasks.items():
+            task.broker = saved[name]
 
 
 async def check_broker(factory: Callable[..., Broker], *, skip: Sequence[str] = ()) -> None:

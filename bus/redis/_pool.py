@@ -93,10 +93,12 @@ class _GetSubscription:
 
 
 class _Listeners:
-    """Who listens to which channel; survives restarts of the subscription actor."""
+    """Who listens to which channel, and how often the subscription was made: survives
+    restarts of the subscription actor and of its parent."""
 
     def __init__(self) -> None:
         self.by_channel: dict[bytes, set[actors.ActorRef]] = {}
+        self.subscriptions = 0
 
 
 class SubscriptionActor(actors.Actor):
@@ -104,10 +106,11 @@ class SubscriptionActor(actors.Actor):
     channel someone listens to and tells them :class:`Resubscribed`; a lost connection
     is a failure (the parent restarts it with backoff)."""
 
-    def __init__(self, url: RedisURL, listeners: _Listeners, started: list[int]) -> None:
+    expected_failures = (RedisError, OSError)
+
+    def __init__(self, url: RedisURL, listeners: _Listeners) -> None:
         self.url = url
         self.listeners = listeners
-        self.started = started
         self.ps: PubSub | None = None
 
     async def on_start(self) -> None:
@@ -118,8 +121,8 @@ class SubscriptionActor(actors.Actor):
         if channels:
             await ps.subscribe(*channels)
         self.nursery.start_soon(self._deliver, ps)
-        self.started[0] += 1
-        if self.started[0] > 1:  # a restart: tell everyone they may have missed things
+        self.listeners.subscriptions += 1
+        if self.listeners.subscriptions > 1:  # again: tell everyone they may have missed things
             for channel, refs in self.listeners.by_channel.items():
                 for ref in list(refs):
                     _tell(ref, Resubscribed(channel))
@@ -163,17 +166,20 @@ class ConnectionActor(actors.Actor):
     subscription). A lost connection is a failure: supervision restarts it with
     backoff, and asks for the connection wait in the mailbox meanwhile."""
 
+    expected_failures = (RedisError, OSError)
+
     def __init__(self, url: RedisURL, listeners: _Listeners) -> None:
         self.url = url
         self.listeners = listeners
         self.lent: Lent | None = None
         self._subscription: actors.ActorRef | None = None
-        self._sub_starts = [0]
 
     async def on_start(self) -> None:
         conn = await Connection.connect(self.url, name="bus")
         self.lent = Lent(conn, trio.Event())
         await self.nursery.start(self._serve, self.lent)
+        if self.listeners.by_channel:  # restarted: the subscription comes back too
+            await self._subscription_ref()
 
     async def _serve(
         self, lent: Lent, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -190,11 +196,14 @@ class ConnectionActor(actors.Actor):
 
     @actors.handles(_GetSubscription)
     async def get_subscription(self, msg: _GetSubscription) -> actors.ActorRef:
+        return await self._subscription_ref()
+
+    async def _subscription_ref(self) -> actors.ActorRef:
         ref = self._subscription
         if ref is None or not ref.is_alive:
-            listeners, starts = self.listeners, self._sub_starts
+            url, listeners = self.url, self.listeners
             ref = self._subscription = await self.spawn(
-                lambda: SubscriptionActor(self.url, listeners, starts),
+                lambda: SubscriptionActor(url, listeners),
                 name="subscription",
                 on_failure=actors.RESTART,
                 max_restarts=None,

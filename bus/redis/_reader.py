@@ -130,6 +130,8 @@ def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
 class StreamReaderActor(actors.Actor):
     """Reads the queue's stream for this process's workers (see the module docstring)."""
 
+    expected_failures = (RedisError, OSError)
+
     def __init__(
         self,
         settings: RedisSettings,

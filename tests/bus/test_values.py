@@ -9,6 +9,7 @@ from typing import Any
 
 import attrs
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -229,3 +230,52 @@ def test_public_surface_is_pinned() -> None:
     for err in [bus.UnknownTaskError, bus.ResultTimeout, bus.TaskFailed, bus.SendError]:
         assert issubclass(err, bus.BusError)
     assert math.isfinite(bus.TaskOptions().retry_backoff)
+
+
+def test_a_task_message_is_immutable_all_the_way_down() -> None:
+    m = bus.TaskMessage(
+        task_id=bus.TaskID.new(),
+        task_name="t",
+        args=(1, [2, [3]], {"k": [4]}),
+        kwargs={"opts": {"deep": [5, {"x": 6}]}},
+        labels={"tags": ["a", "b"], "meta": {"n": 1}},
+    )
+    hash(m)  # every part is hashable
+    assert isinstance(m.kwargs, bus.FrozenDict) and isinstance(m.labels, dict)
+    with pytest.raises(TypeError, match="read-only"):
+        m.kwargs["opts"] = 1  # type: ignore[index]
+    with pytest.raises(TypeError, match="read-only"):
+        m.labels["meta"]["n"] = 2
+    with pytest.raises(TypeError, match="read-only"):
+        m.kwargs.update(x=1)
+    with pytest.raises(AttributeError):
+        m.args[1].append(7)  # lists became tuples (that compare equal to the lists)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        m.task_name = "other"  # type: ignore[misc]
+    # Read back, they are the values that were sent.
+    assert m.args == (1, [2, [3]], {"k": [4]})
+    assert m.labels == {"tags": ["a", "b"], "meta": {"n": 1}}
+    assert dict(m.kwargs) == {"opts": {"deep": [5, {"x": 6}]}}
+    assert repr(m.labels) == "{'tags': ['a', 'b'], 'meta': {'n': 1}}"
+
+
+async def test_a_task_gets_its_own_mutable_copy_of_its_arguments() -> None:
+    broker = bus.InMemoryBroker()
+    seen: list[Any] = []
+
+    @broker.task
+    async def mutate(items: list[int], opts: dict[str, Any]) -> list[int]:
+        items.append(99)  # its own list
+        opts["touched"] = True
+        seen.append((type(items), type(opts)))
+        return items
+
+    sent = [1, 2]
+    with trio.fail_after(5):
+        async with broker:
+            h1 = await mutate.kiq(sent, {"a": 1})
+            h2 = await mutate.kiq(sent, {"a": 1})
+            r1, r2 = await bus.gather(h1, h2)
+    assert r1.return_value == r2.return_value == [1, 2, 99]
+    assert sent == [1, 2]
+    assert seen == [(list, dict), (list, dict)]

@@ -14,3 +14,11 @@ async def add(a: int, b: int) -> int:
 @broker.task(name="fail")
 async def fail() -> None:
     raise ValueError("no")
+
+
+@broker.task(name="slow")
+async def slow(seconds: float) -> float:
+    import trio
+
+    await trio.sleep(seconds)
+    return seconds

@@ -36,3 +36,17 @@ async def sleep(seconds: float, ctx: bus.Context = bus.CONTEXT) -> float:
     await trio.sleep(seconds)
     await client.execute("INCR", f"{PREFIX}:finished")
     return seconds
+
+
+@broker.task(name="stubborn")
+def stubborn(seconds: float) -> float:
+    """A sync task: its thread cannot be interrupted, so a drain cannot end it."""
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+@broker.task(name="flaky")
+async def flaky(why: str) -> None:
+    raise RuntimeError(why)
