@@ -45,7 +45,8 @@ def test_bench_redis_runs_and_prints_the_table(tmp_path: Path) -> None:
     assert "enqueue, sequential (tasks/s)" in proc.stdout, out
     assert "processing, 1 worker process (tasks/s)" in proc.stdout, out
     assert "round trip p50, normal wait (ms)" in proc.stdout, out
-    assert "targets (issue #6):" in proc.stdout, out
+    assert "enqueue, 32 in flight (tasks/s)" in proc.stdout, out
+    assert "targets (issue #10):" in proc.stdout, out
     if importlib.util.find_spec("matplotlib") is not None:
         assert chart.stat().st_size > 0
     else:
