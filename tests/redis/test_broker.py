@@ -147,3 +147,41 @@ async def test_signed_messages(make_broker: Callable[..., RedisBroker]) -> None:
             dead = await good.dead_letters()
             assert not await good.result_backend.is_ready(forged.task_id)
     assert dead[0]["reason"] == "message signature is wrong"
+
+
+async def test_the_actor_tree_of_a_running_redis_worker(
+    make_broker: Callable[..., RedisBroker],
+) -> None:
+    broker = make_broker()
+
+    @broker.task
+    async def noop() -> None:
+        pass
+
+    with trio.fail_after(10):
+        async with broker, trio.open_nursery() as nursery:
+            worker = await nursery.start(broker.run_worker, 2)
+            await (await noop.kiq()).wait_result(timeout=5)
+            assert broker.system is not None
+            tree = broker.system.tree()
+            print(tree)
+            worker.stop()
+    lines = tree.splitlines()
+    assert lines[0] == "actors"
+    for kind in (
+        "(ConnectionActor,",
+        "(SubscriptionActor,",
+        "(RedisResultStoreActor,",
+        "(RedisBrokerActor,",
+        "(DelayedMoverActor,",
+        "(StreamReaderActor,",
+        "(WorkerActor,",
+    ):
+        assert kind in tree, kind
+    # The subscription belongs to the connection; the reader and mover to the broker.
+    sub = next(i for i, line in enumerate(lines) if "SubscriptionActor" in line)
+    assert "ConnectionActor" in lines[sub - 1] and lines[sub].startswith("│   └── ")
+    broker_line = next(i for i, line in enumerate(lines) if "RedisBrokerActor" in line)
+    children = [line for line in lines[broker_line + 1 : broker_line + 3]]
+    assert any("DelayedMoverActor" in c for c in children)
+    assert any("StreamReaderActor" in c for c in children)
