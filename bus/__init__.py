@@ -28,6 +28,8 @@ from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
 from bus._middleware import Middleware
 from bus._options import TaskOptions
 from bus._results import InMemoryResultBackend, InmemoryResultBackend, ResultBackend
+from bus._schedule import Cron, Every, ScheduleSpec, cron, every
+from bus._scheduler import ScheduleInfo, TickState
 from bus._task import AsyncTask, Kicker, SyncTask, Task, TaskHandle, gather
 from bus._worker import Worker, WorkerActor
 
@@ -48,7 +50,9 @@ __all__ = [
     "BusEvent",
     "Codec",
     "Context",
+    "Cron",
     "DecodeError",
+    "Every",
     "FrozenDict",
     "InMemoryBroker",
     "InMemoryResultBackend",
@@ -61,6 +65,8 @@ __all__ = [
     "ResultBackend",
     "ResultNotFound",
     "ResultTimeout",
+    "ScheduleInfo",
+    "ScheduleSpec",
     "SendError",
     "SyncTask",
     "Task",
@@ -72,10 +78,13 @@ __all__ = [
     "TaskOptions",
     "TaskResult",
     "TaskStatus",
+    "TickState",
     "UnknownTaskError",
     "__version__",
     "Worker",
     "WorkerActor",
+    "cron",
     "current_context",
+    "every",
     "gather",
 ]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import abc
 import contextlib
 import enum
+import functools
 import inspect
 import math
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 
@@ -23,6 +25,15 @@ from bus._middleware import HookChain, Middleware
 from bus._options import TaskOptions
 from bus._protocol import Cancel, Drain, Inspect, Send
 from bus._results import InMemoryResultBackend, ResultBackend
+from bus._schedule import Cron, Every, ScheduleSpec, Trigger
+from bus._scheduler import (
+    ScheduleBackend,
+    ScheduleInfo,
+    SchedulerActor,
+    TickState,
+    WakeScheduler,
+    make_spec,
+)
 from bus._task import AsyncTask, SyncTask, Task
 
 if TYPE_CHECKING:
@@ -116,6 +127,8 @@ class Broker(abc.ABC):
         self.middlewares: list[Middleware] = []
         self.hooks = HookChain(())
         self.tasks: dict[str, Task[Any, Any]] = {}
+        #: Schedules declared with ``@broker.task(schedule=...)``, by name.
+        self.static_schedules: dict[str, ScheduleSpec] = {}
         self.state = BrokerState()
         self.stats = BrokerStats()
         self.system: actors.ActorSystem | None = None
@@ -230,7 +243,11 @@ class Broker(abc.ABC):
             raise ValueError("a task name must be a non-empty string")
         if name in self.tasks and self.tasks[name].func is not func:
             raise ValueError(f"a different function is already registered as {name!r}")
+        options = dict(options)
+        trigger = options.pop("schedule", None)
         run_options, send_defaults = TaskOptions.build(options)
+        if trigger is not None:
+            self.static_schedules[name] = _static_schedule(name, trigger)
         cls = AsyncTask if inspect.iscoroutinefunction(func) else SyncTask
         task: Task[Any, Any] = cls(self, func, name, run_options, send_defaults)
         self.tasks[name] = task
@@ -239,6 +256,95 @@ class Broker(abc.ABC):
     def find_task(self, name: str) -> Task[Any, Any] | None:
         """The task registered as ``name``, or ``None``."""
         return self.tasks.get(name)
+
+    # -------------------------------------------------------------------- schedules
+
+    def _schedule_backend(self) -> ScheduleBackend:
+        """Where this broker keeps run-time schedules (brokers that schedule say)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot schedule tasks")
+
+    def _scheduler_clock(self) -> Callable[[], float]:
+        """The time a scheduler of this broker goes by (Unix seconds)."""
+        return time.time
+
+    async def schedule(
+        self,
+        task: Task[Any, Any] | str,
+        trigger: Trigger,
+        *,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        labels: dict[str, Any] | None = None,
+        name: str | None = None,
+        misfire_grace: float = 60.0,
+    ) -> ScheduleSpec:
+        """Add a schedule at run time (inside ``async with broker``): ``task`` (or its
+        name) is sent at each tick of ``trigger`` (``bus.cron(...)`` or
+        ``bus.every(...)``) with ``args``, ``kwargs`` and ``labels``. ``name`` (default:
+        the task's name) keys it: adding a schedule of the same name replaces it. On a
+        shared broker it lives in Redis and every worker's scheduler sees it. Returns the
+        schedule."""
+        task_name = task if isinstance(task, str) else task.name
+        if task_name not in self.tasks:
+            raise UnknownTaskError(task_name)
+        spec = make_spec(
+            task_name,
+            trigger,
+            name=name,
+            args=args,
+            kwargs=kwargs,
+            labels=labels,
+            misfire_grace=misfire_grace,
+        )
+        if spec.name in self.static_schedules:
+            raise ValueError(f"schedule {spec.name!r} is declared on its task; pick another name")
+        try:
+            spec.to_json()
+        except (TypeError, ValueError) as exc:
+            raise SendError(
+                f"schedule {spec.name!r}: arguments must be JSON values: {exc}"
+            ) from None
+        await self._schedule_backend().put(spec)
+        self._wake_scheduler()
+        return spec
+
+    async def unschedule(self, name: str) -> bool:
+        """Remove a schedule added at run time; True if there was one. (Schedules
+        declared with ``schedule=`` live in the code.)"""
+        found = await self._schedule_backend().drop(name)
+        self._wake_scheduler()
+        return found
+
+    async def schedules(self) -> list[ScheduleInfo]:
+        """Every schedule (declared and run-time), with its next fire, last fire, fires
+        and misses, by name."""
+        backend = self._schedule_backend()
+        runtime = await backend.runtime()
+        specs = {**runtime, **self.static_schedules}
+        states = await backend.state(list(specs))
+        now = self._scheduler_clock()()
+        out = []
+        for name in sorted(specs):
+            spec = specs[name]
+            state = states.get(name, TickState())
+            after = max(now, state.last_tick or now)
+            out.append(
+                ScheduleInfo(
+                    spec=spec,
+                    source="task" if name in self.static_schedules else "runtime",
+                    next_fire=spec.trigger.next_after(after),
+                    state=state,
+                )
+            )
+        return out
+
+    def _wake_scheduler(self) -> None:
+        system = self.system
+        if system is not None:
+            ref = system.actors.get("scheduler")
+            if ref is not None:
+                with contextlib.suppress(actors.ActorError):
+                    ref.tell_nowait(WakeScheduler())
 
     # ------------------------------------------------------------------ the actors
 
@@ -298,10 +404,11 @@ class Broker(abc.ABC):
                 f"cannot encode the arguments or labels of {message.task_name}: {exc}"
             ) from exc
 
-    async def _send(self, message: TaskMessage) -> None:
-        """Encode a checked message and hand it to the broker actor. The default tells
-        it a ``Send`` (waiting while its mailbox is full); brokers may do more (take a
-        place in a bounded queue, wait for a server's confirmation)."""
+    async def _send(self, message: TaskMessage) -> TaskID:
+        """Encode a checked message and hand it to the broker actor; return the id of
+        the task that will run (another one for a unique job already there). The
+        default tells it a ``Send`` (waiting while its mailbox is full); brokers may do
+        more (take a place in a bounded queue, wait for a server's confirmation)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         event = Send(message, self._encode(message), verified=True)
         ref = self.ref
@@ -309,9 +416,13 @@ class Broker(abc.ABC):
             ref.tell_nowait(event)
         except actors.MailboxFull:
             await ref.tell(event)
+        return message.task_id
 
-    async def kick(self, message: TaskMessage) -> None:
-        """Send ``message`` through the middlewares to the queue.
+    async def kick(self, message: TaskMessage) -> TaskID:
+        """Send ``message`` through the middlewares to the queue; return the id of the
+        task that will run: the message's own, or, for a unique job (see
+        ``Kicker.with_unique``) whose key another queued or running task holds, that
+        task's id (and nothing is sent).
 
         Raises :class:`UnknownTaskError`, :class:`SendError` (unencodable arguments),
         :class:`BrokerClosed`. Waits while the queue is full. Cancellation: if cancelled
@@ -321,10 +432,11 @@ class Broker(abc.ABC):
         if "pre_send" in hooks.has:
             message = await hooks.transform("pre_send", message)
         self._check_send(message)
-        await self._send(message)
+        tid = await self._send(message)
         self.stats.sent += 1
         if "post_send" in hooks.has:
             await hooks.run_all("post_send", message)  # sent: never raise now
+        return tid
 
     async def kick_many(self, messages: Sequence[TaskMessage]) -> None:
         """Send many messages; brokers with a faster bulk path (Redis pipelines)
@@ -333,7 +445,7 @@ class Broker(abc.ABC):
         for message in messages:
             await self.kick(message)
 
-    def kick_nowait(self, message: TaskMessage) -> None:
+    def kick_nowait(self, message: TaskMessage) -> TaskID:
         """Send without waiting (no async middlewares run); :class:`QueueFull` when full.
 
         Only brokers whose queue lives in this process support it.
@@ -460,6 +572,7 @@ class Broker(abc.ABC):
         concurrency: int | None = None,
         *,
         queues: Sequence[str] | None = None,
+        scheduler: bool = True,
         task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run a worker for this broker until cancelled (``await nursery.start(...)`` gives
@@ -467,7 +580,9 @@ class Broker(abc.ABC):
 
         The worker is an actor of the broker's system (``bus.WorkerActor``): it
         registers with the broker actor and takes deliveries from the lease it lends.
-        ``queues`` lists the queues it consumes (default: the broker's).
+        ``queues`` lists the queues it consumes (default: the broker's). With
+        ``scheduler`` (the default) a scheduler actor runs beside it and sends the
+        periodic tasks (each tick exactly once, however many schedulers run).
 
         Cancellation: running tasks are cancelled and nothing is recorded for them;
         a broker that redelivers (Redis) runs them again elsewhere.
@@ -475,13 +590,46 @@ class Broker(abc.ABC):
         if concurrency is not None:
             _check_concurrency(concurrency)
         qs = tuple(queues or ())
+        n = concurrency or self.concurrency
         if not self._running:
             async with self:
-                await self._run_worker(concurrency or self.concurrency, qs, None, task_status)
+                await self._run_worker(n, qs, None, task_status, scheduler)
             return
-        await self._run_worker(concurrency or self.concurrency, qs, None, task_status)
+        await self._run_worker(n, qs, None, task_status, scheduler)
 
     async def _run_worker(
+        self,
+        concurrency: int,
+        queues: tuple[str, ...],
+        name: str | None,
+        task_status: trio.TaskStatus[Worker],
+        scheduler: bool = True,
+    ) -> None:
+        system = self.system
+        if system is None:
+            raise BrokerClosed("the broker is not running")
+        if not scheduler or "scheduler" in system.actors:
+            await self._run_worker_only(concurrency, queues, name, task_status)
+            return
+        try:
+            backend = self._schedule_backend()
+        except NotImplementedError:
+            await self._run_worker_only(concurrency, queues, name, task_status)
+            return
+        clock = self._scheduler_clock()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                functools.partial(
+                    system.run,
+                    lambda: SchedulerActor(self, backend, clock),
+                    name="scheduler",
+                    mailbox_size=math.inf,
+                )
+            )
+            await self._run_worker_only(concurrency, queues, name, task_status)
+            nursery.cancel_scope.cancel()
+
+    async def _run_worker_only(
         self,
         concurrency: int,
         queues: tuple[str, ...],
@@ -518,6 +666,14 @@ class Broker(abc.ABC):
                 await self._fire(BusEvent.WORKER_SHUTDOWN)
 
 
+def _static_schedule(task_name: str, trigger: Any) -> ScheduleSpec:
+    if not isinstance(trigger, Cron | Every):
+        raise TypeError(f"schedule= takes bus.cron(...) or bus.every(...), not {trigger!r}")
+    return make_spec(
+        task_name, trigger, name=None, args=(), kwargs=None, labels=None, misfire_grace=60.0
+    )
+
+
 def _check_concurrency(concurrency: object) -> None:
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError(f"concurrency must be a whole number >= 1, not {concurrency!r}")
@@ -525,7 +681,10 @@ def _check_concurrency(concurrency: object) -> None:
 
 class _TaskDecorator:
     def __init__(self, broker: Broker, name: str | None, options: dict[str, Any]) -> None:
-        TaskOptions.build(options)  # fail at decoration time on bad options
+        # Fail at decoration time on bad options.
+        TaskOptions.build({k: v for k, v in options.items() if k != "schedule"})
+        if "schedule" in options:
+            _static_schedule(name or "?", options["schedule"])
         self.broker, self.name, self.options = broker, name, options
 
     @overload

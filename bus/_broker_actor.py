@@ -6,7 +6,7 @@ import attrs
 
 import actors
 from actors._log import get_logger
-from bus._protocol import Register, Unregister
+from bus._protocol import Register, Unclaim, Unregister
 
 __all__ = ["BrokerActor", "ListWorkers"]
 
@@ -38,6 +38,11 @@ class BrokerActor(actors.Actor):
     @actors.handles(Unregister, inline=True)
     def unregister(self, msg: Unregister) -> None:
         self.workers.pop(msg.worker, None)
+
+    @actors.handles(Unclaim, inline=True)
+    def unclaim(self, msg: Unclaim) -> object:
+        """Brokers without unique jobs have nothing to free."""
+        return None
 
     @actors.handles(ListWorkers, inline=True)
     def list_workers(self, msg: ListWorkers) -> list[actors.ActorRef]:

@@ -518,6 +518,75 @@ async def check_results_pass_through_the_codec(make_broker: BrokerFactory) -> No
     assert shaped.return_value == [1, [2, "x"]]
 
 
+async def check_unique_jobs_run_once_while_queued_or_running(
+    make_broker: BrokerFactory,
+) -> None:
+    broker = make_broker()
+    runs: list[str] = []
+    gate = trio.Event()
+
+    @broker.task(unique=True)
+    async def report(day: str) -> str:
+        runs.append(day)
+        await gate.wait()
+        return f"report {day}"
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            first = [await report.kiq("mon") for _ in range(5)]
+            assert len({h.task_id for h in first}) == 1  # one job: every handle on it
+            other = await report.kiq("tue")  # other arguments: another job
+            assert other.task_id != first[0].task_id
+            keyed = [await report.kicker().with_unique(key="k").kiq(d) for d in ("a", "b")]
+            assert keyed[0].task_id == keyed[1].task_id  # one key of the caller's
+            gate.set()
+            results = await bus.gather(*first, other, keyed[1], timeout=5)
+            assert [r.return_value for r in results[-3:]] == [
+                "report mon",
+                "report tue",
+                "report a",
+            ]
+            # Its result is stored: the key is free, the same job runs again.
+            again = await report.kiq("mon")
+            assert again.task_id != first[0].task_id
+            assert (await again.wait_result(timeout=5)).return_value == "report mon"
+    assert sorted(runs) == ["a", "mon", "mon", "tue"]
+
+
+async def check_schedules_fire_each_tick_once(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+    ticks: list[float] = []
+    greeted: list[tuple[str, float]] = []
+
+    @broker.task(name="contract.tick", schedule=bus.every(0.2))
+    async def tick(ctx: bus.Context = bus.CONTEXT) -> None:
+        ticks.append(ctx.labels["tick"])
+
+    @broker.task(name="contract.greet")
+    async def greet(who: str, ctx: bus.Context = bus.CONTEXT) -> None:
+        greeted.append((who, ctx.labels["tick"]))
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            await broker.schedule(greet, bus.every(0.25), args=["ada"], name="contract.hello")
+            while len(ticks) < 5 or len(greeted) < 3:  # noqa: ASYNC110 (a clock, not an event)
+                await trio.sleep(0.05)
+            infos = {i.spec.name: i for i in await broker.schedules()}
+            assert infos["contract.tick"].source == "task"
+            assert infos["contract.hello"].source == "runtime"
+            assert infos["contract.hello"].state.fires >= 3
+            assert infos["contract.tick"].next_fire > infos["contract.tick"].state.last_tick
+            assert await broker.unschedule("contract.hello")
+            assert not await broker.unschedule("contract.hello")
+            assert "contract.hello" not in {i.spec.name for i in await broker.schedules()}
+    assert len(set(ticks)) == len(ticks), "a tick was sent twice"
+    # In order, on the 0.2 s grid (a scheduler woken late fires the latest tick only).
+    gaps = [round((b - a) / 0.2, 3) for a, b in zip(ticks, ticks[1:], strict=False)]
+    assert all(g >= 1 and g == int(g) for g in gaps), gaps
+    assert {who for who, _ in greeted} == {"ada"}
+    assert len({t for _, t in greeted}) == len(greeted)
+
+
 async def check_kiq_many_sends_in_bulk(make_broker: BrokerFactory) -> None:
     broker = make_broker()
 
@@ -560,4 +629,6 @@ CHECKS: tuple[Callable[[BrokerFactory], Awaitable[None]], ...] = (
     check_trio_cancellation_of_the_worker_is_not_a_task_failure,
     check_kiq_many_sends_in_bulk,
     check_results_pass_through_the_codec,
+    check_schedules_fire_each_tick_once,
+    check_unique_jobs_run_once_while_queued_or_running,
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -40,15 +41,46 @@ from bus._protocol import (
     Receive,
     Release,
     Send,
+    Unclaim,
 )
 from bus._queue import DELAYED, QueueCore, holds_slot, task_id_of
 from bus._results import InMemoryResultBackend, ResultBackend
+from bus._schedule import ScheduleSpec, claim_ttl
+from bus._scheduler import ScheduleBackend, TickState
+from bus._unique import UniqueTable
 
 __all__ = ["InMemoryBroker", "InMemoryBrokerActor"]
 
 log = get_logger("bus")
 
 # ------------------------------------------------------------ private messages
+
+
+@attrs.frozen
+class SendUnique:
+    """Ask (inline): send a unique job unless its key is held; the answer is the task id
+    that holds the key (the message's own when it was sent)."""
+
+    send: Send
+
+
+@attrs.define
+class MemorySchedules:
+    """The in-memory broker's schedules added at run time, the tick states, and the
+    claimed ticks. Kept by the facade across runs, handed to the broker actor (its one
+    writer while it runs)."""
+
+    runtime: dict[str, ScheduleSpec] = attrs.Factory(dict)
+    states: dict[str, TickState] = attrs.Factory(dict)
+    claimed: dict[tuple[str, int], float] = attrs.Factory(dict)
+
+
+@attrs.frozen
+class ScheduleOp:
+    """Ask: run ``op`` (a method name of the actor's schedule code) with ``args``."""
+
+    op: str
+    args: tuple[Any, ...]
 
 
 @attrs.frozen
@@ -137,10 +169,17 @@ class InMemoryBrokerActor(BrokerActor):
     """The in-memory broker actor. Its decisions are :class:`~bus._queue.QueueCore`'s;
     this class applies them (channel, timer, results, workers)."""
 
-    def __init__(self, codec: Codec, max_queue: int, results: ResultBackend) -> None:
+    def __init__(
+        self,
+        codec: Codec,
+        max_queue: int,
+        results: ResultBackend,
+        schedules: MemorySchedules | None = None,
+    ) -> None:
         super().__init__()
         self.codec = codec
         self.results = results
+        self.schedules = schedules if schedules is not None else MemorySchedules()
         self.core = QueueCore()
         #: The bound on waiting messages, lent to the facade (``Broker.kick`` takes a
         #: place before it sends; a worker taking the delivery gives it back).
@@ -149,6 +188,8 @@ class InMemoryBrokerActor(BrokerActor):
         self._timer: trio.CancelScope | None = None
         self._idle: list[trio.Event] = []
         self.closed = False
+        #: Unique jobs' keys, held by the task ids that run them (released at the end).
+        self.unique = UniqueTable()
 
     async def on_start(self) -> None:
         await self.nursery.start(self._run_timer)
@@ -199,6 +240,21 @@ class InMemoryBrokerActor(BrokerActor):
         """Store a result without making the handler wait (the store is an actor too)."""
         self.nursery.start_soon(self.results.set_result, task_id, result)
 
+    @actors.handles(SendUnique, inline=True)
+    def send_unique(self, msg: SendUnique) -> TaskID:
+        """A unique job: sent if its key is free (and then held by it), else not; the
+        answer is the id of the task that holds the key."""
+        message = msg.send.message
+        key = message.labels["unique_key"]
+        ttl = float(message.labels.get("unique_ttl", 3600.0))
+        holder = self.unique.claim(key, message.task_id, trio.current_time(), ttl)
+        if holder != message.task_id:
+            if msg.send.admitted:
+                self.slots.release()  # nothing was queued
+            return holder
+        self.send(msg.send)
+        return holder
+
     @actors.handles(Send, inline=True)
     def send(self, msg: Send) -> None:
         message = msg.message
@@ -236,7 +292,10 @@ class InMemoryBrokerActor(BrokerActor):
                 counted = True
             except trio.WouldBlock:
                 pass  # a raw Send beyond the bound: queued, not counted
-        d = Delivery(data, (message.task_id, counted), shared)
+        labels = message.labels
+        d = Delivery(
+            data, (message.task_id, counted, labels.get("unique_key") if labels else None), shared
+        )
         eta = message.eta
         if eta is None and not self.closed:  # the hot path
             if self.core.send(d, 0.0, 0.0):
@@ -258,9 +317,21 @@ class InMemoryBrokerActor(BrokerActor):
     def receive(self, msg: Receive) -> Lease:
         return _MemoryLease(self._recv.clone(), self.core, self.slots)
 
+    def _release(self, d: Delivery) -> None:
+        key = d.tag[2]
+        if key is not None:
+            self.unique.release(key, d.tag[0])
+
+    @actors.handles(Unclaim, inline=True)
+    def unclaim(self, msg: Unclaim) -> None:
+        self._release(msg.delivery)
+
     @actors.handles(Ack, inline=True)
     def ack(self, msg: Ack) -> None:
-        if self.core.finish(msg.delivery) and self._idle:
+        d = msg.delivery
+        if d.tag[2] is not None:
+            self._release(d)
+        if self.core.finish(d) and self._idle:
             self._became_idle()
 
     @actors.handles(Nack, inline=True)
@@ -268,6 +339,7 @@ class InMemoryBrokerActor(BrokerActor):
         d = msg.delivery
         retry = msg.requeue
         if retry is None:
+            self._release(d)
             if not d.data and d.message is not None:
                 d = attrs.evolve(d, data=self.codec.encode_message(d.message))
                 self.core.dead.append((msg.reason, d.data))
@@ -277,7 +349,7 @@ class InMemoryBrokerActor(BrokerActor):
             if idle and self._idle:
                 self._became_idle()
             return
-        new = Delivery(b"", (retry.task_id, False), retry)
+        new = Delivery(b"", (retry.task_id, False, d.tag[2]), retry)
         now = trio.current_time() if msg.delay > 0 else 0.0
         if self.core.requeue(d, new, msg.delay, now):
             self._send.send_nowait(new)
@@ -287,17 +359,19 @@ class InMemoryBrokerActor(BrokerActor):
     @actors.handles(Release, inline=True)
     def release(self, msg: Release) -> None:
         d = msg.delivery
-        new = Delivery(d.data, (task_id_of(d), False), d.message, d.deliveries + 1)
+        new = Delivery(d.data, (task_id_of(d), False, d.tag[2]), d.message, d.deliveries + 1)
         if self.core.requeue(d, new, 0.0, 0.0):
             self._send.send_nowait(new)
 
     @actors.handles(Cancel)
     async def cancel(self, msg: Cancel) -> None:
         tid = msg.task_id
-        outcome, _, frees_slot = self.core.cancel(tid)
+        outcome, d, frees_slot = self.core.cancel(tid)
         if outcome == "running":
             self.tell_workers(CancelRunning(tid, "cancel"))
         elif outcome == "unstarted":
+            assert d is not None
+            self._release(d)
             if frees_slot:
                 self.slots.release()
             await self.results.set_result(tid, _cancelled(tid, "cancelled before it started"))
@@ -351,12 +425,64 @@ class InMemoryBrokerActor(BrokerActor):
                     self.slots.release()
                 self.core.take(d)
         for d in found:
+            self._release(d)
             tid = task_id_of(d)
             why = msg.why_delayed if tid in delayed_ids else msg.why_queued
             await self.results.set_result(tid, _cancelled(tid, why))
         if self.core.idle and self._idle:
             self._became_idle()
         return len(found)
+
+    # -------------------------------------------------------------- schedules
+
+    @actors.handles(ScheduleOp, inline=True)
+    def schedule_op(self, msg: ScheduleOp) -> Any:
+        return getattr(self, f"_schedule_{msg.op}")(*msg.args)
+
+    def _schedule_runtime(self) -> dict[str, ScheduleSpec]:
+        return dict(self.schedules.runtime)
+
+    def _schedule_put(self, spec: ScheduleSpec) -> None:
+        self.schedules.runtime[spec.name] = spec
+
+    def _schedule_drop(self, name: str) -> bool:
+        return self.schedules.runtime.pop(name, None) is not None
+
+    def _schedule_state(self, names: list[str]) -> dict[str, TickState]:
+        states = self.schedules.states
+        return {n: states[n] for n in names if n in states}
+
+    def _claim(self, spec: ScheduleSpec, tick: float) -> bool:
+        claimed = self.schedules.claimed
+        now = trio.current_time()
+        key = (spec.name, round(tick * 1000))
+        if key in claimed:
+            return False
+        if len(claimed) > 10_000:  # forget claims long past
+            for k, until in list(claimed.items()):
+                if until < now:
+                    del claimed[k]
+        claimed[key] = now + claim_ttl(spec, tick)
+        return True
+
+    def _schedule_fire(
+        self, spec: ScheduleSpec, tick: float, message: TaskMessage, data: bytes, missed: int
+    ) -> bool:
+        if not self._claim(spec, tick):
+            return False
+        old = self.schedules.states.get(spec.name, TickState())
+        self.schedules.states[spec.name] = TickState(tick, old.fires + 1, old.misses + missed, tick)
+        self.send(Send(message, data, verified=True))
+        return True
+
+    def _schedule_miss(self, spec: ScheduleSpec, tick: float, missed: int) -> bool:
+        if not self._claim(spec, tick):
+            return False
+        old = self.schedules.states.get(spec.name, TickState())
+        self.schedules.states[spec.name] = TickState(
+            tick, old.fires, old.misses + missed, old.last_fire
+        )
+        return True
 
     @actors.handles(DeadLetters)
     def dead_letters(self, msg: DeadLetters) -> list[dict[str, Any]]:
@@ -387,6 +513,38 @@ def _faithful(message: TaskMessage) -> bool:
 
 
 # -------------------------------------------------------------------- the facade
+
+
+class _MemoryScheduleBackend(ScheduleBackend):
+    """Schedules of an in-memory broker: asks its broker actor."""
+
+    def __init__(self, broker: InMemoryBroker) -> None:
+        self.broker = broker
+
+    async def _ask(self, op: str, *args: Any) -> Any:
+        return await self.broker.ref.ask(ScheduleOp(op, args))
+
+    async def runtime(self) -> dict[str, ScheduleSpec]:
+        found: dict[str, ScheduleSpec] = await self._ask("runtime")
+        return found
+
+    async def put(self, spec: ScheduleSpec) -> None:
+        await self._ask("put", spec)
+
+    async def drop(self, name: str) -> bool:
+        return bool(await self._ask("drop", name))
+
+    async def state(self, names: list[str]) -> dict[str, TickState]:
+        found: dict[str, TickState] = await self._ask("state", names)
+        return found
+
+    async def fire(
+        self, spec: ScheduleSpec, tick: float, message: TaskMessage, data: bytes, missed: int
+    ) -> bool:
+        return bool(await self._ask("fire", spec, tick, message, data, missed))
+
+    async def miss(self, spec: ScheduleSpec, tick: float, missed: int) -> bool:
+        return bool(await self._ask("miss", spec, tick, missed))
 
 
 class InMemoryBroker(Broker):
@@ -439,10 +597,16 @@ class InMemoryBroker(Broker):
         self._slots: trio.Semaphore | None = None
         self._core: QueueCore | None = None
         self._worker_done: trio.Event | None = None
+        self._schedules = MemorySchedules()
+        self._clock_offset = 0.0
 
     async def _open(self, system: actors.ActorSystem) -> actors.ActorRef:
+        self._clock_offset = time.time() - trio.current_time()
+
         def make() -> InMemoryBrokerActor:
-            actor = InMemoryBrokerActor(self.codec, self.max_queue, self.result_backend)
+            actor = InMemoryBrokerActor(
+                self.codec, self.max_queue, self.result_backend, self._schedules
+            )
             self._slots = actor.slots  # lent: the bound producers wait on
             self._core = actor.core  # read by `queued` only
             return actor
@@ -454,6 +618,13 @@ class InMemoryBroker(Broker):
     @property
     def embedded_worker(self) -> bool:
         return self.start_worker
+
+    def _schedule_backend(self) -> ScheduleBackend:
+        return _MemoryScheduleBackend(self)
+
+    def _scheduler_clock(self) -> Callable[[], float]:
+        """Unix time that follows Trio's clock (so ``autojump_clock`` speeds it up)."""
+        return lambda: trio.current_time() + self._clock_offset
 
     async def _started(self) -> None:
         if self.start_worker:
@@ -483,7 +654,7 @@ class InMemoryBroker(Broker):
             slots.release()
             raise BrokerClosed("the broker stopped while the send waited for room")
 
-    async def _send(self, message: TaskMessage) -> None:
+    async def _send(self, message: TaskMessage) -> TaskID:
         """Take a place in the queue (waiting while ``max_queue`` messages wait), then
         tell the broker actor. Does not yield to the scheduler when there is room (a
         cancelled caller still gets ``Cancelled``), so a burst of sends costs no
@@ -496,14 +667,23 @@ class InMemoryBroker(Broker):
             slots.acquire_nowait()
         except trio.WouldBlock:
             await self._wait_for_room(slots)
-        self.ref.tell_nowait(Send(message, data, True, True))
+        return await self._queue(Send(message, data, True, True))
 
-    async def kick(self, message: TaskMessage) -> None:
+    async def _queue(self, send: Send) -> TaskID:
+        """Tell the broker actor the (admitted) Send; a unique job is asked instead (it
+        may not be sent: another task holds its key)."""
+        labels = send.message.labels
+        if labels and "unique_key" in labels:
+            holder: TaskID = await self.ref.ask(SendUnique(send))
+            return holder
+        self.ref.tell_nowait(send)
+        return send.message.task_id
+
+    async def kick(self, message: TaskMessage) -> TaskID:
         """As :meth:`Broker.kick`; without middlewares, in one call (the hot path of
         every ``kiq``: each layer of coroutine costs here)."""
         if self.hooks.has:
-            await super().kick(message)
-            return
+            return await super().kick(message)
         self._check_send(message)
         data = self._data(message)
         await trio.lowlevel.checkpoint_if_cancelled()  # before a place is taken
@@ -513,10 +693,16 @@ class InMemoryBroker(Broker):
             slots.acquire_nowait()
         except trio.WouldBlock:
             await self._wait_for_room(slots)
-        self.ref.tell_nowait(Send(message, data, True, True))
+        labels = message.labels
+        if labels and "unique_key" in labels:
+            tid = await self._queue(Send(message, data, True, True))
+        else:
+            self.ref.tell_nowait(Send(message, data, True, True))
+            tid = message.task_id
         self.stats.sent += 1
+        return tid
 
-    def kick_nowait(self, message: TaskMessage) -> None:
+    def kick_nowait(self, message: TaskMessage) -> TaskID:
         """Send now, or raise :class:`QueueFull`. ``pre_send``/``post_send`` hooks run when
         they are plain functions; an ``async`` one makes this raise :class:`SendError`."""
         hooks = self.hooks
@@ -526,6 +712,8 @@ class InMemoryBroker(Broker):
                 raise SendError("kiq_nowait cannot run async pre_send/post_send hooks; use kiq()")
             message = hooks.run_sync("pre_send", message)
         self._check_send(message)
+        if message.labels and "unique_key" in message.labels:
+            raise SendError("kiq_nowait cannot send a unique job (it may wait); use kiq()")
         data = self._data(message)
         slots = self._slots
         assert slots is not None
@@ -540,6 +728,7 @@ class InMemoryBroker(Broker):
                 hooks.run_sync("post_send", message)
             except Exception:
                 log.exception("middleware.failed", hook="post_send")
+        return message.task_id
 
     # --------------------------------------------------------------- queries
 

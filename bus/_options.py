@@ -12,7 +12,9 @@ import attrs
 __all__ = ["TaskOptions"]
 
 _KNOWN = frozenset({"timeout", "retries", "retry_backoff", "retry_backoff_max", "retry_on"})
-_SEND_ONLY = frozenset({"delay", "eta"})
+_SEND_ONLY = frozenset({"delay", "eta", "unique", "unique_ttl"})
+#: How long a unique key holds at most when its task never finishes (seconds).
+DEFAULT_UNIQUE_TTL = 3600.0
 
 
 def _check_seconds(name: str, value: float | None, *, allow_zero: bool = False) -> None:
@@ -70,6 +72,7 @@ class TaskOptions:
         send = {k: v for k, v in options.items() if k in _SEND_ONLY}
         if send:
             resolve_eta(send)  # validate now, not at the first kiq
+            check_unique(send.get("unique"), send.get("unique_ttl"))
         return cls(**run), send
 
     def with_labels(self, labels: dict[str, Any]) -> TaskOptions:
@@ -82,6 +85,19 @@ class TaskOptions:
     def backoff(self, attempt: int) -> float:
         """Delay before attempt ``attempt + 1`` after attempt ``attempt`` failed."""
         return float(min(self.retry_backoff * (2 ** (attempt - 1)), self.retry_backoff_max))
+
+
+def check_unique(unique: Any, ttl: Any) -> None:
+    """Validate the ``unique`` option (``True``, ``False``/``None`` or a key string) and
+    ``unique_ttl`` (seconds > 0)."""
+    if unique is not None and not isinstance(unique, bool | str):
+        raise TypeError(f"unique must be True, False or a key string, not {unique!r}")
+    if isinstance(unique, str) and not unique:
+        raise ValueError("a unique key must be a non-empty string")
+    if ttl is not None:
+        _check_seconds("unique_ttl", ttl)
+        if not math.isfinite(ttl):
+            raise ValueError(f"unique_ttl must be finite, not {ttl!r}")
 
 
 def resolve_eta(values: dict[str, Any]) -> float | None:

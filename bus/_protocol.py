@@ -59,6 +59,7 @@ __all__ = [
     "Send",
     "SetProgress",
     "StoreResult",
+    "Unclaim",
     "Unregister",
     "Unwatch",
     "Watch",
@@ -138,6 +139,17 @@ class Nack:
     reason: str
     requeue: TaskMessage | None = None
     delay: float = 0.0
+
+
+@attrs.frozen
+class Unclaim:
+    """Asked by a worker before it stores the final result of a unique job: free the
+    key the delivery's task holds, so that a waiter woken by the result can send the
+    job again. The answer is ``None``, or something to ``await x.wait()`` for until
+    the key is free (a broker that writes to a server). Brokers without unique jobs
+    answer ``None``."""
+
+    delivery: Delivery
 
 
 @attrs.frozen

@@ -14,7 +14,8 @@ from bus._context import Context
 from bus._errors import ResultTimeout, SendError
 from bus._ids import TaskID
 from bus._message import TaskMessage, TaskResult
-from bus._options import TaskOptions, resolve_eta
+from bus._options import DEFAULT_UNIQUE_TTL, TaskOptions, check_unique, resolve_eta
+from bus._unique import canonical_args, unique_key
 
 if TYPE_CHECKING:
     from bus._broker import Broker
@@ -123,6 +124,15 @@ class Kicker(Generic[P, R]):
         resolve_eta({"eta": when})
         return Kicker(self._task, self._labels, self._task_id, {"eta": when})
 
+    def with_unique(self, key: str | None = None, ttl: float = DEFAULT_UNIQUE_TTL) -> Kicker[P, R]:
+        """Send it as a unique job: while a task with the same unique key is queued or
+        running, ``kiq`` returns a handle on that task (the same task id) and sends
+        nothing. The key is the task name plus ``key``, or by default plus the encoded
+        arguments; it is released when the task's result is stored, or after ``ttl``
+        seconds (so a task that never finishes cannot block it for good)."""
+        check_unique(key if key is not None else True, ttl)
+        return self.with_labels(unique=key if key is not None else True, unique_ttl=ttl)
+
     def message(self, *args: P.args, **kwargs: P.kwargs) -> TaskMessage:
         """The message :meth:`kiq` would send."""
         return self._task._message(args, kwargs, self._labels, self._task_id, self._eta)
@@ -130,8 +140,8 @@ class Kicker(Generic[P, R]):
     async def kiq(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
         """Send the task; see :meth:`Task.kiq`."""
         msg = self._task._message(args, kwargs, self._labels, self._task_id, self._eta)
-        await self._task.broker.kick(msg)
-        return TaskHandle(msg.task_id, self._task.broker)
+        tid = await self._task.broker.kick(msg)
+        return TaskHandle(tid, self._task.broker)
 
 
 class Task(Generic[P, R]):
@@ -171,8 +181,8 @@ class Task(Generic[P, R]):
         Cancellation: if cancelled while waiting for room, nothing was sent.
         """
         msg = self._message(args, kwargs, None, None, None)
-        await self.broker.kick(msg)
-        return TaskHandle(msg.task_id, self.broker)
+        tid = await self.broker.kick(msg)
+        return TaskHandle(tid, self.broker)
 
     async def kiq_many(
         self, calls: Iterable[tuple[tuple[Any, ...], dict[str, Any]] | tuple[Any, ...]]
@@ -201,8 +211,8 @@ class Task(Generic[P, R]):
         """Send without waiting, on brokers that can (the in-memory one); raises
         :class:`QueueFull` instead of waiting for room."""
         msg = self._message(args, kwargs, None, None, None)
-        self.broker.kick_nowait(msg)
-        return TaskHandle(msg.task_id, self.broker)
+        tid = self.broker.kick_nowait(msg)
+        return TaskHandle(tid, self.broker)
 
     def _message(
         self,
@@ -227,6 +237,11 @@ class Task(Generic[P, R]):
             eta = resolve_eta(eta_spec)
         elif self.send_defaults:
             eta = resolve_eta(self.send_defaults)
+        unique = labels.get("unique") if labels else None
+        if unique is None and self.send_defaults:
+            unique = self.send_defaults.get("unique")
+        if unique:
+            labels = self._unique_labels(args, kwargs, labels or {}, unique)
         return TaskMessage(
             task_id=task_id or TaskID.new(),
             task_name=self.name,
@@ -235,6 +250,23 @@ class Task(Generic[P, R]):
             labels=labels if labels is not None else {},
             eta=eta,
         )
+
+    def _unique_labels(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], labels: dict[str, Any], unique: Any
+    ) -> dict[str, Any]:
+        """The labels of a unique job: ``unique_key`` (the task name and the key, or a
+        hash of the arguments) and ``unique_ttl`` in place of ``unique``."""
+        ttl = labels.get("unique_ttl", self.send_defaults.get("unique_ttl", DEFAULT_UNIQUE_TTL))
+        try:
+            check_unique(unique, ttl)
+            encoded = canonical_args(args, kwargs) if unique is True else b""
+        except (TypeError, ValueError) as exc:
+            raise SendError(f"{self.name}: unique job: {exc}") from None
+        key = unique_key(self.name, encoded, None if unique is True else str(unique))
+        out = {k: v for k, v in labels.items() if k != "unique"}
+        out["unique_key"] = key
+        out["unique_ttl"] = float(ttl)
+        return out
 
 
 class AsyncTask(Task[P, R]):

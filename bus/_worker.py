@@ -39,6 +39,7 @@ from bus._protocol import (
     Receive,
     Register,
     Release,
+    Unclaim,
     Unregister,
 )
 
@@ -372,6 +373,8 @@ class WorkerActor(actors.Actor):
                 result: TaskResult[Any] = TaskResult(
                     tid, status, value, None, time.perf_counter() - t0, message.labels
                 )
+                if message.labels and "unique_key" in message.labels:
+                    await self._unclaim(delivery)
                 try:
                     await self.broker.result_backend.set_result(tid, result)
                 except Exception:
@@ -507,6 +510,8 @@ class WorkerActor(actors.Actor):
             )
             return
         assert decision.result is not None
+        if message.labels and "unique_key" in message.labels:
+            await self._unclaim(delivery)
         if not await self._store(message, decision.result):
             return  # not acked: a redelivering broker runs it again
         if "post_save" in hooks.has:
@@ -517,6 +522,17 @@ class WorkerActor(actors.Actor):
             await self._tell_broker(Nack(delivery, why))
             return
         self._ack(delivery, message.task_id)
+
+    async def _unclaim(self, delivery: Delivery) -> None:
+        """Free a unique job's key before its result is stored (see ``Unclaim``)."""
+        broker_ref = self._broker_ref
+        assert broker_ref is not None
+        try:
+            answer = await broker_ref.ask(Unclaim(delivery))
+            if answer is not None:
+                await answer.wait()
+        except Exception as exc:  # the key then expires with its ttl
+            self._log.warning("task.unclaim_failed", error=repr(exc))
 
     async def _tell_broker(self, msg: object) -> None:
         broker_ref = self._broker_ref

@@ -39,12 +39,14 @@ from bus._protocol import (
     Ack,
     Cancel,
     CancelRunning,
+    Delivery,
     Inspect,
     Lease,
     Nack,
     Receive,
     Release,
     Send,
+    Unclaim,
 )
 from bus._results import ResultBackend
 from bus.redis import _ops
@@ -72,7 +74,8 @@ from bus.redis._pool import (
 )
 from bus.redis._reader import Done, InFlight, Lend, ReaderState, StreamReaderActor
 from bus.redis._results import RedisResultBackend
-from bus.redis._scripts import DEAD, HANDBACK, PROMOTE, REQUEUE
+from bus.redis._schedules import RedisScheduleBackend
+from bus.redis._scripts import CLAIM_SEND, DEAD, HANDBACK, PROMOTE, RELEASE, REQUEUE
 from bus.redis._settings import RedisSettings
 
 __all__ = ["DelayedMoverActor", "RedisBroker", "RedisBrokerActor"]
@@ -202,6 +205,12 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         )
 
     async def connected(self, lent: Lent) -> None:
+        # Load the scripts the inline sends use (a server restart forgets them).
+        await lent.conn.pipeline(
+            [("SCRIPT", "LOAD", s.source) for s in (CLAIM_SEND, RELEASE, REQUEUE, DEAD, HANDBACK)]
+        )
+
+    async def ready(self, lent: Lent) -> None:
         if self._batch.commands:
             await self._write()  # what waited for the connection
 
@@ -315,9 +324,38 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
     def _data(self, msg: Send) -> bytes:
         return msg.data if msg.data is not None else self.codec.encode_message(msg.message)
 
+    def _claim_command(
+        self, message: TaskMessage, data: bytes, claim: bytes, ttl_ms: int
+    ) -> Command:
+        """Send ``message`` only if ``claim`` is free (CLAIM_SEND)."""
+        settings = self.settings
+        eta = message.eta
+        due = int(eta * 1000) if eta is not None and eta > time.time() else 0
+        if due and self._mover is not None:
+            self._mover.tell_nowait(WakeMover())
+        return CLAIM_SEND.command(
+            keys=[claim, self.keys.stream, self.keys.delayed],
+            args=[message.task_id, ttl_ms, due, data, sign(settings.secret, data),
+                  settings.maxlen or 0],
+        )  # fmt: skip
+
     @actors.handles(SendNow, inline=True)
     def send_now(self, msg: SendNow) -> Pending | None:
-        return self._submit_now([self._enqueue_command(msg.message, msg.data)])
+        message = msg.message
+        labels = message.labels
+        if labels and "unique_key" in labels:
+            ttl_ms = max(1, int(float(labels.get("unique_ttl", 3600.0)) * 1000))
+            claim = self.keys.unique(labels["unique_key"])
+            return self._submit_now([self._claim_command(message, msg.data, claim, ttl_ms)])
+        return self._submit_now([self._enqueue_command(message, msg.data)])
+
+    def _releases(self, d: Delivery) -> list[Command]:
+        """Freeing the unique key of a finished delivery, if it has one."""
+        message = d.message
+        if message is None or not message.labels or "unique_key" not in message.labels:
+            return []
+        key = self.keys.unique(message.labels["unique_key"])
+        return [RELEASE.command(keys=[key], args=[message.task_id])]
 
     @actors.handles(SendMany, inline=True)
     def send_many(self, msg: SendMany) -> Pending | None:
@@ -357,11 +395,20 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
 
     # ----------------------------------------------------------- ack and nack
 
+    @actors.handles(Unclaim, inline=True)
+    def unclaim(self, msg: Unclaim) -> Pending | None:
+        commands = self._releases(msg.delivery)
+        return self._submit_now(commands) if commands else None
+
     @actors.handles(Ack)
     def ack(self, msg: Ack) -> None:
-        eid = msg.delivery.tag
+        d = msg.delivery
+        eid = d.tag
         stream = self.keys.stream
-        self._queue([("XACK", stream, self.group, eid), ("XDEL", stream, eid)], (eid,))
+        commands: list[Command] = [("XACK", stream, self.group, eid), ("XDEL", stream, eid)]
+        if d.message is not None and d.message.labels:
+            commands += self._releases(d)
+        self._queue(commands, (eid,))
 
     @actors.handles(Nack)
     def nack(self, msg: Nack) -> None:
@@ -393,6 +440,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
             )
             return
         message = d.message
+        self._queue(self._releases(d))
         log.error(
             "task.dead_lettered",
             entry=eid.decode() if isinstance(eid, bytes) else str(eid),
@@ -649,11 +697,21 @@ class RedisBroker(Broker):
             mailbox_size=math.inf,
         )
 
+    def _schedule_backend(self) -> RedisScheduleBackend:
+        conn_ref = self._conn_ref
+        if conn_ref is None:
+            raise RuntimeError("the Redis broker is not running")
+        return RedisScheduleBackend(self.settings, self.keys, conn_ref)
+
     # ---------------------------------------------------------------- sending
 
-    async def _send(self, message: TaskMessage) -> None:
+    async def _send(self, message: TaskMessage) -> TaskID:
         data = self._encode(message)
-        await self._submit(SendNow(message, data), f"cannot send {message.task_name}")
+        replies = await self._submit(SendNow(message, data), f"cannot send {message.task_name}")
+        reply = replies[0] if replies else None
+        if isinstance(reply, bytes):  # a unique job: the id that holds its key
+            return TaskID.parse(reply.decode("ascii"))
+        return message.task_id
 
     async def _submit(self, ask: object, what: str) -> list[Any]:
         """Ask the broker actor to queue a write, wait for its replies; retry while

@@ -72,6 +72,22 @@ class Keys:
         then its signature when a secret is set)."""
         return f"{self.base}:cancel".encode()
 
+    def unique(self, key: str) -> bytes:
+        """The key a unique job holds while it is queued or running (value: its id)."""
+        return f"{self.base}:unique:{key}".encode()
+
+    def schedules(self) -> bytes:
+        """Hash of the schedules added at run time: name -> the schedule as JSON."""
+        return f"{self.base}:schedules".encode()
+
+    def schedule_state(self) -> bytes:
+        """Hash: schedule name -> its state as JSON (last tick, fires, misses)."""
+        return f"{self.base}:schedule-state".encode()
+
+    def tick_claim(self, name: str, tick_ms: int) -> bytes:
+        """The key that claims one tick of one schedule (set once, with an expiry)."""
+        return f"{self.base}:tick:{name}:{tick_ms}".encode()
+
     def cancel_marker(self, task_id: str) -> bytes:
         """Key set (with a TTL) when ``task_id`` is cancelled, so it never starts."""
         return f"{self.base}:cancelled:{task_id}".encode()

@@ -248,17 +248,24 @@ class UsesConnection(actors.Actor):
             if lent.lost.is_set():
                 await trio.sleep(0.01)  # the connection actor is restarting it
                 continue
+            try:
+                await self.connected(lent)  # before anyone may use it
+            except ConnectionLost:
+                continue
             self.lent = lent
             assert self._connected is not None
             self._connected.set()
-            await self.connected(lent)
+            await self.ready(lent)
             await lent.lost.wait()
             if self.lent is lent:
                 self.lent = None
                 self._connected = trio.Event()
 
     async def connected(self, lent: Lent) -> None:
-        """Called each time a (new) connection is in place."""
+        """Called with each new connection before the actor uses it (load scripts)."""
+
+    async def ready(self, lent: Lent) -> None:
+        """Called once the new connection is in use (write what waited for it)."""
 
     @actors.handles(WhenConnected, inline=True)
     def when_connected(self, msg: WhenConnected) -> trio.Event:

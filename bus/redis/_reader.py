@@ -382,9 +382,18 @@ class StreamReaderActor(actors.Actor):
             if d.message is not None and d.message.task_id in state.cancelled:
                 skipped.append(d)  # cancelled while queued: its result is stored
         if skipped:
+            from bus.redis._scripts import RELEASE
+
+            releases = [
+                RELEASE.command(keys=[self.keys.unique(d.message.labels["unique_key"])],
+                                args=[d.message.task_id])
+                for d in skipped
+                if d.message is not None and "unique_key" in d.message.labels
+            ]  # fmt: skip
             await conn.pipeline(
                 [("XACK", self.keys.stream, self.group, d.tag) for d in skipped]
                 + [("XDEL", self.keys.stream, d.tag) for d in skipped]
+                + releases
             )
             ready = [d for d in ready if d not in skipped]
         self._held = list(ready)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bus.redis._client import Script
 
-__all__ = ["DEAD", "HANDBACK", "PROMOTE", "REQUEUE", "TOUCH"]
+__all__ = ["CLAIM_SEND", "DEAD", "HANDBACK", "PROMOTE", "RELEASE", "REQUEUE", "TOUCH"]
 
 #: Moves due members of the delayed set into the stream.
 #: KEYS: delayed zset, stream. ARGV: now (ms), batch size, maxlen (0: none).
@@ -134,4 +134,39 @@ redis.call('XADD', unpack(args))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 return 1
+""")
+
+#: Sends a message only if it can claim a key first (a unique job, a schedule's tick):
+#: SET key id NX PX ttl, then XADD to the stream (due = 0) or ZADD to the delayed set.
+#: KEYS: claim key, stream, delayed. ARGV: task id, ttl (ms), due (ms, 0: now), data,
+#: signature, maxlen (0: none). Returns the id holding the key: ARGV[1] when it was
+#: free (and the message was sent), else the holder's (and nothing was sent).
+CLAIM_SEND = Script("""
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('GET', KEYS[1])
+end
+local due = tonumber(ARGV[3])
+if due > 0 then
+  redis.call('ZADD', KEYS[3], due, ARGV[5] .. '\\n' .. ARGV[4])
+else
+  local args = {KEYS[2]}
+  local maxlen = tonumber(ARGV[6])
+  if maxlen > 0 then
+    args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
+  end
+  args[#args + 1] = '*'
+  args[#args + 1] = 'd'; args[#args + 1] = ARGV[4]
+  if ARGV[5] ~= '' then args[#args + 1] = 's'; args[#args + 1] = ARGV[5] end
+  redis.call('XADD', unpack(args))
+end
+return ARGV[1]
+""")
+
+#: Frees a unique key, only if the finishing task holds it. KEYS: the key. ARGV: the
+#: task id. Returns 1 if freed, else 0.
+RELEASE = Script("""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 """)

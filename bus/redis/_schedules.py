@@ -1,0 +1,163 @@
+"""Schedules on Redis: run-time schedules in a hash, tick state in another, and each
+tick claimed and sent in one Lua call, so that any number of schedulers fire it once.
+
+Keys (all in the queue's hash tag): ``{prefix:queue}:schedules`` (name -> the
+schedule as JSON), ``{prefix:queue}:schedule-state`` (``name<US>last``,
+``name<US>fires``, ``name<US>misses``, ``name<US>last_fire``; ``<US>`` is the unit
+separator, which a schedule name cannot contain) and ``{prefix:queue}:tick:{name}:{ms}``
+(the claim of one tick, expiring after ``claim_ttl``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from typing import Any
+
+import actors
+from bus._ids import TaskID
+from bus._message import TaskMessage
+from bus._schedule import ScheduleSpec, claim_ttl
+from bus._scheduler import ScheduleBackend, TickState
+from bus.redis._client import Connection, Script
+from bus.redis._logic import Keys, sign
+from bus.redis._pool import lend
+from bus.redis._settings import RedisSettings
+
+__all__ = ["RedisScheduleBackend"]
+
+US = "\x1f"
+
+#: Claims a tick and sends its message, and records it in the state hash.
+#: KEYS: claim, stream, delayed, state. ARGV: claim value, ttl (ms), due (ms, 0: now),
+#: data, signature, maxlen (0: none), schedule name, tick, missed ticks of the backlog.
+#: Returns 1 if this call claimed (and sent) it, else 0.
+FIRE_TICK = Script("""
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+local due = tonumber(ARGV[3])
+if due > 0 then
+  redis.call('ZADD', KEYS[3], due, ARGV[5] .. '\\n' .. ARGV[4])
+else
+  local args = {KEYS[2]}
+  local maxlen = tonumber(ARGV[6])
+  if maxlen > 0 then
+    args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
+  end
+  args[#args + 1] = '*'
+  args[#args + 1] = 'd'; args[#args + 1] = ARGV[4]
+  if ARGV[5] ~= '' then args[#args + 1] = 's'; args[#args + 1] = ARGV[5] end
+  redis.call('XADD', unpack(args))
+end
+local name = ARGV[7]
+redis.call('HSET', KEYS[4], name .. '\\31last', ARGV[8], name .. '\\31last_fire', ARGV[8])
+redis.call('HINCRBY', KEYS[4], name .. '\\31fires', 1)
+if tonumber(ARGV[9]) > 0 then redis.call('HINCRBY', KEYS[4], name .. '\\31misses', ARGV[9]) end
+return 1
+""")
+
+#: Claims a skipped tick and counts the missed ticks, once.
+#: KEYS: claim, state. ARGV: claim value, ttl (ms), schedule name, tick, missed.
+MISS_TICK = Script("""
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[3] .. '\\31last', ARGV[4])
+redis.call('HINCRBY', KEYS[2], ARGV[3] .. '\\31misses', ARGV[5])
+return 1
+""")
+
+
+def _tick_ms(tick: float) -> int:
+    return round(tick * 1000)
+
+
+def _ttl_ms(spec: ScheduleSpec, tick: float) -> int:
+    return max(1, math.ceil(claim_ttl(spec, tick) * 1000))
+
+
+class RedisScheduleBackend(ScheduleBackend):
+    """A Redis broker's schedules (see the module docstring); stateless."""
+
+    def __init__(self, settings: RedisSettings, keys: Keys, conn_ref: actors.ActorRef) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.conn_ref = conn_ref
+        # Who claimed a tick, for operators (the value of the claim key).
+        self.claimer = f"{socket.gethostname()}-{os.getpid()}-{TaskID.new()[-8:]}"
+
+    async def _conn(self) -> Connection:
+        return (await lend(self.conn_ref, timeout=self.settings.send_timeout or None)).conn
+
+    async def runtime(self) -> dict[str, ScheduleSpec]:
+        conn = await self._conn()
+        flat = await conn.execute("HGETALL", self.keys.schedules())
+        out: dict[str, ScheduleSpec] = {}
+        for i in range(0, len(flat or ()) - 1, 2):
+            try:
+                spec = ScheduleSpec.from_json(flat[i + 1])
+            except ValueError:
+                continue  # written by someone else, or by a newer version
+            out[spec.name] = spec
+        return out
+
+    async def put(self, spec: ScheduleSpec) -> None:
+        conn = await self._conn()
+        await conn.execute("HSET", self.keys.schedules(), spec.name, spec.to_json())
+
+    async def drop(self, name: str) -> bool:
+        conn = await self._conn()
+        return bool(await conn.execute("HDEL", self.keys.schedules(), name))
+
+    async def state(self, names: list[str]) -> dict[str, TickState]:
+        if not names:
+            return {}
+        conn = await self._conn()
+        fields = [f"{n}{US}{f}" for n in names for f in ("last", "fires", "misses", "last_fire")]
+        values = await conn.execute("HMGET", self.keys.schedule_state(), *fields)
+        out: dict[str, TickState] = {}
+        for i, name in enumerate(names):
+            last, fires, misses, last_fire = values[4 * i : 4 * i + 4]
+            if last is None and fires is None and misses is None:
+                continue
+            out[name] = TickState(
+                last_tick=float(last) if last is not None else None,
+                fires=int(fires or 0),
+                misses=int(misses or 0),
+                last_fire=float(last_fire) if last_fire is not None else None,
+            )
+        return out
+
+    async def fire(
+        self, spec: ScheduleSpec, tick: float, message: TaskMessage, data: bytes, missed: int
+    ) -> bool:
+        keys, settings = self.keys, self.settings
+        eta = message.eta
+        due = int(eta * 1000) if eta is not None and eta > time.time() else 0
+        args: list[Any] = [
+            f"{message.task_id}:{self.claimer}",
+            _ttl_ms(spec, tick),
+            due,
+            data,
+            sign(settings.secret, data),
+            settings.maxlen or 0,
+            spec.name,
+            repr(tick),
+            missed,
+        ]
+        claim = keys.tick_claim(spec.name, _tick_ms(tick))
+        done = await FIRE_TICK.run(
+            await self._conn(),
+            keys=[claim, keys.stream, keys.delayed, keys.schedule_state()],
+            args=args,
+        )
+        return bool(done)
+
+    async def miss(self, spec: ScheduleSpec, tick: float, missed: int) -> bool:
+        keys = self.keys
+        claim = keys.tick_claim(spec.name, _tick_ms(tick))
+        done = await MISS_TICK.run(
+            await self._conn(),
+            keys=[claim, keys.schedule_state()],
+            args=[f"missed:{self.claimer}", _ttl_ms(spec, tick), spec.name, repr(tick), missed],
+        )
+        return bool(done)
