@@ -149,6 +149,7 @@ async def run_worker(
     concurrency: int | None,
     shutdown_timeout: float,
     queues: Sequence[str] = (),
+    scheduler: bool = True,
 ) -> int:
     """Run a worker until SIGINT/SIGTERM: the first stop request drains (within
     ``shutdown_timeout``), a second one cancels at once. What did not finish goes
@@ -158,7 +159,9 @@ async def run_worker(
         requests = _stop_requests(receiver)
         async with trio.open_nursery() as nursery:
             worker = await nursery.start(
-                functools.partial(broker.run_worker, concurrency, queues=queues or None)
+                functools.partial(
+                    broker.run_worker, concurrency, queues=queues or None, scheduler=scheduler
+                )
             )
             where = _where(broker)
             print(
@@ -450,6 +453,51 @@ async def inspect(broker: Broker, as_json: bool) -> int:
     return 0
 
 
+def _when(t: float | None) -> str:
+    if t is None or math.isinf(t):
+        return "-"
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+async def schedules(broker: Broker, as_json: bool) -> int:
+    from bus._scheduler import describe_trigger
+
+    async with broker:
+        infos = await broker.schedules()
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": i.spec.name,
+                        "task": i.spec.task_name,
+                        "trigger": describe_trigger(i.spec.trigger),
+                        "source": i.source,
+                        "next_fire": i.next_fire,
+                        "last_fire": i.state.last_fire,
+                        "fires": i.state.fires,
+                        "misses": i.state.misses,
+                    }
+                    for i in infos
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    if not infos:
+        print("no schedules")
+        return 0
+    for i in infos:
+        print(
+            f"{i.spec.name}  task={i.spec.task_name}  {describe_trigger(i.spec.trigger)}  "
+            f"({i.source})  next={_when(i.next_fire)}  last={_when(i.state.last_fire)}  "
+            f"fires={i.state.fires}  misses={i.state.misses}"
+        )
+    return 0
+
+
 def _letter_json(letter: dict[str, Any]) -> dict[str, Any]:
     """A dead letter for JSON: its data as text, or as base64 when not UTF-8."""
     out = dict(letter)
@@ -539,8 +587,19 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="fail if the broker's server cannot be reached within S seconds at start",
     )
+    w.add_argument(
+        "--no-scheduler",
+        action="store_true",
+        help="do not run a scheduler beside the worker (periodic tasks)",
+    )
     w.add_argument("--log-format", choices=["console", "json"], default=None)
     w.add_argument("--log-level", default="info")
+
+    sc = sub.add_parser("schedules", help="list the periodic tasks and their ticks")
+    sc.add_argument("broker", metavar="MODULE:BROKER")
+    sc.add_argument("action", choices=["list"])
+    sc.add_argument("--json", action="store_true")
+    sc.add_argument("--log-level", default="warning")
 
     s = sub.add_parser("send", help="send a task, optionally wait for its result")
     s.add_argument("broker", metavar="MODULE:BROKER")
@@ -618,7 +677,14 @@ def _main(args: argparse.Namespace, args_list: list[str]) -> int:
                 return supervise(args_list, args.processes, timeout, args.kill_grace)
             if args.connect_timeout is not None:
                 broker.connect_timeout = args.connect_timeout
-            return trio.run(run_worker, broker, args.concurrency, timeout, args.queue or ())
+            return trio.run(
+                run_worker,
+                broker,
+                args.concurrency,
+                timeout,
+                args.queue or (),
+                not args.no_scheduler,
+            )
         if args.command == "send":
             call_args = _json_arg(args.args, "args", list)
             call_kwargs = _json_arg(args.kwargs, "kwargs", dict)
@@ -629,6 +695,9 @@ def _main(args: argparse.Namespace, args_list: list[str]) -> int:
         if args.command == "inspect":
             _in_process_only(broker, "inspect")
             return trio.run(inspect, broker, args.json)
+        if args.command == "schedules":
+            _in_process_only(broker, "schedules")
+            return trio.run(schedules, broker, args.json)
         _in_process_only(broker, "dead")
         return trio.run(dead, broker, args.action, args.limit, args.json, args.reason, args.task)
     except KeyboardInterrupt:

@@ -108,7 +108,10 @@ def wait_until(pred: object, timeout: float = 20) -> None:
 def test_worker_runs_what_send_wait_sends(env: dict[str, str], workers: list[Worker]) -> None:
     w = Worker(env, "--concurrency", "4")
     workers.append(w)
-    assert "tasks=add, flaky, sleep, stubborn" in w.wait_for(lambda line: line.startswith("bus worker:"))[0]
+    assert (
+        "tasks=add, flaky, sleep, stubborn"
+        in w.wait_for(lambda line: line.startswith("bus worker:"))[0]
+    )
     proc = bus(env, "send", APP, "add", "--args", "[20, 22]", "--wait", "--timeout", "20")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["return_value"] == 42
