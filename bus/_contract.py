@@ -576,7 +576,9 @@ async def check_schedules_fire_each_tick_once(make_broker: BrokerFactory) -> Non
             assert infos["contract.tick"].source == "task"
             assert infos["contract.hello"].source == "runtime"
             assert infos["contract.hello"].state.fires >= 3
-            assert infos["contract.tick"].next_fire > infos["contract.tick"].state.last_tick
+            last_tick = infos["contract.tick"].state.last_tick
+            assert last_tick is not None
+            assert infos["contract.tick"].next_fire > last_tick
             assert await broker.unschedule("contract.hello")
             assert not await broker.unschedule("contract.hello")
             assert "contract.hello" not in {i.spec.name for i in await broker.schedules()}
