@@ -599,9 +599,17 @@ class InMemoryBroker(Broker):
         self._worker_done: trio.Event | None = None
         self._schedules = MemorySchedules()
         self._clock_offset = 0.0
+        self._clock_run: object = None
 
     async def _open(self, system: actors.ActorSystem) -> actors.ActorRef:
-        self._clock_offset = time.time() - trio.current_time()
+        # The scheduler's Unix time is anchored to Trio's clock once per `trio.run`
+        # (the run's token tells runs apart): reopened in the same run, the broker keeps
+        # its anchor, so time that passed on a fake clock between two runs of the broker
+        # counts (a schedule's ticks missed meanwhile are seen as missed).
+        run = trio.lowlevel.current_trio_token()
+        if run is not self._clock_run:
+            self._clock_run = run
+            self._clock_offset = time.time() - trio.current_time()
 
         def make() -> InMemoryBrokerActor:
             actor = InMemoryBrokerActor(
