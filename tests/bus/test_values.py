@@ -215,11 +215,12 @@ def test_public_surface_is_pinned() -> None:
             "CONTEXT", "AsyncTask", "Broker", "BrokerActor", "BrokerClosed", "BrokerState",
             "BrokerStats", "BusError", "BusEvent", "Codec", "Context", "DecodeError",
             "FrozenDict", "InMemoryBroker",
-            "InMemoryResultBackend", "InmemoryResultBackend", "JSONCodec", "Kicker",
+            "InMemoryResultBackend", "InmemoryResultBackend", "JSONCodec", "Kicker", "Limit",
             "Middleware", "QueueFull", "RemoteError", "ResultBackend", "ResultNotFound",
             "ResultTimeout", "SendError", "SyncTask", "Task", "TaskCancelled", "TaskFailed",
             "TaskHandle", "TaskID", "TaskMessage", "TaskOptions", "TaskResult", "TaskStatus",
             "UnknownTaskError", "Worker", "WorkerActor", "current_context", "gather",
+            "limit",
         ]
     )  # fmt: skip
     for name in bus.__all__:
