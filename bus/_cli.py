@@ -7,6 +7,7 @@ output on a terminal, JSON lines otherwise).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import logging
@@ -23,6 +24,7 @@ import trio
 from bus._broker import Broker
 from bus._errors import BusError, ResultTimeout
 from bus._message import TaskResult, TaskStatus
+from bus._options import is_queue_name
 
 __all__ = ["main"]
 
@@ -99,16 +101,25 @@ def _in_process_only(broker: Broker, command: str) -> None:
 # ---------------------------------------------------------------------- worker
 
 
-async def run_worker(broker: Broker, concurrency: int | None, shutdown_timeout: float) -> int:
+async def run_worker(
+    broker: Broker,
+    concurrency: int | None,
+    shutdown_timeout: float,
+    queues: Sequence[str] = (),
+) -> int:
     """Run a worker until SIGINT/SIGTERM: the first drains (within ``shutdown_timeout``),
-    a second cancels at once. Unfinished tasks stay unacknowledged on Redis."""
+    a second cancels at once. Unfinished tasks stay unacknowledged on Redis.
+    ``queues``: the queues it consumes (none: the broker's default queue)."""
     log = structlog.get_logger("bus.cli")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            worker = await nursery.start(broker.run_worker, concurrency)
+            worker = await nursery.start(
+                functools.partial(broker.run_worker, concurrency, queues=list(queues))
+            )
+            shown = f" queues={','.join(queues)}" if queues else ""
             print(
                 f"bus worker: {type(broker).__name__} pid={os.getpid()} "
-                f"concurrency={worker.concurrency} tasks={', '.join(sorted(broker.tasks))}",
+                f"concurrency={worker.concurrency} tasks={', '.join(sorted(broker.tasks))}" + shown,
                 file=sys.stderr,
                 flush=True,
             )
@@ -255,7 +266,17 @@ async def inspect(broker: Broker, as_json: bool) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     for key, value in info.items():
-        if isinstance(value, dict):
+        if key == "queues" and isinstance(value, dict):
+            print("queues:")
+            for name, numbers in value.items():
+                shown = " ".join(
+                    f"{k}={v}" for k, v in numbers.items() if not isinstance(v, dict | list)
+                )
+                levels = numbers.get("by_priority") or {}
+                if levels:
+                    shown += " by_priority=" + ",".join(f"{lv}:{n}" for lv, n in levels.items())
+                print(f"  {name:<24} {shown}")
+        elif isinstance(value, dict):
             print(f"{key}:")
             if not value:
                 print("  (none)")
@@ -303,6 +324,13 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("broker", metavar="MODULE:BROKER")
     w.add_argument("--concurrency", type=int, default=None, help="tasks at once per process")
     w.add_argument("--processes", type=int, default=1, help="worker processes to supervise")
+    w.add_argument(
+        "--queue",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a queue to consume (repeat for several; default: the broker's default queue)",
+    )
     w.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -355,7 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             if not timeout >= 0 or math.isnan(timeout):
                 raise CLIError("--shutdown-timeout must be >= 0")
-            return trio.run(run_worker, broker, args.concurrency, timeout)
+            for name in args.queue:
+                if not is_queue_name(name):
+                    raise CLIError(f"--queue {name!r} is not a queue name")
+            return trio.run(run_worker, broker, args.concurrency, timeout, args.queue)
         if args.command == "send":
             call_args = _json_arg(args.args, "args", list)
             call_kwargs = _json_arg(args.kwargs, "kwargs", dict)
