@@ -21,7 +21,7 @@ from bus._ids import TaskID
 from bus._limits import placement
 from bus._message import TaskMessage
 from bus._middleware import HookChain, Middleware
-from bus._options import TaskOptions
+from bus._options import TaskOptions, check_queue_name
 from bus._protocol import Cancel, Drain, Inspect, Send
 from bus._results import InMemoryResultBackend, ResultBackend
 from bus._task import AsyncTask, SyncTask, Task
@@ -465,14 +465,17 @@ class Broker(abc.ABC):
 
         The worker is an actor of the broker's system (``bus.WorkerActor``): it
         registers with the broker actor and takes deliveries from the lease it lends.
-        ``queues`` lists the queues it consumes (default: the broker's).
+        ``queues`` lists the queues it consumes (default: the broker's default queue),
+        the most urgent task of any of them first (see docs/queues.md).
 
         Cancellation: running tasks are cancelled and nothing is recorded for them;
         a broker that redelivers (Redis) runs them again elsewhere.
         """
         if concurrency is not None:
             _check_concurrency(concurrency)
-        qs = tuple(queues or ())
+        if isinstance(queues, str):
+            raise TypeError(f"queues is a list of queue names, not the string {queues!r}")
+        qs = tuple(check_queue_name(q) for q in queues or ())
         if not self._running:
             async with self:
                 await self._run_worker(concurrency or self.concurrency, qs, None, task_status)

@@ -77,8 +77,13 @@ class ReadyQueues(Generic[T]):
             levels = nonempty.get(queue)
             if not levels:
                 return None
-            level = consumer.picker.pick(levels)
-            assert level is not None
+            if len(levels) == 1:
+                for level in levels:
+                    consumer.picker.pick_only(level)
+            else:
+                picked = consumer.picker.pick(levels)
+                assert picked is not None
+                level = picked
         else:
             found: set[int] = set()
             for q in queues:

@@ -171,11 +171,12 @@ async def test_a_retry_keeps_its_queue_and_priority(autojump_clock: trio.testing
 
 async def test_urgent_tasks_overtake_a_backlog(autojump_clock: trio.testing.MockClock) -> None:
     broker = bus.InMemoryBroker(concurrency=1, max_queue=2000)
-    gate = trio.Event()
+    busy, gate = trio.Event(), trio.Event()
     started: list[str] = []
 
     @broker.task
     async def block() -> None:
+        busy.set()
         await gate.wait()
 
     @broker.task
@@ -185,7 +186,8 @@ async def test_urgent_tasks_overtake_a_backlog(autojump_clock: trio.testing.Mock
 
     with trio.fail_after(60):
         async with broker:
-            await block.kiq()  # the worker is busy
+            await block.kiq()
+            await busy.wait()  # the worker is busy
             handles = [await job.kiq("low") for _ in range(1000)]
             handles += [await job.kicker().with_priority(9).kiq("high") for _ in range(10)]
             gate.set()
@@ -201,11 +203,12 @@ async def test_a_steady_stream_of_urgent_tasks_leaves_low_ones_their_share(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     broker = bus.InMemoryBroker(concurrency=1, max_queue=5000)
-    gate = trio.Event()
+    busy, gate = trio.Event(), trio.Event()
     started: list[str] = []
 
     @broker.task
     async def block() -> None:
+        busy.set()
         await gate.wait()
 
     @broker.task
@@ -216,6 +219,7 @@ async def test_a_steady_stream_of_urgent_tasks_leaves_low_ones_their_share(
     with trio.fail_after(60):
         async with broker:
             await block.kiq()
+            await busy.wait()
             lows = [await job.kiq("low") for _ in range(200)]
             highs = [await job.kicker().with_priority(9).kiq("high") for _ in range(2000)]
             gate.set()
@@ -234,11 +238,12 @@ async def test_moving_to_the_dispatch_keeps_what_was_queued_in_order(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     broker = bus.InMemoryBroker(concurrency=1)
-    gate = trio.Event()
+    busy, gate = trio.Event(), trio.Event()
     started: list[int] = []
 
     @broker.task
     async def block() -> None:
+        busy.set()
         await gate.wait()
 
     @broker.task
@@ -248,6 +253,7 @@ async def test_moving_to_the_dispatch_keeps_what_was_queued_in_order(
     with trio.fail_after(60):
         async with broker:
             await block.kiq()
+            await busy.wait()
             handles = [await job.kiq(i) for i in range(5)]  # the plain channel
             assert broker._ref is not None
             handles.append(await job.kicker().with_priority(1).kiq(99))  # moves
@@ -437,3 +443,40 @@ async def test_inspect_counts_by_queue_and_level(autojump_clock: trio.testing.Mo
     }
     assert info["queues"]["default"]["waiting_for_limits"] == 2
     assert info["waiting_for_limits"] == 2
+
+
+async def test_run_worker_checks_its_queues() -> None:
+    broker = bus.InMemoryBroker(start_worker=False)
+    with trio.fail_after(5):
+        async with broker:
+            with pytest.raises(TypeError, match="list of queue names"):
+                await broker.run_worker(queues="reports")
+            with pytest.raises(ValueError, match="queue name"):
+                await broker.run_worker(queues=["a b"])
+
+
+async def test_idle_runners_carry_on_after_the_move_to_the_dispatch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broker = bus.InMemoryBroker(concurrency=2)
+
+    @broker.task
+    async def job(i: int) -> int:
+        return i
+
+    with trio.fail_after(60):
+        async with broker:
+            assert (await (await job.kiq(1)).wait_result()).return_value == 1
+            await trio.sleep(1)  # both runners wait on the channel
+            urgent = job.kicker().with_priority(3)
+            assert (await (await urgent.kiq(2)).wait_result()).return_value == 2
+            assert (await (await job.kiq(3)).wait_result()).return_value == 3
+
+            @broker.task(max_running=1)  # registered while running: its limit holds
+            async def late() -> float:
+                await trio.sleep(1)
+                return trio.current_time()
+
+            t0 = trio.current_time()
+            ends = [(await h.wait_result()).unwrap() for h in [await late.kiq() for _ in range(3)]]
+    assert [round(e - t0) for e in ends] == [1, 2, 3]

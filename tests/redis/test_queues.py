@@ -39,11 +39,12 @@ def most_in_a_window(times: list[float], width: float = 1.0) -> int:
 
 async def test_urgent_tasks_overtake_a_backlog(make_broker: Callable[..., RedisBroker]) -> None:
     broker = make_broker(block=0.2)
-    gate = trio.Event()
+    busy, gate = trio.Event(), trio.Event()
     started: list[str] = []
 
     @broker.task(name="block")
     async def block() -> None:
+        busy.set()
         await gate.wait()
 
     @broker.task(name="job")
@@ -53,7 +54,8 @@ async def test_urgent_tasks_overtake_a_backlog(make_broker: Callable[..., RedisB
     with trio.fail_after(60):
         async with broker, trio.open_nursery() as nursery:
             worker = await nursery.start(broker.run_worker, 1)
-            await (await block.kiq()).is_ready()
+            await block.kiq()
+            await busy.wait()
             handles = await job.kiq_many([("low",)] * 1000)
             handles += [await job.kicker().with_priority(9).kiq("high") for _ in range(10)]
             gate.set()
@@ -68,11 +70,12 @@ async def test_a_steady_stream_of_urgent_tasks_leaves_low_ones_their_share(
     make_broker: Callable[..., RedisBroker],
 ) -> None:
     broker = make_broker(block=0.2)
-    gate = trio.Event()
+    busy, gate = trio.Event(), trio.Event()
     started: list[str] = []
 
     @broker.task(name="block")
     async def block() -> None:
+        busy.set()
         await gate.wait()
 
     @broker.task(name="job")
@@ -83,6 +86,7 @@ async def test_a_steady_stream_of_urgent_tasks_leaves_low_ones_their_share(
         async with broker, trio.open_nursery() as nursery:
             worker = await nursery.start(broker.run_worker, 1)
             await block.kiq()
+            await busy.wait()
             lows = await job.kiq_many([("low",)] * 150)
             high = job.kicker().with_priority(9)
             highs = await broker.kick_many([high.message("high") for _ in range(1000)])
