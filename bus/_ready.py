@@ -92,8 +92,9 @@ class ReadyQueues(Generic[T]):
                     found |= ne
             if not found:
                 return None
-            level = consumer.picker.pick(found)
-            assert level is not None
+            chosen = consumer.picker.pick(found)
+            assert chosen is not None
+            level = chosen
             candidates = [q for q in queues if level in nonempty.get(q, ())]
             queue = candidates[consumer._turn % len(candidates)]
             consumer._turn += 1
