@@ -129,7 +129,7 @@ class _MemoryLease(Lease):
 
     redeliver_interrupted = False
 
-    __slots__ = ("_core", "_fancy", "_recv", "_slots", "consumer", "queues")
+    __slots__ = ("_core", "_fancy", "_recv", "_slots", "closed", "consumer", "queues")
 
     def __init__(
         self,
@@ -145,6 +145,7 @@ class _MemoryLease(Lease):
         self._fancy: _FancyLease | None = None
         self.queues = queues
         self.consumer = consumer
+        self.closed = False
 
     def receive_nowait(self) -> Delivery:
         recv, take, slots = self._recv, self._core.take, self._slots
@@ -175,6 +176,7 @@ class _MemoryLease(Lease):
                 return d
 
     def close(self) -> None:
+        self.closed = True
         self._recv.close()
         if self._fancy is not None:
             self._fancy.close()
@@ -522,7 +524,8 @@ class InMemoryBrokerActor(BrokerActor):
                 break
             fancy.ready.put(self.default_queue, 0, d)
         for lease in self._leases:
-            lease._fancy = fancy.lease(lease.queues, lease.consumer)
+            if not lease.closed:
+                lease._fancy = fancy.lease(lease.queues, lease.consumer)
         self._leases.clear()
         self._send.close()
         return fancy
@@ -695,6 +698,7 @@ class InMemoryBrokerActor(BrokerActor):
         if fancy is not None:
             return fancy.lease(queues, msg.consumer)
         lease = _MemoryLease(self._recv.clone(), self.core, self.slots, queues, msg.consumer)
+        self._leases = [held for held in self._leases if not held.closed]
         self._leases.append(lease)
         return lease
 

@@ -480,3 +480,23 @@ async def test_idle_runners_carry_on_after_the_move_to_the_dispatch(
             t0 = trio.current_time()
             ends = [(await h.wait_result()).unwrap() for h in [await late.kiq() for _ in range(3)]]
     assert [round(e - t0) for e in ends] == [1, 2, 3]
+
+
+async def test_a_worker_stopped_before_the_move_is_not_carried_over() -> None:
+    broker = bus.InMemoryBroker(start_worker=False)
+
+    @broker.task
+    async def job(i: int) -> int:
+        return i
+
+    with trio.fail_after(5):
+        async with broker, trio.open_nursery() as nursery:
+            gone = await nursery.start(broker.run_worker, 1)
+            await gone.drain()
+            gone.stop()
+            kept = await nursery.start(broker.run_worker, 1)
+            handle = await job.kicker().with_priority(2).kiq(7)  # moves to the dispatch
+            assert (await handle.wait_result()).return_value == 7
+            actor = broker.ref._cell.instance  # type: ignore[attr-defined]
+            assert actor.fancy is not None and len(actor.fancy.leases) == 1
+            kept.stop()
