@@ -45,7 +45,9 @@ async def test_a_task_goes_to_its_queue_and_the_embedded_worker_runs_every_queue
     assert set(info["queues"]) >= {"default", "reports"}
 
 
-async def test_a_worker_runs_only_the_queues_it_consumes() -> None:
+async def test_a_worker_runs_only_the_queues_it_consumes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     broker = bus.InMemoryBroker(start_worker=False)
     ran: list[str] = []
 

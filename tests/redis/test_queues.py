@@ -262,7 +262,8 @@ async def test_the_plain_path_costs_the_same_commands_as_before(
             before = shared.stats.commands, blocking.stats.commands
             for _ in range(n):
                 await (await noop.kiq()).wait_result(timeout=5)
-            await trio.sleep(0.1)  # the last ack is written after the result
+            while reader.state.inflight:  # noqa: ASYNC110 (the last ack's write is confirmed)
+                await trio.sleep(0.005)
             per_task = (shared.stats.commands - before[0]) / n
             reads = (blocking.stats.commands - before[1]) / n
             worker.stop()
