@@ -24,6 +24,7 @@ from bus._errors import (
 from bus._frozen import FrozenDict
 from bus._ids import TaskID
 from bus._inmemory import InMemoryBroker
+from bus._limits import Limit, limit
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
 from bus._middleware import Middleware
 from bus._options import TaskOptions
@@ -59,6 +60,7 @@ __all__ = [
     "InmemoryResultBackend",
     "JSONCodec",
     "Kicker",
+    "Limit",
     "Middleware",
     "QueueFull",
     "RemoteError",
@@ -87,4 +89,5 @@ __all__ = [
     "current_context",
     "every",
     "gather",
+    "limit",
 ]

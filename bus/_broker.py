@@ -20,9 +20,10 @@ from actors._log import get_logger
 from bus._codec import Codec, JSONCodec
 from bus._errors import BrokerClosed, SendError, UnknownTaskError
 from bus._ids import TaskID
+from bus._limits import placement
 from bus._message import TaskMessage
 from bus._middleware import HookChain, Middleware
-from bus._options import TaskOptions
+from bus._options import TaskOptions, check_queue_name
 from bus._protocol import Cancel, Drain, Inspect, Send
 from bus._results import InMemoryResultBackend, ResultBackend
 from bus._schedule import Cron, Every, ScheduleSpec, Trigger
@@ -225,7 +226,10 @@ class Broker(abc.ABC):
         """Register a task: ``@broker.task`` or ``@broker.task(name=..., timeout=...)``.
 
         Options: ``timeout``, ``retries``, ``retry_backoff``, ``retry_backoff_max``,
-        ``retry_on``, ``delay``, ``eta``. The default name is ``module:function``.
+        ``retry_on``, ``delay``, ``eta``; where it goes: ``queue`` (a queue name),
+        ``priority`` (0-9); limits on its starts: ``rate_limit`` (``"100/s"``, or
+        ``bus.limit(key, rate)`` shared by key), ``max_running`` (at most this many
+        at once across every worker). The default name is ``module:function``.
         """
         if func is not None:
             return self.register_task(func, name, **options)
@@ -248,10 +252,16 @@ class Broker(abc.ABC):
         run_options, send_defaults = TaskOptions.build(options)
         if trigger is not None:
             self.static_schedules[name] = _static_schedule(name, trigger)
+        where = placement(name, options)
         cls = AsyncTask if inspect.iscoroutinefunction(func) else SyncTask
-        task: Task[Any, Any] = cls(self, func, name, run_options, send_defaults)
+        task: Task[Any, Any] = cls(self, func, name, run_options, send_defaults, where)
         self.tasks[name] = task
+        self._task_registered(task)
         return task
+
+    def _task_registered(self, task: Task[Any, Any]) -> None:  # noqa: B027
+        """Called for each task registered (a broker that must know about queues or
+        limits as they appear may hook it)."""
 
     def find_task(self, name: str) -> Task[Any, Any] | None:
         """The task registered as ``name``, or ``None``."""
@@ -394,6 +404,8 @@ class Broker(abc.ABC):
             raise BrokerClosed("the broker is not running: send inside `async with broker`")
         if message.task_name not in self.tasks:
             raise UnknownTaskError(message.task_name)
+        if message.queue is not None or message.priority:
+            _check_placement(message)
 
     def _encode(self, message: TaskMessage) -> bytes:
         """The message encoded by the codec; :class:`SendError` when it cannot be."""
@@ -580,7 +592,8 @@ class Broker(abc.ABC):
 
         The worker is an actor of the broker's system (``bus.WorkerActor``): it
         registers with the broker actor and takes deliveries from the lease it lends.
-        ``queues`` lists the queues it consumes (default: the broker's). With
+        ``queues`` lists the queues it consumes (default: the broker's default queue),
+        the most urgent task of any of them first (see docs/queues.md). With
         ``scheduler`` (the default) a scheduler actor runs beside it and sends the
         periodic tasks (each tick exactly once, however many schedulers run).
 
@@ -589,7 +602,9 @@ class Broker(abc.ABC):
         """
         if concurrency is not None:
             _check_concurrency(concurrency)
-        qs = tuple(queues or ())
+        if isinstance(queues, str):
+            raise TypeError(f"queues is a list of queue names, not the string {queues!r}")
+        qs = tuple(check_queue_name(q) for q in queues or ())
         n = concurrency or self.concurrency
         if not self._running:
             async with self:
@@ -674,6 +689,18 @@ def _static_schedule(task_name: str, trigger: Any) -> ScheduleSpec:
     )
 
 
+def _check_placement(message: TaskMessage) -> None:
+    """A message built by hand may name a bad queue or priority: refuse it here."""
+    from bus._options import is_queue_name
+    from bus._priority import MAX_PRIORITY
+
+    if message.queue is not None and not is_queue_name(message.queue):
+        raise SendError(f"{message.task_name}: bad queue name {message.queue!r}")
+    p = message.priority
+    if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= MAX_PRIORITY:
+        raise SendError(f"{message.task_name}: a priority is 0 to {MAX_PRIORITY}, not {p!r}")
+
+
 def _check_concurrency(concurrency: object) -> None:
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError(f"concurrency must be a whole number >= 1, not {concurrency!r}")
@@ -682,7 +709,9 @@ def _check_concurrency(concurrency: object) -> None:
 class _TaskDecorator:
     def __init__(self, broker: Broker, name: str | None, options: dict[str, Any]) -> None:
         # Fail at decoration time on bad options.
-        TaskOptions.build({k: v for k, v in options.items() if k != "schedule"})
+        rest = {k: v for k, v in options.items() if k != "schedule"}
+        TaskOptions.build(rest)
+        placement(name, rest)
         if "schedule" in options:
             _static_schedule(name or "?", options["schedule"])
         self.broker, self.name, self.options = broker, name, options

@@ -28,6 +28,7 @@ import trio
 from bus._broker import Broker, plain_error
 from bus._errors import BusError, ResultTimeout
 from bus._message import TaskResult, TaskStatus
+from bus._options import is_queue_name
 
 __all__ = ["main"]
 
@@ -153,7 +154,8 @@ async def run_worker(
 ) -> int:
     """Run a worker until SIGINT/SIGTERM: the first stop request drains (within
     ``shutdown_timeout``), a second one cancels at once. What did not finish goes
-    back to the queue for another worker."""
+    back to the queue for another worker. ``queues``: the queues it consumes (none:
+    the broker's default queue)."""
     log = structlog.get_logger("bus.cli")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as receiver:
         requests = _stop_requests(receiver)
@@ -167,7 +169,8 @@ async def run_worker(
             print(
                 f"bus worker: {type(broker).__name__} {where + ' ' if where else ''}"
                 f"pid={os.getpid()} concurrency={worker.concurrency} "
-                f"tasks={', '.join(sorted(broker.tasks))}",
+                f"tasks={', '.join(sorted(broker.tasks))}"
+                + (f" queues={','.join(queues)}" if queues else ""),
                 file=sys.stderr,
                 flush=True,
             )
@@ -424,7 +427,17 @@ def _print_info(info: dict[str, Any]) -> None:
     """``inspect``'s numbers as text: scalars in a column, mappings and lists of
     records as indented tables (no Python reprs)."""
     for key, value in info.items():
-        if isinstance(value, dict):
+        if key == "queues" and isinstance(value, dict):
+            print("queues:")
+            for name, numbers in value.items():
+                shown = " ".join(
+                    f"{k}={v}" for k, v in numbers.items() if not isinstance(v, dict | list)
+                )
+                levels = numbers.get("by_priority") or {}
+                if levels:
+                    shown += " by_priority=" + ",".join(f"{lv}:{n}" for lv, n in levels.items())
+                print(f"  {name:<24} {shown}")
+        elif isinstance(value, dict):
             print(f"{key}:")
             if not value:
                 print("  (none)")
@@ -564,9 +577,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--queue",
         action="append",
-        default=None,
+        default=[],
         metavar="NAME",
-        help="a queue to consume (repeat for several; default: the broker's)",
+        help="a queue to consume (repeat for several; default: the broker's default queue)",
     )
     w.add_argument(
         "--shutdown-timeout",
@@ -673,6 +686,9 @@ def _main(args: argparse.Namespace, args_list: list[str]) -> int:
             _positive(timeout, "--shutdown-timeout", zero=True)
             _positive(args.connect_timeout, "--connect-timeout")
             _positive(args.kill_grace, "--kill-grace", zero=True)
+            for name in args.queue:
+                if not is_queue_name(name):
+                    raise CLIError(f"--queue {name!r} is not a queue name")
             if args.processes > 1:
                 return supervise(args_list, args.processes, timeout, args.kill_grace)
             if args.connect_timeout is not None:

@@ -9,6 +9,8 @@ from typing import Any, Protocol
 
 from bus._ids import TaskID
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
+from bus._options import is_queue_name
+from bus._priority import MAX_PRIORITY
 
 __all__ = ["Codec", "DecodeError", "JSONCodec"]
 
@@ -82,17 +84,22 @@ class JSONCodec:
         return True
 
     def encode_message(self, message: TaskMessage) -> bytes:
-        return self._dumps(
-            {
-                "id": message.task_id,
-                "name": message.task_name,
-                "args": message.args,
-                "kwargs": message.kwargs,
-                "labels": message.labels,
-                "attempt": message.attempt,
-                "eta": message.eta,
-            }
-        )
+        obj = {
+            "id": message.task_id,
+            "name": message.task_name,
+            "args": message.args,
+            "kwargs": message.kwargs,
+            "labels": message.labels,
+            "attempt": message.attempt,
+            "eta": message.eta,
+        }
+        # Written only when not the default, so a message without them encodes as it
+        # did before they existed (and older readers, which ignore them, still agree).
+        if message.queue is not None:
+            obj["queue"] = message.queue
+        if message.priority:
+            obj["priority"] = message.priority
+        return self._dumps(obj)
 
     def decode_message(self, data: bytes) -> TaskMessage:
         obj = self._load(data)
@@ -100,6 +107,7 @@ class JSONCodec:
             task_id = TaskID.parse(obj["id"])
             name, args, kwargs = obj["name"], obj["args"], obj["kwargs"]
             labels, attempt, eta = obj.get("labels", {}), obj.get("attempt", 1), obj.get("eta")
+            queue, priority = obj.get("queue"), obj.get("priority", 0)
         except KeyError as exc:
             raise DecodeError(f"message has no {exc.args[0]!r} field") from None
         except ValueError as exc:
@@ -116,6 +124,20 @@ class JSONCodec:
             raise DecodeError("message field 'attempt' must be a positive integer")
         if eta is not None and type(eta) not in (int, float):
             raise DecodeError("message field 'eta' must be a number or null")
+        if queue is not None and not is_queue_name(queue):
+            raise DecodeError("message field 'queue' must be a queue name or null")
+        if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
+            raise DecodeError(f"message field 'priority' must be an integer, 0 to {MAX_PRIORITY}")
+        if queue is None and not priority:
+            return TaskMessage(
+                task_id=task_id,
+                task_name=name,
+                args=tuple(args),
+                kwargs=kwargs,
+                labels=labels,
+                attempt=attempt,
+                eta=eta,
+            )
         return TaskMessage(
             task_id=task_id,
             task_name=name,
@@ -124,6 +146,8 @@ class JSONCodec:
             labels=labels,
             attempt=attempt,
             eta=eta,
+            queue=queue,
+            priority=priority,
         )
 
     def encode_result(self, result: TaskResult[Any]) -> bytes:

@@ -606,6 +606,123 @@ async def check_kiq_many_sends_in_bulk(make_broker: BrokerFactory) -> None:
     assert broker.stats.sent == 21
 
 
+def _most_in_a_window(times: list[float], width: float) -> int:
+    ts = sorted(times)
+    return max((sum(1 for u in ts[i:] if u < t + width) for i, t in enumerate(ts)), default=0)
+
+
+async def check_named_queues_route_tasks(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+
+    @broker.task(name="contract.in_a", queue="contract-a")
+    async def in_a(ctx: bus.Context = bus.CONTEXT) -> str | None:
+        return ctx.message.queue
+
+    @broker.task(name="contract.plain")
+    async def plain(ctx: bus.Context = bus.CONTEXT) -> str | None:
+        return ctx.message.queue
+
+    with trio.fail_after(DEADLINE):
+        async with broker, trio.open_nursery() as nursery:
+            workers = []
+            if not broker.embedded_worker:  # a worker of queue contract-a only
+                workers.append(
+                    await nursery.start(
+                        lambda task_status: broker.run_worker(
+                            2, queues=["contract-a"], task_status=task_status
+                        )
+                    )
+                )
+            waiting = await plain.kiq()
+            assert (await (await in_a.kiq()).wait_result(timeout=5)).return_value == "contract-a"
+            moved = await plain.kicker().with_queue("contract-a").kiq()
+            assert (await moved.wait_result(timeout=5)).return_value == "contract-a"
+            if workers:
+                with _raises(bus.ResultTimeout):  # nobody consumes the default queue yet
+                    await waiting.wait_result(timeout=0.3)
+                workers.append(await nursery.start(broker.run_worker, 2))
+            assert (await waiting.wait_result(timeout=5)).return_value is None
+            for w in workers:
+                w.stop()
+
+
+async def check_priorities_take_the_most_urgent_first(make_broker: BrokerFactory) -> None:
+    broker = make_broker(concurrency=1)
+    busy, gate = trio.Event(), trio.Event()
+    started: list[str] = []
+
+    @broker.task(name="contract.block")
+    async def block() -> None:
+        busy.set()
+        await gate.wait()
+
+    @broker.task(name="contract.job")
+    async def job(kind: str) -> None:
+        started.append(kind)
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            await block.kiq()
+            await busy.wait()
+            handles = [await job.kiq("low") for _ in range(6)]
+            handles += [await job.kicker().with_priority(9).kiq("high") for _ in range(3)]
+            handles.append(await job.kicker().with_priority(5).kiq("mid"))
+            gate.set()
+            await bus.gather(*handles, timeout=5)
+    assert started == ["high"] * 3 + ["mid"] + ["low"] * 6, started
+
+
+async def check_rate_limit_spreads_starts_without_holding_a_runner(
+    make_broker: BrokerFactory,
+) -> None:
+    broker = make_broker(concurrency=2)
+    starts: list[float] = []
+
+    @broker.task(name="contract.limited", rate_limit="10/s")
+    async def limited() -> None:
+        starts.append(trio.current_time())
+
+    @broker.task(name="contract.free")
+    async def free() -> None:
+        pass
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            handles = [await limited.kiq() for _ in range(8)]
+            await (await free.kiq()).wait_result(timeout=5)
+            when_free_ran = len(starts)
+            results = await bus.gather(*handles, timeout=5)
+    assert all(not r.is_err for r in results)
+    assert when_free_ran < 8  # two runners, eight waiting for the limit: it ran anyway
+    assert max(starts) - min(starts) >= 0.6  # 7 intervals of 0.1 s
+    assert _most_in_a_window(starts, 0.5) <= 5 + 1  # the rate, plus the burst of 1
+
+
+async def check_max_running_is_a_limit(make_broker: BrokerFactory) -> None:
+    broker = make_broker(concurrency=6)
+    now = peak = 0
+
+    @broker.task(name="contract.capped", max_running=2)
+    async def capped() -> None:
+        nonlocal now, peak
+        now += 1
+        peak = max(peak, now)
+        await trio.sleep(0.05)
+        now -= 1
+
+    @broker.task(name="contract.free")
+    async def free() -> None:
+        pass
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            handles = [await capped.kiq() for _ in range(8)]
+            await (await free.kiq()).wait_result(timeout=5)
+            results = await bus.gather(*handles, timeout=5)
+    assert all(not r.is_err for r in results)
+    assert peak == 2
+
+
 #: Every check, in the order they run.
 CHECKS: tuple[Callable[[BrokerFactory], Awaitable[None]], ...] = (
     check_kiq_then_wait_result,
@@ -634,4 +751,8 @@ CHECKS: tuple[Callable[[BrokerFactory], Awaitable[None]], ...] = (
     check_results_pass_through_the_codec,
     check_schedules_fire_each_tick_once,
     check_unique_jobs_run_once_while_queued_or_running,
+    check_named_queues_route_tasks,
+    check_priorities_take_the_most_urgent_first,
+    check_rate_limit_spreads_starts_without_holding_a_runner,
+    check_max_running_is_a_limit,
 )

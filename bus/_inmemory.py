@@ -6,16 +6,35 @@ ready channel (it keeps the send end and lends receive clones to the workers tha
 cancellations (:class:`~bus._queue.QueueCore`, plain synchronous state) and the dead
 letters. The bound on waiting messages (``max_queue``) is a semaphore the actor owns
 and lends to the facade, which takes a place before it sends.
+
+Queues, priorities and limits
+-----------------------------
+
+One channel serves one queue at one priority with no limits: the hot path, kept as it
+is. The first time something needs more (a send to another queue or with a priority,
+a worker consuming other queues, a task with ``rate_limit`` or ``max_running``), the
+actor moves what the channel holds into a :class:`_Dispatch` and closes the channel
+for good; the leases lent on it then take from the dispatch (a lease's runner sees the
+channel end and carries on there). The dispatch keeps the ready deliveries by queue
+and level (:class:`~bus._ready.ReadyQueues`), hands a delivery to a runner that waits
+for one of its queues, and decides a delivery's limits at that moment, when a runner
+is there to start it: a delivery over its limit is set aside
+(:class:`~bus._limits.Parking`), still queued, and handed to the next runner that asks
+once the limit lets it (the timer wakes waiting runners for it). A runner never holds a
+delivery that waits for a limit.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import attrs
+import outcome
 import trio
 
 import actors
@@ -26,8 +45,10 @@ from bus._codec import Codec, DecodeError, JSONCodec
 from bus._errors import BrokerClosed, QueueFull, SendError
 from bus._frozen import json_faithful
 from bus._ids import TaskID
+from bus._limits import LocalLimits, Parking, TaskLimits
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
 from bus._middleware import Middleware
+from bus._options import check_queue_name
 from bus._protocol import (
     Ack,
     Cancel,
@@ -42,11 +63,14 @@ from bus._protocol import (
     Release,
     Send,
     Unclaim,
+    Unregister,
 )
 from bus._queue import DELAYED, QueueCore, holds_slot, task_id_of
+from bus._ready import Consumer, ReadyQueues
 from bus._results import InMemoryResultBackend, ResultBackend
 from bus._schedule import ScheduleSpec, claim_ttl
 from bus._scheduler import ScheduleBackend, TickState
+from bus._task import Task
 from bus._unique import UniqueTable
 
 __all__ = ["InMemoryBroker", "InMemoryBrokerActor"]
@@ -116,6 +140,15 @@ class PurgeDeadLetters:
     """Ask: drop every dead letter; the answer is how many there were."""
 
 
+@attrs.frozen
+class Upgrade:
+    """Tell (inline): a task with limits was registered; route by the dispatch now."""
+
+
+#: The queue spec of the embedded worker: every queue of the process.
+EVERY_QUEUE = "*"
+
+
 # --------------------------------------------------------------------- the lease
 
 
@@ -123,23 +156,38 @@ class _MemoryLease(Lease):
     """A receive clone of the ready channel, lent to one worker. Taking a delivery frees
     its place in the bounded queue and updates the broker's bookkeeping, as a memory
     channel's receive end updates the channel's buffer; a delivery cancelled while
-    queued is skipped."""
+    queued is skipped. Once the broker moved to its dispatch (the channel ends), the
+    lease goes on with ``_fancy``, its lease on the dispatch."""
 
     redeliver_interrupted = False
 
-    __slots__ = ("_core", "_recv", "_slots")
+    __slots__ = ("_core", "_fancy", "_recv", "_slots", "closed", "consumer", "queues")
 
     def __init__(
-        self, recv: trio.MemoryReceiveChannel[Delivery], core: QueueCore, slots: trio.Semaphore
+        self,
+        recv: trio.MemoryReceiveChannel[Delivery],
+        core: QueueCore,
+        slots: trio.Semaphore,
+        queues: tuple[str, ...] | None,
+        consumer: str,
     ) -> None:
         self._recv = recv
         self._core = core
         self._slots = slots
+        self._fancy: _FancyLease | None = None
+        self.queues = queues
+        self.consumer = consumer
+        self.closed = False
 
     def receive_nowait(self) -> Delivery:
         recv, take, slots = self._recv, self._core.take, self._slots
         while True:
-            d = recv.receive_nowait()
+            try:
+                d = recv.receive_nowait()
+            except trio.EndOfChannel:
+                if self._fancy is None:
+                    raise
+                return self._fancy.receive_nowait()
             if d.tag[1]:
                 slots.release()
             if take(d):
@@ -148,14 +196,308 @@ class _MemoryLease(Lease):
     async def receive(self) -> Delivery:
         recv, take, slots = self._recv, self._core.take, self._slots
         while True:
-            d = await recv.receive()
+            try:
+                d = await recv.receive()
+            except trio.EndOfChannel:
+                if self._fancy is None:
+                    raise
+                return await self._fancy.receive()
             if d.tag[1]:
                 slots.release()
             if take(d):
                 return d
 
     def close(self) -> None:
+        self.closed = True
         self._recv.close()
+        if self._fancy is not None:
+            self._fancy.close()
+
+
+def _unique_of(message: TaskMessage) -> str | None:
+    """The unique key ``message`` holds while queued or running, in the table (the last
+    item of its delivery's tag): a key is per queue, as on Redis."""
+    labels = message.labels
+    if not labels or "unique_key" not in labels:
+        return None
+    return f"{message.queue or ''}\x1f{labels['unique_key']}"
+
+
+def _route(d: Delivery, default: str) -> tuple[str, int, str | None]:
+    """(queue, level, task name) of an in-memory delivery. Deliveries made before the
+    dispatch carry ``(task_id, holds_slot)`` only: the default queue at level 0, for a
+    task without limits (a task with limits moves the broker to its dispatch before
+    any of its deliveries is made)."""
+    tag = d.tag
+    if len(tag) > 3:
+        return tag[2], tag[3], tag[4]
+    return default, 0, None
+
+
+class _FancyLease(Lease):
+    """A worker's lease on the dispatch: takes the next delivery of its queues by
+    priority, waiting (as a memory channel's receiver waits) while there is none."""
+
+    redeliver_interrupted = False
+
+    def __init__(self, dispatch: _Dispatch, queues: tuple[str, ...] | None, name: str) -> None:
+        self._dispatch = dispatch
+        self.consumer = Consumer(queues)
+        self.name = name
+        self.waiters: collections.OrderedDict[trio.lowlevel.Task, None] = collections.OrderedDict()
+        self.closed = False
+
+    def hand(self, d: Delivery) -> None:
+        """Give ``d`` to the runner that waited longest (there must be one)."""
+        task, _ = self.waiters.popitem(last=False)
+        trio.lowlevel.reschedule(task, outcome.Value(d))
+
+    def receive_nowait(self) -> Delivery:
+        if self.closed:
+            raise trio.ClosedResourceError
+        d = self._dispatch.take(self)
+        if d is None:
+            if self._dispatch.closed:
+                raise trio.EndOfChannel
+            raise trio.WouldBlock
+        return d
+
+    async def receive(self) -> Delivery:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            d = self.receive_nowait()
+        except trio.WouldBlock:
+            pass
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return d
+        task = trio.lowlevel.current_task()
+        self.waiters[task] = None
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self.waiters.pop(task, None)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        got: Delivery = await trio.lowlevel.wait_task_rescheduled(abort)
+        return got
+
+    def fail_waiters(self, error: type[Exception]) -> None:
+        while self.waiters:
+            task, _ = self.waiters.popitem(last=False)
+            trio.lowlevel.reschedule(task, outcome.Error(error()))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._dispatch.forget(self)
+            self.fail_waiters(trio.ClosedResourceError)
+
+
+@attrs.define
+class _Held:
+    """A concurrency slot held by a delivery that runs (see :class:`_Dispatch`)."""
+
+    limits: TaskLimits
+    token: str
+    consumer: str
+
+
+class _Dispatch:
+    """The in-memory broker's queue once queues, priorities or limits are in use (see
+    the module documentation). Owned by the broker actor; its leases take from it in
+    their runners' tasks, as from a memory channel."""
+
+    def __init__(self, actor: InMemoryBrokerActor) -> None:
+        self.actor = actor
+        self.core = actor.core
+        self.slots = actor.slots
+        self.tasks = actor.tasks
+        self.default = actor.default_queue
+        self.ready: ReadyQueues[Delivery] = ReadyQueues()
+        self.parking: Parking[Delivery] = Parking()
+        self.limits = LocalLimits()
+        self.leases: list[_FancyLease] = []
+        self.held: dict[Delivery, _Held] = {}
+        self.closed = False
+        self._tokens = itertools.count()
+
+    # ------------------------------------------------------------- leases
+
+    def lease(self, queues: tuple[str, ...] | None, name: str) -> _FancyLease:
+        lease = _FancyLease(self, queues, name)
+        self.leases.append(lease)
+        self.pump()  # deliveries waiting for a limit may be due for this one
+        return lease
+
+    def forget(self, lease: _FancyLease) -> None:
+        if lease in self.leases:
+            self.leases.remove(lease)
+
+    def close(self) -> None:
+        """The broker stops: runners that wait get EndOfChannel (ready deliveries are
+        still handed out to those that ask)."""
+        self.closed = True
+        for lease in self.leases:
+            lease.fail_waiters(trio.EndOfChannel)
+
+    # ------------------------------------------------------------ intake
+
+    def put(self, d: Delivery, *, front: bool = False) -> None:
+        """``d`` is ready: to a runner that waits for its queue, else into the ready
+        queues (``front``: ahead of its level, as it was ready before)."""
+        queue, level, _ = _route(d, self.default)
+        for lease in self.leases:
+            if lease.waiters and lease.consumer.takes_from(queue):
+                if self._may_start(d, lease):
+                    lease.hand(d)
+                return
+        self.ready.put(queue, level, d, front=front)
+
+    # ------------------------------------------------------------ handing out
+
+    def take(self, lease: _FancyLease) -> Delivery | None:
+        """The next delivery for ``lease``'s runner: one whose limit let it start after
+        it waited (they came first), else the most urgent of its queues."""
+        if self.parking:
+            d = self._take_parked(lease)
+            if d is not None:
+                return d
+        ready, consumer = self.ready, lease.consumer
+        while True:
+            d = ready.take(consumer)
+            if d is None:
+                return None
+            if self._may_start(d, lease):
+                return d
+
+    def _limits_of(self, name: str | None) -> TaskLimits | None:
+        if name is None:
+            return None
+        task = self.tasks.get(name)
+        return None if task is None else task.limits
+
+    def _drop_cancelled(self, d: Delivery) -> bool:
+        """True (and ``d`` forgotten) when ``d`` was cancelled while it waited."""
+        tomb = self.core.tombstones
+        if tomb and d in tomb:
+            if holds_slot(d):
+                self.slots.release()
+            self.core.take(d)  # drops the tombstone
+            return True
+        return False
+
+    def _start(self, d: Delivery) -> bool:
+        """``d`` goes to a runner now: free its place in the bounded queue; False when
+        it must not run after all (finished by a shutdown)."""
+        if holds_slot(d):
+            self.slots.release()
+        return self.core.take(d)
+
+    def _may_start(self, d: Delivery, lease: _FancyLease) -> bool:
+        """Whether ``d`` starts now on ``lease`` (then it is taken); else it was
+        cancelled (dropped) or set aside for its limits."""
+        if self._drop_cancelled(d):
+            return False
+        _, _, name = _route(d, self.default)
+        limits = self._limits_of(name)
+        if limits is None:
+            return self._start(d)
+        parking = self.parking
+        for key in limits.wait_keys:
+            if parking.waiting(key):  # behind those that wait for the same limit
+                parking.park(key, d, math.inf)
+                return False
+        return self._admit(d, limits, lease)
+
+    def _admit(self, d: Delivery, limits: TaskLimits, lease: _FancyLease) -> bool:
+        token = f"{next(self._tokens)}"
+        admission = self.limits.admit(limits, token, trio.current_time())
+        if not admission.ok:
+            self.parking.park(admission.key, d, admission.retry_at, front=True)
+            self.actor.wake_timer()
+            return False
+        if not self._start(d):
+            self.limits.release(limits, token)
+            return False
+        if limits.max_running is not None:
+            self.held[d] = _Held(limits, token, lease.name)
+        return True
+
+    def _take_parked(self, lease: _FancyLease) -> Delivery | None:
+        parking = self.parking
+        for key in parking.due(trio.current_time()):
+            while True:
+                d = parking.peek(key)
+                if d is None:
+                    break
+                queue, _, name = _route(d, self.default)
+                if not lease.consumer.takes_from(queue):
+                    break  # ripe still: for a runner of another lease
+                parking.pop(key)
+                if self._drop_cancelled(d):
+                    continue
+                limits = self._limits_of(name)
+                if limits is None:  # its task is gone: it starts and is rejected
+                    if self._start(d):
+                        return d
+                    continue
+                behind = [k for k in limits.wait_keys if k != key and parking.waiting(k)]
+                if behind:
+                    parking.park(behind[0], d, math.inf)
+                    continue
+                if self._admit(d, limits, lease):
+                    return d
+                if not parking.waiting(key) or parking.peek(key) is d:
+                    break  # parked again under this key: try it later
+        return None
+
+    def pump(self) -> None:
+        """Hand deliveries whose limit lets them start now to runners that wait."""
+        if not self.parking:
+            return
+        for lease in list(self.leases):
+            while lease.waiters:
+                d = self._take_parked(lease)
+                if d is None:
+                    break
+                lease.hand(d)
+
+    # --------------------------------------------------------- finishing
+
+    def finished(self, d: Delivery) -> None:
+        """``d`` ended (acked, nacked or handed back): give back its slot."""
+        held = self.held.pop(d, None)
+        if held is not None:
+            key = self.limits.release(held.limits, held.token)
+            if key is not None:
+                self.parking.wake(key)
+                self.pump()
+
+    def worker_gone(self, name: str) -> None:
+        """The worker ``name`` stopped: what it ran holds no slot any more."""
+        for d, held in list(self.held.items()):
+            if held.consumer == name:
+                self.finished(d)
+
+    def remove_waiting(self) -> list[Delivery]:
+        """Every delivery not handed out yet (ready or set aside), removed."""
+        return self.ready.remove_if(lambda d: True) + self.parking.remove_if(lambda d: True)
+
+    # -------------------------------------------------------------- numbers
+
+    def queue_numbers(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        waiting: dict[str, int] = collections.Counter(
+            _route(d, self.default)[0] for d in self.parking.items()
+        )
+        out: dict[str, dict[str, Any]] = {}
+        for name in names:
+            ready = self.ready.count(name)
+            out[name] = {
+                "queued": ready + waiting.get(name, 0),
+                "waiting_for_limits": waiting.get(name, 0),
+                "by_priority": {str(k): v for k, v in self.ready.by_level(name).items()},
+            }
+        return out
 
 
 # --------------------------------------------------------------------- the actor
@@ -166,7 +508,8 @@ def _cancelled(tid: TaskID, why: str) -> TaskResult[Any]:
 
 
 class InMemoryBrokerActor(BrokerActor):
-    """The in-memory broker actor. Its decisions are :class:`~bus._queue.QueueCore`'s;
+    """The in-memory broker actor. Its decisions are :class:`~bus._queue.QueueCore`'s
+    (and, once queues, priorities or limits are in use, its :class:`_Dispatch`'s);
     this class applies them (channel, timer, results, workers)."""
 
     def __init__(
@@ -175,16 +518,25 @@ class InMemoryBrokerActor(BrokerActor):
         max_queue: int,
         results: ResultBackend,
         schedules: MemorySchedules | None = None,
+        tasks: dict[str, Task[Any, Any]] | None = None,
+        default_queue: str = "default",
     ) -> None:
         super().__init__()
         self.codec = codec
         self.results = results
         self.schedules = schedules if schedules is not None else MemorySchedules()
         self.core = QueueCore()
+        #: The registry of the broker's tasks (read for their limits).
+        self.tasks: dict[str, Task[Any, Any]] = tasks if tasks is not None else {}
+        self.default_queue = default_queue
         #: The bound on waiting messages, lent to the facade (``Broker.kick`` takes a
         #: place before it sends; a worker taking the delivery gives it back).
         self.slots = trio.Semaphore(max_queue)
         self._send, self._recv = trio.open_memory_channel[Delivery](math.inf)
+        #: The dispatch, once queues, priorities or limits are in use (else ``None``:
+        #: the channel serves).
+        self.fancy: _Dispatch | None = None
+        self._leases: list[_MemoryLease] = []  # lent on the channel
         self._timer: trio.CancelScope | None = None
         self._idle: list[trio.Event] = []
         self.closed = False
@@ -192,30 +544,101 @@ class InMemoryBrokerActor(BrokerActor):
         self.unique = UniqueTable()
 
     async def on_start(self) -> None:
+        if any(task.limits is not None for task in self.tasks.values()):
+            self._upgrade()
         await self.nursery.start(self._run_timer)
 
     async def on_stop(self) -> None:
         self._send.close()  # leases end once what is buffered was taken
+        if self.fancy is not None:
+            self.fancy.close()
+
+    # ----------------------------------------------------- the dispatch
+
+    def _upgrade(self) -> _Dispatch:
+        """Move to the dispatch for good: what the channel holds goes there, in order,
+        and the channel closes (its leases go on with the dispatch)."""
+        fancy = self.fancy
+        if fancy is not None:
+            return fancy
+        fancy = self.fancy = _Dispatch(self)
+        while True:
+            try:
+                d = self._recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            fancy.ready.put(self.default_queue, 0, d)
+        for lease in self._leases:
+            if not lease.closed:
+                lease._fancy = fancy.lease(lease.queues, lease.consumer)
+        self._leases.clear()
+        self._send.close()
+        return fancy
+
+    @actors.handles(Upgrade, inline=True)
+    def upgrade(self, msg: Upgrade) -> None:
+        self._upgrade()
+
+    def _ready(self, d: Delivery) -> None:
+        """``d`` may start now."""
+        fancy = self.fancy
+        if fancy is None:
+            self._send.send_nowait(d)
+        else:
+            fancy.put(d)
+
+    def _delivery(self, data: bytes, counted: bool, message: TaskMessage, shared: Any) -> Delivery:
+        """A delivery for the dispatch: its tag carries its queue, level and task."""
+        return Delivery(
+            data,
+            (
+                message.task_id,
+                counted,
+                message.queue or self.default_queue,
+                message.priority,
+                message.task_name,
+                _unique_of(message),
+            ),
+            shared,
+        )
+
+    @staticmethod
+    def _next(
+        old: Delivery, data: bytes, message: TaskMessage | None, deliveries: int = 1
+    ) -> Delivery:
+        """The delivery that replaces ``old`` (a retry, or ``old`` handed back), in the
+        same queue at the same level; it holds no place in the bounded queue."""
+        tag = old.tag
+        return Delivery(data, (tag[0], False, *tag[2:]), message, deliveries)
 
     # ------------------------------------------------------------------- the timer
+
+    def _next_wake(self) -> float:
+        due = self.core.next_due()
+        fancy = self.fancy
+        if fancy is not None and fancy.parking:
+            due = min(due, fancy.parking.next_retry())
+        return due
 
     async def _run_timer(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         task_status.started()
-        core, send = self.core, self._send.send_nowait
+        core = self.core
         while True:
-            with trio.CancelScope(deadline=core.next_due()) as scope:
+            with trio.CancelScope(deadline=self._next_wake()) as scope:
                 self._timer = scope
                 await trio.sleep_forever()
             self._timer = None
             for d in core.due(trio.current_time()):
-                send(d)
+                self._ready(d)
+            if self.fancy is not None:
+                self.fancy.pump()
 
-    def _wake_timer(self) -> None:
+    def wake_timer(self) -> None:
         timer = self._timer
         if timer is not None:
-            due = self.core.next_due()
+            due = self._next_wake()
             if due < timer.deadline:
                 timer.deadline = due
 
@@ -232,9 +655,9 @@ class InMemoryBrokerActor(BrokerActor):
             delay = 0.0 if eta is None else eta - time.time()
         now = trio.current_time() if delay > 0 else 0.0
         if self.core.send(d, delay, now):
-            self._send.send_nowait(d)
+            self._ready(d)
         else:
-            self._wake_timer()
+            self.wake_timer()
 
     def _store_later(self, task_id: TaskID, result: TaskResult[Any]) -> None:
         """Store a result without making the handler wait (the store is an actor too)."""
@@ -245,7 +668,8 @@ class InMemoryBrokerActor(BrokerActor):
         """A unique job: sent if its key is free (and then held by it), else not; the
         answer is the id of the task that holds the key."""
         message = msg.send.message
-        key = message.labels["unique_key"]
+        key = _unique_of(message)
+        assert key is not None
         ttl = float(message.labels.get("unique_ttl", 3600.0))
         holder = self.unique.claim(key, message.task_id, trio.current_time(), ttl)
         if holder != message.task_id:
@@ -292,15 +716,25 @@ class InMemoryBrokerActor(BrokerActor):
                 counted = True
             except trio.WouldBlock:
                 pass  # a raw Send beyond the bound: queued, not counted
-        labels = message.labels
-        d = Delivery(
-            data, (message.task_id, counted, labels.get("unique_key") if labels else None), shared
-        )
-        eta = message.eta
-        if eta is None and not self.closed:  # the hot path
+        if (
+            message.eta is None
+            and not self.closed
+            and self.fancy is None
+            and message.queue is None
+            and not message.priority
+        ):  # the hot path: one queue, one level, no limits
+            d = Delivery(data, (message.task_id, counted, _unique_of(message)), shared)
             if self.core.send(d, 0.0, 0.0):
                 self._send.send_nowait(d)
             return
+        if self.fancy is None and (
+            (message.queue is not None and message.queue != self.default_queue) or message.priority
+        ):
+            self._upgrade()
+        if self.fancy is None:
+            d = Delivery(data, (message.task_id, counted, _unique_of(message)), shared)
+        else:
+            d = self._delivery(data, counted, message, shared)
         if self.closed:
             self.core.send(d, 0.0, 0.0)
             self.core.cancel(message.task_id)
@@ -315,10 +749,30 @@ class InMemoryBrokerActor(BrokerActor):
 
     @actors.handles(Receive)
     def receive(self, msg: Receive) -> Lease:
-        return _MemoryLease(self._recv.clone(), self.core, self.slots)
+        queues: tuple[str, ...] | None
+        if EVERY_QUEUE in msg.queues:
+            queues = None
+        else:
+            queues = tuple(dict.fromkeys(msg.queues)) or (self.default_queue,)
+        fancy = self.fancy
+        if fancy is None and queues is not None and queues != (self.default_queue,):
+            fancy = self._upgrade()
+        if fancy is not None:
+            return fancy.lease(queues, msg.consumer)
+        lease = _MemoryLease(self._recv.clone(), self.core, self.slots, queues, msg.consumer)
+        self._leases = [held for held in self._leases if not held.closed]
+        self._leases.append(lease)
+        return lease
+
+    @actors.handles(Unregister, inline=True)
+    def unregister(self, msg: Unregister) -> None:
+        super().unregister(msg)
+        if self.fancy is not None:
+            self.fancy.worker_gone(msg.worker.name)
 
     def _release(self, d: Delivery) -> None:
-        key = d.tag[2]
+        """Free the unique key ``d`` holds, if it holds one (the last item of its tag)."""
+        key = d.tag[-1]
         if key is not None:
             self.unique.release(key, d.tag[0])
 
@@ -329,14 +783,20 @@ class InMemoryBrokerActor(BrokerActor):
     @actors.handles(Ack, inline=True)
     def ack(self, msg: Ack) -> None:
         d = msg.delivery
-        if d.tag[2] is not None:
+        if d.tag[-1] is not None:
             self._release(d)
+        fancy = self.fancy
+        if fancy is not None and fancy.held:
+            fancy.finished(d)
         if self.core.finish(d) and self._idle:
             self._became_idle()
 
     @actors.handles(Nack, inline=True)
     def nack(self, msg: Nack) -> None:
         d = msg.delivery
+        fancy = self.fancy
+        if fancy is not None and fancy.held:
+            fancy.finished(d)
         retry = msg.requeue
         if retry is None:
             self._release(d)
@@ -349,19 +809,27 @@ class InMemoryBrokerActor(BrokerActor):
             if idle and self._idle:
                 self._became_idle()
             return
-        new = Delivery(b"", (retry.task_id, False, d.tag[2]), retry)
+        if fancy is None:
+            new = Delivery(b"", (retry.task_id, False, d.tag[-1]), retry)
+        else:
+            new = self._next(d, b"", retry)
         now = trio.current_time() if msg.delay > 0 else 0.0
         if self.core.requeue(d, new, msg.delay, now):
-            self._send.send_nowait(new)
+            self._ready(new)
         else:
-            self._wake_timer()
+            self.wake_timer()
 
     @actors.handles(Release, inline=True)
     def release(self, msg: Release) -> None:
         d = msg.delivery
-        new = Delivery(d.data, (task_id_of(d), False, d.tag[2]), d.message, d.deliveries + 1)
+        fancy = self.fancy
+        if fancy is None:
+            new = Delivery(d.data, (task_id_of(d), False, d.tag[-1]), d.message, d.deliveries + 1)
+        else:
+            fancy.finished(d)
+            new = self._next(d, d.data, d.message, d.deliveries + 1)
         if self.core.requeue(d, new, 0.0, 0.0):
-            self._send.send_nowait(new)
+            self._ready(new)
 
     @actors.handles(Cancel)
     async def cancel(self, msg: Cancel) -> None:
@@ -378,9 +846,26 @@ class InMemoryBrokerActor(BrokerActor):
             if self.core.idle and self._idle:
                 self._became_idle()
 
+    def _queue_names(self) -> list[str]:
+        names = [self.default_queue]
+        for task in self.tasks.values():
+            if task.queue is not None:
+                names.append(task.queue)
+        if self.fancy is not None:
+            names += self.fancy.ready.queue_names()
+        return list(dict.fromkeys(names))
+
     @actors.handles(Inspect)
     def inspect(self, msg: Inspect) -> dict[str, Any]:
         core = self.core
+        fancy = self.fancy
+        if fancy is None:
+            queues: dict[str, dict[str, Any]] = {
+                name: {"queued": core.queued if name == self.default_queue else 0}
+                for name in self._queue_names()
+            }
+        else:
+            queues = fancy.queue_numbers(self._queue_names())
         return {
             "queued": core.queued,
             "delayed": core.delayed_count,
@@ -389,6 +874,8 @@ class InMemoryBrokerActor(BrokerActor):
             "workers": len(self.workers),
             "dead_letters": len(core.dead),
             "senders_waiting": self.slots.statistics().tasks_waiting,
+            "waiting_for_limits": 0 if fancy is None else len(fancy.parking),
+            "queues": queues,
         }
 
     # ----------------------------------------------------------------- lifecycle
@@ -416,11 +903,15 @@ class InMemoryBrokerActor(BrokerActor):
         for _ in range(freed):
             self.slots.release()
         if msg.queued:
+            waiting: list[Delivery] = []
             while True:  # what is still on the channel never starts
                 try:
-                    d = self._recv.receive_nowait()
+                    waiting.append(self._recv.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
+            if self.fancy is not None:
+                waiting += self.fancy.remove_waiting()
+            for d in waiting:
                 if holds_slot(d):
                     self.slots.release()
                 self.core.take(d)
@@ -556,9 +1047,12 @@ class InMemoryBroker(Broker):
     - ``max_stored_results`` / ``result_ttl``: bound the default result store.
     - ``shutdown_timeout``: on leaving ``async with``, how long queued and running tasks
       get to finish before they are cancelled (and recorded as CANCELLED).
-    - ``start_worker``: run a worker inside ``async with broker`` (the default). With
-      ``False`` nothing runs the tasks until you call :meth:`run_worker`, or drive the
-      broker actor (``broker.ref``) with protocol messages yourself, as a test does.
+    - ``start_worker``: run a worker inside ``async with broker`` (the default; it runs
+      the tasks of every queue). With ``False`` nothing runs the tasks until you call
+      :meth:`run_worker` (which consumes the default queue, or the ``queues`` you give
+      it), or drive the broker actor (``broker.ref``) with protocol messages yourself,
+      as a test does.
+    - ``queue``: the default queue, where a task without a ``queue`` option goes.
 
     The actors behind it: ``broker.ref`` (the broker actor, which owns the queue),
     ``broker.result_backend.ref`` (the result store) and the worker. Messages are
@@ -578,7 +1072,9 @@ class InMemoryBroker(Broker):
         codec: Codec | None = None,
         middlewares: tuple[Middleware, ...] = (),
         start_worker: bool = True,
+        queue: str = "default",
     ) -> None:
+        check_queue_name(queue)
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"max_queue must be a whole number >= 1, not {max_queue!r}")
         if result_backend is None:
@@ -594,6 +1090,8 @@ class InMemoryBroker(Broker):
         )
         self.max_queue = max_queue
         self.start_worker = bool(start_worker)
+        #: The default queue: where a task without a ``queue`` goes.
+        self.queue = queue
         self._slots: trio.Semaphore | None = None
         self._core: QueueCore | None = None
         self._worker_done: trio.Event | None = None
@@ -613,7 +1111,12 @@ class InMemoryBroker(Broker):
 
         def make() -> InMemoryBrokerActor:
             actor = InMemoryBrokerActor(
-                self.codec, self.max_queue, self.result_backend, self._schedules
+                self.codec,
+                self.max_queue,
+                self.result_backend,
+                self._schedules,
+                self.tasks,
+                self.queue,
             )
             self._slots = actor.slots  # lent: the bound producers wait on
             self._core = actor.core  # read by `queued` only
@@ -634,6 +1137,10 @@ class InMemoryBroker(Broker):
         """Unix time that follows Trio's clock (so ``autojump_clock`` speeds it up)."""
         return lambda: trio.current_time() + self._clock_offset
 
+    def _task_registered(self, task: Task[Any, Any]) -> None:
+        if task.limits is not None and self._running and self._ref is not None:
+            self._ref.tell_nowait(Upgrade())  # its limits are decided by the dispatch
+
     async def _started(self) -> None:
         if self.start_worker:
             assert self._nursery is not None
@@ -642,7 +1149,8 @@ class InMemoryBroker(Broker):
     async def _embedded_worker(self, task_status: trio.TaskStatus[Any]) -> None:
         done = self._worker_done = trio.Event()
         try:
-            await self._run_worker(self.concurrency, (), "worker", task_status)
+            # The embedded worker runs every queue's tasks.
+            await self._run_worker(self.concurrency, (EVERY_QUEUE,), "worker", task_status)
         finally:
             done.set()
 

@@ -56,8 +56,12 @@ the next acquire or refresh of their key.
 
 from __future__ import annotations
 
+import collections
+import heapq
 import math
 import re
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import attrs
 
@@ -66,14 +70,20 @@ __all__ = [
     "REFRESH_SLOT_LUA",
     "RELEASE_SLOT_LUA",
     "TOKEN_BUCKET_LUA",
+    "Admission",
     "Limit",
+    "LocalLimits",
+    "Parking",
+    "Placement",
     "Rate",
     "RunningTable",
+    "TaskLimits",
     "TokenBucket",
     "bucket_args",
     "limit",
     "limit_redis_key",
     "parse_rate",
+    "placement",
     "running_redis_key",
     "task_limit",
     "task_limit_key",
@@ -422,3 +432,249 @@ return redis.call('ZREM', KEYS[1], ARGV[1])
 """
 """Redis script: :meth:`RunningTable.release` (a plain ``ZREM``, kept as a script so the
 three operations are used alike)."""
+
+
+# ------------------------------------------------------------ limits of one task
+
+
+@attrs.frozen
+class TaskLimits:
+    """The limits on the starts of one task: its rate limit (shared by the limit's key)
+    and its concurrency limit (``max_running``, keyed by the task's name)."""
+
+    rate: Limit | None = None
+    """The token bucket a start takes a token from (``None``: no rate limit)."""
+    max_running: int | None = None
+    """How many may run at once across the deployment (``None``: no limit)."""
+    running_key: str = ""
+    """The key of the concurrency limit: ``task:<name>``."""
+
+    @property
+    def wait_keys(self) -> tuple[str, ...]:
+        """The keys a start may wait for, in the order they are taken: the slot first
+        (``running:<key>``), then the token (``rate:<key>``). They name the queues of
+        :class:`Parking`."""
+        keys: tuple[str, ...] = ()
+        if self.max_running is not None:
+            keys += (f"running:{self.running_key}",)
+        if self.rate is not None:
+            keys += (f"rate:{self.rate.key}",)
+        return keys
+
+
+@attrs.frozen
+class Placement:
+    """Where a task goes and what limits its starts: the options ``queue``,
+    ``priority``, ``rate_limit`` and ``max_running``, checked."""
+
+    queue: str | None = None
+    priority: int = 0
+    limits: TaskLimits | None = None
+
+
+def placement(task_name: str | None, options: dict[str, Any]) -> Placement:
+    """Read the placement options of a task (the others are ignored). Raises
+    :class:`TypeError` / :class:`ValueError` on bad values. ``task_name`` may be
+    ``None`` to check the options before the name is known."""
+    from bus._options import check_queue_name
+    from bus._priority import check_priority
+
+    queue = options.get("queue")
+    if queue is not None:
+        check_queue_name(queue)
+    priority = check_priority(options.get("priority", 0))
+    rate_limit = options.get("rate_limit")
+    max_running = options.get("max_running")
+    if max_running is not None:
+        _check_max(max_running)
+    if rate_limit is None and max_running is None:
+        return Placement(queue, priority)
+    name = task_name or "?"
+    rate = None
+    if rate_limit is not None:
+        if not isinstance(rate_limit, str | Rate | Limit):
+            raise TypeError(
+                "rate_limit is a rate such as '100/s' or a bus.limit(key, rate), "
+                f"not {rate_limit!r}"
+            )
+        rate = task_limit(name, rate_limit)
+    return Placement(queue, priority, TaskLimits(rate, max_running, task_limit_key(name)))
+
+
+# ------------------------------------------------------------ waiting for a limit
+
+T = TypeVar("T")
+
+
+class Parking(Generic[T]):
+    """Deliveries set aside until a limit lets them start: a FIFO queue per wait key
+    (see :attr:`TaskLimits.wait_keys`), of which only the first is tried again.
+
+    Whoever hands out deliveries owns one. A delivery that may not start yet is
+    parked (:meth:`park`) with the time its limit may let it start (``math.inf``: when
+    :meth:`wake` says so, e.g. a slot was given back). A key becomes *ripe* at that
+    time (see :meth:`due`); it stays ripe until the owner, when a runner is there to
+    take a delivery, has tried it: :meth:`pop` its first delivery and either hand it
+    out or park it again with ``front=True`` and a new time. A later delivery of a key
+    that has a queue waits behind it without being tried, so the deliveries of one
+    limit start in the order they came, and a busy limit costs one try per retry time,
+    not one per delivery.
+    """
+
+    def __init__(self) -> None:
+        self._queues: dict[str, collections.deque[T]] = {}
+        self._retry: dict[str, float] = {}  # the retry time of each unripe key's first item
+        self._ripe: dict[str, None] = {}  # keys to try now, oldest first
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = 0
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def waiting(self, key: str) -> bool:
+        """Whether deliveries wait for ``key`` (a new one then waits behind them)."""
+        return key in self._queues
+
+    def count(self, key: str) -> int:
+        q = self._queues.get(key)
+        return 0 if q is None else len(q)
+
+    def park(self, key: str, item: T, retry_at: float, *, front: bool = False) -> None:
+        """Set ``item`` aside for ``key``. ``retry_at`` is when to try the first of the
+        key again (``math.inf``: when woken); it applies when ``item`` becomes the first
+        (the key had no queue, or ``front``)."""
+        q = self._queues.get(key)
+        if q is None:
+            q = self._queues[key] = collections.deque()
+            front = True
+        if front:
+            q.appendleft(item)
+            self._ripe.pop(key, None)
+            self._retry[key] = retry_at
+            if retry_at < math.inf:
+                self._seq += 1
+                heapq.heappush(self._heap, (retry_at, self._seq, key))
+        else:
+            q.append(item)
+        self._len += 1
+
+    def wake(self, key: str) -> None:
+        """Make ``key`` ripe now (its limit may let its first delivery start)."""
+        if key in self._queues:
+            self._retry.pop(key, None)
+            self._ripe[key] = None
+
+    def next_retry(self) -> float:
+        """When a key ripens next (``math.inf``: none will by itself). Ripe keys do not
+        count: they wait for a runner."""
+        heap, retry = self._heap, self._retry
+        while heap and retry.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else math.inf
+
+    def due(self, now: float) -> list[str]:
+        """The ripe keys at ``now``, oldest first (see the class documentation)."""
+        heap, retry = self._heap, self._retry
+        while heap and heap[0][0] <= now:
+            at, _, key = heapq.heappop(heap)
+            if retry.get(key) == at:
+                del retry[key]
+                self._ripe[key] = None
+        return list(self._ripe)
+
+    def peek(self, key: str) -> T | None:
+        """The first delivery waiting for ``key`` (``None``: there is none)."""
+        q = self._queues.get(key)
+        return None if q is None else q[0]
+
+    def pop(self, key: str) -> T | None:
+        """The first delivery waiting for ``key``, removed (``None``: there is none). The
+        key stays ripe while deliveries remain (the next may start too)."""
+        q = self._queues.get(key)
+        if q is None:
+            return None
+        item = q.popleft()
+        self._len -= 1
+        if not q:
+            self._forget(key)
+        return item
+
+    def _forget(self, key: str) -> None:
+        del self._queues[key]
+        self._retry.pop(key, None)
+        self._ripe.pop(key, None)
+
+    def remove_if(self, pred: Callable[[T], bool]) -> list[T]:
+        """Remove and return every delivery for which ``pred(item)`` is true."""
+        out: list[T] = []
+        for key in list(self._queues):
+            kept: collections.deque[T] = collections.deque()
+            for i in self._queues[key]:
+                (out if pred(i) else kept).append(i)
+            if kept:
+                self._queues[key] = kept
+            else:
+                self._forget(key)
+        self._len -= len(out)
+        return out
+
+    def items(self) -> list[T]:
+        """Every delivery waiting, key by key, first to last."""
+        return [i for q in self._queues.values() for i in q]
+
+
+@attrs.frozen
+class Admission:
+    """The answer to "may this delivery start now?": ``ok``, or the wait key it waits
+    for and when to try it again (``math.inf``: when woken)."""
+
+    ok: bool
+    key: str = ""
+    retry_at: float = math.inf
+
+
+ADMITTED = Admission(True)
+
+#: A slot in memory is given back when its task ends or its worker stops: it needs no
+#: expiry. (RunningTable wants a finite lease; this one outlives any run.)
+_LOCAL_LEASE = 1e12
+
+
+class LocalLimits:
+    """Rate and concurrency limits within one process (the in-memory broker): a
+    :class:`TokenBucket` per limit key and a :class:`RunningTable`. Time is the
+    caller's (the Trio clock)."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[str, TokenBucket] = {}
+        self.running = RunningTable()
+
+    def admit(self, limits: TaskLimits, token: str, now: float) -> Admission:
+        """Take what ``limits`` need for one start held by ``token`` (a slot, then a
+        token of the bucket); take nothing if either is missing."""
+        keys = limits.wait_keys
+        slot = limits.max_running is not None
+        if slot:
+            assert limits.max_running is not None
+            if not self.running.acquire(
+                limits.running_key, token, now, _LOCAL_LEASE, max_running=limits.max_running
+            ):
+                return Admission(False, keys[0], math.inf)
+        rate = limits.rate
+        if rate is not None:
+            bucket = self.buckets.get(rate.key)
+            if bucket is None:
+                bucket = self.buckets[rate.key] = rate.bucket()
+            wait = bucket.try_take(now)
+            if wait > 0:
+                if slot:
+                    self.running.release(limits.running_key, token)
+                return Admission(False, keys[-1], now + wait)
+        return ADMITTED
+
+    def release(self, limits: TaskLimits, token: str) -> str | None:
+        """Give back the slot ``token`` holds; the wait key to wake, or ``None``."""
+        if limits.max_running is not None and self.running.release(limits.running_key, token):
+            return limits.wait_keys[0]
+        return None

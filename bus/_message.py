@@ -41,6 +41,11 @@ class TaskMessage:
     """1 for the first delivery to a task function, 2 for the first retry, and so on."""
     eta: float | None = None
     """Unix time (seconds) before which the task must not start, or ``None`` for now."""
+    queue: str | None = None
+    """The queue the task is sent to; ``None`` (the default) is the broker's default
+    queue. Set by the task option ``queue=`` or ``kicker().with_queue(name)``."""
+    priority: int = 0
+    """0 (the default, least urgent) to 9 (most urgent); see ``kicker().with_priority``."""
 
 
 class TaskStatus(enum.Enum):

@@ -9,12 +9,39 @@ from typing import Any
 
 import attrs
 
-__all__ = ["TaskOptions"]
+__all__ = ["TaskOptions", "check_queue_name", "is_queue_name"]
 
 _KNOWN = frozenset({"timeout", "retries", "retry_backoff", "retry_backoff_max", "retry_on"})
 _SEND_ONLY = frozenset({"delay", "eta", "unique", "unique_ttl"})
 #: How long a unique key holds at most when its task never finishes (seconds).
 DEFAULT_UNIQUE_TTL = 3600.0
+#: Options read by the task and the broker, not by the worker's run: where a task goes
+#: (queue, priority) and the limits on its starts (see bus._limits).
+_PLACEMENT = frozenset({"queue", "priority", "rate_limit", "max_running"})
+
+_QUEUE_FORBIDDEN = frozenset("{}*")
+
+
+def is_queue_name(name: object) -> bool:
+    """Whether ``name`` can name a queue: a non-empty string of at most 200 characters
+    without whitespace, braces or ``*`` (a Redis key holds it; ``*`` is reserved)."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 200
+        and not any(c.isspace() or c in _QUEUE_FORBIDDEN for c in name)
+    )
+
+
+def check_queue_name(name: object) -> str:
+    """``name`` if :func:`is_queue_name`; :class:`TypeError` / :class:`ValueError` saying
+    why not."""
+    if not isinstance(name, str):
+        raise TypeError(f"a queue name is a string, not {name!r}")
+    if not is_queue_name(name):
+        raise ValueError(
+            f"bad queue name {name!r}: 1 to 200 characters, without whitespace, braces or '*'"
+        )
+    return name
 
 
 def _check_seconds(name: str, value: float | None, *, allow_zero: bool = False) -> None:
@@ -60,12 +87,13 @@ class TaskOptions:
 
     @classmethod
     def build(cls, options: dict[str, Any]) -> tuple[TaskOptions, dict[str, Any]]:
-        """Split decorator keywords into run options and send defaults (delay / eta)."""
-        unknown = set(options) - _KNOWN - _SEND_ONLY
+        """Split decorator keywords into run options and send defaults (delay / eta).
+        The placement options (``queue``, ``priority``, ``rate_limit``, ``max_running``)
+        are accepted and left out of both: see :func:`bus._limits.placement`."""
+        unknown = set(options) - _KNOWN - _SEND_ONLY - _PLACEMENT
         if unknown:
-            raise TypeError(
-                f"unknown task option(s) {sorted(unknown)}; known: {sorted(_KNOWN | _SEND_ONLY)}"
-            )
+            known = sorted(_KNOWN | _SEND_ONLY | _PLACEMENT)
+            raise TypeError(f"unknown task option(s) {sorted(unknown)}; known: {known}")
         run = {k: v for k, v in options.items() if k in _KNOWN}
         if "retry_on" in run:
             run["retry_on"] = _retry_on(run["retry_on"])

@@ -94,3 +94,11 @@ class PriorityPicker:
         self._last_picked[chosen] = self._picks
         self._picks += 1
         return chosen
+
+    def pick_only(self, level: int) -> int:
+        """``pick([level])`` when ``level`` (a valid level) is the only non-empty one,
+        without the checks: what a broker's hot path calls for a single busy level."""
+        self._passed_over = 0
+        self._last_picked[level] = self._picks
+        self._picks += 1
+        return level

@@ -103,8 +103,11 @@ class WakeScheduler:
     """Tell: the schedules changed; look again now."""
 
 
-def tick_message(spec: ScheduleSpec, tick: float) -> TaskMessage:
-    """The message one tick of ``spec`` sends (the same in every process)."""
+def tick_message(
+    spec: ScheduleSpec, tick: float, queue: str | None = None, priority: int = 0
+) -> TaskMessage:
+    """The message one tick of ``spec`` sends (the same in every process), to ``queue``
+    at ``priority`` (the task's own)."""
     labels = {**spec.labels, "schedule": spec.name, "tick": tick}
     return TaskMessage(
         task_id=tick_task_id(spec.name, tick),
@@ -112,6 +115,8 @@ def tick_message(spec: ScheduleSpec, tick: float) -> TaskMessage:
         args=spec.args,
         kwargs=spec.kwargs,
         labels=labels,
+        queue=queue,
+        priority=priority,
     )
 
 
@@ -190,10 +195,11 @@ class SchedulerActor(actors.Actor):
         return next_wake - self.clock()
 
     async def _fire(self, spec: ScheduleSpec, tick: float, missed: int) -> None:
-        message = tick_message(spec, tick)
-        if spec.task_name not in self.broker.tasks:
+        task = self.broker.tasks.get(spec.task_name)
+        if task is None:
             log.error("schedule.unknown_task", schedule=spec.name, task_name=spec.task_name)
             return
+        message = tick_message(spec, tick, task.queue, task.priority)
         data = self.broker.codec.encode_message(message)
         if await self.backend.fire(spec, tick, message, data, missed):
             log.info(

@@ -13,8 +13,16 @@ import trio
 from bus._context import Context
 from bus._errors import ResultTimeout, SendError
 from bus._ids import TaskID
+from bus._limits import Placement, TaskLimits
 from bus._message import TaskMessage, TaskResult
-from bus._options import DEFAULT_UNIQUE_TTL, TaskOptions, check_unique, resolve_eta
+from bus._options import (
+    DEFAULT_UNIQUE_TTL,
+    TaskOptions,
+    check_queue_name,
+    check_unique,
+    resolve_eta,
+)
+from bus._priority import check_priority
 from bus._unique import canonical_args, unique_key
 
 if TYPE_CHECKING:
@@ -92,7 +100,7 @@ class Kicker(Generic[P, R]):
     Each ``with_*`` returns a new kicker; a kicker can be reused.
     """
 
-    __slots__ = ("_eta", "_labels", "_task", "_task_id")
+    __slots__ = ("_eta", "_labels", "_priority", "_queue", "_task", "_task_id")
 
     def __init__(
         self,
@@ -100,29 +108,52 @@ class Kicker(Generic[P, R]):
         labels: dict[str, Any] | None = None,
         task_id: TaskID | None = None,
         eta: dict[str, Any] | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
     ) -> None:
         self._task = task
         self._labels = labels or {}
         self._task_id = task_id
         self._eta = eta
+        self._queue = queue
+        self._priority = priority
+
+    def _with(self, **changes: Any) -> Kicker[P, R]:
+        k: Kicker[P, R] = Kicker(
+            self._task, self._labels, self._task_id, self._eta, self._queue, self._priority
+        )
+        for name, value in changes.items():
+            setattr(k, f"_{name}", value)
+        return k
 
     def with_labels(self, **labels: Any) -> Kicker[P, R]:
         """Add labels (JSON values); ``timeout``/``retries``/``delay``/``eta`` act as options."""
-        return Kicker(self._task, {**self._labels, **labels}, self._task_id, self._eta)
+        return self._with(labels={**self._labels, **labels})
 
     def with_task_id(self, task_id: TaskID | str) -> Kicker[P, R]:
         """Send under this id (validated) instead of a fresh one."""
-        return Kicker(self._task, self._labels, TaskID.parse(task_id), self._eta)
+        return self._with(task_id=TaskID.parse(task_id))
 
     def with_delay(self, seconds: float) -> Kicker[P, R]:
         """Start no sooner than ``seconds`` from now."""
         resolve_eta({"delay": seconds})
-        return Kicker(self._task, self._labels, self._task_id, {"delay": seconds})
+        return self._with(eta={"delay": seconds})
 
     def with_eta(self, when: Any) -> Kicker[P, R]:
         """Start no sooner than ``when`` (Unix time, or an aware datetime)."""
         resolve_eta({"eta": when})
-        return Kicker(self._task, self._labels, self._task_id, {"eta": when})
+        return self._with(eta={"eta": when})
+
+    def with_queue(self, name: str) -> Kicker[P, R]:
+        """Send to the queue ``name`` instead of the task's own (its ``queue=`` option,
+        else the broker's default queue). A bad name raises ``ValueError`` at once."""
+        return self._with(queue=check_queue_name(name))
+
+    def with_priority(self, n: int) -> Kicker[P, R]:
+        """Send with priority ``n``: 0 (the default, least urgent) to 9 (most urgent).
+        A worker takes the most urgent task first, with a bounded share for the lower
+        levels (see docs/queues.md). Anything else raises at once."""
+        return self._with(priority=check_priority(n))
 
     def with_unique(self, key: str | None = None, ttl: float = DEFAULT_UNIQUE_TTL) -> Kicker[P, R]:
         """Send it as a unique job: while a task with the same unique key is queued or
@@ -135,11 +166,15 @@ class Kicker(Generic[P, R]):
 
     def message(self, *args: P.args, **kwargs: P.kwargs) -> TaskMessage:
         """The message :meth:`kiq` would send."""
-        return self._task._message(args, kwargs, self._labels, self._task_id, self._eta)
+        return self._task._message(
+            args, kwargs, self._labels, self._task_id, self._eta, self._queue, self._priority
+        )
 
     async def kiq(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
         """Send the task; see :meth:`Task.kiq`."""
-        msg = self._task._message(args, kwargs, self._labels, self._task_id, self._eta)
+        msg = self._task._message(
+            args, kwargs, self._labels, self._task_id, self._eta, self._queue, self._priority
+        )
         tid = await self._task.broker.kick(msg)
         return TaskHandle(tid, self._task.broker)
 
@@ -155,12 +190,20 @@ class Task(Generic[P, R]):
         name: str,
         options: TaskOptions,
         send_defaults: dict[str, Any],
+        placement: Placement | None = None,
     ) -> None:
         self.broker = broker
         self.func = func
         self.name = name
         self.options = options
         self.send_defaults = send_defaults
+        placement = placement or Placement()
+        #: The task's own queue (the option ``queue=``); ``None``: the broker's default.
+        self.queue: str | None = placement.queue
+        #: The priority it is sent with unless the kicker says otherwise.
+        self.priority: int = placement.priority
+        #: Its rate and concurrency limits (``None``: it has none).
+        self.limits: TaskLimits | None = placement.limits
         self.is_async = inspect.iscoroutinefunction(func)
         self.context_param = _context_param(func)
         self.__name__ = getattr(func, "__name__", name)
@@ -221,6 +264,8 @@ class Task(Generic[P, R]):
         labels: dict[str, Any] | None,
         task_id: TaskID | None,
         eta_spec: dict[str, Any] | None,
+        queue: str | None = None,
+        priority: int | None = None,
     ) -> TaskMessage:
         eta: float | None = None
         if labels:
@@ -242,6 +287,19 @@ class Task(Generic[P, R]):
             unique = self.send_defaults.get("unique")
         if unique:
             labels = self._unique_labels(args, kwargs, labels or {}, unique)
+        if queue is None:
+            queue = self.queue
+        if priority is None:
+            priority = self.priority
+        if queue is None and not priority:
+            return TaskMessage(
+                task_id=task_id or TaskID.new(),
+                task_name=self.name,
+                args=args,
+                kwargs=kwargs,
+                labels=labels if labels is not None else {},
+                eta=eta,
+            )
         return TaskMessage(
             task_id=task_id or TaskID.new(),
             task_name=self.name,
@@ -249,6 +307,8 @@ class Task(Generic[P, R]):
             kwargs=kwargs,
             labels=labels if labels is not None else {},
             eta=eta,
+            queue=queue,
+            priority=priority,
         )
 
     def _unique_labels(

@@ -10,9 +10,29 @@ import trio
 
 from bus._broker import Broker
 
-__all__ = ["check_broker", "in_memory", "run_broker"]
+__all__ = [
+    "QUEUE_CHECKS",
+    "SCHEDULE_CHECKS",
+    "UNIQUE_CHECKS",
+    "check_broker",
+    "in_memory",
+    "run_broker",
+]
 
 B = TypeVar("B", bound=Broker)
+
+#: The names of the contract checks of named queues, priorities and limits, for a
+#: broker that has one queue and no limits: ``check_broker(factory, skip=QUEUE_CHECKS)``.
+QUEUE_CHECKS: tuple[str, ...] = (
+    "check_named_queues_route_tasks",
+    "check_priorities_take_the_most_urgent_first",
+    "check_rate_limit_spreads_starts_without_holding_a_runner",
+    "check_max_running_is_a_limit",
+)
+#: The contract check of periodic tasks, for a broker without a schedule backend.
+SCHEDULE_CHECKS: tuple[str, ...] = ("check_schedules_fire_each_tick_once",)
+#: The contract check of unique jobs, for a broker that does not claim unique keys.
+UNIQUE_CHECKS: tuple[str, ...] = ("check_unique_jobs_run_once_while_queued_or_running",)
 
 
 @asynccontextmanager

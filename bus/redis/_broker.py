@@ -7,8 +7,14 @@
 - :class:`RedisBrokerActor` (``broker.ref``): it turns the ``Send``s, ``Ack``s and
   ``Nack``s of each mailbox drain into one write on the shared connection, retried
   until Redis is back; it listens to cancel announcements;
-- its children: the :class:`~bus.redis._reader.StreamReaderActor` (when a worker
-  runs here) and the :class:`DelayedMoverActor`.
+- its children: a :class:`~bus.redis._reader.StreamReaderActor` per set of queues
+  that workers here consume, and the :class:`DelayedMoverActor`.
+
+Queues and levels: every queue has its own keys (``Keys(prefix, queue)``, one hash
+tag per queue), and a stream and a delayed set per priority level; level 0 keeps the
+names a queue always had. A send goes to its queue's stream of its level; an entry's
+tag says which stream it came from (a bare id for the default queue's level 0), so
+its ack, retry, dead letter and hand-back go back there.
 
 Shutdown follows the tree: workers first, then the broker actor (its last acks are
 queued, its children stop: the reader hands back what is unfinished), then its
@@ -19,8 +25,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -35,6 +41,7 @@ from bus._errors import SendError
 from bus._ids import TaskID
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
 from bus._middleware import Middleware
+from bus._options import check_queue_name
 from bus._protocol import (
     Ack,
     Cancel,
@@ -58,7 +65,7 @@ from bus.redis._client import (
     ReplyError,
     rerun_noscript,
 )
-from bus.redis._logic import F_DATA, F_SIG, Keys, join_member, sign
+from bus.redis._logic import F_DATA, F_SIG, Entry, Keys, join_member, sign
 from bus.redis._pool import (
     BACKOFF,
     Announcement,
@@ -77,6 +84,9 @@ from bus.redis._results import RedisResultBackend
 from bus.redis._schedules import RedisScheduleBackend
 from bus.redis._scripts import CLAIM_SEND, DEAD, HANDBACK, PROMOTE, RELEASE, REQUEUE
 from bus.redis._settings import RedisSettings
+
+if TYPE_CHECKING:
+    from bus._task import Task
 
 __all__ = ["DelayedMoverActor", "RedisBroker", "RedisBrokerActor"]
 
@@ -105,21 +115,34 @@ class SendMany:
 
 @attrs.frozen
 class WakeMover:
-    """Tell: a delayed message was just sent; look at the delayed set now."""
+    """Tell: a delayed message was just sent to ``queue`` (``None``: the default one);
+    look at its delayed sets now (and from now on)."""
+
+    queue: str | None = None
 
 
 # ----------------------------------------------------------------- the mover
 
 
 class DelayedMoverActor(actors.Actor):
-    """Moves due delayed messages into the stream (atomic in Lua, so any number of
-    workers may run it at once). It sleeps until the next due member (at most the
-    poll interval, as other processes add to the set) or until woken."""
+    """Moves due delayed messages into their streams (atomic in Lua, so any number of
+    workers may run it at once), for every queue this process sends to or reads. It
+    sleeps until the next due member (at most the poll interval, as other processes add
+    to the sets) or until woken."""
 
-    def __init__(self, settings: RedisSettings, keys: Keys, conn_ref: actors.ActorRef) -> None:
+    def __init__(
+        self,
+        settings: RedisSettings,
+        keys: Keys,
+        conn_ref: actors.ActorRef,
+        queues: Iterable[str] = (),
+    ) -> None:
         self.settings = settings
         self.keys = keys
         self.conn_ref = conn_ref
+        self.queues: dict[str, Keys] = {keys.queue: keys}
+        for queue in queues:
+            self.queues.setdefault(queue, Keys(keys.prefix, queue))
         self._wake = trio.Event()
 
     async def on_start(self) -> None:
@@ -127,27 +150,38 @@ class DelayedMoverActor(actors.Actor):
 
     @actors.handles(WakeMover, inline=True)
     def wake(self, msg: WakeMover) -> None:
+        if msg.queue is not None and msg.queue not in self.queues:
+            self.queues[msg.queue] = Keys(self.keys.prefix, msg.queue)
         self._wake.set()
 
     async def _move_forever(self) -> None:
-        keys = self.keys
         while True:
             wait = self.settings.delay_poll_interval
             lent = await lend(self.conn_ref)
-            try:
-                moved, nxt = await PROMOTE.run(
-                    lent.conn,
-                    keys=[keys.delayed, keys.stream],
-                    args=[int(time.time() * 1000), 200, self.settings.maxlen or 0],
+            now_ms = int(time.time() * 1000)
+            commands = [
+                PROMOTE.command(
+                    keys=[*keys.delayeds, *keys.streams],
+                    args=[now_ms, 200, self.settings.maxlen or 0],
                 )
+                for keys in self.queues.values()
+            ]
+            try:
+                replies = await lent.conn.pipeline(commands)
+                await rerun_noscript(lent.conn, commands, replies)
             except ConnectionLost as exc:
                 log.warning("redis.mover_failed", error=str(exc), actor=self.name)
                 await lent.lost.wait()
                 continue
-            if moved >= 200:
-                wait = 0.0
-            elif nxt is not None:
-                wait = min(wait, max(0.0, float(nxt) / 1000 - time.time()))
+            for reply in replies:
+                if isinstance(reply, ReplyError):
+                    log.error("redis.mover_refused", error=reply.message, actor=self.name)
+                    continue
+                moved, nxt = reply
+                if moved >= 200:
+                    wait = 0.0
+                elif nxt is not None:
+                    wait = min(wait, max(0.0, float(nxt) / 1000 - time.time()))
             with trio.move_on_after(wait):
                 await self._wake.wait()
             self._wake = trio.Event()
@@ -157,11 +191,21 @@ class DelayedMoverActor(actors.Actor):
 
 
 @attrs.define
+class _Reader:
+    """A reader of this process: its ref, its state, its consumer name."""
+
+    ref: actors.ActorRef
+    state: ReaderState
+    consumer: bytes
+    index: int
+
+
+@attrs.define
 class _Batch:
     """Writes of one mailbox drain, confirmed together (and retried together)."""
 
     commands: list[Command] = attrs.Factory(list)
-    done: list[bytes] = attrs.Factory(list)  # entries the reader may forget once written
+    done: list[Any] = attrs.Factory(list)  # entries (tags) the readers forget once written
 
 
 class RedisBrokerActor(BrokerActor, UsesConnection):
@@ -174,6 +218,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         codec: Codec,
         results: ResultBackend,
         conn_ref: actors.ActorRef,
+        tasks: Mapping[str, Task[Any, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -181,23 +226,29 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         self.codec = codec
         self.results = results
         self.conn_ref = conn_ref
+        #: The broker's tasks (their queues, and the limits the readers apply).
+        self.tasks: Mapping[str, Task[Any, Any]] = tasks if tasks is not None else {}
         self.group = settings.group.encode()
         self.consumer = settings.consumer.encode()
         self._batch = _Batch()
-        self._reader: actors.ActorRef | None = None
-        self._reader_state = ReaderState()
+        self._stream = keys.stream  # the default queue's level 0: bare tags
+        self._keys: dict[str, Keys] = {keys.queue: keys}
+        #: A reader per set of queues consumed here.
+        self._readers: dict[tuple[str, ...], _Reader] = {}
+        self._listening: set[bytes] = set()
+        self._cancels = ReaderState()  # only its table of cancelled ids is used
         self._mover: actors.ActorRef | None = None
         self._confirming = 0
         self._confirmed: trio.Event | None = None
-        self._cancels_subscribed = False
 
     # ------------------------------------------------------------ lifecycle
 
     async def on_start(self) -> None:
         self.start_keeping_connection()
         settings, keys, conn_ref = self.settings, self.keys, self.conn_ref
+        queues = [t.queue for t in self.tasks.values() if t.queue is not None]
         self._mover = await self.spawn(
-            lambda: DelayedMoverActor(settings, keys, conn_ref),
+            lambda: DelayedMoverActor(settings, keys, conn_ref, queues),
             name="delayed",
             on_failure=actors.RESTART,
             max_restarts=None,
@@ -250,7 +301,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         except ConnectionLost:
             return None
 
-    def _queue(self, commands: Iterable[Command], done: Iterable[bytes] = ()) -> None:
+    def _queue(self, commands: Iterable[Command], done: Iterable[Any] = ()) -> None:
         """Queue writes for the end of this drain (on_drained writes them)."""
         self._batch.commands.extend(commands)
         self._batch.done.extend(done)
@@ -294,10 +345,10 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
             for command, reply in zip(batch.commands, replies, strict=True):
                 if isinstance(reply, ReplyError):
                     log.error("redis.write_refused", command=str(command[0]), error=reply.message)
-            reader = self._reader
-            if reader is not None:
-                for eid in batch.done:
-                    reader.tell_nowait(Done(eid))
+            for reader in self._readers.values():
+                if reader.ref.is_alive:  # a reader stops before its broker's last writes
+                    for tag in batch.done:
+                        reader.ref.tell_nowait(Done(tag))
         finally:
             self._confirming -= 1
             if self._confirmed is not None:
@@ -305,15 +356,26 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
 
     # ---------------------------------------------------------------- sending
 
+    def keys_of(self, queue: str | None) -> Keys:
+        """The keys of ``queue`` (``None``: the default queue)."""
+        if queue is None:
+            return self.keys
+        keys = self._keys.get(queue)
+        if keys is None:
+            keys = self._keys[queue] = Keys(self.keys.prefix, queue)
+        return keys
+
     def _enqueue_command(self, message: TaskMessage, data: bytes) -> Command:
-        settings, keys = self.settings, self.keys
+        settings = self.settings
+        keys = self.keys if message.queue is None else self.keys_of(message.queue)
+        level = message.priority
         sig = sign(settings.secret, data)
         eta = message.eta
         if eta is not None and eta > time.time():
             if self._mover is not None:
-                self._mover.tell_nowait(WakeMover())
-            return ("ZADD", keys.delayed, int(eta * 1000), join_member(sig, data))
-        cmd: list[Any] = ["XADD", keys.stream]
+                self._mover.tell_nowait(WakeMover(message.queue))
+            return ("ZADD", keys.level_delayed(level), int(eta * 1000), join_member(sig, data))
+        cmd: list[Any] = ["XADD", keys.level_stream(level) if level else keys.stream]
         if settings.maxlen is not None:
             cmd += ["MAXLEN", "~", settings.maxlen]
         cmd += ["*", F_DATA, data]
@@ -329,12 +391,13 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
     ) -> Command:
         """Send ``message`` only if ``claim`` is free (CLAIM_SEND)."""
         settings = self.settings
+        keys, level = self.keys_of(message.queue), message.priority
         eta = message.eta
         due = int(eta * 1000) if eta is not None and eta > time.time() else 0
         if due and self._mover is not None:
-            self._mover.tell_nowait(WakeMover())
+            self._mover.tell_nowait(WakeMover(message.queue))
         return CLAIM_SEND.command(
-            keys=[claim, self.keys.stream, self.keys.delayed],
+            keys=[claim, keys.level_stream(level), keys.level_delayed(level)],
             args=[message.task_id, ttl_ms, due, data, sign(settings.secret, data),
                   settings.maxlen or 0],
         )  # fmt: skip
@@ -345,7 +408,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         labels = message.labels
         if labels and "unique_key" in labels:
             ttl_ms = max(1, int(float(labels.get("unique_ttl", 3600.0)) * 1000))
-            claim = self.keys.unique(labels["unique_key"])
+            claim = self.keys_of(message.queue).unique(labels["unique_key"])
             return self._submit_now([self._claim_command(message, msg.data, claim, ttl_ms)])
         return self._submit_now([self._enqueue_command(message, msg.data)])
 
@@ -354,7 +417,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         message = d.message
         if message is None or not message.labels or "unique_key" not in message.labels:
             return []
-        key = self.keys.unique(message.labels["unique_key"])
+        key = self.keys_of(message.queue).unique(message.labels["unique_key"])
         return [RELEASE.command(keys=[key], args=[message.task_id])]
 
     @actors.handles(SendMany, inline=True)
@@ -370,73 +433,135 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
 
     @actors.handles(Receive)
     async def receive(self, msg: Receive) -> Lease:
-        reader = self._reader
-        if reader is None or not reader.is_alive:
+        for queue in msg.queues:
+            check_queue_name(queue)
+        queues = tuple(dict.fromkeys(msg.queues)) or (self.settings.queue,)
+        found = self._readers.get(queues)
+        if found is None or not found.ref.is_alive:
+            if found is not None:
+                state = found.state
+            else:
+                state = ReaderState()
+                state.cancelled = self._cancels.cancelled
+            n = len(self._readers) if found is None else found.index
+            # The first reader is this process's consumer; another set of queues
+            # read here gets a consumer of its own (each hands back what it owns).
+            consumer = self.settings.consumer if n == 0 else f"{self.settings.consumer}-{n}"
             settings, keys, codec, conn_ref = self.settings, self.keys, self.codec, self.conn_ref
-            results, state = self.results, self._reader_state
-            reader = self._reader = await self.spawn(
-                lambda: StreamReaderActor(settings, keys, codec, conn_ref, results, state),
-                name="reader",
+            results, tasks = self.results, self.tasks
+            reader = await self.spawn(
+                lambda: StreamReaderActor(
+                    settings, keys, codec, conn_ref, results, state, queues, tasks, consumer
+                ),
+                name="reader" if n == 0 else f"reader-{n}",
                 on_failure=actors.RESTART,
                 max_restarts=None,
                 backoff=BACKOFF,
                 mailbox_size=math.inf,
             )
-            self.nursery.start_soon(self._listen_for_cancels)
+            self._readers[queues] = _Reader(reader, state, consumer.encode(), n)
+            if self._mover is not None:
+                for queue in queues:
+                    self._mover.tell_nowait(WakeMover(queue))
+            self.nursery.start_soon(self._listen_for_cancels, queues)
+        else:
+            reader = found.ref
         lease: Lease = await reader.ask(Lend(msg.max_messages))
         return lease
 
-    async def _listen_for_cancels(self) -> None:
-        if self._cancels_subscribed:
-            return
-        self._cancels_subscribed = True
+    def _queue_names(self) -> list[str]:
+        """The queues this process knows: the default one, its tasks' queues, the
+        queues its workers consume."""
+        names = [self.keys.queue]
+        names += [t.queue for t in self.tasks.values() if t.queue is not None]
+        for queues in self._readers:
+            names += queues
+        return list(dict.fromkeys(names))
+
+    async def _listen_for_cancels(self, queues: tuple[str, ...]) -> None:
+        """Cancels are announced on the canceller's default queue and its tasks'
+        queues: listen on this broker's default queue and on every queue read here."""
         sub = await subscription_of(self.conn_ref)
-        await sub.ask(Subscribe(self.keys.cancel_channel, self.ref))
+        for queue in (self.keys.queue, *queues):
+            channel = self.keys_of(queue).cancel_channel
+            if channel not in self._listening:
+                self._listening.add(channel)
+                await sub.ask(Subscribe(channel, self.ref))
 
     # ----------------------------------------------------------- ack and nack
+
+    def _where(self, tag: Any) -> tuple[bytes, bytes, Keys, int]:
+        """(stream, entry id, the queue's keys, level) of a delivery's tag."""
+        if type(tag) is Entry:
+            return tag.stream, tag.eid, self.keys_of(tag.queue), tag.level
+        return self._stream, tag, self.keys, 0
+
+    def _release_slot(self, tag: Any, commands: list[Command]) -> list[Command]:
+        """``commands``, and the release of the slot the entry holds, if it holds one."""
+        for reader in self._readers.values():
+            state = reader.state
+            if state.slots:
+                release = state.release_command(tag)
+                if release is not None:
+                    commands.append(release)
+        return commands
+
+    def _consumer_of(self, tag: Any) -> bytes:
+        """The consumer that owns the entry (the reader that handed it out)."""
+        for reader in self._readers.values():
+            if tag in reader.state.inflight:
+                return reader.consumer
+        return self.consumer
+
+    @actors.handles(Ack)
+    def ack(self, msg: Ack) -> None:
+        tag = msg.delivery.tag
+        if type(tag) is bytes:  # the hot path: the default queue at level 0
+            stream, eid = self._stream, tag
+        else:
+            stream, eid, _, _ = self._where(tag)
+        commands: list[Command] = [("XACK", stream, self.group, eid), ("XDEL", stream, eid)]
+        d = msg.delivery
+        if d.message is not None and d.message.labels:
+            commands += self._releases(d)
+        self._queue(self._release_slot(tag, commands), (tag,))
 
     @actors.handles(Unclaim, inline=True)
     def unclaim(self, msg: Unclaim) -> Pending | None:
         commands = self._releases(msg.delivery)
         return self._submit_now(commands) if commands else None
 
-    @actors.handles(Ack)
-    def ack(self, msg: Ack) -> None:
-        d = msg.delivery
-        eid = d.tag
-        stream = self.keys.stream
-        commands: list[Command] = [("XACK", stream, self.group, eid), ("XDEL", stream, eid)]
-        if d.message is not None and d.message.labels:
-            commands += self._releases(d)
-        self._queue(commands, (eid,))
-
     @actors.handles(Nack)
     def nack(self, msg: Nack) -> None:
         d = msg.delivery
-        eid = d.tag
-        keys, settings = self.keys, self.settings
+        tag = d.tag
+        stream, eid, keys, level = self._where(tag)
+        settings = self.settings
         if msg.requeue is not None:
             retry = msg.requeue
             data = self.codec.encode_message(retry)
             due = int((time.time() + msg.delay) * 1000) if msg.delay > 0 else 0
             if due and self._mover is not None:
-                self._mover.tell_nowait(WakeMover())
+                self._mover.tell_nowait(WakeMover(keys.queue))
             self._queue(
-                [
-                    REQUEUE.command(
-                        keys=[keys.stream, keys.delayed],
-                        args=[
-                            self.group,
-                            self.consumer,
-                            eid,
-                            due,
-                            data,
-                            sign(settings.secret, data),
-                            settings.maxlen or 0,
-                        ],
-                    )
-                ],
-                (eid,),
+                self._release_slot(
+                    tag,
+                    [
+                        REQUEUE.command(
+                            keys=[stream, keys.level_delayed(level), keys.level_stream(level)],
+                            args=[
+                                self.group,
+                                self._consumer_of(tag),
+                                eid,
+                                due,
+                                data,
+                                sign(settings.secret, data),
+                                settings.maxlen or 0,
+                            ],
+                        )
+                    ],
+                ),
+                (tag,),
             )
             return
         message = d.message
@@ -450,45 +575,53 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
             actor=self.name,
         )
         self._queue(
-            [
-                DEAD.command(
-                    keys=[keys.stream, keys.dead],
-                    args=[
-                        self.group,
-                        self.consumer,
-                        eid,
-                        settings.dead_letter_maxlen or 0,
-                        b"reason",
-                        msg.reason,
-                        b"data",
-                        d.data,
-                        b"id",
-                        eid,
-                        b"queue",
-                        settings.queue,
-                        b"deliveries",
-                        d.deliveries,
-                        b"time",
-                        str(time.time()),
-                    ],
-                )
-            ],
-            (eid,),
+            self._release_slot(
+                tag,
+                [
+                    DEAD.command(
+                        keys=[stream, keys.dead],
+                        args=[
+                            self.group,
+                            self.consumer,
+                            eid,
+                            settings.dead_letter_maxlen or 0,
+                            b"reason",
+                            msg.reason,
+                            b"data",
+                            d.data,
+                            b"id",
+                            eid,
+                            b"queue",
+                            keys.queue,
+                            b"deliveries",
+                            d.deliveries,
+                            b"time",
+                            str(time.time()),
+                        ],
+                    )
+                ],
+            ),
+            (tag,),
         )
 
     @actors.handles(Release)
     def release(self, msg: Release) -> None:
         """A stop interrupted the delivery: hand it back to the queue at once (a
         copy at the end of the stream that remembers its deliveries)."""
-        eid = msg.delivery.tag
+        tag = msg.delivery.tag
+        stream, eid, _, _ = self._where(tag)
+        consumer = self._consumer_of(tag)
         self._queue(
-            [
-                HANDBACK.command(
-                    keys=[self.keys.stream],
-                    args=[self.group, self.consumer, self.settings.maxlen or 0, eid, 1],
-                )
-            ],
-            (eid,),
+            self._release_slot(
+                tag,
+                [
+                    HANDBACK.command(
+                        keys=[stream],
+                        args=[self.group, consumer, self.settings.maxlen or 0, eid, 1],
+                    )
+                ],
+            ),
+            (tag,),
         )
 
     # ----------------------------------------------------------- cancellation
@@ -520,17 +653,19 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         one is stored already: a queued task then never starts, its waiters wake now."""
         tid = msg.task_id
         self._cancel_here(tid)
-        keys, settings = self.keys, self.settings
+        settings = self.settings
         ttl_ms = max(1, int(settings.cancel_ttl * 1000))
         payload = self._cancel_payload(tid)
+        # The task may wait in any queue this process knows: mark and announce it in
+        # each (workers read the markers of the default queue and of their entry's).
+        commands: list[Command] = []
+        for queue in self._queue_names():
+            keys = self.keys_of(queue)
+            commands.append(("SET", keys.cancel_marker(tid), b"1", "PX", ttl_ms))
+            commands.append(("PUBLISH", keys.cancel_channel, payload))
 
         async def mark(conn: Connection) -> None:
-            replies = await conn.pipeline(
-                [
-                    ("SET", keys.cancel_marker(tid), b"1", "PX", ttl_ms),
-                    ("PUBLISH", keys.cancel_channel, payload),
-                ]
-            )
+            replies = await conn.pipeline(commands)
             for r in replies:
                 if isinstance(r, ReplyError):
                     raise r
@@ -549,7 +684,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         self.nursery.start_soon(self.results.set_result_if_absent, tid, result)
 
     def _cancel_here(self, tid: TaskID) -> None:
-        self._reader_state.remember_cancel(tid)
+        self._cancels.remember_cancel(tid)  # the readers share its table
         if self.workers:
             self.tell_workers(CancelRunning(tid, "cancel"))
 
@@ -563,16 +698,18 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
     async def resubscribed(self, msg: Resubscribed) -> None:
         """Cancels announced while the subscription was down were missed: read the
         markers of the tasks running here."""
-        reader = self._reader
-        if reader is None:
-            return
-        tids: list[TaskID] = await reader.ask(InFlight())
+        tids: list[TaskID] = []
+        for reader in self._readers.values():
+            tids += await reader.ref.ask(InFlight())
         if not tids:
             return
         lent = await lend(self.conn_ref)
-        marks = await lent.conn.execute("MGET", *(self.keys.cancel_marker(t) for t in tids))
-        for tid, mark in zip(tids, marks, strict=True):
-            if mark is not None:
+        names = self._queue_names()
+        marks = await lent.conn.execute(
+            "MGET", *(self.keys_of(q).cancel_marker(t) for t in tids for q in names)
+        )
+        for i, tid in enumerate(tids):
+            if any(m is not None for m in marks[i * len(names) : (i + 1) * len(names)]):
                 log.info("task.cancel_recovered", task_id=tid, actor=self.name)
                 self._cancel_here(tid)
 
@@ -581,8 +718,8 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
     @actors.handles(Inspect)
     async def inspect(self, msg: Inspect) -> dict[str, Any]:
         lent = await lend(self.conn_ref, timeout=self.settings.send_timeout or None)
-        info = await _ops.inspect(lent.conn, self.keys, self.settings)
-        info["running"] = len(self._reader_state.inflight)
+        info = await _ops.inspect(lent.conn, self.keys, self.settings, self._queue_names())
+        info["running"] = sum(len(r.state.inflight) for r in self._readers.values())
         info["workers_here"] = len(self.workers)
         return info
 
@@ -691,8 +828,9 @@ class RedisBroker(Broker):
                     ) from None
                 log.warning("redis.unreachable", url=self.url, waiting=True)
         settings, keys, codec, results = self.settings, self.keys, self.codec, self.result_backend
+        tasks = self.tasks
         return await system.spawn(
-            lambda: RedisBrokerActor(settings, keys, codec, results, conn_ref),
+            lambda: RedisBrokerActor(settings, keys, codec, results, conn_ref, tasks),
             name="broker",
             mailbox_size=math.inf,
         )
@@ -708,9 +846,11 @@ class RedisBroker(Broker):
     async def _send(self, message: TaskMessage) -> TaskID:
         data = self._encode(message)
         replies = await self._submit(SendNow(message, data), f"cannot send {message.task_name}")
-        reply = replies[0] if replies else None
-        if isinstance(reply, bytes):  # a unique job: the id that holds its key
-            return TaskID.parse(reply.decode("ascii"))
+        labels = message.labels
+        if labels and "unique_key" in labels:  # the reply: the id that holds its key
+            reply = replies[0] if replies else None
+            if isinstance(reply, bytes):
+                return TaskID.parse(reply.decode("ascii"))
         return message.task_id
 
     async def _submit(self, ask: object, what: str) -> list[Any]:

@@ -11,12 +11,16 @@ from collections.abc import Mapping
 
 import attrs
 
+from bus._priority import PRIORITY_LEVELS
+
 __all__ = [
     "F_COUNT",
     "F_DATA",
     "F_SIG",
+    "Entry",
     "Keys",
     "check_entry",
+    "queue_of_key",
     "join_member",
     "over_delivered",
     "sign",
@@ -47,13 +51,33 @@ class Keys:
 
     @property
     def stream(self) -> bytes:
-        """The stream messages are XADDed to."""
+        """The stream messages are XADDed to (priority 0, the default level)."""
         return f"{self.base}:stream".encode()
 
     @property
     def delayed(self) -> bytes:
-        """Sorted set of messages not due yet (score: due time in ms)."""
+        """Sorted set of messages not due yet (score: due time in ms), priority 0."""
         return f"{self.base}:delayed".encode()
+
+    def level_stream(self, level: int) -> bytes:
+        """The stream of priority ``level``: :attr:`stream` for 0 (so a queue without
+        priorities keeps its one stream), ``...:stream:p<level>`` for 1 to 9."""
+        return self.stream if level == 0 else f"{self.base}:stream:p{level}".encode()
+
+    def level_delayed(self, level: int) -> bytes:
+        """The delayed set of priority ``level`` (:attr:`delayed` for 0): a due member
+        moves to :meth:`level_stream` of the same level."""
+        return self.delayed if level == 0 else f"{self.base}:delayed:p{level}".encode()
+
+    @property
+    def streams(self) -> tuple[bytes, ...]:
+        """Every level's stream, the most urgent first."""
+        return tuple(self.level_stream(lv) for lv in range(PRIORITY_LEVELS - 1, -1, -1))
+
+    @property
+    def delayeds(self) -> tuple[bytes, ...]:
+        """Every level's delayed set, in the order of :attr:`streams`."""
+        return tuple(self.level_delayed(lv) for lv in range(PRIORITY_LEVELS - 1, -1, -1))
 
     @property
     def dead(self) -> bytes:
@@ -91,6 +115,34 @@ class Keys:
     def cancel_marker(self, task_id: str) -> bytes:
         """Key set (with a TTL) when ``task_id`` is cancelled, so it never starts."""
         return f"{self.base}:cancelled:{task_id}".encode()
+
+
+@attrs.frozen
+class Entry:
+    """The tag of a delivery read from any stream but the broker's default one (whose
+    tag is the bare entry id): which stream, which entry, and the stream's queue and
+    level."""
+
+    stream: bytes
+    eid: bytes
+    queue: str
+    level: int
+
+
+def queue_of_key(prefix: str, key: bytes) -> str | None:
+    """The queue whose stream (of any level) ``key`` is, for keys of ``prefix``:
+    ``{prefix:<queue>}:stream`` or ``...:stream:p<n>``; ``None`` for any other key."""
+    try:
+        text = key.decode()
+    except UnicodeDecodeError:
+        return None
+    head = "{" + prefix + ":"
+    if not text.startswith(head):
+        return None
+    queue, sep, rest = text[len(head) :].partition("}:stream")
+    if not sep or not queue or (rest and not (rest.startswith(":p") and rest[2:].isdigit())):
+        return None
+    return queue
 
 
 def sign(secret: bytes | None, data: bytes) -> bytes:

@@ -7,6 +7,7 @@ broker facade, the broker actor's ``Inspect`` and the ``bus`` command.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import trio
@@ -14,12 +15,12 @@ import trio
 import actors
 from bus._codec import Codec, DecodeError
 from bus._message import TaskMessage
-from bus.redis._client import Arg, Connection, ReplyError
-from bus.redis._logic import F_DATA, F_SIG, Keys, sign
+from bus.redis._client import Arg, Connection
+from bus.redis._logic import F_DATA, F_SIG, Keys, queue_of_key, sign
 from bus.redis._pool import with_connection
 from bus.redis._settings import RedisSettings
 
-__all__ = ["Client", "dead_letters", "inspect", "purge_dead", "requeue_dead"]
+__all__ = ["Client", "dead_letters", "find_queues", "inspect", "purge_dead", "requeue_dead"]
 
 
 def _fields(flat: Any) -> dict[bytes, Any]:
@@ -34,30 +35,61 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-async def inspect(conn: Connection, keys: Keys, settings: RedisSettings) -> dict[str, Any]:
-    """Numbers for operators: ``queued`` (not yet delivered), ``pending`` (delivered,
-    not acknowledged) in all and per consumer, ``delayed``, ``dead_letters``, and the
-    live ``workers`` (a heartbeat within the last three intervals), each with its
-    pending count and heartbeat age."""
+async def find_queues(conn: Connection, prefix: str) -> list[str]:
+    """The queues of ``prefix`` that have a stream in Redis (``SCAN``)."""
+    pattern = "{" + _glob_escape(prefix) + ":*}:stream*"
+    found: dict[str, None] = {}
+    cursor: Any = b"0"
+    while True:
+        cursor, keys = await conn.execute("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+        for key in keys or ():
+            queue = queue_of_key(prefix, key)
+            if queue is not None:
+                found[queue] = None
+        if cursor in (b"0", 0, "0"):
+            return list(found)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+async def _queue_numbers(
+    conn: Connection, keys: Keys, settings: RedisSettings
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One queue's numbers (every level), and its live workers."""
     group = settings.group.encode()
-    length, delayed, dead, beats = await conn.pipeline(
+    streams, delayeds = keys.streams, keys.delayeds
+    replies = await conn.pipeline(
         [
-            ("XLEN", keys.stream),
-            ("ZCARD", keys.delayed),
+            *(("XLEN", s) for s in streams),
+            *(("ZCARD", d) for d in delayeds),
             ("XLEN", keys.dead),
             ("ZRANGE", keys.workers, 0, -1, "WITHSCORES"),
+            *(("XPENDING", s, group) for s in streams),
         ]
     )
-    pending = 0
+    n = len(streams)
+    lengths, delayed = replies[:n], replies[n : 2 * n]
+    dead, beats = replies[2 * n], replies[2 * n + 1]
+    summaries = replies[2 * n + 2 :]
     per_consumer: dict[str, int] = {}
-    try:
-        summary = await conn.execute("XPENDING", keys.stream, group)
-    except ReplyError:
-        summary = None  # no stream or no group yet: nothing was delivered
-    if isinstance(summary, list) and summary:
-        pending = int(summary[0] or 0)
-        for name, count in summary[3] or ():
-            per_consumer[_text(name)] = int(count)
+    by_priority: dict[str, int] = {}
+    queued = pending = 0
+    levels = range(n - 1, -1, -1)
+    for level, length, summary in zip(levels, lengths, summaries, strict=True):
+        level_pending = 0
+        # No stream or no group yet (an error reply): nothing was delivered.
+        if isinstance(summary, list) and summary:
+            level_pending = int(summary[0] or 0)
+            for name, count in summary[3] or ():
+                per_consumer[_text(name)] = per_consumer.get(_text(name), 0) + int(count)
+        # Acknowledged entries are deleted: what is in the stream is queued or pending.
+        level_queued = max(0, (int(length) if isinstance(length, int) else 0) - level_pending)
+        if level_queued:
+            by_priority[str(level)] = level_queued
+        queued += level_queued
+        pending += level_pending
     now = time.time()
     stale = 3 * settings.heartbeat + 1
     workers = []
@@ -73,18 +105,48 @@ async def inspect(conn: Connection, keys: Keys, settings: RedisSettings) -> dict
                         "heartbeat_age_seconds": round(age, 3),
                     }
                 )
-    xlen = int(length) if isinstance(length, int) else 0
-    return {
-        "queue": settings.queue,
-        "stream": keys.stream.decode(),
-        # Acknowledged entries are deleted: what is in the stream is queued or pending.
-        "queued": max(0, xlen - pending),
-        "delayed": int(delayed) if isinstance(delayed, int) else 0,
+    numbers = {
+        "queued": queued,
+        "by_priority": by_priority,
+        "delayed": sum(int(d) for d in delayed if isinstance(d, int)),
         "pending": pending,
         "pending_per_consumer": per_consumer,
         "dead_letters": int(dead) if isinstance(dead, int) else 0,
+        "live_workers": len(workers),
+    }
+    return numbers, workers
+
+
+async def inspect(
+    conn: Connection, keys: Keys, settings: RedisSettings, known: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Numbers for operators. At the top, the default queue's: ``queued`` (not yet
+    delivered), ``pending`` (delivered, not acknowledged) in all and per consumer,
+    ``delayed``, ``dead_letters``, and the live ``workers`` (a heartbeat within the last
+    three intervals), each with its pending count and heartbeat age. Under ``queues``,
+    the same numbers (and ``by_priority``: queued per level) for every queue: the
+    default one, those in ``known`` (the tasks' queues) and those found in Redis."""
+    names = list(dict.fromkeys([keys.queue, *known, *await find_queues(conn, keys.prefix)]))
+    queues: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    workers: list[dict[str, Any]] = []
+    for name in names:
+        qkeys = keys if name == keys.queue else Keys(keys.prefix, name)
+        numbers, live = await _queue_numbers(conn, qkeys, settings)
+        queues[name] = numbers
+        if name == keys.queue:
+            top, workers = numbers, live
+    return {
+        "queue": settings.queue,
+        "stream": keys.stream.decode(),
+        "queued": top["queued"],
+        "delayed": top["delayed"],
+        "pending": top["pending"],
+        "pending_per_consumer": top["pending_per_consumer"],
+        "dead_letters": top["dead_letters"],
         "workers": workers,
         "live_workers": len(workers),
+        "queues": queues,
     }
 
 

@@ -1,19 +1,40 @@
 """The stream reader: a child of the Redis broker actor that feeds this process's
-workers.
+workers of one set of queues.
 
-It owns the in-flight entries (read and not yet finished), a blocking connection of
-its own for ``XREADGROUP ... BLOCK``, the reclaiming of abandoned entries
-(``XAUTOCLAIM``) and the heartbeat that keeps the entries of running tasks fresh and
-this worker listed. Deliveries go to the workers through a zero-buffer channel whose
-receive ends it lends as leases: it reads only as many entries as runners wait for.
-Its state outlives restarts of the actor (a lost connection is a failure, restarted
-with backoff), so leases stay valid.
+It owns the entries it read and has not finished, a blocking connection of its own for
+``XREADGROUP ... BLOCK``, the reclaiming of abandoned entries (``XAUTOCLAIM``) and the
+heartbeat that keeps its entries fresh and this worker listed. Deliveries go to the
+workers through a zero-buffer channel whose receive ends it lends as leases: it reads
+only as many entries as runners wait for. Its state outlives restarts of the actor (a
+lost connection is a failure, restarted with backoff), so leases stay valid.
+
+Queues and priorities. Each queue has a stream per priority level (level 0 is the
+queue's one stream of old, ``Keys.level_stream``). One ``XREADGROUP`` reads them all
+(``STREAMS s9 ... s0 > ... >``, the most urgent first, each at most as many entries as
+runners wait for, and only levels of which fewer are held); what it read is *held* by
+queue and level (:class:`~bus._ready.ReadyQueues`) and handed to runners by priority
+(:class:`~bus._priority.PriorityPicker`). Held entries are read ahead, at most one
+read's worth per level: they are pending for this consumer and kept fresh by the
+heartbeat like running ones.
+
+Limits. A delivery whose task has a ``rate_limit`` or ``max_running`` takes its token
+and its slot (Lua, atomic on the server, shared by every process) when a runner waits
+for it; if it may not start, it is set aside (:class:`~bus._limits.Parking`): still
+pending for this consumer, refreshed by the heartbeat, handed back at a stop like any
+held entry, and tried again when its limit may let it (the bucket says when; a slot is
+asked for again every ``limit_poll_interval``). Meanwhile the reader goes on reading,
+so runners run other tasks (up to ``limit_backlog`` entries set aside). A slot is a
+lease that expires ``visibility_timeout`` after its last refresh: the heartbeat
+refreshes the slots of running tasks, the broker actor gives a slot back with the
+task's ack, and a dead worker's slots come back when their leases expire.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -22,15 +43,36 @@ import actors
 from actors._log import get_logger
 from bus._codec import Codec, DecodeError
 from bus._ids import TaskID
+from bus._limits import Parking, TaskLimits, bucket_args, limit_redis_key, running_redis_key
 from bus._message import TaskMessage
 from bus._protocol import ChannelLease, Delivery, Lease
-from bus.redis._client import Connection, ConnectionLost, RedisError, ReplyError
-from bus.redis._logic import F_COUNT, Keys, check_entry, over_delivered
+from bus._ready import Consumer, ReadyQueues
+from bus.redis._client import (
+    Command,
+    Connection,
+    ConnectionLost,
+    RedisError,
+    ReplyError,
+    rerun_noscript,
+)
+from bus.redis._logic import F_COUNT, Entry, Keys, check_entry, over_delivered
 from bus.redis._pool import Lent, lend
-from bus.redis._scripts import DEAD, HANDBACK, TOUCH
+from bus.redis._scripts import (
+    ACQUIRE_SLOT,
+    DEAD,
+    HANDBACK,
+    REFRESH_SLOT,
+    RELEASE,
+    RELEASE_SLOT,
+    TAKE_TOKEN,
+    TOUCH,
+)
 from bus.redis._settings import RedisSettings
 
-__all__ = ["Cancelled", "Done", "Lend", "ReaderState", "StreamReaderActor"]
+if TYPE_CHECKING:
+    from bus._task import Task
+
+__all__ = ["Cancelled", "Done", "InFlight", "Lend", "ReaderState", "StreamReaderActor"]
 
 log = get_logger("bus.redis")
 
@@ -44,9 +86,10 @@ class Lend:
 
 @attrs.frozen
 class Done:
-    """Tell (inline): the entry ``eid`` is finished (acked, nacked or handed back)."""
+    """Tell (inline): the entry behind ``tag`` is finished (acked, nacked or handed
+    back)."""
 
-    eid: bytes
+    tag: Any
 
 
 @attrs.frozen
@@ -69,13 +112,26 @@ class Flight:
     since: float
 
 
+@attrs.frozen
+class StreamRef:
+    """One stream a reader reads: a level of a queue."""
+
+    key: bytes
+    queue: str
+    level: int
+    keys: Keys
+
+
 class ReaderState:
     """What survives a restart of the reader: the hand-off channel (leases hold its
-    receive clones), the in-flight entries, the cancelled ids, demand."""
+    receive clones), the entries in flight, the concurrency slots they hold, the
+    cancelled ids, demand."""
 
     def __init__(self) -> None:
         self.send, self.recv = trio.open_memory_channel[Delivery](0)
-        self.inflight: dict[bytes, Flight] = {}
+        self.inflight: dict[Any, Flight] = {}
+        #: Slots (``max_running``) held by deliveries in flight: tag -> (key, token).
+        self.slots: dict[Any, tuple[bytes, str]] = {}
         self.cancelled: dict[TaskID, None] = {}
         self.demand = trio.Event()
         self.leases = 0
@@ -88,6 +144,14 @@ class ReaderState:
         c[tid] = None
         if len(c) > 100_000:
             del c[next(iter(c))]
+
+    def release_command(self, tag: Any) -> Command | None:
+        """The command that gives back the slot ``tag`` holds (``None``: it holds none);
+        the broker actor writes it with the entry's ack."""
+        held = self.slots.pop(tag, None)
+        if held is None:
+            return None
+        return RELEASE_SLOT.command(keys=[held[0]], args=[held[1]])
 
 
 class _ReaderLease(ChannelLease):
@@ -127,8 +191,15 @@ def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
     return out
 
 
+_Raw = tuple[StreamRef, bytes, "dict[bytes, bytes] | None"]
+
+#: How late Redis may end a blocking read (its timeouts are checked on a server tick).
+_TICK = 0.1
+
+
 class StreamReaderActor(actors.Actor):
-    """Reads the queue's stream for this process's workers (see the module docstring)."""
+    """Reads the streams of a set of queues for this process's workers (see the module
+    docstring)."""
 
     expected_failures = (RedisError, OSError)
 
@@ -140,18 +211,56 @@ class StreamReaderActor(actors.Actor):
         conn_ref: actors.ActorRef,
         results: Any,
         state: ReaderState,
+        queues: tuple[str, ...] = (),
+        tasks: Mapping[str, Task[Any, Any]] | None = None,
+        consumer: str | None = None,
     ) -> None:
         self.settings = settings
-        self.keys = keys
+        self.keys = keys  # the broker's default queue: its level-0 entries have bare tags
         self.codec = codec
         self.conn_ref = conn_ref
         self.results = results
         self.state = state
+        self.tasks: Mapping[str, Task[Any, Any]] = tasks if tasks is not None else {}
         self.group = settings.group.encode()
-        self.consumer = settings.consumer.encode()
+        self.consumer = (consumer or settings.consumer).encode()
+        self.queues = queues or (keys.queue,)
+        self.streams: list[StreamRef] = []
+        for queue in self.queues:
+            qkeys = keys if queue == keys.queue else Keys(keys.prefix, queue)
+            for level in range(9, -1, -1):
+                self.streams.append(StreamRef(qkeys.level_stream(level), queue, level, qkeys))
+        self.by_key = {s.key: s for s in self.streams}
+        self._default_stream = keys.stream
+        if self._default_stream not in self.by_key:  # bare tags name it: know it anyway
+            self.by_key[self._default_stream] = StreamRef(keys.stream, keys.queue, 0, keys)
         self.blocking: Connection | None = None
         self._read_scope: trio.CancelScope | None = None
-        self._held: list[Delivery] = []  # read, not yet handed to a runner
+        # Read and not handed to a runner yet: held by priority, or set aside for a
+        # limit. ``_aside`` has both, by tag (for the heartbeat and the hand-back).
+        self.held: ReadyQueues[Delivery] = ReadyQueues()
+        self.parking: Parking[Delivery] = Parking()
+        self._aside: dict[Any, Delivery] = {}
+        self._picker = Consumer(self.queues)
+
+    # ------------------------------------------------------------ tags
+
+    def _tag(self, s: StreamRef, eid: bytes) -> Any:
+        if s.key == self._default_stream:
+            return eid  # the hot path: the default queue at level 0, as before levels
+        return Entry(s.key, eid, s.queue, s.level)
+
+    def _where(self, tag: Any) -> tuple[StreamRef, bytes]:
+        if isinstance(tag, Entry):
+            return self.by_key[tag.stream], tag.eid
+        return self.by_key[self._default_stream], tag
+
+    def _by_stream(self, tags: list[Any]) -> dict[bytes, list[bytes]]:
+        out: dict[bytes, list[bytes]] = {}
+        for tag in tags:
+            s, eid = self._where(tag)
+            out.setdefault(s.key, []).append(eid)
+        return out
 
     # ------------------------------------------------------------ lifecycle
 
@@ -159,55 +268,67 @@ class StreamReaderActor(actors.Actor):
         conn = await Connection.connect(self.settings.url, name="bus-reader")
         self.blocking = conn
         await self.nursery.start(conn.run)
-        await self._ensure_group(conn)
+        await self._ensure_groups(conn)
         self.nursery.start_soon(self._read_forever)
         self.nursery.start_soon(self._heartbeat)
 
-    async def _ensure_group(self, conn: Connection) -> None:
-        try:
-            await conn.execute("XGROUP", "CREATE", self.keys.stream, self.group, "0", "MKSTREAM")
-        except ReplyError as exc:
-            if exc.code != "BUSYGROUP":
-                raise
+    async def _ensure_groups(self, conn: Connection) -> None:
+        replies = await conn.pipeline(
+            [("XGROUP", "CREATE", s.key, self.group, "0", "MKSTREAM") for s in self.streams]
+        )
+        for reply in replies:
+            if isinstance(reply, ReplyError) and reply.code != "BUSYGROUP":
+                raise reply
 
     async def on_stop(self) -> None:
         """Hand back everything this consumer still owns, so a clean stop leaves
-        nothing pending: entries read and not handed to a runner, and entries no worker
-        finished (a worker cancelled at once). Acks queued before are applied first
-        (the same connection, in order), so nothing finished is handed back."""
+        nothing pending: entries read and not handed to a runner (held or set aside for
+        a limit), and entries no worker finished (a worker cancelled at once). Acks
+        queued before are applied first (the same connection, in order), so nothing
+        finished is handed back."""
         if self._read_scope is not None:
             self._read_scope.cancel()
         if self.blocking is not None:
             # Closed first: a blocked XREADGROUP then delivers nothing more to us.
             await self.blocking.aclose()
         state = self.state
-        started = set(state.inflight)
+        started = {self._where(tag)[1] for tag in state.inflight}
         state.inflight.clear()
-        self._held = []
+        self._forget_aside()
         with trio.move_on_after(max(1.0, min(self.settings.send_timeout, 5.0))):
             try:
                 lent = await lend(self.conn_ref, timeout=2)
-                while True:
-                    reply = await lent.conn.execute(
-                        "XPENDING", self.keys.stream, self.group, "-", "+", 1000, self.consumer
-                    )
-                    ids = [p[0] for p in reply or () if isinstance(p, list) and p]
-                    if not ids or await self.hand_back([(i, i in started) for i in ids]) == 0:
-                        break
+                for s in self.streams:
+                    while True:
+                        reply = await lent.conn.execute(
+                            "XPENDING", s.key, self.group, "-", "+", 1000, self.consumer
+                        )
+                        ids = [p[0] for p in reply or () if isinstance(p, list) and p]
+                        if not ids:
+                            break
+                        if await self._hand_back(s, [(i, i in started) for i in ids]) == 0:
+                            break
                 await self._leave()
             except RedisError as exc:
                 log.warning("redis.stop_incomplete", error=str(exc), actor=self.name)
 
+    def _forget_aside(self) -> list[Delivery]:
+        self.held.remove_if(lambda d: True)
+        self.parking.remove_if(lambda d: True)
+        aside = list(self._aside.values())
+        self._aside.clear()
+        return aside
+
     async def _leave(self) -> None:
-        """A clean stop: drop this worker from the presence set and, owning nothing
-        now, from the consumer group."""
+        """A clean stop: drop this worker from the presence sets and, owning nothing
+        now, from the consumer groups."""
         conn = (await lend(self.conn_ref, timeout=2)).conn
-        await conn.execute("ZREM", self.keys.workers, self.consumer)
-        pending = await conn.execute(
-            "XPENDING", self.keys.stream, self.group, "-", "+", 1, self.consumer
-        )
-        if not pending:
-            await conn.execute("XGROUP", "DELCONSUMER", self.keys.stream, self.group, self.consumer)
+        for queue in self.queues:
+            await conn.execute("ZREM", Keys(self.keys.prefix, queue).workers, self.consumer)
+        for s in self.streams:
+            pending = await conn.execute("XPENDING", s.key, self.group, "-", "+", 1, self.consumer)
+            if not pending:
+                await conn.execute("XGROUP", "DELCONSUMER", s.key, self.group, self.consumer)
 
     # --------------------------------------------------------------- handlers
 
@@ -217,7 +338,7 @@ class StreamReaderActor(actors.Actor):
 
     @actors.handles(Done, inline=True)
     def done(self, msg: Done) -> None:
-        self.state.inflight.pop(msg.eid, None)
+        self.state.inflight.pop(msg.tag, None)
 
     @actors.handles(Cancelled, inline=True)
     def cancelled(self, msg: Cancelled) -> None:
@@ -229,17 +350,31 @@ class StreamReaderActor(actors.Actor):
 
     # --------------------------------------------------------- handing back
 
-    async def hand_back(self, ids: list[tuple[bytes, bool]]) -> int:
-        """Give entries this consumer owns back to the queue at once (HANDBACK)."""
+    async def _hand_back(self, s: StreamRef, ids: list[tuple[bytes, bool]]) -> int:
+        """Give entries of ``s`` this consumer owns back to the queue at once."""
         if not ids:
             return 0
         lent = await lend(self.conn_ref, timeout=5)
         args: list[Any] = [self.group, self.consumer, self.settings.maxlen or 0]
         for eid, started in ids:
             args += [eid, 1 if started else 0]
-        n = await HANDBACK.run(lent.conn, keys=[self.keys.stream], args=args)
+        n = await HANDBACK.run(lent.conn, keys=[s.key], args=args)
         log.info("redis.handed_back", entries=n, actor=self.name)
         return int(n) if isinstance(n, int) else 0
+
+    async def _give_back(self) -> None:
+        """Hand back what is held or set aside here (never started), dropping what was
+        cancelled meanwhile."""
+        aside = self._forget_aside()
+        cancelled = [d for d in aside if self._is_cancelled(d)]
+        if cancelled:
+            await self._drop(await self._shared(), cancelled)
+        await self.hand_back([d for d in aside if not self._is_cancelled(d)])
+
+    async def hand_back(self, deliveries: list[Delivery]) -> None:
+        """Give deliveries read here and never started back to the queue."""
+        for stream, eids in self._by_stream([d.tag for d in deliveries]).items():
+            await self._hand_back(self.by_key[stream], [(e, False) for e in eids])
 
     # ------------------------------------------------------------- the reader
 
@@ -247,108 +382,182 @@ class StreamReaderActor(actors.Actor):
         lent: Lent = await lend(self.conn_ref)
         return lent.conn
 
+    def _waiting(self) -> int:
+        return self.state.recv.statistics().tasks_waiting_receive
+
     async def _read_forever(self) -> None:
         with trio.CancelScope() as scope:
             self._read_scope = scope
             await self._read_loop()
 
     async def _read_loop(self) -> None:
-        conn = self.blocking
-        assert conn is not None
         state = self.state
-        stream, group, consumer = self.keys.stream, self.group, self.consumer
-        settings = self.settings
-        block_ms = max(1, int(settings.block * 1000))
-        block_timeout = settings.block + settings.url.command_timeout
-        vt_ms = int(settings.visibility_timeout * 1000)
-        own_cursor: bytes | None = b"0"  # first re-read our own pending entries
-        reap_cursor = b"0-0"
+        own: dict[bytes, bytes] = {s.key: b"0" for s in self.streams}  # our pending first
+        reap: dict[bytes, bytes] = {}
         next_reap = trio.current_time()
-        stats = state.recv.statistics
         while True:
-            demand = stats().tasks_waiting_receive
+            demand = self._waiting()
+            if state.leases == 0 and self._aside:
+                await self._give_back()  # no worker here any more: others may run them
             if demand == 0 or state.leases == 0:
                 state.demand = trio.Event()
                 await state.demand.wait()
                 continue
-            entries: list[tuple[bytes, dict[bytes, bytes] | None]] = []
+            if self.parking and await self._serve_parked():
+                continue
+            entries: list[_Raw] = []
             counted = False
-            if own_cursor is not None:
-                reply = await conn.execute(
-                    "XREADGROUP",
-                    "GROUP",
-                    group,
-                    consumer,
-                    "COUNT",
-                    demand,
-                    "STREAMS",
-                    stream,
-                    own_cursor,
-                )
-                entries = _entries(reply[0][1]) if reply else []
-                own_cursor = entries[-1][0] if entries else None
+            if own:
+                entries = await self._read_own(own, demand)
                 counted = bool(entries)
             elif trio.current_time() >= next_reap:
-                reply = await conn.execute(
-                    "XAUTOCLAIM", stream, group, consumer, vt_ms, reap_cursor, "COUNT", demand
-                )
-                reap_cursor = reply[0]
-                entries = _entries(reply[1])
-                if reap_cursor in (b"0-0", "0-0"):
-                    reap_cursor = b"0-0"
-                    next_reap = trio.current_time() + settings.reap
+                if not reap:
+                    reap = {s.key: b"0-0" for s in self.streams}
+                entries = await self._reap(reap, demand)
                 counted = bool(entries)
-                if entries:
-                    log.warning("redis.reclaimed", entries=len(entries), actor=self.name)
+                if not reap:
+                    next_reap = trio.current_time() + self.settings.reap
             if not entries:
-                reply = await conn.execute(
-                    "XREADGROUP",
-                    "GROUP",
-                    group,
-                    consumer,
-                    "COUNT",
-                    demand,
-                    "BLOCK",
-                    block_ms,
-                    "STREAMS",
-                    stream,
-                    ">",
-                    timeout=block_timeout,
-                )
-                entries = _entries(reply[0][1]) if reply else []
+                entries = await self._read_new(demand)
             if entries:
-                await self._dispatch(entries, counted)
+                await self._accept(entries, counted)
+            await self._hand_out()
 
-    async def _counts(self, conn: Connection, ids: list[bytes]) -> dict[bytes, int]:
-        """How often each of ``ids`` (pending for this consumer) was delivered."""
+    async def _read_own(self, own: dict[bytes, bytes], demand: int) -> list[_Raw]:
+        """Re-read entries pending for this consumer (after a restart), level by level."""
+        conn = self.blocking
+        assert conn is not None
+        keys = list(own)
         reply = await conn.execute(
-            "XPENDING",
-            self.keys.stream,
+            "XREADGROUP",
+            "GROUP",
             self.group,
-            min(ids),
-            max(ids),
-            len(ids) + 16,
             self.consumer,
+            "COUNT",
+            demand,
+            "STREAMS",
+            *keys,
+            *(own[k] for k in keys),
         )
-        out: dict[bytes, int] = {}
-        for p in reply or ():
-            if isinstance(p, list) and len(p) >= 4:
-                out[p[0]] = int(p[3])
+        out: list[_Raw] = []
+        seen: set[bytes] = set()
+        for key, section in reply or ():
+            found = _entries(section)
+            s = self.by_key[key]
+            if found:
+                seen.add(key)
+                own[key] = found[-1][0]
+                out += [(s, eid, fields) for eid, fields in found]
+        for key in keys:
+            if key not in seen:
+                del own[key]
         return out
 
-    async def _dispatch(
-        self, entries: list[tuple[bytes, dict[bytes, bytes] | None]], counted: bool
-    ) -> None:
+    async def _reap(self, cursors: dict[bytes, bytes], demand: int) -> list[_Raw]:
+        """Claim entries that other consumers left idle past the visibility timeout."""
+        conn = self.blocking
+        assert conn is not None
+        vt_ms = int(self.settings.visibility_timeout * 1000)
+        keys = list(cursors)
+        replies = await conn.pipeline(
+            [
+                ("XAUTOCLAIM", k, self.group, self.consumer, vt_ms, cursors[k], "COUNT", demand)
+                for k in keys
+            ]
+        )
+        out: list[_Raw] = []
+        for key, reply in zip(keys, replies, strict=True):
+            if isinstance(reply, ReplyError):
+                raise reply
+            cursor = reply[0]
+            if cursor in (b"0-0", "0-0"):
+                del cursors[key]
+            else:
+                cursors[key] = cursor
+            s = self.by_key[key]
+            out += [(s, eid, fields) for eid, fields in _entries(reply[1])]
+        if out:
+            log.warning("redis.reclaimed", entries=len(out), actor=self.name)
+        return out
+
+    async def _read_new(self, demand: int) -> list[_Raw]:
+        """New entries: of each level of which fewer than ``demand`` are held, at most
+        ``demand``; blocking only when nothing is held to hand out meanwhile, and no
+        longer than until a delivery set aside for a limit is to be tried again."""
+        held, parking, settings = self.held, self.parking, self.settings
+        streams = [s for s in self.streams if held.count(s.queue, s.level) < demand]
+        retry_at = parking.next_retry() if parking else math.inf
+        wait = min(settings.block, max(0.0, retry_at - trio.current_time()))
+        if not streams or len(parking) >= settings.limit_backlog:
+            if not held:
+                with trio.move_on_after(wait):
+                    self.state.demand = trio.Event()
+                    await self.state.demand.wait()
+            return []
+        conn = self.blocking
+        assert conn is not None
+        command: list[Any] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", demand]
+        timeout = None
+        # Redis ends a blocking read up to a server tick (100 ms at hz 10) after its
+        # time: block until a tick before a retry is due, and sleep the rest here.
+        block = wait if retry_at == math.inf else wait - _TICK
+        if not held and block > 0:
+            command += ["BLOCK", max(1, int(block * 1000))]
+            timeout = block + settings.url.command_timeout
+        command += ["STREAMS", *(s.key for s in streams), *(b">" for _ in streams)]
+        reply = await conn.execute(*command, timeout=timeout)
+        out: list[_Raw] = []
+        for key, section in reply or ():
+            s = self.by_key[key]
+            out += [(s, eid, fields) for eid, fields in _entries(section)]
+        if not out and not held and retry_at < math.inf:
+            await trio.sleep_until(min(retry_at, trio.current_time() + settings.block))
+        return out
+
+    async def _counts(self, conn: Connection, raw: list[_Raw]) -> dict[Any, int]:
+        """How often each of the entries (pending for this consumer) was delivered."""
+        by_stream: dict[bytes, list[bytes]] = {}
+        for s, eid, _ in raw:
+            by_stream.setdefault(s.key, []).append(eid)
+        keys = list(by_stream)
+        replies = await conn.pipeline(
+            [
+                (
+                    "XPENDING",
+                    k,
+                    self.group,
+                    min(by_stream[k]),
+                    max(by_stream[k]),
+                    len(by_stream[k]) + 16,
+                    self.consumer,
+                )
+                for k in keys
+            ]
+        )
+        out: dict[Any, int] = {}
+        for key, reply in zip(keys, replies, strict=True):
+            if isinstance(reply, ReplyError):
+                continue
+            s = self.by_key[key]
+            for p in reply or ():
+                if isinstance(p, list) and len(p) >= 4:
+                    out[self._tag(s, p[0])] = int(p[3])
+        return out
+
+    async def _accept(self, raw: list[_Raw], counted: bool) -> None:
+        """Check what was read: bad entries are dead-lettered, cancelled ones dropped,
+        the rest held for the runners."""
         settings, codec = self.settings, self.codec
         conn = await self._shared()
-        counts = await self._counts(conn, [e for e, _ in entries]) if counted else {}
-        ready: list[Delivery] = []
-        dead: list[tuple[bytes, bytes, str, int, TaskMessage | None]] = []
-        inflight = self.state.inflight
-        for eid, fields in entries:
-            if eid in inflight:
-                continue  # runs here already (re-read after a reconnect): not twice
-            n = counts.get(eid, 1)
+        counts = await self._counts(conn, raw) if counted else {}
+        ready: list[tuple[StreamRef, Delivery]] = []
+        dead: list[tuple[StreamRef, bytes, bytes, str, int, TaskMessage | None]] = []
+        inflight, aside = self.state.inflight, self._aside
+        for s, eid, fields in raw:
+            tag = self._tag(s, eid)
+            if tag in inflight or tag in aside:
+                continue  # runs or waits here already (re-read after a reconnect): not twice
+            n = counts.get(tag, 1)
             if fields:
                 extra = fields.get(F_COUNT)
                 if extra is not None and extra.isdigit():
@@ -365,65 +574,185 @@ class StreamReaderActor(actors.Actor):
                         f"delivered {n} times, more than max_deliveries={settings.max_deliveries}"
                     )
             if reason is not None:
-                dead.append((eid, data, reason, n, message))
+                dead.append((s, eid, data, reason, n, message))
                 continue
-            ready.append(Delivery(data, tag=eid, message=message, deliveries=n))
+            ready.append((s, Delivery(data, tag=tag, message=message, deliveries=n)))
         if dead:
             await self.dead_letter(conn, dead)
-        tids = [d.message.task_id for d in ready if d.message is not None]
         state = self.state
-        if tids:
-            marks = await conn.execute("MGET", *(self.keys.cancel_marker(t) for t in tids))
-            for tid, mark in zip(tids, marks, strict=True):
+        marks = self._marker_keys([(s, d) for s, d in ready])
+        if marks:
+            found = await conn.execute("MGET", *(k for _, k in marks))
+            for (tid, _), mark in zip(marks, found, strict=True):
                 if mark is not None:
                     state.remember_cancel(tid)
-        skipped: list[Delivery] = []
-        for d in ready:
-            if d.message is not None and d.message.task_id in state.cancelled:
-                skipped.append(d)  # cancelled while queued: its result is stored
+        skipped = [d for _, d in ready if self._is_cancelled(d)]
         if skipped:
-            from bus.redis._scripts import RELEASE
+            await self._drop(conn, skipped)  # cancelled while queued: its result is stored
+        for s, d in ready:
+            if not self._is_cancelled(d):
+                self.held.put(s.queue, s.level, d)
+                aside[d.tag] = d
 
-            releases = [
-                RELEASE.command(keys=[self.keys.unique(d.message.labels["unique_key"])],
-                                args=[d.message.task_id])
-                for d in skipped
-                if d.message is not None and "unique_key" in d.message.labels
-            ]  # fmt: skip
-            await conn.pipeline(
-                [("XACK", self.keys.stream, self.group, d.tag) for d in skipped]
-                + [("XDEL", self.keys.stream, d.tag) for d in skipped]
-                + releases
+    def _marker_keys(self, ready: list[tuple[StreamRef, Delivery]]) -> list[tuple[TaskID, bytes]]:
+        """The cancel markers to read: each task's under the broker's default queue, and
+        under its own queue when that is another."""
+        out = []
+        for s, d in ready:
+            if d.message is None:
+                continue
+            tid = d.message.task_id
+            out.append((tid, self.keys.cancel_marker(tid)))
+            if s.queue != self.keys.queue:
+                out.append((tid, s.keys.cancel_marker(tid)))
+        return out
+
+    def _is_cancelled(self, d: Delivery) -> bool:
+        return d.message is not None and d.message.task_id in self.state.cancelled
+
+    async def _drop(self, conn: Connection, deliveries: list[Delivery]) -> None:
+        """Acknowledge and delete entries that must not run (cancelled)."""
+        commands: list[Command] = []
+        for stream, eids in self._by_stream([d.tag for d in deliveries]).items():
+            commands += [("XACK", stream, self.group, eid) for eid in eids]
+            commands += [("XDEL", stream, eid) for eid in eids]
+        for d in deliveries:  # a unique job's key is free again
+            if d.message is not None and "unique_key" in d.message.labels:
+                keys = self._where(d.tag)[0].keys
+                key = keys.unique(d.message.labels["unique_key"])
+                commands.append(RELEASE.command(keys=[key], args=[d.message.task_id]))
+        await conn.pipeline(commands)
+
+    # --------------------------------------------------------- handing out
+
+    def _limits_of(self, d: Delivery) -> TaskLimits | None:
+        if d.message is None:
+            return None
+        task = self.tasks.get(d.message.task_name)
+        return None if task is None else task.limits
+
+    async def _hand_out(self) -> None:
+        """Hand held deliveries to the runners that wait, the most urgent first."""
+        held, parking = self.held, self.parking
+        while held and self._waiting():
+            d = held.take(self._picker)
+            assert d is not None
+            if self._is_cancelled(d):
+                self._aside.pop(d.tag, None)
+                await self._drop(await self._shared(), [d])
+                continue
+            limits = self._limits_of(d)
+            if limits is not None:
+                behind = [k for k in limits.wait_keys if parking.waiting(k)]
+                if behind:  # after those that wait for the same limit
+                    parking.park(behind[0], d, math.inf)
+                    continue
+                if not await self._admit(d, limits):
+                    continue
+            if not await self._send(d):
+                return
+
+    async def _serve_parked(self) -> int:
+        """Hand deliveries whose limit may let them start now to waiting runners."""
+        parking = self.parking
+        n = 0
+        for key in parking.due(trio.current_time()):
+            while self._waiting():
+                d = parking.peek(key)
+                if d is None:
+                    break
+                parking.pop(key)
+                if self._is_cancelled(d):
+                    self._aside.pop(d.tag, None)
+                    await self._drop(await self._shared(), [d])
+                    continue
+                limits = self._limits_of(d)
+                if limits is not None:
+                    behind = [k for k in limits.wait_keys if k != key and parking.waiting(k)]
+                    if behind:
+                        parking.park(behind[0], d, math.inf)
+                        continue
+                    if not await self._admit(d, limits):
+                        if not parking.waiting(key) or parking.peek(key) is d:
+                            break  # parked again under this key: later
+                        continue
+                if not await self._send(d):
+                    return n
+                n += 1
+            if not self._waiting():
+                break
+        return n
+
+    async def _admit(self, d: Delivery, limits: TaskLimits) -> bool:
+        """Take what ``limits`` need for ``d`` to start (a slot, then a token), on the
+        server; if either is missing, take nothing and set ``d`` aside."""
+        conn = await self._shared()
+        prefix, keys = self.keys.prefix, limits.wait_keys
+        slot: tuple[bytes, str] | None = None
+        if limits.max_running is not None:
+            s, eid = self._where(d.tag)
+            token = f"{self.consumer.decode()}:{s.key.decode()}:{eid.decode()}"
+            zkey = running_redis_key(prefix, limits.running_key).encode()
+            ttl_ms = max(1, int(self.settings.visibility_timeout * 1000))
+            got = await ACQUIRE_SLOT.run(
+                conn, keys=[zkey], args=["", token, limits.max_running, ttl_ms]
             )
-            ready = [d for d in ready if d not in skipped]
-        self._held = list(ready)
-        send = state.send.send
+            if got != 1:
+                retry = trio.current_time() + self.settings.limit_poll_interval
+                self.parking.park(keys[0], d, retry, front=True)
+                return False
+            slot = (zkey, token)
+        rate = limits.rate
+        if rate is not None:
+            wait_ms = await TAKE_TOKEN.run(
+                conn, keys=[limit_redis_key(prefix, rate.key)], args=bucket_args(rate)
+            )
+            if wait_ms:
+                if slot is not None:
+                    await RELEASE_SLOT.run(conn, keys=[slot[0]], args=[slot[1]])
+                retry = trio.current_time() + int(wait_ms) / 1000
+                self.parking.park(keys[-1], d, retry, front=True)
+                return False
+        if slot is not None:
+            self.state.slots[d.tag] = slot
+        return True
+
+    async def _send(self, d: Delivery) -> bool:
+        """Hand ``d`` to a runner; False when no worker takes deliveries any more (then
+        everything read here goes back to the queue)."""
+        state = self.state
+        self._aside.pop(d.tag, None)
+        state.inflight[d.tag] = Flight(d.message.task_id if d.message else None, time.monotonic())
         try:
-            for d in ready:
-                inflight[d.tag] = Flight(d.message.task_id if d.message else None, time.monotonic())
-                try:
-                    await send(d)
-                except BaseException:
-                    inflight.pop(d.tag, None)
-                    raise
-                self._held.remove(d)
+            await state.send.send(d)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            # No worker takes deliveries any more: hand what is held back at once.
-            held, self._held = self._held, []
-            await self.hand_back([(d.tag, False) for d in held])
+            state.inflight.pop(d.tag, None)
+            release = state.release_command(d.tag)
+            if release is not None:
+                await (await self._shared()).pipeline([release])
+            await self.hand_back([d])
+            await self._give_back()
+            return False
+        except BaseException:
+            state.inflight.pop(d.tag, None)
+            self._aside[d.tag] = d  # still ours: handed back at the stop
+            raise
+        return True
 
     async def dead_letter(
-        self, conn: Connection, dead: list[tuple[bytes, bytes, str, int, TaskMessage | None]]
+        self,
+        conn: Connection,
+        dead: list[tuple[StreamRef, bytes, bytes, str, int, TaskMessage | None]],
     ) -> None:
         from bus._message import RemoteError, TaskResult, TaskStatus
 
-        keys, settings = self.keys, self.settings
+        settings = self.settings
         now = str(time.time())
         commands = []
-        for eid, data, reason, n, _ in dead:
+        for s, eid, data, reason, n, _ in dead:
             commands.append(
                 DEAD.command(
-                    keys=[keys.stream, keys.dead],
+                    keys=[s.key, s.keys.dead],
                     args=[
                         self.group,
                         self.consumer,
@@ -436,7 +765,7 @@ class StreamReaderActor(actors.Actor):
                         b"id",
                         eid,
                         b"queue",
-                        settings.queue,
+                        s.queue,
                         b"deliveries",
                         n,
                         b"time",
@@ -445,10 +774,8 @@ class StreamReaderActor(actors.Actor):
                 )
             )
         replies = await conn.pipeline(commands)
-        from bus.redis._client import rerun_noscript
-
         await rerun_noscript(conn, commands, replies)
-        for eid, _, reason, _, message in dead:
+        for _, eid, _, reason, _, message in dead:
             log.error(
                 "task.dead_lettered",
                 entry=eid.decode(),
@@ -470,63 +797,97 @@ class StreamReaderActor(actors.Actor):
     # ------------------------------------------------------------- heartbeat
 
     async def _heartbeat(self) -> None:
-        settings, keys = self.settings, self.keys
+        settings = self.settings
         interval = settings.heartbeat
         beats = 0
         while True:
             try:
                 conn = await self._shared()
                 now = time.time()
-                await conn.pipeline(
-                    [
-                        ("ZADD", keys.workers, now, self.consumer),
-                        # A worker that stopped beating (crashed) leaves the set.
-                        ("ZREMRANGEBYSCORE", keys.workers, "-inf", now - 3 * interval - 1),
-                    ]
-                )
-                ids = list(self.state.inflight)
-                for i in range(0, len(ids), 200):
-                    chunk = ids[i : i + 200]
-                    touched = await TOUCH.run(
-                        conn, keys=[keys.stream], args=[self.group, self.consumer, *chunk]
-                    )
-                    lost = set(chunk) - set(touched or ())
-                    for eid in lost:
-                        f = self.state.inflight.pop(eid, None)
-                        log.warning(
-                            "task.ownership_lost",
-                            entry=eid.decode(),
-                            task_id=f.task_id if f else None,
-                            actor=self.name,
-                        )
+                presence: list[Command] = []
+                for queue in self.queues:
+                    workers = Keys(self.keys.prefix, queue).workers
+                    presence.append(("ZADD", workers, now, self.consumer))
+                    # A worker that stopped beating (crashed) leaves the set.
+                    presence.append(("ZREMRANGEBYSCORE", workers, "-inf", now - 3 * interval - 1))
+                await conn.pipeline(presence)
+                await self._touch(conn)
+                await self._refresh_slots(conn)
                 beats += 1
                 if beats % 10 == 1:
-                    await self._prune_consumers(conn, now, interval)
+                    await self._prune_consumers(conn, interval)
             except (ConnectionLost, RedisError) as exc:
                 log.warning("redis.heartbeat_failed", error=str(exc), actor=self.name)
             await trio.sleep(interval)
 
-    async def _prune_consumers(self, conn: Connection, now: float, interval: float) -> None:
-        """Remove consumers of the group that own nothing and are not alive."""
-        keys = self.keys
-        try:
-            consumers = await conn.execute("XINFO", "CONSUMERS", keys.stream, self.group)
-        except ReplyError:
+    async def _touch(self, conn: Connection) -> None:
+        """Reset the idle time of every entry this reader holds (running, held or set
+        aside), so no other worker claims them; forget those it lost."""
+        tags = list(self.state.inflight) + list(self._aside)
+        for stream, eids in self._by_stream(tags).items():
+            s = self.by_key[stream]
+            for i in range(0, len(eids), 200):
+                chunk = eids[i : i + 200]
+                touched = await TOUCH.run(
+                    conn, keys=[stream], args=[self.group, self.consumer, *chunk]
+                )
+                for eid in set(chunk) - set(touched or ()):
+                    tag = self._tag(s, eid)
+                    f = self.state.inflight.pop(tag, None)
+                    tid = f.task_id if f else None
+                    d = self._aside.pop(tag, None)
+                    if d is not None:
+                        self._unhold(d)
+                        tid = d.message.task_id if d.message else None
+                    log.warning(
+                        "task.ownership_lost", entry=eid.decode(), task_id=tid, actor=self.name
+                    )
+
+    def _unhold(self, d: Delivery) -> None:
+        """Forget ``d``, held or set aside (another consumer owns its entry now)."""
+
+        def it(x: Delivery) -> bool:
+            return x is d
+
+        self.held.remove_if(it)
+        self.parking.remove_if(it)
+
+    async def _refresh_slots(self, conn: Connection) -> None:
+        """Extend the leases of the slots held by running tasks."""
+        slots = list(self.state.slots.items())
+        if not slots:
             return
-        live = await conn.execute("ZRANGE", keys.workers, 0, -1)
-        alive = set(live or ())
+        ttl_ms = max(1, int(self.settings.visibility_timeout * 1000))
+        commands = [REFRESH_SLOT.command(keys=[k], args=["", t, ttl_ms]) for _, (k, t) in slots]
+        replies = await conn.pipeline(commands)
+        await rerun_noscript(conn, commands, replies)
+        for (tag, (key, _)), reply in zip(slots, replies, strict=True):
+            if reply == 0 and tag in self.state.slots:
+                log.warning("task.slot_lost", key=key.decode(), actor=self.name)
+
+    async def _prune_consumers(self, conn: Connection, interval: float) -> None:
+        """Remove consumers of the groups that own nothing and are not alive."""
+        alive: set[bytes] = set()
+        for queue in self.queues:
+            live = await conn.execute("ZRANGE", Keys(self.keys.prefix, queue).workers, 0, -1)
+            alive.update(live or ())
         idle_ms = 3 * interval * 1000
-        for info in consumers or ():
-            fields = {info[i]: info[i + 1] for i in range(0, len(info) - 1, 2)}
-            name = fields.get(b"name")
-            pending = fields.get(b"pending", 0)
-            idle = fields.get(b"idle", 0)
-            if (
-                isinstance(name, bytes)
-                and name != self.consumer
-                and name not in alive
-                and pending == 0
-                and isinstance(idle, int)
-                and idle > idle_ms
-            ):
-                await conn.execute("XGROUP", "DELCONSUMER", keys.stream, self.group, name)
+        for s in self.streams:
+            try:
+                consumers = await conn.execute("XINFO", "CONSUMERS", s.key, self.group)
+            except ReplyError:
+                continue
+            for info in consumers or ():
+                fields = {info[i]: info[i + 1] for i in range(0, len(info) - 1, 2)}
+                name = fields.get(b"name")
+                pending = fields.get(b"pending", 0)
+                idle = fields.get(b"idle", 0)
+                if (
+                    isinstance(name, bytes)
+                    and name != self.consumer
+                    and name not in alive
+                    and pending == 0
+                    and isinstance(idle, int)
+                    and idle > idle_ms
+                ):
+                    await conn.execute("XGROUP", "DELCONSUMER", s.key, self.group, name)

@@ -145,9 +145,18 @@ class RedisScheduleBackend(ScheduleBackend):
             missed,
         ]
         claim = keys.tick_claim(spec.name, _tick_ms(tick))
+        # The task's queue and level: another queue's keys have another hash tag (one
+        # Lua call then spans two slots, which a Redis Cluster would refuse).
+        target = keys if message.queue is None else Keys(keys.prefix, message.queue)
+        level = message.priority
         done = await FIRE_TICK.run(
             await self._conn(),
-            keys=[claim, keys.stream, keys.delayed, keys.schedule_state()],
+            keys=[
+                claim,
+                target.level_stream(level),
+                target.level_delayed(level),
+                keys.schedule_state(),
+            ],
             args=args,
         )
         return bool(done)

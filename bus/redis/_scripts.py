@@ -7,35 +7,57 @@ one (another worker reclaimed the entry meanwhile) then does nothing twice.
 
 from __future__ import annotations
 
+from bus._limits import ACQUIRE_SLOT_LUA, REFRESH_SLOT_LUA, RELEASE_SLOT_LUA, TOKEN_BUCKET_LUA
 from bus.redis._client import Script
 
-__all__ = ["CLAIM_SEND", "DEAD", "HANDBACK", "PROMOTE", "RELEASE", "REQUEUE", "TOUCH"]
+__all__ = [
+    "ACQUIRE_SLOT",
+    "CLAIM_SEND",
+    "DEAD",
+    "HANDBACK",
+    "PROMOTE",
+    "REFRESH_SLOT",
+    "RELEASE",
+    "RELEASE_SLOT",
+    "REQUEUE",
+    "TAKE_TOKEN",
+    "TOUCH",
+]
 
-#: Moves due members of the delayed set into the stream.
-#: KEYS: delayed zset, stream. ARGV: now (ms), batch size, maxlen (0: none).
-#: Returns {moved, score of the next member or false}.
+#: Moves due members of delayed sets into their streams: KEYS are n delayed sets, then
+#: the n streams they feed (a queue's levels: delayed:pN feeds stream:pN).
+#: ARGV: now (ms), batch size (per set), maxlen (0: none).
+#: Returns {moved, the earliest score left in any set or false}.
 PROMOTE = Script("""
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local n = #KEYS / 2
+local batch = tonumber(ARGV[2])
 local maxlen = tonumber(ARGV[3])
-for _, member in ipairs(due) do
-  local args = {KEYS[2]}
-  if maxlen > 0 then
-    args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
+local moved = 0
+local nxt = false
+for i = 1, n do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, batch)
+  for _, member in ipairs(due) do
+    local args = {KEYS[n + i]}
+    if maxlen > 0 then
+      args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
+    end
+    args[#args + 1] = '*'
+    local nl = string.find(member, '\\n', 1, true)
+    if nl then
+      local sig = string.sub(member, 1, nl - 1)
+      args[#args + 1] = 'd'; args[#args + 1] = string.sub(member, nl + 1)
+      if sig ~= '' then args[#args + 1] = 's'; args[#args + 1] = sig end
+    else
+      args[#args + 1] = 'd'; args[#args + 1] = member
+    end
+    redis.call('XADD', unpack(args))
+    redis.call('ZREM', KEYS[i], member)
   end
-  args[#args + 1] = '*'
-  local nl = string.find(member, '\\n', 1, true)
-  if nl then
-    local sig = string.sub(member, 1, nl - 1)
-    args[#args + 1] = 'd'; args[#args + 1] = string.sub(member, nl + 1)
-    if sig ~= '' then args[#args + 1] = 's'; args[#args + 1] = sig end
-  else
-    args[#args + 1] = 'd'; args[#args + 1] = member
-  end
-  redis.call('XADD', unpack(args))
-  redis.call('ZREM', KEYS[1], member)
+  if #due > moved then moved = #due end
+  local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  if first[2] and (not nxt or tonumber(first[2]) < tonumber(nxt)) then nxt = first[2] end
 end
-local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {#due, nxt[2] or false}
+return {moved, nxt}
 """)
 
 #: Resets the idle time of the entries this consumer still owns (a heartbeat).
@@ -92,9 +114,10 @@ return n
 """)
 
 #: Replaces an entry this consumer owns by the next attempt of its message (a retry):
-#: XADD to the stream (due = 0) or ZADD to the delayed set, then XACK + XDEL of the
-#: old entry. KEYS: stream, delayed. ARGV: group, consumer, id, due (ms, 0: now),
-#: data, signature, maxlen (0: none). Returns 1, or 0 if not owned (any more).
+#: XADD to the target stream (due = 0) or ZADD to the delayed set, then XACK + XDEL
+#: of the old entry. KEYS: stream (of the entry), delayed, target stream (default: the
+#: entry's). ARGV: group, consumer, id, due (ms, 0: now), data, signature, maxlen
+#: (0: none). Returns 1, or 0 if not owned (any more).
 REQUEUE = Script("""
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if not (p[1] and p[1][2] == ARGV[2]) then return 0 end
@@ -102,7 +125,7 @@ local due = tonumber(ARGV[4])
 if due > 0 then
   redis.call('ZADD', KEYS[2], due, ARGV[6] .. '\\n' .. ARGV[5])
 else
-  local args = {KEYS[1]}
+  local args = {KEYS[3] or KEYS[1]}
   local maxlen = tonumber(ARGV[7])
   if maxlen > 0 then
     args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
@@ -170,3 +193,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """)
+#: The limits' scripts (see bus._limits): a token of a rate limit's bucket, and the
+#: leases of a concurrency limit's slots.
+TAKE_TOKEN = Script(TOKEN_BUCKET_LUA)
+ACQUIRE_SLOT = Script(ACQUIRE_SLOT_LUA)
+REFRESH_SLOT = Script(REFRESH_SLOT_LUA)
+RELEASE_SLOT = Script(RELEASE_SLOT_LUA)

@@ -74,7 +74,8 @@ class RedisSettings:
     """Where Redis is: ``redis://``, ``rediss://`` (TLS) or ``unix://`` (see
     :class:`~bus.redis._url.RedisURL`); a malformed URL raises ``ValueError`` here."""
     queue: str = attrs.field(default="bus", validator=_name)
-    """The queue's name (part of every key)."""
+    """The default queue: where a task without a ``queue`` goes, and what a worker
+    consumes unless given ``queues`` (part of every key of the queue)."""
     prefix: str = attrs.field(default="bus", validator=_name)
     """First part of every key."""
     group: str = attrs.field(default="workers", validator=_name)
@@ -119,6 +120,14 @@ class RedisSettings:
     connect_timeout: float | None = attrs.field(default=None, validator=_optional_seconds)
     """Seconds ``async with broker`` waits for Redis at start before it fails
     (``None``: wait as long as it takes, retrying with backoff)."""
+    limit_backlog: int = attrs.field(default=1000, validator=_count(1))
+    """How many tasks over their rate or concurrency limit a worker process keeps aside
+    (read, waiting for the limit, not holding a runner) at most; with that many, it
+    reads nothing more until some of them started."""
+    limit_poll_interval: float = attrs.field(default=0.05, validator=_seconds)
+    """How often a task waiting for a ``max_running`` slot asks again (a slot given
+    back by this process wakes it at once; one given back elsewhere is seen at the
+    next ask)."""
 
     @property
     def heartbeat(self) -> float:

@@ -77,10 +77,11 @@ async def test_the_actor_tree_of_a_running_in_memory_broker() -> None:
             lines = tree.splitlines()
             assert lines[0] == "actors"
             names = [line.split("── ")[1].split(" (")[0] for line in lines[1:]]
-            assert sorted(names) == ["broker", "results", "worker"]
+            assert sorted(names) == ["broker", "results", "scheduler", "worker"]
             assert "(InMemoryBrokerActor," in tree
             assert "(ResultStoreActor," in tree
             assert "(WorkerActor," in tree
+            assert "(SchedulerActor," in tree
             assert broker.ref.actor_type == "InMemoryBrokerActor"
             assert broker.result_backend.ref.actor_type == "ResultStoreActor"
             info = await broker.inspect()

@@ -26,6 +26,7 @@ PAGES = [
     "middlewares.md",
     "testing.md",
     "concepts.md",
+    "queues.md",
 ]
 BLOCK = re.compile(r"(<!-- pytest -->\n)?```python\n(.*?)```", re.DOTALL)
 

@@ -291,3 +291,20 @@ async def test_every_sender_of_a_unique_job_gets_its_result(autojump_clock: Mock
             gate.set()
     assert runs == 1
     assert values == ["built docs"] * 50
+
+
+async def test_a_scheduled_task_goes_to_its_own_queue(autojump_clock: MockClock) -> None:
+    broker = bus.InMemoryBroker(start_worker=False)
+    send, receive = trio.open_memory_channel[tuple[str, float]](math.inf)
+
+    @broker.task(queue="reports", priority=3, schedule=bus.every(10))
+    async def report(ctx: bus.Context = bus.CONTEXT) -> None:
+        send.send_nowait((ctx.message.queue or "", ctx.labels["tick"]))
+
+    with trio.fail_after(100):
+        async with broker, trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: broker.run_worker(
+                2, queues=["reports"], task_status=task_status))  # fmt: skip
+            got = [await receive.receive() for _ in range(2)]
+            nursery.cancel_scope.cancel()
+    assert [q for q, _ in got] == ["reports", "reports"]

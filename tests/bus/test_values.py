@@ -214,14 +214,15 @@ def test_public_surface_is_pinned() -> None:
     assert sorted(bus.__all__) == sorted(
         [
             "CONTEXT", "AsyncTask", "Broker", "BrokerActor", "BrokerClosed", "BrokerState",
-            "BrokerStats", "BusError", "BusEvent", "Codec", "Context", "DecodeError",
-            "FrozenDict", "InMemoryBroker",
-            "InMemoryResultBackend", "InmemoryResultBackend", "JSONCodec", "Kicker",
+            "BrokerStats", "BusError", "BusEvent", "Codec", "Context", "Cron", "DecodeError",
+            "Every", "FrozenDict", "InMemoryBroker",
+            "InMemoryResultBackend", "InmemoryResultBackend", "JSONCodec", "Kicker", "Limit",
             "Middleware", "QueueFull", "RemoteError", "ResultBackend", "ResultNotFound",
-            "ResultTimeout", "SendError", "SyncTask", "Task", "TaskCancelled", "TaskFailed",
+            "ResultTimeout", "ScheduleInfo", "ScheduleSpec", "SendError", "SyncTask", "Task",
+            "TaskCancelled", "TaskFailed",
             "TaskHandle", "TaskID", "TaskMessage", "TaskOptions", "TaskResult", "TaskStatus",
-            "UnknownTaskError", "Worker", "WorkerActor", "__version__", "current_context",
-            "gather",
+            "TickState", "UnknownTaskError", "Worker", "WorkerActor", "__version__", "cron",
+            "current_context", "every", "gather", "limit",
         ]
     )  # fmt: skip
     for name in bus.__all__:

@@ -113,13 +113,17 @@ def _send(env: dict[str, str], n: int, seconds: float, offset: int) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def _wait(pred: Callable[[], bool], timeout: float = 20) -> None:
+def _wait(pred: Callable[[], bool], what: Callable[[], str], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
             return
         time.sleep(0.01)
-    raise AssertionError("condition not reached in time")
+    raise AssertionError(f"condition not reached in {timeout} s: {what()}")
+
+
+def _diag(r: Redis, attempt: int, mode: str, w: Proc) -> Callable[[], str]:
+    return lambda: f"try {attempt} ({mode}): {r.count('started')} started\n" + "".join(w.lines)
 
 
 def _events(lines: list[str], name: str) -> int:
@@ -158,14 +162,20 @@ def _stops(
                 started = r.count("started")
                 _send(env, 4, 0.3, sent)
                 sent += 4
-                _wait(lambda s=started: r.count("started") >= s + 1)
+                _wait(
+                    lambda s=started: r.count("started") >= s + 1,
+                    _diag(r, attempt, "busy", w),
+                )
             elif mode == "mid-drain":
                 # More tasks than runners: some run, some wait in the queue or were
                 # read and not started when the signal comes.
                 started = r.count("started")
                 _send(env, 12, 0.15, sent)
                 sent += 12
-                _wait(lambda s=started: r.count("started") >= s + 2)
+                _wait(
+                    lambda s=started: r.count("started") >= s + 2,
+                    _diag(r, attempt, "mid-drain", w),
+                )
             if group_signal:
                 os.killpg(w.proc.pid, signal.SIGTERM)  # the whole process group
             else:
@@ -185,7 +195,11 @@ def _stops(
     final = Proc(env, "worker", APP, "--log-format", "json")
     try:
         final.wait_for(lambda line: line.startswith("bus worker:"))
-        _wait(lambda: r.runs(sent) == [1] * sent, timeout=60)
+        _wait(
+            lambda: r.runs(sent) == [1] * sent,
+            lambda: f"runs {r.runs(sent)}\n" + "".join(final.lines),
+            timeout=60,
+        )
         final.proc.send_signal(signal.SIGTERM)
         assert final.finish() == 0
     finally:

@@ -46,3 +46,10 @@ async def test_check_broker_names_what_fails() -> None:
 async def test_check_broker_refuses_unknown_skips() -> None:
     with pytest.raises(ValueError, match="check_nope"):
         await bus.testing.check_broker(bus.InMemoryBroker, skip=["check_nope"])
+
+
+def test_the_feature_checks_are_named_right() -> None:
+    names = {c.__name__ for c in CHECKS}
+    assert set(bus.testing.QUEUE_CHECKS) <= names
+    assert set(bus.testing.SCHEDULE_CHECKS) <= names
+    assert set(bus.testing.UNIQUE_CHECKS) <= names

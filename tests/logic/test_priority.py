@@ -138,3 +138,12 @@ def test_the_bound_is_reached_and_never_exceeded() -> None:
     # 8, 7, ..., 2, 0 (never picked, higher first), then 1: its 99th pick.
     assert taken[10::11][:9] == [8, 7, 6, 5, 4, 3, 2, 0, 1]
     assert taken.index(1) == 98
+
+
+def test_pick_only_is_pick_of_one_level() -> None:
+    a, b = PriorityPicker(patience=2), PriorityPicker(patience=2)
+    for levels in [{9, 0}, {9, 0}, {9}, {9, 0}, {9, 0}, {9, 0}, {0}, {9, 0}]:
+        expected = a.pick(levels)
+        got = b.pick_only(next(iter(levels))) if len(levels) == 1 else b.pick(levels)
+        assert got == expected
+    assert a == b

@@ -38,6 +38,10 @@ async def calls() -> None:
     await shout.kiq("a", tiems=2)  # type: ignore[call-arg]
     await shout.kicker().with_labels(x=1).kiq(word="b")
     await shout.kicker().kiq(3)  # type: ignore[arg-type]
+    await shout.kicker().with_queue("reports").with_priority(9).kiq("a", times=2)
+    await shout.kicker().with_priority(1).kiq(word=3)  # type: ignore[arg-type]
+    limited = bus.limit("api", "10/s", burst=2)
+    assert isinstance(limited, bus.Limit)
     await with_ctx.kiq(1)
     direct: int = await add(1, 2)
     also: str = shout("x")
