@@ -7,6 +7,7 @@ output on a terminal, JSON lines otherwise).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import logging
@@ -20,7 +21,7 @@ from typing import Any, NoReturn
 import structlog
 import trio
 
-from bus._broker import Broker
+from bus._broker import Broker, plain_error
 from bus._errors import BusError, ResultTimeout
 from bus._message import TaskResult, TaskStatus
 
@@ -150,8 +151,10 @@ async def _supervise(argv: list[str], processes: int, max_restarts: int, window:
     async def keep(slot: int) -> None:
         nonlocal failed
         backoff = 0.5
+        restarts = 0
         while not stopping.is_set():
-            proc = await trio.lowlevel.open_process(cmd)
+            proc = await trio.lowlevel.open_process(cmd, env=_slot_env(slot, restarts))
+            restarts += 1
             procs[slot] = proc
             log.info("supervisor.started", slot=slot, pid=proc.pid)
             code = await proc.wait()
@@ -190,6 +193,75 @@ async def _supervise(argv: list[str], processes: int, max_restarts: int, window:
                     slots.start_soon(keep, slot)
             outer.cancel_scope.cancel()  # every slot has ended
     return 1 if failed else 0
+
+
+def _slot_env(slot: int, restarts: int) -> dict[str, str]:
+    """A child's environment: which slot of ``--processes`` it runs (``--metrics-port``
+    serves PORT + slot) and how often that slot was restarted before."""
+    return {**os.environ, "BUS_WORKER_SLOT": str(slot), "BUS_WORKER_RESTARTS": str(restarts)}
+
+
+# ------------------------------------------------------------- worker metrics
+
+
+def _add_metrics_option(w: argparse.ArgumentParser) -> None:
+    w.add_argument(
+        "--metrics-port",
+        metavar="[HOST:]PORT",
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (host: 127.0.0.1); "
+        "with --processes N, child i serves PORT+i",
+    )
+
+
+def _metrics_address(text: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host = "127.0.0.1"
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise CLIError(f"--metrics-port takes PORT or HOST:PORT, not {text!r}") from None
+    slot = os.environ.get("BUS_WORKER_SLOT", "0")
+    port += int(slot) if slot.isdigit() else 0
+    if not 0 <= port < 65536:
+        raise CLIError(f"--metrics-port {text!r}: port {port} is out of range")
+    return host, port
+
+
+def _run_worker_with_metrics(
+    broker: Broker, concurrency: int | None, shutdown_timeout: float, address: str
+) -> int:
+    """``bus worker --metrics-port``: the worker, and beside it a tiny HTTP server of the
+    broker's PrometheusMiddleware registry (one is attached when the broker has none)."""
+    try:
+        from bus.metrics import PrometheusMiddleware, registry_of, serve_metrics
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
+    host, port = _metrics_address(address)
+    registry = registry_of(broker.middlewares)
+    if registry is None:
+        mw = PrometheusMiddleware()
+        broker.with_middlewares(mw)
+        registry = mw.registry
+
+    async def main() -> int:
+        listeners = await trio.open_tcp_listeners(port, host=host)  # OSError: exit 1
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(
+                functools.partial(serve_metrics, registry, listeners=listeners)
+            )
+            shown = f"[{host}]" if ":" in host else host
+            print(f"bus worker: metrics at http://{shown}:{bound}/metrics", file=sys.stderr)
+            code = await run_worker(broker, concurrency, shutdown_timeout)
+            nursery.cancel_scope.cancel()
+        return code
+
+    try:
+        return trio.run(main)
+    except BaseExceptionGroup as group:
+        raise plain_error(group) from None
 
 
 # ------------------------------------------------------------------------ send
@@ -311,6 +383,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--log-format", choices=["console", "json"], default=None)
     w.add_argument("--log-level", default="info")
+    _add_metrics_option(w)
 
     s = sub.add_parser("send", help="send a task, optionally wait for its result")
     s.add_argument("broker", metavar="MODULE:BROKER")
@@ -345,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _in_process_only(broker, "worker")
             if args.processes < 1 or (args.concurrency is not None and args.concurrency < 1):
                 raise CLIError("--processes and --concurrency must be at least 1")
+            if args.metrics_port is not None:
+                _metrics_address(args.metrics_port)  # bad input fails here, not in each child
             if args.processes > 1:
                 # Each child runs this same command as one process (the last value wins).
                 return supervise([*args_list, "--processes", "1"], args.processes)
@@ -355,6 +430,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             if not timeout >= 0 or math.isnan(timeout):
                 raise CLIError("--shutdown-timeout must be >= 0")
+            if args.metrics_port is not None:
+                return _run_worker_with_metrics(
+                    broker, args.concurrency, timeout, args.metrics_port
+                )
             return trio.run(run_worker, broker, args.concurrency, timeout)
         if args.command == "send":
             call_args = _json_arg(args.args, "args", list)
