@@ -364,6 +364,67 @@ async def dead(broker: Broker, action: str, limit: int, as_json: bool) -> int:
     return 0
 
 
+# ------------------------------------------------------------------- dashboard
+
+
+def _add_dashboard_parser(sub: Any) -> None:
+    d = sub.add_parser("dashboard", help="serve a web dashboard of MODULE:BROKER")
+    d.add_argument("broker", metavar="MODULE:BROKER")
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    d.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free one)")
+    d.add_argument(
+        "--allow-actions",
+        action="store_true",
+        help="allow requeueing and purging dead letters from the page (each asks to confirm)",
+    )
+    d.add_argument(
+        "--show-payloads",
+        action="store_true",
+        help="show task arguments, labels and return values (hidden by default)",
+    )
+    d.add_argument("--log-format", choices=["console", "json"], default=None)
+    d.add_argument("--log-level", default="info")
+
+
+def _dashboard_main(broker: Broker, args: argparse.Namespace) -> int:
+    """``bus dashboard``: enter the broker, serve the dashboard until SIGINT/SIGTERM."""
+    _in_process_only(broker, "dashboard")
+    if not 0 <= args.port < 65536:
+        raise CLIError(f"--port must be from 0 to 65535, not {args.port}")
+    try:
+        from bus.dashboard import serve
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
+
+    async def main() -> int:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+            async def stop() -> None:
+                async for _ in signals:
+                    return
+
+            async with broker, trio.open_nursery() as nursery:
+                urls = await nursery.start(
+                    functools.partial(
+                        serve,
+                        broker,
+                        host=args.host,
+                        port=args.port,
+                        allow_actions=args.allow_actions,
+                        show_payloads=args.show_payloads,
+                        shutdown_trigger=stop,
+                    )
+                )
+                mode = "actions allowed" if args.allow_actions else "read-only"
+                print(f"bus dashboard: {urls[0]}/ ({mode})", file=sys.stderr, flush=True)
+        return 0
+
+    try:
+        return trio.run(main)
+    except BaseExceptionGroup as group:
+        raise plain_error(group) from None
+
+
 # ------------------------------------------------------------------------ main
 
 
@@ -405,6 +466,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=100)
     d.add_argument("--json", action="store_true")
     d.add_argument("--log-level", default="warning")
+    _add_dashboard_parser(sub)
     return p
 
 
@@ -443,6 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(
                 send, broker, args.task, call_args, call_kwargs, args.wait, args.timeout
             )
+        if args.command == "dashboard":
+            return _dashboard_main(broker, args)
         if args.command == "inspect":
             _in_process_only(broker, "inspect")
             return trio.run(inspect, broker, args.json)
