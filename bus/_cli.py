@@ -236,11 +236,11 @@ def _run_worker_with_metrics(
     """``bus worker --metrics-port``: the worker, and beside it a tiny HTTP server of the
     broker's PrometheusMiddleware registry (one is attached when the broker has none)."""
     try:
-        from bus.metrics import PrometheusMiddleware, registry_of, serve_metrics
+        from bus.metrics import PrometheusMiddleware, _registry_of, serve_metrics
     except ImportError as exc:
         raise CLIError(str(exc)) from None
     host, port = _metrics_address(address)
-    registry = registry_of(broker.middlewares)
+    registry = _registry_of(broker.middlewares)
     if registry is None:
         mw = PrometheusMiddleware()
         broker.with_middlewares(mw)

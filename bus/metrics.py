@@ -382,7 +382,7 @@ async def serve_metrics(
     await trio.serve_listeners(handler, list(listeners))
 
 
-def registry_of(middlewares: Iterable[Middleware]) -> CollectorRegistry | None:
+def _registry_of(middlewares: Iterable[Middleware]) -> CollectorRegistry | None:
     """The registry of the first :class:`PrometheusMiddleware` among ``middlewares``."""
     for mw in middlewares:
         if isinstance(mw, PrometheusMiddleware):

@@ -48,16 +48,16 @@ def page(base: str, data: dict[str, Any]) -> str:
 </section>
 <section id="workers-section">
   <h2>Workers <span id="workers-count" class="count"></span></h2>
-  <table id="workers"></table>
+  <div class="scroll"><table id="workers"></table></div>
   <p id="activity-hint" class="hint" hidden></p>
 </section>
 <section id="running-section">
   <h2>Running now <span id="running-count" class="count"></span></h2>
-  <table id="running"></table>
+  <div class="scroll"><table id="running"></table></div>
 </section>
 <section id="failures-section">
   <h2>Recent failures</h2>
-  <table id="failures"></table>
+  <div class="scroll"><table id="failures"></table></div>
 </section>
 <section id="dead-section">
   <h2>Dead letters <span id="dead-count" class="count"></span></h2>
@@ -68,7 +68,7 @@ def page(base: str, data: dict[str, Any]) -> str:
     <button type="button" id="confirm-no">Cancel</button>
   </div>
   <p id="action-result" class="hint" hidden></p>
-  <table id="dead"></table>
+  <div class="scroll"><table id="dead"></table></div>
 </section>
 <section id="lookup-section">
   <h2>Find a task</h2>

@@ -109,6 +109,6 @@ def line_chart(
             f'stroke="{esc(s.color)}" stroke-width="2"/>'
         )
         out.append(f'<text x="{tx}" y="{top + 14}" font-size="10" fill="#333">{esc(label)}</text>')
-        lx = tx + 7 * len(label) + 12
+        lx = tx + 6 * len(label) + 24
     out.append("</svg>")
     return "".join(out)

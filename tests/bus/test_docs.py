@@ -26,6 +26,7 @@ PAGES = [
     "middlewares.md",
     "testing.md",
     "concepts.md",
+    "observability.md",
 ]
 BLOCK = re.compile(r"(<!-- pytest -->\n)?```python\n(.*?)```", re.DOTALL)
 

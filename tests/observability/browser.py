@@ -78,8 +78,9 @@ class Page:
         await self.wait_for("document.readyState === 'complete' && location.href !== 'about:blank'")
 
     async def wait_for(self, expression: str, interval: float = 0.05) -> Any:
-        """Evaluate ``expression`` until it is truthy; return its value (the caller's
-        fail_after is the deadline: the page changes as it polls its server)."""
+        """Evaluate ``expression`` until its JSON value is truthy in Python (so a DOM
+        node, which comes back as ``{}``, needs ``!!``); return it. The caller's
+        fail_after is the deadline: the page changes as it polls its server."""
         while True:
             value = await self.evaluate(expression)
             if value:
@@ -102,6 +103,11 @@ class Page:
             await self.send(
                 "Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1
             )
+
+    async def type(self, selector: str, text: str) -> None:
+        """Click into ``selector`` and type ``text`` there."""
+        await self.click(selector)
+        await self.send("Input.insertText", text=text)
 
     async def screenshot(self, width: int = 1280, height: int = 1000) -> bytes:
         """A PNG of the viewport at ``width`` x ``height``."""

@@ -3,6 +3,8 @@ worker running; and `bus dashboard` as a command."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,7 +18,7 @@ from bus.dashboard import serve
 from bus.dashboard._data import DashboardData
 from bus.redis import RedisBroker
 from tests.observability.redis_app import make_broker
-from tests.observability.support import APP, bus_env, eventually, run_bus
+from tests.observability.support import APP, ROOT, bus_env, eventually, run_bus
 from tests.redis.server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -159,13 +161,20 @@ async def test_bus_dashboard_command(redis_server: RedisServer) -> None:
             assert await proc.proc.wait() == 0
 
 
-def test_bus_dashboard_refuses_an_in_memory_broker(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from bus._cli import main
-
-    monkeypatch.syspath_prepend(".")
-    with pytest.raises(SystemExit) as exc:
-        main(["dashboard", "tests.cli.memory_app:broker"])
-    assert exc.value.code == 2
-    assert "does not apply to InMemoryBroker" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["dashboard", "tests.cli.memory_app:broker"], "does not apply to InMemoryBroker"),
+        (["dashboard", APP, "--port", "70000"], "--port must be from 0 to 65535"),
+        (["worker", APP, "--metrics-port", "nine"], "--metrics-port takes PORT or HOST:PORT"),
+        (["worker", APP, "--metrics-port", "1:99999"], "port 99999 is out of range"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    # In a subprocess: the CLI configures structlog for its whole process.
+    done = subprocess.run(
+        [sys.executable, "-m", "bus", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("bus: error: ") and message in done.stderr

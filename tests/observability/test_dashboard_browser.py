@@ -75,6 +75,12 @@ async def test_the_page_shows_the_queue_a_worker_and_a_dead_letter_and_requeues_
                 assert said == "requeued 1 dead letter(s)"
                 assert await broker.dead_letters() == []
                 await page.wait_for(q("#dead td.empty") + " === 'no dead letter'")
+                # A task by id, typed into the form.
+                await page.type("#task-id", str(holds[0].task_id))
+                await page.click("#lookup button")
+                found = json.loads(await page.wait_for(q("#task-result")))
+                assert found["running"]["worker"] == consumer
+                assert found["progress"] == {"step": "holding", "n": 0}
             for h in holds:
                 await h.cancel()
 

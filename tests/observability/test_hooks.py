@@ -62,3 +62,16 @@ async def test_a_retried_attempt_has_no_error_and_the_final_one_has() -> None:
         ("m", "post_execute", bus.TaskStatus.FAILURE, True),
         ("m", "post_execute", bus.TaskStatus.FAILURE, False),
     ]
+
+
+def test_public_surfaces_are_pinned() -> None:
+    import bus.activity
+    import bus.dashboard
+    import bus.metrics
+    import bus.tracing
+
+    assert sorted(bus.metrics.__all__) == ["PrometheusMiddleware", "SENT_AT", "serve_metrics"]
+    assert bus.tracing.__all__ == ["OpenTelemetryMiddleware"]
+    assert sorted(bus.activity.__all__) == ["Activity", "ActivityMiddleware", "read_activity"]
+    assert sorted(bus.dashboard.__all__) == ["Dashboard", "app", "serve"]
+    assert "on_reject" in bus._middleware.HOOKS

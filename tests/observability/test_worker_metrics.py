@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import trio
 
@@ -75,9 +77,21 @@ async def test_metrics_of_a_worker_after_100_tasks(redis_server: RedisServer) ->
     assert sent("bus_tasks_sent_total", {"task_name": "ok", "queue": "q"}) == 65
 
 
+def two_free_ports() -> int:
+    """A port P such that P and P + 1 were both free a moment ago."""
+    while True:
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
 async def test_processes_serve_one_port_each(redis_server: RedisServer) -> None:
     env = bus_env(redis_server.url, f"m{bus.TaskID.new()[-12:]}")
-    port = free_port()
+    port = two_free_ports()
     with trio.fail_after(30):
         async with run_bus(
             env, "worker", APP, "--processes", "2", "--metrics-port", f"127.0.0.1:{port}",

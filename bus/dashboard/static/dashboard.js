@@ -45,6 +45,12 @@
     return (seconds / 3600).toFixed(1) + " h";
   }
 
+  function tid(id) {  // the random tail of a task id; click it to look the task up
+    if (!id) { return "-"; }
+    return el("code", { "class": "id", title: id + " (click to look it up)", "data-id": id },
+      "\u2026" + id.slice(-12));
+  }
+
   function when(unix) {
     return unix ? new Date(unix * 1000).toLocaleTimeString() : "-";
   }
@@ -104,7 +110,7 @@
     fill($("running"), ["Task", "Id", "Attempt", "Worker", "For", "Progress"],
       d.running.map(function (r) {
         return el("tr", { "data-task-id": r.task_id },
-          el("td", {}, r.task_name), el("td", {}, el("code", { "class": "id" }, r.task_id)),
+          el("td", {}, r.task_name), el("td", {}, tid(r.task_id)),
           num("attempt", r.attempt), el("td", {}, el("code", {}, r.worker)),
           el("td", {}, span(r.running_seconds)), el("td", { "data-field": "progress" }, progress(r.progress)));
       }), "nothing runs now");
@@ -115,7 +121,7 @@
           el("pre", {}, f.traceback || "(no traceback)"));
         return el("tr", { "data-task-id": f.task_id },
           el("td", {}, when(f.time)), el("td", {}, f.task_name || "?"),
-          el("td", {}, el("code", { "class": "id" }, f.task_id || "-")),
+          el("td", {}, tid(f.task_id)),
           num("attempt", f.attempt), el("td", {}, error),
           el("td", {}, f.retrying ? "retrying" : f.status));
       }), "no failure lately");
@@ -139,7 +145,7 @@
     fill($("dead"), headers, dead.items.map(function (x) {
       var row = el("tr", { "data-dead-id": x.id },
         el("td", {}, el("code", {}, x.id)), el("td", {}, x.task_name || "?"),
-        el("td", {}, el("code", { "class": "id" }, x.task_id || "-")),
+        el("td", {}, tid(x.task_id)),
         el("td", { "data-field": "reason" }, x.reason), num("deliveries", x.deliveries),
         el("td", {}, when(x.time)));
       if (d.show_payloads) { row.appendChild(el("td", {}, el("code", {}, JSON.stringify(x.payload)))); }
@@ -204,14 +210,25 @@
     $("confirm").hidden = true;
   });
 
-  $("lookup").addEventListener("submit", function (ev) {
-    ev.preventDefault();
-    var id = $("task-id").value.trim();
+  function lookup(id) {
     var out = $("task-result");
     fetch("api/tasks/" + encodeURIComponent(id), { headers: { Accept: "application/json" } })
       .then(function (r) { return r.json(); })
       .then(function (body) { out.hidden = false; out.textContent = JSON.stringify(body, null, 2); })
       .catch(function (e) { out.hidden = false; out.textContent = String(e); });
+  }
+
+  $("lookup").addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    lookup($("task-id").value.trim());
+  });
+  document.addEventListener("click", function (ev) {
+    var id = ev.target && ev.target.getAttribute && ev.target.getAttribute("data-id");
+    if (id) {
+      $("task-id").value = id;
+      lookup(id);
+      $("lookup-section").scrollIntoView();
+    }
   });
 
   render(data);
