@@ -125,7 +125,7 @@ class _InspectCollector(Collector):
 
 @attrs.define
 class _Running:
-    labels: tuple[str, str]
+    children: _Children
     count: int = 1
 
 
@@ -147,8 +147,9 @@ class PrometheusMiddleware(Middleware):
 
     Histograms: ``bus_task_duration_seconds`` (each attempt) and
     ``bus_task_queue_wait_seconds`` (first attempts: from the send, or the ETA when
-    later, to the start; the send time comes from the ``bus.sent_at`` label that
-    ``pre_send`` stamps, else from the task id's creation time).
+    later, to the start; the send time is the task id's creation time, or the
+    ``bus.sent_at`` label that ``pre_send`` stamps when the id was made earlier than
+    the send, as with ``kicker().with_task_id(...)``).
 
     Gauges: ``bus_tasks_running``; read from ``broker.inspect()`` every
     ``inspect_interval`` seconds by a sampler actor: ``bus_queue_depth``,
@@ -187,6 +188,7 @@ class PrometheusMiddleware(Middleware):
         self.process_restarts = _int_env("BUS_WORKER_RESTARTS")
         self._sampler: actors.ActorRef | None = None
         self._running: dict[TaskID, _Running] = {}
+        self._children: dict[tuple[str, Any], _Children] = {}
         reg = self.registry
 
         def counter(name: str, doc: str, *extra: str) -> Counter:
@@ -248,21 +250,35 @@ class PrometheusMiddleware(Middleware):
             name = message.task_name
         return name, _queue_of(message, self.broker)
 
+    def _of(self, message: TaskMessage) -> _Children:
+        """The labelled children of one (task name, queue), made once: looking a child
+        up through ``labels()`` costs more than the increment itself."""
+        key = (message.task_name, message.labels.get("queue"))
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = _Children(self, self._labels(message))
+        return children
+
     def pre_send(self, message: TaskMessage) -> TaskMessage:
+        # The task id says when it was made, which is when it was sent unless it was
+        # made earlier (``with_task_id``): only then is the send time stamped.
         if not self.stamp_sent_at or SENT_AT in message.labels:
             return message
-        return attrs.evolve(message, labels={**message.labels, SENT_AT: time.time()})
+        now = time.time()
+        if now - message.task_id.timestamp < _ID_IS_SEND_TIME:
+            return message
+        return attrs.evolve(message, labels={**message.labels, SENT_AT: now})
 
     def post_send(self, message: TaskMessage) -> None:
-        self.sent.labels(*self._labels(message)).inc()
+        self._of(message).sent.inc()
 
     def pre_execute(self, message: TaskMessage) -> TaskMessage:
-        labels = self._labels(message)
-        self.started.labels(*labels).inc()
-        self.running.labels(*labels).inc()
+        c = self._of(message)
+        c.started.inc()
+        c.running.inc()
         r = self._running.get(message.task_id)
         if r is None:
-            self._running[message.task_id] = _Running(labels)
+            self._running[message.task_id] = _Running(c)
         else:
             r.count += 1
         if message.attempt == 1:
@@ -270,39 +286,71 @@ class PrometheusMiddleware(Middleware):
             if not isinstance(sent, int | float) or isinstance(sent, bool):
                 sent = message.task_id.timestamp
             due = max(float(sent), message.eta or 0.0)
-            self.queue_wait.labels(*labels).observe(max(0.0, time.time() - due))
+            c.queue_wait.observe(max(0.0, time.time() - due))
         return message
 
-    def _not_running(self, task_id: TaskID) -> tuple[str, str] | None:
+    def _not_running(self, task_id: TaskID) -> _Children | None:
         r = self._running.get(task_id)
         if r is None:
             return None
         r.count -= 1
         if r.count <= 0:
             del self._running[task_id]
-        self.running.labels(*r.labels).dec()
-        return r.labels
+        r.children.running.dec()
+        return r.children
 
     def post_execute(self, message: TaskMessage, result: TaskResult[Any]) -> None:
-        labels = self._not_running(message.task_id) or self._labels(message)
+        c = self._not_running(message.task_id) or self._of(message)
         status = result.status
         if status is TaskStatus.SUCCESS:
-            counter = self.succeeded
+            c.succeeded.inc()
         elif status is TaskStatus.CANCELLED:
-            counter = self.cancelled
+            c.cancelled.inc()
         elif result.error is None:  # a failed attempt that will be retried
-            counter = self.retried
+            c.retried.inc()
         elif status is TaskStatus.TIMEOUT:
-            counter = self.timed_out
+            c.timed_out.inc()
         else:
-            counter = self.failed
-        counter.labels(*labels).inc()
-        self.duration.labels(*labels).observe(result.execution_time)
+            c.failed.inc()
+        c.duration.observe(result.execution_time)
 
     def on_reject(self, message: TaskMessage | None, reason: str) -> None:
         if message is not None:
             self._not_running(message.task_id)
         self.rejected.labels(*self._labels(message), _reason_kind(reason)).inc()
+
+
+#: Seconds: a task id made less long ago than this at send time was made for the send.
+_ID_IS_SEND_TIME = 0.05
+
+
+class _Children:
+    """The labelled metrics of one (task name, queue)."""
+
+    __slots__ = (
+        "cancelled",
+        "duration",
+        "failed",
+        "queue_wait",
+        "retried",
+        "running",
+        "sent",
+        "started",
+        "succeeded",
+        "timed_out",
+    )
+
+    def __init__(self, mw: PrometheusMiddleware, labels: tuple[str, str]) -> None:
+        self.sent = mw.sent.labels(*labels)
+        self.started = mw.started.labels(*labels)
+        self.succeeded = mw.succeeded.labels(*labels)
+        self.failed = mw.failed.labels(*labels)
+        self.retried = mw.retried.labels(*labels)
+        self.cancelled = mw.cancelled.labels(*labels)
+        self.timed_out = mw.timed_out.labels(*labels)
+        self.running = mw.running.labels(*labels)
+        self.duration = mw.duration.labels(*labels)
+        self.queue_wait = mw.queue_wait.labels(*labels)
 
 
 def _int_env(name: str) -> int:

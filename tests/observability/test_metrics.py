@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 import trio.testing
@@ -67,14 +69,20 @@ async def test_every_outcome_is_counted_by_task_and_queue(
             broker.ref.tell_nowait(Send(tasks["ok"].kicker().message(), b"\x00"))  # garbage
             await (await tasks["ok"].kiq(1)).wait_result()  # does not fit: rejected
             await broker.wait_all()
-            assert (await handles[0].wait_result()).labels[SENT_AT] > 0
+            assert SENT_AT not in (await handles[0].wait_result()).labels  # its id's time
+            # An id made earlier than the send: the send time travels in a label.
+            ms = f"{int((time.time() - 10) * 1000):012x}"
+            old_id = bus.TaskID.parse(f"{ms[:8]}-{ms[8:]}-7000-8000-000000000001")
+            early = tasks["ok"].kicker().with_task_id(old_id)
+            stamped = await (await early.kiq()).wait_result()
+            assert stamped.labels[SENT_AT] >= old_id.timestamp + 10
 
     def count(metric: str, task: str) -> float:
         return value(mw, f"bus_tasks_{metric}_total", task_name=task, queue="default")
 
-    assert count("sent", "ok") == 4 and count("sent", "wait") == 1
+    assert count("sent", "ok") == 5 and count("sent", "wait") == 1
     # Arguments are checked when the function is called: the misfit one started too.
-    assert count("started", "ok") == 4 and count("succeeded", "ok") == 3
+    assert count("started", "ok") == 5 and count("succeeded", "ok") == 4
     assert count("started", "flaky") == 2
     assert (count("retried", "flaky"), count("succeeded", "flaky")) == (1, 1)
     assert (count("failed", "bad"), count("failed", "flaky")) == (1, 0)
