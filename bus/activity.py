@@ -67,12 +67,17 @@ class _Publisher(actors.Actor):
         self.nursery.start_soon(self._publish_forever)
 
     async def _publish_forever(self) -> None:
+        failing = False
         while True:
             await trio.sleep(self.mw.interval)
             try:
                 await self.mw.flush()
             except Exception as exc:  # Redis away: the next round tries again
-                log.warning("activity.publish_failed", error=f"{type(exc).__name__}: {exc}")
+                if not failing:  # once, not every interval
+                    log.warning("activity.publish_failed", error=f"{type(exc).__name__}: {exc}")
+                failing = True
+            else:
+                failing = False
 
 
 def _worker_name(broker: Broker) -> str:

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from actors._log import get_logger
+from bus._errors import BrokerClosed
 from bus.dashboard._data import ActionRefused, DashboardData
 from bus.dashboard._page import CSS, JS, page
 
@@ -223,6 +224,8 @@ async def serve(
     from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
 
+    if not broker.is_running:
+        raise BrokerClosed("serve the dashboard inside `async with broker`")
     dashboard = app(broker, allow_actions=allow_actions, show_payloads=show_payloads, **options)
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]

@@ -178,3 +178,8 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("bus: error: ") and message in done.stderr
+
+
+async def test_serve_needs_a_running_broker() -> None:
+    with trio.fail_after(5), pytest.raises(bus.BrokerClosed, match="inside `async with broker`"):
+        await serve(bus.InMemoryBroker(), port=0)

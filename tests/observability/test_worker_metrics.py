@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
 
+import httpx
 import pytest
 import trio
 
@@ -95,10 +99,25 @@ async def test_processes_serve_one_port_each(redis_server: RedisServer) -> None:
     with trio.fail_after(30):
         async with run_bus(
             env, "worker", APP, "--processes", "2", "--metrics-port", f"127.0.0.1:{port}",
-            "--log-level", "warning",
+            "--log-format", "json",
         ) as sup:  # fmt: skip
             found = await sup.wait_for(r"metrics at http://127\.0\.0\.1:(\d+)/", count=2)
             assert sorted(int(m[1]) for m in found) == [port, port + 1]
             for slot in (0, 1):
                 text = (await get(f"http://127.0.0.1:{port + slot}/metrics")).text
                 assert metric(text, "bus_worker_restarts", slot=str(slot)) == 0
+            # A crashed child comes back on its slot's port, and says it was restarted.
+            started = await sup.wait_for(
+                r'"supervisor.started".*"slot": 0|"slot": 0.*"supervisor.started"'
+            )
+            pid = int(json.loads(started[0].string)["pid"])
+            os.kill(pid, signal.SIGKILL)
+
+            async def restarted() -> bool:
+                try:
+                    text = (await get(f"http://127.0.0.1:{port}/metrics")).text
+                except httpx.ConnectError:
+                    return False  # between the crash and the restart
+                return metric(text, "bus_worker_restarts", slot="0") == 1
+
+            await eventually(restarted)
