@@ -164,6 +164,7 @@ class ActivityMiddleware(Middleware):
                 await self._store.remove(self.worker)
             except Exception as exc:
                 log.warning("activity.publish_failed", error=f"{type(exc).__name__}: {exc}")
+        self.running.clear()  # handed back unfinished, if anything: it runs elsewhere
 
     # ----------------------------------------------------------------- hooks
 

@@ -241,6 +241,11 @@ class PrometheusMiddleware(Middleware):
         sampler, self._sampler = self._sampler, None
         if sampler is not None and sampler.is_alive:
             await sampler.stop()
+        # Attempts a shutdown handed back unfinished (they run again elsewhere) no
+        # longer run here.
+        for r in self._running.values():
+            r.children.running.dec(r.count)
+        self._running.clear()
 
     # ----------------------------------------------------------------- hooks
 

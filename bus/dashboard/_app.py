@@ -7,14 +7,14 @@ import contextlib
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -72,6 +72,20 @@ def _guarded(fn: Handler) -> Handler:
     return wrapper
 
 
+def _host_of(scope: Scope) -> str:
+    """The host name a request was made to, without its port."""
+    for name, value in scope.get("headers") or ():
+        if name == b"host":
+            host: str = bytes(value).decode("latin-1").strip().lower()
+            if host.startswith("["):
+                return host[1:].split("]", 1)[0]
+            return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return ""
+
+
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 def _same_origin(request: Request) -> bool:
     """A browser sends ``Origin`` with a POST: it must be this dashboard's own."""
     origin = request.headers.get("origin")
@@ -91,7 +105,9 @@ class Dashboard:
     ``{"confirm": true}`` and a same-origin JSON POST); ``show_payloads``: show task
     arguments, labels and return values (hidden by default); ``sample_interval``
     and ``history``: seconds between the chart's samples and how far back it goes;
-    ``refresh``: how often the page polls. See docs/observability.md for the JSON API.
+    ``refresh``: how often the page polls; ``allowed_hosts``: the host names it
+    answers to (``None``, the default here: any; :func:`serve` on a loopback address
+    allows only the loopback names). See docs/observability.md for the JSON API.
     """
 
     def __init__(
@@ -103,7 +119,10 @@ class Dashboard:
         sample_interval: float = 5.0,
         history: float = 900.0,
         refresh: float = 2.0,
+        allowed_hosts: Iterable[str] | None = None,
     ) -> None:
+        #: Host names (without port) the dashboard answers to; ``None``: any.
+        self.allowed_hosts = None if allowed_hosts is None else frozenset(allowed_hosts)
         self.data = DashboardData(
             broker,
             allow_actions=allow_actions,
@@ -126,6 +145,14 @@ class Dashboard:
         self._app = Starlette(routes=routes, lifespan=self._lifespan)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.allowed_hosts is not None:
+            host = _host_of(scope)
+            if host not in self.allowed_hosts:
+                # A page of another site whose name now points here (DNS rebinding)
+                # must not read or act on the dashboard.
+                refused = PlainTextResponse(f"unknown host {host!r}", 403, headers=_HEADERS)
+                await refused(scope, receive, send)
+                return
         await self._app(scope, receive, send)
 
     @contextlib.asynccontextmanager
@@ -213,20 +240,33 @@ async def serve(
     allow_actions: bool = False,
     show_payloads: bool = False,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    allowed_hosts: Iterable[str] | Literal["loopback"] | None = "loopback",
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     **options: Any,
 ) -> None:
     """Serve the dashboard of the running ``broker`` at ``http://host:port/`` with
     hypercorn in Trio mode, until ``shutdown_trigger`` returns or this is cancelled.
     ``nursery.start`` returns the URLs it listens on (``port=0`` picks a free port).
-    Binds to 127.0.0.1 unless told otherwise. Its errors are logged through the
-    ``logging`` logger ``bus.dashboard.http``; nothing is printed otherwise."""
+    Binds to 127.0.0.1 unless told otherwise. ``allowed_hosts``: the host names
+    requests may name (``"loopback"``: 127.0.0.1, localhost and ::1 when bound to a
+    loopback address, any otherwise; ``None``: any). Its errors are logged through
+    the ``logging`` logger ``bus.dashboard.http``; nothing is printed otherwise."""
     from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
 
     if not broker.is_running:
         raise BrokerClosed("serve the dashboard inside `async with broker`")
-    dashboard = app(broker, allow_actions=allow_actions, show_payloads=show_payloads, **options)
+    if allowed_hosts == "loopback":
+        allowed_hosts = (
+            _LOOPBACK | {host} if host in _LOOPBACK or host == "0:0:0:0:0:0:0:1" else None
+        )
+    dashboard = app(
+        broker,
+        allow_actions=allow_actions,
+        show_payloads=show_payloads,
+        allowed_hosts=allowed_hosts,
+        **options,
+    )
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None

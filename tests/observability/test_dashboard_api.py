@@ -96,6 +96,9 @@ async def test_the_json_api_with_a_worker_running(redis_server: RedisServer) -> 
                 assert bad.status_code == 400 and "not a task id" in bad.json()["error"]
                 assert not (await http.get(f"/api/tasks/{bus.TaskID.new()}")).json()["found"]
 
+                # A name that is not this host's (DNS rebinding) gets nothing.
+                rebound = await http.get("/api/overview", headers={"Host": "rebound.example:80"})
+                assert rebound.status_code == 403
                 # Read-only: the actions are refused.
                 refused = await http.post("/api/dead/purge", json={"confirm": True})
                 assert refused.status_code == 403
