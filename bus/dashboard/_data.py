@@ -31,7 +31,9 @@ __all__ = ["ActionRefused", "DashboardData"]
 
 log = get_logger("bus.dashboard")
 
-#: How many running tasks get their progress read per overview.
+#: How many running tasks (the longest running first) are listed, and get their
+#: progress read, per overview.
+RUNNING_SHOWN = 200
 PROGRESS_LOOKUPS = 50
 DEAD_SHOWN = 50
 FAILURES_SHOWN = 50
@@ -209,7 +211,7 @@ class DashboardData:
         for r in running[:PROGRESS_LOOKUPS]:
             try:
                 progress = await broker.result_backend.get_progress(TaskID.parse(r["task_id"]))
-            except (ValueError, Exception):  # a backend without progress, a bad id
+            except Exception:  # a bad id in a record, a backend that keeps no progress
                 progress = None
             r["progress"] = None if progress is None else _short(progress)
 
@@ -221,7 +223,7 @@ class DashboardData:
             "refresh_seconds": self.refresh,
             "queues": [queue],
             "workers": workers,
-            "running": running,
+            "running": running[:RUNNING_SHOWN],
             "running_total": sum(int(r.get("running_count", 0)) for r in records.values()),
             "activity": {
                 "published": bool(records),
