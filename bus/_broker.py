@@ -450,12 +450,12 @@ class Broker(abc.ABC):
             await hooks.run_all("post_send", message)  # sent: never raise now
         return tid
 
-    async def kick_many(self, messages: Sequence[TaskMessage]) -> None:
+    async def kick_many(self, messages: Sequence[TaskMessage]) -> list[TaskID]:
         """Send many messages; brokers with a faster bulk path (Redis pipelines)
         override it. Each message goes through the middlewares as with :meth:`kick`.
-        On failure, the messages before the failing one were sent."""
-        for message in messages:
-            await self.kick(message)
+        On failure, the messages before the failing one were sent. Returns the ids of
+        the tasks that will run, in order (as :meth:`kick` does)."""
+        return [await self.kick(message) for message in messages]
 
     def kick_nowait(self, message: TaskMessage) -> TaskID:
         """Send without waiting (no async middlewares run); :class:`QueueFull` when full.

@@ -271,10 +271,12 @@ async def _supervise(
     async def keep(slot: int) -> None:
         nonlocal failed
         backoff = 0.5
+        restarts = 0
         while not stopping.is_set():
             proc = await trio.lowlevel.open_process(
-                cmd, stderr=subprocess.PIPE, start_new_session=True
+                cmd, stderr=subprocess.PIPE, start_new_session=True, env=_slot_env(slot, restarts)
             )
+            restarts += 1
             procs[slot] = proc
             log.info("supervisor.started", slot=slot, pid=proc.pid)
             assert proc.stderr is not None
@@ -331,6 +333,73 @@ async def _supervise(
     if failed or any(code != 0 for code in exit_codes):
         return 1
     return 0
+
+
+def _slot_env(slot: int, restarts: int) -> dict[str, str]:
+    """A child's environment: which slot of ``--processes`` it runs (``--metrics-port``
+    serves PORT + slot) and how often that slot was restarted before."""
+    return {**os.environ, "BUS_WORKER_SLOT": str(slot), "BUS_WORKER_RESTARTS": str(restarts)}
+
+
+# ------------------------------------------------------------- worker metrics
+
+
+def _add_metrics_option(w: argparse.ArgumentParser) -> None:
+    w.add_argument(
+        "--metrics-port",
+        metavar="[HOST:]PORT",
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (host: 127.0.0.1); "
+        "with --processes N, child i serves PORT+i",
+    )
+
+
+def _metrics_address(text: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host = "127.0.0.1"
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise CLIError(f"--metrics-port takes PORT or HOST:PORT, not {text!r}") from None
+    slot = os.environ.get("BUS_WORKER_SLOT", "0")
+    port += int(slot) if slot.isdigit() else 0
+    if not 0 <= port < 65536:
+        raise CLIError(f"--metrics-port {text!r}: port {port} is out of range")
+    return host, port
+
+
+def _run_worker_with_metrics(broker: Broker, worker_args: tuple[Any, ...], address: str) -> int:
+    """``bus worker --metrics-port``: the worker, and beside it a tiny HTTP server of the
+    broker's PrometheusMiddleware registry (one is attached when the broker has none)."""
+    try:
+        from bus.metrics import PrometheusMiddleware, _registry_of, serve_metrics
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
+    host, port = _metrics_address(address)
+    registry = _registry_of(broker.middlewares)
+    if registry is None:
+        mw = PrometheusMiddleware()
+        broker.with_middlewares(mw)
+        registry = mw.registry
+
+    async def main() -> int:
+        listeners = await trio.open_tcp_listeners(port, host=host)  # OSError: exit 1
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(
+                functools.partial(serve_metrics, registry, listeners=listeners)
+            )
+            shown = f"[{host}]" if ":" in host else host
+            print(f"bus worker: metrics at http://{shown}:{bound}/metrics", file=sys.stderr)
+            code = await run_worker(broker, *worker_args)
+            nursery.cancel_scope.cancel()
+        return code
+
+    try:
+        return trio.run(main)
+    except BaseExceptionGroup as group:
+        raise plain_error(group) from None
 
 
 # ------------------------------------------------------------------------ send
@@ -562,6 +631,67 @@ async def dead(
     return 0
 
 
+# ------------------------------------------------------------------- dashboard
+
+
+def _add_dashboard_parser(sub: Any) -> None:
+    d = sub.add_parser("dashboard", help="serve a web dashboard of MODULE:BROKER")
+    d.add_argument("broker", metavar="MODULE:BROKER")
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    d.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free one)")
+    d.add_argument(
+        "--allow-actions",
+        action="store_true",
+        help="allow requeueing and purging dead letters from the page (each asks to confirm)",
+    )
+    d.add_argument(
+        "--show-payloads",
+        action="store_true",
+        help="show task arguments, labels and return values (hidden by default)",
+    )
+    d.add_argument("--log-format", choices=["console", "json"], default=None)
+    d.add_argument("--log-level", default="info")
+
+
+def _dashboard_main(broker: Broker, args: argparse.Namespace) -> int:
+    """``bus dashboard``: enter the broker, serve the dashboard until SIGINT/SIGTERM."""
+    _in_process_only(broker, "dashboard")
+    if not 0 <= args.port < 65536:
+        raise CLIError(f"--port must be from 0 to 65535, not {args.port}")
+    try:
+        from bus.dashboard import serve
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
+
+    async def main() -> int:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+            async def stop() -> None:
+                async for _ in signals:
+                    return
+
+            async with broker, trio.open_nursery() as nursery:
+                urls = await nursery.start(
+                    functools.partial(
+                        serve,
+                        broker,
+                        host=args.host,
+                        port=args.port,
+                        allow_actions=args.allow_actions,
+                        show_payloads=args.show_payloads,
+                        shutdown_trigger=stop,
+                    )
+                )
+                mode = "actions allowed" if args.allow_actions else "read-only"
+                print(f"bus dashboard: {urls[0]}/ ({mode})", file=sys.stderr, flush=True)
+        return 0
+
+    try:
+        return trio.run(main)
+    except BaseExceptionGroup as group:
+        raise plain_error(group) from None
+
+
 # ------------------------------------------------------------------------ main
 
 
@@ -607,6 +737,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--log-format", choices=["console", "json"], default=None)
     w.add_argument("--log-level", default="info")
+    _add_metrics_option(w)
 
     sc = sub.add_parser("schedules", help="list the periodic tasks and their ticks")
     sc.add_argument("broker", metavar="MODULE:BROKER")
@@ -638,6 +769,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--task", default=None, help="only letters of this task")
     d.add_argument("--json", action="store_true")
     d.add_argument("--log-level", default="warning")
+    _add_dashboard_parser(sub)
     return p
 
 
@@ -689,18 +821,16 @@ def _main(args: argparse.Namespace, args_list: list[str]) -> int:
             for name in args.queue:
                 if not is_queue_name(name):
                     raise CLIError(f"--queue {name!r} is not a queue name")
+            if args.metrics_port is not None:
+                _metrics_address(args.metrics_port)  # bad input fails here, not in each child
             if args.processes > 1:
                 return supervise(args_list, args.processes, timeout, args.kill_grace)
             if args.connect_timeout is not None:
                 broker.connect_timeout = args.connect_timeout
-            return trio.run(
-                run_worker,
-                broker,
-                args.concurrency,
-                timeout,
-                args.queue or (),
-                not args.no_scheduler,
-            )
+            worker_args = (args.concurrency, timeout, args.queue or (), not args.no_scheduler)
+            if args.metrics_port is not None:
+                return _run_worker_with_metrics(broker, worker_args, args.metrics_port)
+            return trio.run(run_worker, broker, *worker_args)
         if args.command == "send":
             call_args = _json_arg(args.args, "args", list)
             call_kwargs = _json_arg(args.kwargs, "kwargs", dict)
@@ -708,6 +838,8 @@ def _main(args: argparse.Namespace, args_list: list[str]) -> int:
             return trio.run(
                 send, broker, args.task, call_args, call_kwargs, args.wait, args.timeout
             )
+        if args.command == "dashboard":
+            return _dashboard_main(broker, args)
         if args.command == "inspect":
             _in_process_only(broker, "inspect")
             return trio.run(inspect, broker, args.json)

@@ -536,6 +536,8 @@ async def check_unique_jobs_run_once_while_queued_or_running(
         async with run_broker(broker):
             first = [await report.kiq("mon") for _ in range(5)]
             assert len({h.task_id for h in first}) == 1  # one job: every handle on it
+            many = await report.kiq_many([("mon",), ("mon",)])  # in bulk too
+            assert {h.task_id for h in many} == {first[0].task_id}
             other = await report.kiq("tue")  # other arguments: another job
             assert other.task_id != first[0].task_id
             keyed = [await report.kicker().with_unique(key="k").kiq(d) for d in ("a", "b")]

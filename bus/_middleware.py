@@ -26,9 +26,12 @@ HOOKS = (
     "post_execute",
     "on_error",
     "post_save",
+    "on_reject",
 )
 #: Hooks that run in reverse list order (the "way out").
-REVERSED = frozenset({"shutdown", "post_send", "post_execute", "on_error", "post_save"})
+REVERSED = frozenset(
+    {"shutdown", "post_send", "post_execute", "on_error", "post_save", "on_reject"}
+)
 
 
 class Middleware:
@@ -42,7 +45,7 @@ class Middleware:
     An exception in ``startup`` fails ``async with broker``; in ``pre_send`` it fails
     the ``kiq`` (nothing was sent); in ``pre_execute`` it fails the task like an
     exception in the task itself. In ``post_send``, ``post_execute``, ``on_error``,
-    ``post_save`` and ``shutdown`` it is logged and the chain goes on.
+    ``post_save``, ``on_reject`` and ``shutdown`` it is logged and the chain goes on.
     """
 
     broker: Broker
@@ -73,6 +76,11 @@ class Middleware:
 
     def post_save(self, message: TaskMessage, result: TaskResult[Any]) -> Any:
         """After the final result is stored."""
+
+    def on_reject(self, message: TaskMessage | None, reason: str) -> Any:
+        """A worker refused a delivery without running it: undecodable (``message`` is
+        ``None`` then), an unknown task, invalid option labels, or arguments that do not
+        fit the task. Called before the rejection is stored and the delivery nacked."""
 
 
 class HookChain:

@@ -247,8 +247,8 @@ class Task(Generic[P, R]):
             else:
                 args, kwargs = tuple(call), {}
             messages.append(self._message(args, kwargs, None, None, None))
-        await self.broker.kick_many(messages)
-        return [TaskHandle(m.task_id, self.broker) for m in messages]
+        ids = await self.broker.kick_many(messages)
+        return [TaskHandle(tid, self.broker) for tid in ids]
 
     def kiq_nowait(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
         """Send without waiting, on brokers that can (the in-memory one); raises

@@ -449,6 +449,9 @@ class WorkerActor(actors.Actor):
             task_id=message.task_id if message else None,
             task_name=message.task_name if message else None,
         )
+        hooks = self.broker.hooks
+        if "on_reject" in hooks.has:
+            await hooks.run_all("on_reject", message, reason)
         if message is not None:
             # Whoever waits for this id learns it will never run.
             err = RemoteError("bus.Rejected", reason)

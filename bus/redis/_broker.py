@@ -402,15 +402,19 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
                   settings.maxlen or 0],
         )  # fmt: skip
 
-    @actors.handles(SendNow, inline=True)
-    def send_now(self, msg: SendNow) -> Pending | None:
-        message = msg.message
+    def _send_command(self, message: TaskMessage, data: bytes) -> Command:
+        """The write that sends ``message``: a plain XADD/ZADD, or for a unique job the
+        claim of its key and the send in one Lua call (whose reply is the holder's id)."""
         labels = message.labels
         if labels and "unique_key" in labels:
             ttl_ms = max(1, int(float(labels.get("unique_ttl", 3600.0)) * 1000))
             claim = self.keys_of(message.queue).unique(labels["unique_key"])
-            return self._submit_now([self._claim_command(message, msg.data, claim, ttl_ms)])
-        return self._submit_now([self._enqueue_command(message, msg.data)])
+            return self._claim_command(message, data, claim, ttl_ms)
+        return self._enqueue_command(message, data)
+
+    @actors.handles(SendNow, inline=True)
+    def send_now(self, msg: SendNow) -> Pending | None:
+        return self._submit_now([self._send_command(msg.message, msg.data)])
 
     def _releases(self, d: Delivery) -> list[Command]:
         """Freeing the unique key of a finished delivery, if it has one."""
@@ -422,12 +426,12 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
 
     @actors.handles(SendMany, inline=True)
     def send_many(self, msg: SendMany) -> Pending | None:
-        return self._submit_now([self._enqueue_command(m, d) for m, d in msg.messages])
+        return self._submit_now([self._send_command(m, d) for m, d in msg.messages])
 
     @actors.handles(Send)
     def send(self, msg: Send) -> None:
         """A Send told to ``broker.ref``: written with this drain's batch."""
-        self._queue([self._enqueue_command(msg.message, self._data(msg))])
+        self._queue([self._send_command(msg.message, self._data(msg))])
 
     # -------------------------------------------------------------- receiving
 
@@ -846,12 +850,7 @@ class RedisBroker(Broker):
     async def _send(self, message: TaskMessage) -> TaskID:
         data = self._encode(message)
         replies = await self._submit(SendNow(message, data), f"cannot send {message.task_name}")
-        labels = message.labels
-        if labels and "unique_key" in labels:  # the reply: the id that holds its key
-            reply = replies[0] if replies else None
-            if isinstance(reply, bytes):
-                return TaskID.parse(reply.decode("ascii"))
-        return message.task_id
+        return _sent_id(message, replies[0] if replies else None)
 
     async def _submit(self, ask: object, what: str) -> list[Any]:
         """Ask the broker actor to queue a write, wait for its replies; retry while
@@ -876,10 +875,11 @@ class RedisBroker(Broker):
                     raise SendError(f"{what}: Redis refused it: {reply.message}")
             return replies
 
-    async def kick_many(self, messages: Sequence[TaskMessage]) -> None:
+    async def kick_many(self, messages: Sequence[TaskMessage]) -> list[TaskID]:
         """Send many messages in pipelines (one write per 500): the fast path for bulk
         producers. Middlewares' ``pre_send``/``post_send`` run for each message. On
-        failure some of the messages may have been sent."""
+        failure some of the messages may have been sent. Returns the task ids that will
+        run, in order (a unique job's holder's id when its key was held)."""
         hooks = self.hooks
         prepared: list[tuple[TaskMessage, bytes]] = []
         for m in messages:
@@ -887,13 +887,16 @@ class RedisBroker(Broker):
                 m = await hooks.transform("pre_send", m)
             self._check_send(m)
             prepared.append((m, self._encode(m)))
+        ids: list[TaskID] = []
         for i in range(0, len(prepared), 500):
             chunk = tuple(prepared[i : i + 500])
-            await self._submit(SendMany(chunk), "cannot send a batch")
+            replies = await self._submit(SendMany(chunk), "cannot send a batch")
+            ids += [_sent_id(m, r) for (m, _), r in zip(chunk, replies, strict=True)]
             self.stats.sent += len(chunk)
         if "post_send" in hooks.has:
             for m, _ in prepared:
                 await hooks.run_all("post_send", m)  # sent: never raise now
+        return ids
 
     # ------------------------------------------------------------- operators
 
@@ -942,3 +945,12 @@ class RedisBroker(Broker):
     async def purge_dead_letters(self) -> int:
         """Delete the dead-letter stream; returns how many entries it held."""
         return await _ops.purge_dead(await self._conn(), self.keys)
+
+
+def _sent_id(message: TaskMessage, reply: Any) -> TaskID:
+    """The id of the task that will run for a sent ``message``: its own, or for a unique
+    job whose key another task holds, that task's (the claim's reply)."""
+    labels = message.labels
+    if labels and "unique_key" in labels and isinstance(reply, bytes):
+        return TaskID.parse(reply.decode("ascii"))
+    return message.task_id

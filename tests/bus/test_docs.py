@@ -27,6 +27,9 @@ PAGES = [
     "testing.md",
     "concepts.md",
     "queues.md",
+    "observability.md",
+    "scheduling.md",
+    "unique.md",
 ]
 BLOCK = re.compile(r"(<!-- pytest -->\n)?```python\n(.*?)```", re.DOTALL)
 

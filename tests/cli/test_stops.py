@@ -53,6 +53,20 @@ class Redis:
     def count(self, name: str) -> int:
         return int(self("GET", f"{self.prefix}:{name}") or 0)
 
+    def dump(self) -> str:
+        """Every key of the queue and what it holds: for a failure's message."""
+        out = []
+        for key in self("--scan", "--pattern", "{" + self.prefix + ":*").splitlines():
+            kind = self("TYPE", key)
+            if kind == "stream":
+                out.append(f"{key}: {self('XRANGE', key, '-', '+')}")
+                out.append(f"  pending: {self('XPENDING', key, 'workers')}")
+            elif kind == "zset":
+                out.append(f"{key}: {self('ZRANGE', key, '0', '-1', 'WITHSCORES')}")
+            else:
+                out.append(f"{key}: {kind}")
+        return "\n".join(out)
+
 
 class Proc:
     """A subprocess in a session of its own; its stderr lines are collected."""
@@ -126,6 +140,20 @@ def _diag(r: Redis, attempt: int, mode: str, w: Proc) -> Callable[[], str]:
     return lambda: f"try {attempt} ({mode}): {r.count('started')} started\n" + "".join(w.lines)
 
 
+def _lost(runs: list[int], history: list[tuple[int, str]], dump: str, last: list[str]) -> str:
+    """What a failure of the final check shows: the tasks never run, the Redis keys, the
+    logs of the tries during which they were sent, and the final worker's log."""
+    lost = [i for i, n in enumerate(runs) if n != 1]
+    out = [f"tasks not run exactly once: {lost}", dump]
+    shown: set[int] = set()
+    for k, (first, _) in enumerate(history):
+        end = history[k + 1][0] if k + 1 < len(history) else len(runs)
+        if any(first <= i < end for i in lost):
+            shown.update(range(k, min(k + 3, len(history))))  # sent then, lost then or soon
+    out += [history[k][1] for k in sorted(shown)]
+    return "\n".join([*out, "final worker:", *last])
+
+
 def _events(lines: list[str], name: str) -> int:
     n = 0
     for line in lines:
@@ -138,6 +166,8 @@ def _events(lines: list[str], name: str) -> int:
 
 
 MODES = ("idle", "busy", "mid-drain")
+#: BUS_TEST_STOP_LOG=debug shows every delivery in a failure's logs.
+LOG_LEVEL = ("--log-level", os.environ.get("BUS_TEST_STOP_LOG", "info"))
 
 
 def _stops(
@@ -152,9 +182,11 @@ def _stops(
         if "--processes" in worker_args
         else 1
     )
+    history: list[tuple[int, str]] = []  # (first task sent after it, its log)
     for attempt in range(tries):
         mode = MODES[attempt % len(MODES)]
-        w = Proc(env, "worker", APP, "--log-format", "json", *worker_args)
+        first = sent
+        w = Proc(env, "worker", APP, "--log-format", "json", *LOG_LEVEL, *worker_args)
         try:
             w.wait_for(lambda line: line.startswith("bus worker:"), count=workers)
             if mode == "busy":
@@ -183,6 +215,7 @@ def _stops(
             code = w.finish()
         finally:
             w.kill()
+        history.append((first, f"try {attempt} ({mode}):\n" + "".join(w.lines)))
         assert code == 0, f"try {attempt} ({mode}) exited {code}:\n{''.join(w.lines)}"
         assert _events(w.lines, "worker.cancelling") == 0, "a stop was taken as two"
         assert _events(w.lines, "worker.draining") == workers, "".join(w.lines)
@@ -197,7 +230,7 @@ def _stops(
         final.wait_for(lambda line: line.startswith("bus worker:"))
         _wait(
             lambda: r.runs(sent) == [1] * sent,
-            lambda: f"runs {r.runs(sent)}\n" + "".join(final.lines),
+            lambda: _lost(r.runs(sent), history, r.dump(), final.lines),
             timeout=60,
         )
         final.proc.send_signal(signal.SIGTERM)

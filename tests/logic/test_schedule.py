@@ -335,7 +335,8 @@ def test_ticks_increase_and_are_found_again_from_just_before(
     if probe < tick:
         assert trigger.next_after(probe) == tick
     epsilon = min(0.001, (tick - t) / 2)
-    assert trigger.next_after(tick - epsilon) == tick
+    if tick - epsilon < tick:  # (near 2**31 s, half the gap of two floats rounds back)
+        assert trigger.next_after(tick - epsilon) == tick
     if isinstance(trigger, Cron):
         assert tick == int(tick)
 

@@ -1,0 +1,86 @@
+"""The dashboard's page: one HTML document, its stylesheet and its script (the files
+in ``static/``, read once at import).
+
+The page carries the first overview as JSON (so it shows everything at once, even to a
+reader that runs no script), and the script polls ``api/overview`` every few seconds
+and redraws. Every value is put in the page as text (``textContent``); only the charts,
+drawn and escaped by the server, are inserted as SVG markup. No inline script or style:
+the Content Security Policy forbids both.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.resources
+import json
+from typing import Any
+
+__all__ = ["CSS", "JS", "page"]
+
+_STATIC = importlib.resources.files("bus.dashboard") / "static"
+CSS = (_STATIC / "dashboard.css").read_text(encoding="utf-8")
+JS = (_STATIC / "dashboard.js").read_text(encoding="utf-8")
+
+
+def page(base: str, data: dict[str, Any]) -> str:
+    blob = json.dumps(data, default=str).replace("<", "\\u003c")
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>bus dashboard</title>
+<base href="{html.escape(base)}">
+<link rel="stylesheet" href="static/dashboard.css">
+</head>
+<body>
+<header>
+  <h1>bus</h1>
+  <span id="broker"></span>
+  <span id="mode" class="badge"></span>
+  <span id="updated" class="muted"></span>
+</header>
+<main>
+<section id="queues-section">
+  <h2>Queues</h2>
+  <table id="queues"></table>
+  <div id="charts"></div>
+</section>
+<section id="workers-section">
+  <h2>Workers <span id="workers-count" class="count"></span></h2>
+  <div class="scroll"><table id="workers"></table></div>
+  <p id="activity-hint" class="hint" hidden></p>
+</section>
+<section id="running-section">
+  <h2>Running now <span id="running-count" class="count"></span></h2>
+  <div class="scroll"><table id="running"></table></div>
+</section>
+<section id="failures-section">
+  <h2>Recent failures</h2>
+  <div class="scroll"><table id="failures"></table></div>
+</section>
+<section id="dead-section">
+  <h2>Dead letters <span id="dead-count" class="count"></span></h2>
+  <div id="dead-actions"></div>
+  <div id="confirm" class="confirm" hidden>
+    <span id="confirm-text"></span>
+    <button type="button" id="confirm-yes" class="danger">Yes, do it</button>
+    <button type="button" id="confirm-no">Cancel</button>
+  </div>
+  <p id="action-result" class="hint" hidden></p>
+  <div class="scroll"><table id="dead"></table></div>
+</section>
+<section id="lookup-section">
+  <h2>Find a task</h2>
+  <form id="lookup">
+    <input id="task-id" name="task_id" size="40" placeholder="task id" autocomplete="off">
+    <button type="submit">Look up</button>
+  </form>
+  <pre id="task-result" hidden></pre>
+</section>
+</main>
+<script type="application/json" id="bus-data">{blob}</script>
+<script src="static/dashboard.js"></script>
+</body>
+</html>
+"""
