@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -86,3 +87,17 @@ async def test_retries_progress_example() -> None:
     assert {r["attempt"] for r in reports} == {1, 2, 3}
     assert reports[-1]["attempt"] == 3
     assert all(r["of"] == 4 for r in reports)
+
+
+async def test_schedules_unique_example(capsys: pytest.CaptureFixture[str]) -> None:
+    with trio.fail_after(10):
+        out = await _load("schedules_unique").main()
+    samples = out["samples"]
+    assert isinstance(samples, list) and len(samples) >= 2
+    assert {round(b - a, 3) for a, b in itertools.pairwise(samples)} == {0.2}
+    assert out["digests"] and set(out["digests"]) == {"ops@example.com"}  # type: ignore[arg-type]
+    assert out["rebuilds"] == ["paris"]
+    assert out["answers"] == ["paris: rebuilt"] * 10
+    printed = capsys.readouterr().out
+    assert "10 answers from 1 run: paris: rebuilt" in printed
+    assert "(runtime" not in printed and ": runtime, fired" in printed

@@ -33,7 +33,11 @@ async def job(i: int, seconds: float, ctx: bus.Context = bus.CONTEXT) -> int:
 
 async def _send(n: int, seconds: float, offset: int) -> None:
     async with broker:
-        await job.kiq_many((offset + i, seconds) for i in range(n))
+        handles = await job.kiq_many((offset + i, seconds) for i in range(n))
+        # Which task id each number got: a failure's report looks its result up.
+        await broker.client.pipeline(
+            [("SET", f"{PREFIX}:tid:{offset + i}", str(h.task_id)) for i, h in enumerate(handles)]
+        )
 
 
 if __name__ == "__main__":

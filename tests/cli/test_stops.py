@@ -140,11 +140,14 @@ def _diag(r: Redis, attempt: int, mode: str, w: Proc) -> Callable[[], str]:
     return lambda: f"try {attempt} ({mode}): {r.count('started')} started\n" + "".join(w.lines)
 
 
-def _lost(runs: list[int], history: list[tuple[int, str]], dump: str, last: list[str]) -> str:
+def _lost(r: Redis, runs: list[int], history: list[tuple[int, str]], last: list[str]) -> str:
     """What a failure of the final check shows: the tasks never run, the Redis keys, the
     logs of the tries during which they were sent, and the final worker's log."""
     lost = [i for i, n in enumerate(runs) if n != 1]
-    out = [f"tasks not run exactly once: {lost}", dump]
+    out = [f"tasks not run exactly once: {lost}", r.dump()]
+    for i in lost:
+        tid = r("GET", f"{r.prefix}:tid:{i}")
+        out.append(f"task {i}: id {tid}, result {r('GET', f'{r.prefix}:result:{tid}')!r}")
     shown: set[int] = set()
     for k, (first, _) in enumerate(history):
         end = history[k + 1][0] if k + 1 < len(history) else len(runs)
@@ -230,7 +233,7 @@ def _stops(
         final.wait_for(lambda line: line.startswith("bus worker:"))
         _wait(
             lambda: r.runs(sent) == [1] * sent,
-            lambda: _lost(r.runs(sent), history, r.dump(), final.lines),
+            lambda: _lost(r, r.runs(sent), history, final.lines),
             timeout=60,
         )
         final.proc.send_signal(signal.SIGTERM)
