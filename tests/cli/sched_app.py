@@ -2,7 +2,8 @@
 
 ``python -m tests.cli.sched_app schedule NAME SECONDS``: add a run-time schedule of
 ``record`` every SECONDS. ``python -m tests.cli.sched_app unique N``: send the
-unique task ``build`` N times at once and print each handle's task id and result.
+unique task ``build`` N times at once, count them in ``sent``, and print each handle's
+task id and result (``build`` returns once the key ``go`` is set).
 Environment: BUS_TEST_URL, BUS_TEST_PREFIX.
 """
 
@@ -42,7 +43,9 @@ async def record(what: str, ctx: bus.Context = bus.CONTEXT) -> None:
 async def build(version: str, ctx: bus.Context = bus.CONTEXT) -> str:
     client = cast(RedisBroker, ctx.broker).client
     await client.execute("INCR", f"{PREFIX}:builds")
-    await trio.sleep(1.0)
+    # It runs until the test says every sender has sent (the key `go`, taken here).
+    while not await client.execute("GETDEL", f"{PREFIX}:go"):  # noqa: ASYNC110 (another process)
+        await trio.sleep(0.02)
     return f"built {version}"
 
 
@@ -61,7 +64,8 @@ async def _unique(n: int) -> None:
         async with trio.open_nursery() as nursery:
             for _ in range(n):
                 nursery.start_soon(send)
-        results = await bus.gather(*handles, timeout=30)
+        await broker.client.execute("INCRBY", f"{PREFIX}:sent", n)
+        results = await bus.gather(*handles, timeout=60)
         print(
             json.dumps(
                 [[str(h.task_id), r.return_value] for h, r in zip(handles, results, strict=True)]
