@@ -36,16 +36,28 @@ _SUFFIX = re.compile(r"[- ][0-9a-f]{8}$")
 
 
 def _queue_of(message: TaskMessage | None, broker: Broker) -> str:
-    """The queue a message was sent to: its ``queue`` label, else the broker's queue name
-    (``RedisBroker.queue``), else ``"default"``.
-
-    One place to change when messages carry their queue in a field of their own."""
-    if message is not None:
-        q = message.labels.get("queue")
-        if isinstance(q, str) and q:
-            return q
+    """The queue a message was sent to: its ``queue``, else the broker's default queue
+    (``RedisBroker.queue``, ``InMemoryBroker.queue``), else ``"default"``."""
+    if message is not None and message.queue:
+        return message.queue
     q = getattr(broker, "queue", None)
     return q if isinstance(q, str) and q else "default"
+
+
+def queue_readings(info: Mapping[str, Any], default: str) -> list[tuple[str, dict[str, Any]]]:
+    """Per queue, the numbers of an ``inspect()`` answer: the default queue first, its
+    entry under ``queues`` over the top-level numbers (which some brokers give for the
+    whole broker), then every other named queue, by name."""
+    named = info.get("queues")
+    named = named if isinstance(named, Mapping) else {}
+    top = {k: v for k, v in info.items() if k != "queues"}
+    own = named.get(default)
+    out = [(default, {**top, **own} if isinstance(own, Mapping) else top)]
+    for name in sorted(named):
+        q = named[name]
+        if name != default and isinstance(q, Mapping):
+            out.append((str(name), dict(q)))
+    return out
 
 
 @attrs.frozen

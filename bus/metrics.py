@@ -41,7 +41,7 @@ import actors
 from bus._ids import TaskID
 from bus._message import TaskMessage, TaskResult, TaskStatus
 from bus._middleware import Middleware
-from bus._observe import Samples, _queue_of, start_sampler
+from bus._observe import Samples, _queue_of, queue_readings, start_sampler
 
 __all__ = ["SENT_AT", "PrometheusMiddleware", "serve_metrics"]
 
@@ -100,11 +100,14 @@ class _InspectCollector(Collector):
         if sample is None:
             return
         queue = str(sample.info.get("queue") or _queue_of(None, mw.broker))
+        readings = queue_readings(sample.info, queue)
         for key, (name, doc) in _GAUGES.items():
-            value = sample.info.get(key)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                g = GaugeMetricFamily(f"{ns}_{name}", doc, labels=["queue"])
-                g.add_metric([queue], float(value))
+            g = GaugeMetricFamily(f"{ns}_{name}", doc, labels=["queue"])
+            for q_name, info in readings:
+                value = info.get(key)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    g.add_metric([q_name], float(value))
+            if g.samples:
                 yield g
         age = GaugeMetricFamily(
             f"{ns}_inspect_age_seconds",
@@ -258,7 +261,7 @@ class PrometheusMiddleware(Middleware):
     def _of(self, message: TaskMessage) -> _Children:
         """The labelled children of one (task name, queue), made once: looking a child
         up through ``labels()`` costs more than the increment itself."""
-        key = (message.task_name, message.labels.get("queue"))
+        key = (message.task_name, message.queue)
         children = self._children.get(key)
         if children is None:
             children = self._children[key] = _Children(self, self._labels(message))

@@ -20,7 +20,7 @@ import actors
 from actors._log import get_logger
 from bus._errors import ResultNotFound
 from bus._ids import TaskID
-from bus._observe import Sample, Samples, _queue_of, start_sampler
+from bus._observe import Sample, Samples, _queue_of, queue_readings, start_sampler
 from bus.activity import Activity, read_activity
 from bus.dashboard._svg import Series, line_chart
 
@@ -171,15 +171,21 @@ class DashboardData:
         activity = await read_activity(broker, failures=FAILURES_SHOWN)
         records = {str(w.get("worker")): w for w in activity.workers} if activity else {}
 
-        queue = {
-            "name": str(info.get("queue") or _queue_of(None, broker)),
-            "queued": info.get("queued", 0),
-            "delayed": info.get("delayed", 0),
-            "pending": info.get("pending", 0),
-            "pending_per_consumer": info.get("pending_per_consumer", {}),
-            "dead_letters": info.get("dead_letters"),
-            "running_here": info.get("running"),
-        }
+        queues = [
+            {
+                "name": name,
+                "queued": q.get("queued", 0),
+                "delayed": q.get("delayed", 0),
+                "pending": q.get("pending", 0),
+                "pending_per_consumer": q.get("pending_per_consumer", {}),
+                "dead_letters": q.get("dead_letters"),
+                "running_here": q.get("running") if i == 0 else None,
+                "rates": i == 0,  # the rates and charts are the default queue's
+            }
+            for i, (name, q) in enumerate(
+                queue_readings(info, str(info.get("queue") or _queue_of(None, broker)))
+            )
+        ]
         workers: list[dict[str, Any]] = []
         listed = info.get("workers")
         if isinstance(listed, list):  # distributed brokers: the workers Redis heard from
@@ -221,7 +227,7 @@ class DashboardData:
             "allow_actions": self.allow_actions,
             "show_payloads": self.show_payloads,
             "refresh_seconds": self.refresh,
-            "queues": [queue],
+            "queues": queues,
             "workers": workers,
             "running": running[:RUNNING_SHOWN],
             "running_total": sum(int(r.get("running_count", 0)) for r in records.values()),

@@ -186,3 +186,20 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None
 async def test_serve_needs_a_running_broker() -> None:
     with trio.fail_after(5), pytest.raises(bus.BrokerClosed, match="inside `async with broker`"):
         await serve(bus.InMemoryBroker(), port=0)
+
+
+async def test_every_named_queue_has_a_row(redis_server: RedisServer) -> None:
+    broker = make_broker(redis_server.url, f"d{bus.TaskID.new()[-12:]}")
+    with trio.fail_after(30):
+        async with broker:
+            t = broker.tasks
+            await t["ok"].kicker().with_queue("reports").kiq(1)
+            await t["ok"].kicker().with_queue("reports").kiq(2)
+            data = DashboardData(broker, allow_actions=False, show_payloads=False)
+            try:
+                d = await data.overview()
+            finally:
+                await data.stop()
+    rows = {q["name"]: q for q in d["queues"]}
+    assert rows[d["queues"][0]["name"]]["rates"] is True
+    assert rows["reports"]["queued"] == 2 and rows["reports"]["rates"] is False

@@ -121,6 +121,29 @@ async def test_queue_gauges_come_from_the_sampler(autojump_clock: trio.testing.M
     assert mw._sampler is None  # stopped with the broker
 
 
+async def test_named_queues_are_counted_and_gauged_by_their_name(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    mw = PrometheusMiddleware(inspect_interval=1.0)
+    broker = bus.InMemoryBroker(start_worker=False).with_middlewares(mw)
+
+    @broker.task(name="report", queue="reports")
+    async def report() -> None:
+        pass
+
+    with trio.fail_after(60):
+        async with broker:
+            for _ in range(3):
+                await report.kiq()
+            await report.kicker().with_queue("urgent").kiq()
+            await mw.samples.next()  # no worker runs: all four wait
+            assert value(mw, "bus_tasks_sent_total", task_name="report", queue="reports") == 3
+            assert value(mw, "bus_tasks_sent_total", task_name="report", queue="urgent") == 1
+            assert value(mw, "bus_queue_depth", queue="reports") == 3
+            assert value(mw, "bus_queue_depth", queue="urgent") == 1
+            assert value(mw, "bus_queue_depth", queue="default") == 0
+
+
 async def test_serve_metrics_answers_get_and_refuses_the_rest() -> None:
     mw = PrometheusMiddleware(inspect_interval=None)
     mw.sent.labels("t", "q").inc(5)

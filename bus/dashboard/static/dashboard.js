@@ -82,8 +82,8 @@
           num("queued", q.queued), num("delayed", q.delayed),
           el("td", { "class": "num", "data-field": "pending", title: per }, shown(q.pending)),
           num("dead_letters", q.dead_letters),
-          num("done_per_second", d.rates.done_per_second),
-          num("failed_per_second", d.rates.failed_per_second));
+          num("done_per_second", q.rates === false ? null : d.rates.done_per_second),
+          num("failed_per_second", q.rates === false ? null : d.rates.failed_per_second));
       }), "no queue");
     $("charts").innerHTML = d.charts.depth + d.charts.throughput;  // SVG drawn and escaped by the server
 
