@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 import trio
+import trio.testing
 
 import bus
 from bus.protocol import Send
@@ -725,6 +726,54 @@ async def check_max_running_is_a_limit(make_broker: BrokerFactory) -> None:
     assert peak == 2
 
 
+async def check_a_drain_never_drops_a_delivery_it_meets(make_broker: BrokerFactory) -> None:
+    """A runner waiting for work may be handed a delivery in the very scheduler pass in
+    which a drain stops intake: that delivery is run or handed back, never recorded as
+    interrupted without running. (A broker with an embedded worker is made with
+    ``start_worker=False`` here, so that only the check's workers run.)"""
+    broker = make_broker()
+    if broker.embedded_worker:
+        broker = make_broker(start_worker=False)
+    runs: list[int] = []
+
+    @broker.task(name="contract.drained")
+    async def job(i: int) -> int:
+        runs.append(i)
+        await trio.lowlevel.checkpoint()
+        return i
+
+    async def drain_then_stop(w: bus.Worker) -> None:
+        await w.drain(5)
+        w.stop()
+
+    n = 24
+    with trio.fail_after(3 * DEADLINE):
+        async with broker:
+            handles = []
+            for i in range(n):
+                async with trio.open_nursery() as nursery:
+                    worker = await nursery.start(
+                        lambda task_status: broker.run_worker(
+                            1, scheduler=False, task_status=task_status
+                        )
+                    )
+                    await trio.testing.wait_all_tasks_blocked(0.01)  # the runner waits
+                    nursery.start_soon(drain_then_stop, worker)
+                    # Send a few scheduler passes later each time, so that some sends
+                    # meet the pass in which intake stops.
+                    for _ in range(i % 6):
+                        await trio.lowlevel.checkpoint()
+                    handles.append(await job.kiq(i))
+            async with trio.open_nursery() as nursery:
+                worker = await nursery.start(broker.run_worker, 4)
+                results = [await h.wait_result(timeout=5) for h in handles]
+                worker.stop()
+    assert [(r.status, r.return_value) for r in results] == [
+        (bus.TaskStatus.SUCCESS, i) for i in range(n)
+    ]
+    assert sorted(runs) == list(range(n))
+
+
 #: Every check, in the order they run.
 CHECKS: tuple[Callable[[BrokerFactory], Awaitable[None]], ...] = (
     check_kiq_then_wait_result,
@@ -749,6 +798,7 @@ CHECKS: tuple[Callable[[BrokerFactory], Awaitable[None]], ...] = (
     check_gather_returns_results_in_order,
     check_lifecycle_events,
     check_trio_cancellation_of_the_worker_is_not_a_task_failure,
+    check_a_drain_never_drops_a_delivery_it_meets,
     check_kiq_many_sends_in_bulk,
     check_results_pass_through_the_codec,
     check_schedules_fire_each_tick_once,

@@ -256,16 +256,24 @@ class WorkerActor(actors.Actor):
                     # tasks cannot starve the rest of the program.
                     d: Delivery | None = None
                     if streak < _STREAK:
+                        # Cancellation is noticed before taking, never after: a
+                        # delivery once taken is run or handed back.
+                        await trio.lowlevel.checkpoint_if_cancelled()
                         try:  # noqa: SIM105 - the hot path: no context manager
                             d = receive_nowait()
                         except trio.WouldBlock:
                             pass
                     if d is not None:
                         streak += 1
-                        await trio.lowlevel.checkpoint_if_cancelled()
                     else:
                         streak = 0
                         d = await receive()
+                        if scope.cancel_called:
+                            # Intake stopped in the scheduler pass that handed this
+                            # runner ``d`` (it still looked idle): ``d`` has not
+                            # started, so it goes back to the broker unrun.
+                            self._hand_back(d)
+                            break
                     r.idle = False
                     await process(d, r)
                     r.idle = True
@@ -392,14 +400,24 @@ class WorkerActor(actors.Actor):
                 self._idle = None
 
     def _ack(self, delivery: Delivery, tid: TaskID) -> None:
+        self._tell_soon(Ack(delivery), "worker.ack_lost", tid)
+
+    def _hand_back(self, delivery: Delivery) -> None:
+        """Give a delivery that was taken but never started back to the broker."""
+        self._tell_soon(Release(delivery), "worker.handback_lost", None)
+
+    def _tell_soon(self, msg: object, lost: str, tid: TaskID | None) -> None:
+        """Tell the broker ``msg`` without waiting (from a task that must not wait, or
+        cannot: a cancelled scope); a full mailbox makes a task of the actor's own
+        tell it; a stopped broker is logged as ``lost``."""
         broker_ref = self._broker_ref
         assert broker_ref is not None
         try:
-            broker_ref.tell_nowait(Ack(delivery))
+            broker_ref.tell_nowait(msg)
         except actors.MailboxFull:
-            self.nursery.start_soon(self._tell_broker, Ack(delivery))
+            self.nursery.start_soon(self._tell_broker, msg)
         except actors.ActorStopped:
-            self._log.warning("worker.ack_lost", task_id=tid)
+            self._log.warning(lost, task_id=tid)
 
     def _unrun(self, tid: TaskID, r: _Runner) -> None:
         """``r`` no longer runs ``tid``."""
