@@ -2,7 +2,7 @@
 
     .venv/bin/pip install -e '.[redis,bench]'     # hiredis; streaQ, taskiq, matplotlib
     .venv/bin/python benchmarks/bench_redis.py [--tasks 20000] [--rounds 200] [--repeat 3]
-        [--only trio-bus,streaq,taskiq] [--chart docs/benchmarks-redis.png]
+        [--only trio-bus,streaq,taskiq] [--chart docs/benchmarks-redis.png] [--cpu N]
 
 Starts its own redis-server (127.0.0.1, a free port, no persistence) and measures, on
 the same no-op task, for each library:
@@ -556,7 +556,10 @@ def report(
 ) -> list[str]:
     names = list(summ)
     lines = []
-    lines.append(f"python {platform.python_version()}, redis-server {server_version}, {_machine()}")
+    pinned = f", all pinned to cpu {args.cpu}" if args.cpu is not None else ", not pinned"
+    lines.append(
+        f"python {platform.python_version()}, redis-server {server_version}, {_machine()}{pinned}"
+    )
     for name in names:
         lines.append(f"  {name}: {LIBRARIES[name].versions()}")
     lines.append(
@@ -732,6 +735,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per library; medians shown")
     ap.add_argument("--only", default=",".join(LIBS), help="comma-separated: " + ",".join(LIBS))
     ap.add_argument("--chart", default=str(ROOT / "docs" / "benchmarks-redis.png"))
+    ap.add_argument(
+        "--cpu",
+        type=int,
+        default=None,
+        help="pin everything (this process, redis-server, the worker processes) to this core",
+    )
     ap.add_argument("--_worker", choices=LIBS, help=argparse.SUPPRESS)
     ap.add_argument("--queue", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -739,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args._worker:
         return _worker_main(args)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})  # redis-server and the workers inherit it
 
     wanted = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in LIBRARIES]
