@@ -256,15 +256,18 @@ class WorkerActor(actors.Actor):
                     # tasks cannot starve the rest of the program.
                     d: Delivery | None = None
                     if streak < _STREAK:
-                        # Cancellation is noticed before taking, never after: a
-                        # delivery once taken is run or handed back.
-                        await trio.lowlevel.checkpoint_if_cancelled()
                         try:  # noqa: SIM105 - the hot path: no context manager
                             d = receive_nowait()
                         except trio.WouldBlock:
                             pass
                     if d is not None:
                         streak += 1
+                        try:
+                            await trio.lowlevel.checkpoint_if_cancelled()
+                        except trio.Cancelled:
+                            # A delivery once taken is run or handed back, never lost.
+                            self._hand_back(d)
+                            raise
                     else:
                         streak = 0
                         d = await receive()
