@@ -724,7 +724,13 @@ class StreamReaderActor(actors.Actor):
         self._aside.pop(d.tag, None)
         state.inflight[d.tag] = Flight(d.message.task_id if d.message else None, time.monotonic())
         try:
-            await state.send.send(d)
+            try:
+                # A runner waits (the callers checked): handed over without a
+                # scheduler pass per delivery; the loop around is bounded by the
+                # waiting runners.
+                state.send.send_nowait(d)
+            except trio.WouldBlock:
+                await state.send.send(d)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             state.inflight.pop(d.tag, None)
             release = state.release_command(d.tag)
