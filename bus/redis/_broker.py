@@ -23,6 +23,7 @@ writes are confirmed, and the connections close last.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -346,7 +347,9 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
                 if isinstance(reply, ReplyError):
                     log.error("redis.write_refused", command=str(command[0]), error=reply.message)
             for reader in self._readers.values():
-                if reader.ref.is_alive:  # a reader stops before its broker's last writes
+                # A reader stops before its broker's last writes: one that stops
+                # has forgotten what it owned, and needs no Done.
+                with contextlib.suppress(actors.ActorStopped):
                     for tag in batch.done:
                         reader.ref.tell_nowait(Done(tag))
         finally:
@@ -355,6 +358,14 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
                 self._confirmed.set()
 
     # ---------------------------------------------------------------- sending
+
+    def _wake_mover(self, queue: str | None) -> None:
+        """Tell the delayed-set mover that ``queue`` has a new due time (a mover that
+        stops, at shutdown, has nothing more to move: no error)."""
+        mover = self._mover
+        if mover is not None:
+            with contextlib.suppress(actors.ActorStopped):
+                mover.tell_nowait(WakeMover(queue))
 
     def keys_of(self, queue: str | None) -> Keys:
         """The keys of ``queue`` (``None``: the default queue)."""
@@ -372,8 +383,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         sig = sign(settings.secret, data)
         eta = message.eta
         if eta is not None and eta > time.time():
-            if self._mover is not None:
-                self._mover.tell_nowait(WakeMover(message.queue))
+            self._wake_mover(message.queue)
             return ("ZADD", keys.level_delayed(level), int(eta * 1000), join_member(sig, data))
         cmd: list[Any] = ["XADD", keys.level_stream(level) if level else keys.stream]
         if settings.maxlen is not None:
@@ -394,8 +404,8 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         keys, level = self.keys_of(message.queue), message.priority
         eta = message.eta
         due = int(eta * 1000) if eta is not None and eta > time.time() else 0
-        if due and self._mover is not None:
-            self._mover.tell_nowait(WakeMover(message.queue))
+        if due:
+            self._wake_mover(message.queue)
         return CLAIM_SEND.command(
             keys=[claim, keys.level_stream(level), keys.level_delayed(level)],
             args=[message.task_id, ttl_ms, due, data, sign(settings.secret, data),
@@ -464,9 +474,8 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
                 mailbox_size=math.inf,
             )
             self._readers[queues] = _Reader(reader, state, consumer.encode(), n)
-            if self._mover is not None:
-                for queue in queues:
-                    self._mover.tell_nowait(WakeMover(queue))
+            for queue in queues:
+                self._wake_mover(queue)
             self.nursery.start_soon(self._listen_for_cancels, queues)
         else:
             reader = found.ref
@@ -545,8 +554,8 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
             retry = msg.requeue
             data = self.codec.encode_message(retry)
             due = int((time.time() + msg.delay) * 1000) if msg.delay > 0 else 0
-            if due and self._mover is not None:
-                self._mover.tell_nowait(WakeMover(keys.queue))
+            if due:
+                self._wake_mover(keys.queue)
             self._queue(
                 self._release_slot(
                     tag,
