@@ -128,16 +128,6 @@ class JSONCodec:
             raise DecodeError("message field 'queue' must be a queue name or null")
         if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
             raise DecodeError(f"message field 'priority' must be an integer, 0 to {MAX_PRIORITY}")
-        if queue is None and not priority:
-            return TaskMessage(
-                task_id=task_id,
-                task_name=name,
-                args=tuple(args),
-                kwargs=kwargs,
-                labels=labels,
-                attempt=attempt,
-                eta=eta,
-            )
         return TaskMessage(
             task_id=task_id,
             task_name=name,

@@ -291,15 +291,6 @@ class Task(Generic[P, R]):
             queue = self.queue
         if priority is None:
             priority = self.priority
-        if queue is None and not priority:
-            return TaskMessage(
-                task_id=task_id or TaskID.new(),
-                task_name=self.name,
-                args=args,
-                kwargs=kwargs,
-                labels=labels if labels is not None else {},
-                eta=eta,
-            )
         return TaskMessage(
             task_id=task_id or TaskID.new(),
             task_name=self.name,

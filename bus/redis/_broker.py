@@ -83,7 +83,15 @@ from bus.redis._pool import (
 from bus.redis._reader import Done, InFlight, Lend, ReaderState, StreamReaderActor
 from bus.redis._results import RedisResultBackend
 from bus.redis._schedules import RedisScheduleBackend
-from bus.redis._scripts import CLAIM_SEND, DEAD, HANDBACK, PROMOTE, RELEASE, REQUEUE
+from bus.redis._scripts import (
+    CLAIM_SEND,
+    DEAD,
+    HANDBACK,
+    PROMOTE,
+    RELEASE,
+    REQUEUE,
+    dead_command,
+)
 from bus.redis._settings import RedisSettings
 
 if TYPE_CHECKING:
@@ -591,26 +599,18 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
             self._release_slot(
                 tag,
                 [
-                    DEAD.command(
-                        keys=[stream, keys.dead],
-                        args=[
-                            self.group,
-                            self.consumer,
-                            eid,
-                            settings.dead_letter_maxlen or 0,
-                            b"reason",
-                            msg.reason,
-                            b"data",
-                            d.data,
-                            b"id",
-                            eid,
-                            b"queue",
-                            keys.queue,
-                            b"deliveries",
-                            d.deliveries,
-                            b"time",
-                            str(time.time()),
-                        ],
+                    dead_command(
+                        stream,
+                        keys.dead,
+                        self.group,
+                        self.consumer,
+                        eid,
+                        settings.dead_letter_maxlen or 0,
+                        reason=msg.reason,
+                        data=d.data,
+                        queue=keys.queue,
+                        deliveries=d.deliveries,
+                        when=str(time.time()),
                     )
                 ],
             ),

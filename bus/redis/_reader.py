@@ -59,13 +59,13 @@ from bus.redis._logic import F_COUNT, Entry, Keys, check_entry, over_delivered
 from bus.redis._pool import Lent, lend
 from bus.redis._scripts import (
     ACQUIRE_SLOT,
-    DEAD,
     HANDBACK,
     REFRESH_SLOT,
     RELEASE,
     RELEASE_SLOT,
     TAKE_TOKEN,
     TOUCH,
+    dead_command,
 )
 from bus.redis._settings import RedisSettings
 
@@ -757,26 +757,18 @@ class StreamReaderActor(actors.Actor):
         commands = []
         for s, eid, data, reason, n, _ in dead:
             commands.append(
-                DEAD.command(
-                    keys=[s.key, s.keys.dead],
-                    args=[
-                        self.group,
-                        self.consumer,
-                        eid,
-                        settings.dead_letter_maxlen or 0,
-                        b"reason",
-                        reason,
-                        b"data",
-                        data,
-                        b"id",
-                        eid,
-                        b"queue",
-                        s.queue,
-                        b"deliveries",
-                        n,
-                        b"time",
-                        now,
-                    ],
+                dead_command(
+                    s.key,
+                    s.keys.dead,
+                    self.group,
+                    self.consumer,
+                    eid,
+                    settings.dead_letter_maxlen or 0,
+                    reason=reason,
+                    data=data,
+                    queue=s.queue,
+                    deliveries=n,
+                    when=now,
                 )
             )
         replies = await conn.pipeline(commands)

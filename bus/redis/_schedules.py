@@ -24,6 +24,7 @@ from bus._scheduler import ScheduleBackend, TickState
 from bus.redis._client import Connection, Script
 from bus.redis._logic import Keys, sign
 from bus.redis._pool import lend
+from bus.redis._scripts import SEND_LUA
 from bus.redis._settings import RedisSettings
 
 __all__ = ["RedisScheduleBackend"]
@@ -34,28 +35,18 @@ US = "\x1f"
 #: KEYS: claim, stream, delayed, state. ARGV: claim value, ttl (ms), due (ms, 0: now),
 #: data, signature, maxlen (0: none), schedule name, tick, missed ticks of the backlog.
 #: Returns 1 if this call claimed (and sent) it, else 0.
-FIRE_TICK = Script("""
+FIRE_TICK = Script(
+    SEND_LUA
+    + """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
-local due = tonumber(ARGV[3])
-if due > 0 then
-  redis.call('ZADD', KEYS[3], due, ARGV[5] .. '\\n' .. ARGV[4])
-else
-  local args = {KEYS[2]}
-  local maxlen = tonumber(ARGV[6])
-  if maxlen > 0 then
-    args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
-  end
-  args[#args + 1] = '*'
-  args[#args + 1] = 'd'; args[#args + 1] = ARGV[4]
-  if ARGV[5] ~= '' then args[#args + 1] = 's'; args[#args + 1] = ARGV[5] end
-  redis.call('XADD', unpack(args))
-end
+send(KEYS[2], KEYS[3], tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6]))
 local name = ARGV[7]
 redis.call('HSET', KEYS[4], name .. '\\31last', ARGV[8], name .. '\\31last_fire', ARGV[8])
 redis.call('HINCRBY', KEYS[4], name .. '\\31fires', 1)
 if tonumber(ARGV[9]) > 0 then redis.call('HINCRBY', KEYS[4], name .. '\\31misses', ARGV[9]) end
 return 1
-""")
+"""
+)
 
 #: Claims a skipped tick and counts the missed ticks, once.
 #: KEYS: claim, state. ARGV: claim value, ttl (ms), schedule name, tick, missed.

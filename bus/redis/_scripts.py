@@ -8,7 +8,7 @@ one (another worker reclaimed the entry meanwhile) then does nothing twice.
 from __future__ import annotations
 
 from bus._limits import ACQUIRE_SLOT_LUA, REFRESH_SLOT_LUA, RELEASE_SLOT_LUA, TOKEN_BUCKET_LUA
-from bus.redis._client import Script
+from bus.redis._client import Command, Script
 
 __all__ = [
     "ACQUIRE_SLOT",
@@ -20,9 +20,31 @@ __all__ = [
     "RELEASE",
     "RELEASE_SLOT",
     "REQUEUE",
+    "SEND_LUA",
     "TAKE_TOKEN",
     "TOUCH",
+    "dead_command",
 ]
+
+#: Lua shared by the scripts that send a message: ``send(stream, delayed, due, data,
+#: sig, maxlen)`` XADDs it to ``stream`` (``due`` 0) or ZADDs it to ``delayed`` at
+#: ``due`` (ms), as the broker's own sends do (fields ``d`` and, when signed, ``s``).
+SEND_LUA = """
+local function send(stream, delayed, due, data, sig, maxlen)
+  if due > 0 then
+    redis.call('ZADD', delayed, due, sig .. '\\n' .. data)
+    return
+  end
+  local args = {stream}
+  if maxlen > 0 then
+    args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
+  end
+  args[#args + 1] = '*'
+  args[#args + 1] = 'd'; args[#args + 1] = data
+  if sig ~= '' then args[#args + 1] = 's'; args[#args + 1] = sig end
+  redis.call('XADD', unpack(args))
+end
+"""
 
 #: Moves due members of delayed sets into their streams: KEYS are n delayed sets, then
 #: the n streams they feed (a queue's levels: delayed:pN feeds stream:pN).
@@ -118,27 +140,17 @@ return n
 #: of the old entry. KEYS: stream (of the entry), delayed, target stream (default: the
 #: entry's). ARGV: group, consumer, id, due (ms, 0: now), data, signature, maxlen
 #: (0: none). Returns 1, or 0 if not owned (any more).
-REQUEUE = Script("""
+REQUEUE = Script(
+    SEND_LUA
+    + """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if not (p[1] and p[1][2] == ARGV[2]) then return 0 end
-local due = tonumber(ARGV[4])
-if due > 0 then
-  redis.call('ZADD', KEYS[2], due, ARGV[6] .. '\\n' .. ARGV[5])
-else
-  local args = {KEYS[3] or KEYS[1]}
-  local maxlen = tonumber(ARGV[7])
-  if maxlen > 0 then
-    args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
-  end
-  args[#args + 1] = '*'
-  args[#args + 1] = 'd'; args[#args + 1] = ARGV[5]
-  if ARGV[6] ~= '' then args[#args + 1] = 's'; args[#args + 1] = ARGV[6] end
-  redis.call('XADD', unpack(args))
-end
+send(KEYS[3] or KEYS[1], KEYS[2], tonumber(ARGV[4]), ARGV[5], ARGV[6], tonumber(ARGV[7]))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 return 1
-""")
+"""
+)
 
 #: Moves an entry this consumer owns to the dead-letter stream: XADD there (fields
 #: from ARGV), then XACK + XDEL. KEYS: stream, dead stream. ARGV: group, consumer,
@@ -159,31 +171,45 @@ redis.call('XDEL', KEYS[1], ARGV[3])
 return 1
 """)
 
+
+def dead_command(
+    stream: bytes,
+    dead: bytes,
+    group: bytes,
+    consumer: bytes,
+    eid: bytes,
+    maxlen: int,
+    *,
+    reason: str,
+    data: bytes,
+    queue: str,
+    deliveries: int,
+    when: str,
+) -> Command:
+    """The :data:`DEAD` call moving entry ``eid`` of ``stream`` to the ``dead`` stream,
+    with the fields a dead letter carries (``bus dead`` reads them)."""
+    return DEAD.command(
+        keys=[stream, dead],
+        args=[group, consumer, eid, maxlen, b"reason", reason, b"data", data, b"id", eid,
+              b"queue", queue, b"deliveries", deliveries, b"time", when],
+    )  # fmt: skip
+
+
 #: Sends a message only if it can claim a key first (a unique job, a schedule's tick):
 #: SET key id NX PX ttl, then XADD to the stream (due = 0) or ZADD to the delayed set.
 #: KEYS: claim key, stream, delayed. ARGV: task id, ttl (ms), due (ms, 0: now), data,
 #: signature, maxlen (0: none). Returns the id holding the key: ARGV[1] when it was
 #: free (and the message was sent), else the holder's (and nothing was sent).
-CLAIM_SEND = Script("""
+CLAIM_SEND = Script(
+    SEND_LUA
+    + """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return redis.call('GET', KEYS[1])
 end
-local due = tonumber(ARGV[3])
-if due > 0 then
-  redis.call('ZADD', KEYS[3], due, ARGV[5] .. '\\n' .. ARGV[4])
-else
-  local args = {KEYS[2]}
-  local maxlen = tonumber(ARGV[6])
-  if maxlen > 0 then
-    args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
-  end
-  args[#args + 1] = '*'
-  args[#args + 1] = 'd'; args[#args + 1] = ARGV[4]
-  if ARGV[5] ~= '' then args[#args + 1] = 's'; args[#args + 1] = ARGV[5] end
-  redis.call('XADD', unpack(args))
-end
+send(KEYS[2], KEYS[3], tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6]))
 return ARGV[1]
-""")
+"""
+)
 
 #: Frees a unique key, only if the finishing task holds it. KEYS: the key. ARGV: the
 #: task id. Returns 1 if freed, else 0.
