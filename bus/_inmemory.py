@@ -822,12 +822,13 @@ class InMemoryBrokerActor(BrokerActor):
     @actors.handles(Release, inline=True)
     def release(self, msg: Release) -> None:
         d = msg.delivery
+        n = d.deliveries + 1 if msg.started else d.deliveries  # never run: not counted
         fancy = self.fancy
         if fancy is None:
-            new = Delivery(d.data, (task_id_of(d), False, d.tag[-1]), d.message, d.deliveries + 1)
+            new = Delivery(d.data, (task_id_of(d), False, d.tag[-1]), d.message, n)
         else:
             fancy.finished(d)
-            new = self._next(d, d.data, d.message, d.deliveries + 1)
+            new = self._next(d, d.data, d.message, n)
         if self.core.requeue(d, new, 0.0, 0.0):
             self._ready(new)
 

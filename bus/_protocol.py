@@ -155,9 +155,14 @@ class Unclaim:
 @attrs.frozen
 class Release:
     """``delivery`` was interrupted unfinished (its worker stopped): hand it back as it
-    was, so that another worker runs it again (its delivery count goes on)."""
+    was, so that another worker runs it again (its delivery count goes on).
+
+    With ``started=False`` the worker took it but never began running it (a drain
+    began in that moment): it goes back without counting as a delivery."""
 
     delivery: Delivery
+    #: Whether a runner began running it (then it counts toward ``max_deliveries``).
+    started: bool = True
 
 
 @attrs.frozen

@@ -407,7 +407,7 @@ class WorkerActor(actors.Actor):
 
     def _hand_back(self, delivery: Delivery) -> None:
         """Give a delivery that was taken but never started back to the broker."""
-        self._tell_soon(Release(delivery), "worker.handback_lost", None)
+        self._tell_soon(Release(delivery, started=False), "worker.handback_lost", None)
 
     def _tell_soon(self, msg: object, lost: str, tid: TaskID | None) -> None:
         """Tell the broker ``msg`` without waiting (from a task that must not wait, or

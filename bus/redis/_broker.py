@@ -620,7 +620,8 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
     @actors.handles(Release)
     def release(self, msg: Release) -> None:
         """A stop interrupted the delivery: hand it back to the queue at once (a
-        copy at the end of the stream that remembers its deliveries)."""
+        copy at the end of the stream that remembers its deliveries; one never
+        started does not count)."""
         tag = msg.delivery.tag
         stream, eid, _, _ = self._where(tag)
         consumer = self._consumer_of(tag)
@@ -630,7 +631,13 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
                 [
                     HANDBACK.command(
                         keys=[stream],
-                        args=[self.group, consumer, self.settings.maxlen or 0, eid, 1],
+                        args=[
+                            self.group,
+                            consumer,
+                            self.settings.maxlen or 0,
+                            eid,
+                            1 if msg.started else 0,
+                        ],
                     )
                 ],
             ),
