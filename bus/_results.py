@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import contextlib
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -486,12 +487,18 @@ class InMemoryResultBackend(ResultBackend):
             why = self._view.gone_reason(task_id) or "the result backend is not running"
             raise ResultNotFound(task_id, why)
         watcher = Watcher()
-        self._tell(Watch(task_id, watcher))
+        try:
+            self._tell(Watch(task_id, watcher))
+        except actors.ActorStopped:
+            raise ResultNotFound(task_id, "the result backend is stopping") from None
         try:
             await watcher.wait(timeout)
         finally:
             if not watcher.event.is_set() and self._ref is not None:
-                self._ref.tell_nowait(Unwatch(task_id, watcher))
+                # A store that stops meanwhile forgets its watchers anyway; never
+                # let that hide the exception (Cancelled) that ended the wait.
+                with contextlib.suppress(actors.ActorStopped):
+                    self._ref.tell_nowait(Unwatch(task_id, watcher))
         if watcher.result is not None:
             return watcher.result
         if watcher.gone:

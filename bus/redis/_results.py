@@ -10,6 +10,7 @@ connection, and are retried until Redis is back (within ``write_timeout``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from typing import Any
@@ -364,12 +365,18 @@ class RedisResultBackend(ResultBackend):
             raise ResultNotFound(task_id, "the result backend is not running")
         tid = TaskID.parse(task_id)
         watcher = Watcher()
-        ref.tell_nowait(Watch(tid, watcher))  # unbounded mailbox: never full
+        try:
+            ref.tell_nowait(Watch(tid, watcher))  # unbounded mailbox: never full
+        except actors.ActorStopped:
+            raise ResultNotFound(tid, "the result backend is stopping") from None
         try:
             await watcher.wait(timeout)
         finally:
             if not watcher.event.is_set() and self._ref is not None:
-                self._ref.tell_nowait(Unwatch(tid, watcher))
+                # A store that stops meanwhile forgets its watchers anyway; never
+                # let that hide the exception (Cancelled) that ended the wait.
+                with contextlib.suppress(actors.ActorStopped):
+                    self._ref.tell_nowait(Unwatch(tid, watcher))
         if watcher.result is not None:
             return watcher.result
         if watcher.gone:

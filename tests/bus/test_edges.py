@@ -153,3 +153,20 @@ async def test_invalid_option_labels_fail_at_kiq() -> None:
             await noop.kicker().with_labels(retries=-1).kiq()
         with pytest.raises(bus.SendError, match="timeout"):
             await noop.kicker().with_labels(timeout="soon").kiq()
+
+
+async def test_waiting_on_a_stopped_result_store_is_result_not_found() -> None:
+    broker = bus.InMemoryBroker(start_worker=False)
+
+    @broker.task
+    async def never() -> None:
+        pass
+
+    with trio.fail_after(10):
+        async with broker:
+            handle = await never.kiq()
+            ref = broker.result_backend.ref
+            assert ref is not None
+            await ref.stop()
+            with pytest.raises(bus.ResultNotFound, match="stopping"):
+                await handle.wait_result(timeout=1)
