@@ -12,6 +12,7 @@ from bus._codec import Codec, DecodeError, JSONCodec
 from bus._context import CONTEXT, Context, current_context
 from bus._errors import (
     BrokerClosed,
+    BrokerUnavailable,
     BusError,
     QueueFull,
     ResultNotFound,
@@ -45,6 +46,7 @@ __all__ = [
     "Broker",
     "BrokerActor",
     "BrokerClosed",
+    "BrokerUnavailable",
     "BrokerState",
     "BrokerStats",
     "BusError",

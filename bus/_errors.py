@@ -32,6 +32,39 @@ class BrokerClosed(SendError):
     """The broker is not running (outside ``async with broker``, or shutting down)."""
 
 
+class BrokerUnavailable(SendError):
+    """The broker's server (Redis) could not be reached within a bound.
+
+    Raised by sends after ``send_timeout`` and by every other call that needs the
+    server (``inspect``, ``cancel``, dead letters, schedules, ``get_result``) after
+    ``command_timeout``. ``url`` names the server (password masked), ``waited`` is
+    how long the call waited in seconds. For a send, ``maybe_stored`` says whether the
+    message may have reached the server before the connection broke (delivery is
+    at-least-once: such a message may still run); a send that returned was stored.
+    It is a :class:`SendError` so that code catching failed sends catches it too.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        url: str = "",
+        waited: float = 0.0,
+        cause: str = "",
+        maybe_stored: bool = False,
+    ) -> None:
+        where = f" at {url}" if url else ""
+        because = f": {cause}" if cause else ""
+        stored = " (the message may have been stored)" if maybe_stored else ""
+        super().__init__(
+            f"{what}: the broker{where} is unavailable after {waited:g} s{because}{stored}"
+        )
+        self.url = url
+        self.waited = waited
+        self.cause = cause
+        self.maybe_stored = maybe_stored
+
+
 class ResultTimeout(BusError, TimeoutError):
     """``wait_result`` gave up before the result arrived."""
 

@@ -214,7 +214,7 @@ def test_public_surface_is_pinned() -> None:
     assert sorted(bus.__all__) == sorted(
         [
             "CONTEXT", "AsyncTask", "Broker", "BrokerActor", "BrokerClosed", "BrokerState",
-            "BrokerStats", "BusError", "BusEvent", "Codec", "Context", "Cron", "DecodeError",
+            "BrokerStats", "BrokerUnavailable", "BusError", "BusEvent", "Codec", "Context", "Cron", "DecodeError",
             "Every", "FrozenDict", "InMemoryBroker",
             "InMemoryResultBackend", "InmemoryResultBackend", "JSONCodec", "Kicker", "Limit",
             "Middleware", "QueueFull", "RemoteError", "ResultBackend", "ResultNotFound",
