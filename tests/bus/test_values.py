@@ -214,8 +214,8 @@ def test_public_surface_is_pinned() -> None:
     assert sorted(bus.__all__) == sorted(
         [
             "CONTEXT", "AsyncTask", "Broker", "BrokerActor", "BrokerClosed", "BrokerState",
-            "BrokerStats", "BrokerUnavailable", "BusError", "BusEvent", "Codec", "Context", "Cron", "DecodeError",
-            "Every", "FrozenDict", "InMemoryBroker",
+            "BrokerStats", "BrokerUnavailable", "BusError", "BusEvent", "Codec", "Context",
+            "Cron", "DecodeError", "Every", "FrozenDict", "InMemoryBroker",
             "InMemoryResultBackend", "InmemoryResultBackend", "JSONCodec", "Kicker", "Limit",
             "Middleware", "QueueFull", "RemoteError", "ResultBackend", "ResultNotFound",
             "ResultTimeout", "ScheduleInfo", "ScheduleSpec", "SendError", "SyncTask", "Task",
