@@ -695,8 +695,29 @@ def _dashboard_main(broker: Broker, args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------ main
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a usage mistake the way every other bad input is reported: one line
+    naming the command and the problem, with where to find the usage; exit 2.
+    Sub-command parsers are made of this class too (``add_subparsers`` uses it)."""
+
+    def error(self, message: str) -> NoReturn:
+        _usage_error(self.prog.removeprefix("bus").strip(), message)
+
+
+def _usage_error(command: str, message: str) -> NoReturn:
+    where = f"{command}: " if command else ""
+    _fail(f"{where}{message} (see '{f'bus {command}'.strip()} --help')")
+
+
+def _parse(args_list: list[str]) -> argparse.Namespace:
+    args, extras = _parser().parse_known_args(args_list)
+    if extras:  # argparse would blame the top-level parser: name the command
+        _usage_error(args.command, f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bus", description="Run and inspect trio-bus workers.")
+    p = _Parser(prog="bus", description="Run and inspect trio-bus workers.")
     p.add_argument("--version", action="version", version=f"bus {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -780,7 +801,7 @@ def _positive(value: float | None, what: str, *, zero: bool = False) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(args_list)
+    args = _parse(args_list)
     try:
         return _main(args, args_list)
     except BaseExceptionGroup as group:
