@@ -3,7 +3,7 @@
 See docs/actors.md for the guide.
 """
 
-from ._actor import DEFAULT_MAILBOX_SIZE, Actor, handles
+from ._actor import DEFAULT_MAILBOX_SIZE, Actor, Later, handles, later
 from ._errors import (
     ActorError,
     ActorFailed,
@@ -29,9 +29,11 @@ __all__ = [
     "ActorSystem",
     "AskTimeout",
     "Backoff",
+    "Later",
     "MailboxFull",
     "Policy",
     "UnhandledMessage",
     "handles",
+    "later",
     "open_system",
 ]

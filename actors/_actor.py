@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ._runtime import ActorRef, Cell
     from ._system import ActorSystem
 
-__all__ = ["DEFAULT_MAILBOX_SIZE", "Actor", "Handler", "handles"]
+__all__ = ["DEFAULT_MAILBOX_SIZE", "Actor", "Handler", "Later", "handles", "later"]
 
 #: Mailbox size used when ``spawn`` is not given one.
 DEFAULT_MAILBOX_SIZE = 100
@@ -64,6 +64,32 @@ def handles(*message_types: type, inline: bool = False) -> Callable[[F], F]:
     return mark
 
 
+class Later:
+    """What a handler returns when its answer needs waiting (I/O): the runtime runs
+    ``fn(*args)`` in the actor's nursery and answers the asker with what it returns
+    (or raises), while the actor goes on handling its mailbox. Make one with
+    :func:`later`.
+
+    The rules of a handler hold for the work: an exception listed in the actor's
+    ``replied_errors`` is only the asker's answer; any other is also a failure of the
+    actor. If the actor stops or restarts first, the work is cancelled and the asker
+    gets ``ActorStopped``. A told message's ``Later`` runs the same way, its result
+    dropped. Inline handlers cannot answer later (their ``Later`` is awaited in the
+    asker's own task).
+    """
+
+    __slots__ = ("args", "fn")
+
+    def __init__(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+        self.fn = fn
+        self.args = args
+
+
+def later(fn: Callable[..., Awaitable[Any]], *args: Any) -> Later:
+    """Answer the current message later: see :class:`Later`."""
+    return Later(fn, args)
+
+
 def _as_async(func: Callable[..., Any]) -> Handler:
     if inspect.iscoroutinefunction(func):
         return func
@@ -97,6 +123,11 @@ class Actor:
     #: supervisor's restart re-establishes): under RESTART they are logged as one
     #: warning line, without a traceback.
     expected_failures: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: Exceptions a handler raises as its *answer*, not as a failure (say, "the server
+    #: is unreachable"): the asker gets it raised, a teller's is logged as a warning,
+    #: and the actor goes on with its state. Anything else a handler raises is a bug:
+    #: a failure of the actor, which its supervision policy handles.
+    replied_errors: ClassVar[tuple[type[BaseException], ...]] = ()
     #: Handlers that may run inline (see ``handles(..., inline=True)``), by exact type.
     _actor_inline: ClassVar[dict[type, Callable[[Any, Any], Any]]] = {}
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._actor import Actor
+from ._actor import Actor, Later
 from ._errors import (
     ActorError,
     ActorFailed,
@@ -175,13 +175,7 @@ class ActorRef:
             fn = cell.inline.get(type(msg))
             if fn is not None and cell.mailbox.receiver_waiting and not cell.inline_busy:
                 # Idle actor: run the handler here and now (see handles(inline=True)).
-                cell.inline_busy = True
-                try:
-                    fn(cell.instance, msg)
-                except Exception as exc:
-                    cell.fail_inline(exc)
-                finally:
-                    cell.inline_busy = False
+                cell.run_inline(fn, msg)
                 return
         try:
             self._send.send_nowait(msg)
@@ -213,12 +207,16 @@ class ActorRef:
                 await trio.lowlevel.checkpoint_if_cancelled()
                 cell.inline_busy = True
                 try:
-                    return fn(cell.instance, msg)
+                    value = fn(cell.instance, msg)
                 except Exception as exc:
-                    cell.fail_inline(exc)
+                    if not isinstance(exc, cell.instance.replied_errors):
+                        cell.fail_inline(exc)
                     raise
                 finally:
                     cell.inline_busy = False
+                if type(value) is Later:
+                    return await value.fn(*value.args)
+                return value
         req = _Ask(msg)
         if timeout is None:
             await self._ask(req)
@@ -344,7 +342,12 @@ class Cell:
         try:
             fn(self.instance, msg)
         except Exception as exc:
-            self.fail_inline(exc)
+            if isinstance(exc, self.instance.replied_errors):
+                self.log.warning(
+                    "actor.told_error", error=str(exc), message_type=type(msg).__name__
+                )
+            else:
+                self.fail_inline(exc)
         finally:
             self.inline_busy = False
 
@@ -462,8 +465,10 @@ class Cell:
         policy = self.policy
         expected = isinstance(error, type(self.instance).expected_failures)
         if expected and policy is RESTART:
-            # Part of the actor's life (a lost connection): one line, no traceback.
-            self.log.warning("actor.failed", error=str(error), policy=policy.value)
+            # Part of the actor's life (a lost connection): the actor says what it means
+            # for its users itself (a line when the server goes and comes back); the
+            # failure and the restart are details, for debug logs.
+            self.log.debug("actor.failed", error=str(error), policy=policy.value)
         else:
             self.log.error("actor.failed", error=repr(error), policy=policy.value, exc_info=error)
         if policy is RESTART:
@@ -548,7 +553,17 @@ class Cell:
                     if handler is None:
                         self._unhandled(msg)
                     else:
-                        await handler(actor, msg)
+                        try:
+                            value = await handler(actor, msg)
+                        except actor.replied_errors as exc:
+                            self.log.warning(
+                                "actor.told_error",
+                                error=str(exc),
+                                message_type=type(msg).__name__,
+                            )
+                        else:
+                            if type(value) is Later:
+                                actor.nursery.start_soon(self._answer_later, actor, None, value)
                 try:
                     msg = receive_nowait()
                 except trio.WouldBlock:
@@ -572,11 +587,35 @@ class Cell:
             value = await handler(actor, msg)
         except Exception as exc:
             req.fail(exc)
+            if isinstance(exc, actor.replied_errors):
+                return
             raise
         except BaseException:
             req.fail(self._stopped_error(msg))
             raise
+        if type(value) is Later:
+            actor.nursery.start_soon(self._answer_later, actor, req, value)
+            return
         req.succeed(value)
+
+    async def _answer_later(self, actor: Actor, req: _Ask | None, work: Later) -> None:
+        """Run a handler's :class:`Later` in the actor's nursery and answer with it."""
+        try:
+            value = await work.fn(*work.args)
+        except Exception as exc:
+            if req is not None:
+                req.fail(exc)
+            if isinstance(exc, actor.replied_errors):
+                if req is None:
+                    self.log.warning("actor.told_error", error=str(exc))
+                return
+            raise
+        except BaseException:
+            if req is not None:
+                req.fail(self._stopped_error(req.msg))
+            raise
+        if req is not None:
+            req.succeed(value)
 
     def _unhandled(self, msg: object) -> None:
         self.unhandled += 1

@@ -19,10 +19,12 @@ def test_public_names() -> None:
             "ActorSystem",
             "AskTimeout",
             "Backoff",
+            "Later",
             "MailboxFull",
             "Policy",
             "UnhandledMessage",
             "handles",
+            "later",
             "open_system",
         ]
     )
