@@ -20,7 +20,7 @@ import trio.testing
 
 import bus
 from bus.protocol import Send
-from bus.testing import run_broker
+from bus.testing import ContractError, run_broker
 
 __all__ = ["CHECKS", "BrokerFactory"]
 
@@ -29,15 +29,34 @@ __all__ = ["CHECKS", "BrokerFactory"]
 BrokerFactory = Callable[..., bus.Broker]
 
 
+def _expect(ok: object, what: str, detail: object = None) -> None:
+    """``assert ok``, also under ``python -O``: raise :class:`ContractError` saying
+    what was expected (``what``: the condition as written)."""
+    if not ok:
+        raise ContractError(f"expected {what}" + ("" if detail is None else f" ({detail})"))
+
+
+def _expect_equal(got: object, want: object, what: str, detail: object = None) -> None:
+    """``assert got == want``, also under ``python -O``: ``what`` names ``got``."""
+    if got != want:
+        message = f"{what} is {_short(got)}, expected {_short(want)}"
+        raise ContractError(message + ("" if detail is None else f" ({detail})"))
+
+
+def _short(value: object, limit: int = 300) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @contextmanager
 def _raises(kind: type[BaseException], match: str | None = None) -> Iterator[None]:
     try:
         yield
     except kind as exc:
         if match is not None and not re.search(match, str(exc)):
-            raise AssertionError(f"{kind.__name__} raised, but {str(exc)!r} !~ {match!r}") from exc
+            raise ContractError(f"{kind.__name__} raised, but {str(exc)!r} !~ {match!r}") from exc
     else:
-        raise AssertionError(f"{kind.__name__} was not raised")
+        raise ContractError(f"{kind.__name__} was not raised")
 
 
 DEADLINE = 10
@@ -54,13 +73,15 @@ async def check_kiq_then_wait_result(make_broker: BrokerFactory) -> None:
         async with run_broker(broker):
             handle = await add.kiq(1, 2)
             result = await handle.wait_result(timeout=5)
-            assert result.return_value == 3
-            assert not result.is_err
-            assert result.status is bus.TaskStatus.SUCCESS
-            assert result.task_id == handle.task_id
-            assert await handle.is_ready()
-            assert await handle.get_result() == result
-            assert result.unwrap() == 3
+            _expect_equal(result.return_value, 3, "result.return_value")
+            _expect(not result.is_err, "not result.is_err")
+            _expect(
+                result.status is bus.TaskStatus.SUCCESS, "result.status is bus.TaskStatus.SUCCESS"
+            )
+            _expect_equal(result.task_id, handle.task_id, "result.task_id")
+            _expect(await handle.is_ready(), "await handle.is_ready()")
+            _expect_equal(await handle.get_result(), result, "await handle.get_result()")
+            _expect_equal(result.unwrap(), 3, "result.unwrap()")
 
 
 async def check_calling_a_task_runs_the_function_directly(make_broker: BrokerFactory) -> None:
@@ -74,8 +95,8 @@ async def check_calling_a_task_runs_the_function_directly(make_broker: BrokerFac
     def triple(x: int) -> int:
         return 3 * x
 
-    assert await double(4) == 8
-    assert triple(4) == 12
+    _expect_equal(await double(4), 8, "await double(4)")
+    _expect_equal(triple(4), 12, "triple(4)")
 
 
 async def check_sync_task_runs_in_a_thread(make_broker: BrokerFactory) -> None:
@@ -91,7 +112,7 @@ async def check_sync_task_runs_in_a_thread(make_broker: BrokerFactory) -> None:
     with trio.fail_after(DEADLINE):
         async with run_broker(broker):
             result = await (await where.kiq()).wait_result(timeout=5)
-    assert result.return_value is True
+    _expect(result.return_value is True, "result.return_value is True")
 
 
 async def check_failure_is_reported_as_text(make_broker: BrokerFactory) -> None:
@@ -104,11 +125,17 @@ async def check_failure_is_reported_as_text(make_broker: BrokerFactory) -> None:
     with trio.fail_after(DEADLINE):
         async with run_broker(broker):
             result = await (await boom.kiq(7)).wait_result(timeout=5)
-    assert result.is_err and result.status is bus.TaskStatus.FAILURE
-    assert result.error is not None
-    assert result.error.type_name == "ValueError"
-    assert result.error.message == "bad value 7"
-    assert "raise ValueError" in result.error.traceback
+    _expect(
+        result.is_err and result.status is bus.TaskStatus.FAILURE,
+        "result.is_err and result.status is bus.TaskStatus.FAILURE",
+    )
+    if result.error is None:
+        raise ContractError("expected result.error is not None")
+    _expect_equal(result.error.type_name, "ValueError", "result.error.type_name")
+    _expect_equal(result.error.message, "bad value 7", "result.error.message")
+    _expect(
+        "raise ValueError" in result.error.traceback, '"raise ValueError" in result.error.traceback'
+    )
     with _raises(bus.TaskFailed, match="bad value 7"):
         result.unwrap()
 
@@ -123,8 +150,8 @@ async def check_timeout_reports_timeout(make_broker: BrokerFactory) -> None:
     with trio.fail_after(DEADLINE):
         async with run_broker(broker):
             result = await (await slow.kiq()).wait_result(timeout=5)
-    assert result.status is bus.TaskStatus.TIMEOUT
-    assert result.is_err
+    _expect(result.status is bus.TaskStatus.TIMEOUT, "result.status is bus.TaskStatus.TIMEOUT")
+    _expect(result.is_err, "result.is_err")
 
 
 async def check_retries_keep_the_task_id(make_broker: BrokerFactory) -> None:
@@ -142,9 +169,9 @@ async def check_retries_keep_the_task_id(make_broker: BrokerFactory) -> None:
         async with run_broker(broker):
             handle = await flaky.kiq()
             result = await handle.wait_result(timeout=5)
-    assert result.task_id == handle.task_id
-    assert result.return_value == 3
-    assert attempts == [1, 2, 3]
+    _expect_equal(result.task_id, handle.task_id, "result.task_id")
+    _expect_equal(result.return_value, 3, "result.return_value")
+    _expect_equal(attempts, [1, 2, 3], "attempts")
 
 
 async def check_retries_run_out(make_broker: BrokerFactory) -> None:
@@ -160,8 +187,8 @@ async def check_retries_run_out(make_broker: BrokerFactory) -> None:
     with trio.fail_after(DEADLINE):
         async with run_broker(broker):
             result = await (await always.kiq()).wait_result(timeout=5)
-    assert calls == 3
-    assert result.status is bus.TaskStatus.FAILURE
+    _expect_equal(calls, 3, "calls")
+    _expect(result.status is bus.TaskStatus.FAILURE, "result.status is bus.TaskStatus.FAILURE")
 
 
 async def check_retry_on_limits_what_is_retried(make_broker: BrokerFactory) -> None:
@@ -177,8 +204,11 @@ async def check_retry_on_limits_what_is_retried(make_broker: BrokerFactory) -> N
     with trio.fail_after(DEADLINE):
         async with run_broker(broker):
             result = await (await picky.kiq()).wait_result(timeout=5)
-    assert calls == 1
-    assert result.error is not None and result.error.type_name == "KeyError"
+    _expect_equal(calls, 1, "calls")
+    if not (result.error is not None and result.error.type_name == "KeyError"):
+        raise ContractError(
+            'expected result.error is not None and result.error.type_name == "KeyError"'
+        )
 
 
 async def check_cancel_a_running_task(make_broker: BrokerFactory) -> None:
@@ -199,8 +229,8 @@ async def check_cancel_a_running_task(make_broker: BrokerFactory) -> None:
             await started.wait()
             await handle.cancel()
             result = await handle.wait_result(timeout=5)
-    assert result.status is bus.TaskStatus.CANCELLED
-    assert not finished
+    _expect(result.status is bus.TaskStatus.CANCELLED, "result.status is bus.TaskStatus.CANCELLED")
+    _expect(not finished, "not finished")
     with _raises(bus.TaskCancelled):
         result.unwrap()
 
@@ -224,12 +254,15 @@ async def check_cancel_a_queued_task_it_never_starts(make_broker: BrokerFactory)
             queued = await victim.kiq()
             await queued.cancel()
             gate.set()
-            assert (await first.wait_result(timeout=5)).status is bus.TaskStatus.SUCCESS
+            _expect(
+                (await first.wait_result(timeout=5)).status is bus.TaskStatus.SUCCESS,
+                "(await first.wait_result(timeout=5)).status is bus.TaskStatus.SUCCESS",
+            )
             result = await queued.wait_result(timeout=5)
             after = await victim.kiq()  # the worker is still healthy
             await after.wait_result(timeout=5)
-    assert result.status is bus.TaskStatus.CANCELLED
-    assert ran == ["victim"]
+    _expect(result.status is bus.TaskStatus.CANCELLED, "result.status is bus.TaskStatus.CANCELLED")
+    _expect_equal(ran, ["victim"], "ran")
 
 
 async def check_delay_is_honoured(make_broker: BrokerFactory) -> None:
@@ -244,9 +277,9 @@ async def check_delay_is_honoured(make_broker: BrokerFactory) -> None:
         async with run_broker(broker):
             sent = trio.current_time()
             handle = await stamp.kicker().with_delay(0.3).kiq()
-            assert not await handle.is_ready()
+            _expect(not await handle.is_ready(), "not await handle.is_ready()")
             await handle.wait_result(timeout=5)
-    assert ran_at[0] - sent >= 0.25
+    _expect(ran_at[0] - sent >= 0.25, "ran_at[0] - sent >= 0.25")
 
 
 async def check_concurrency_is_a_real_limit(make_broker: BrokerFactory) -> None:
@@ -265,7 +298,7 @@ async def check_concurrency_is_a_real_limit(make_broker: BrokerFactory) -> None:
         async with run_broker(broker):
             handles = [await work.kiq() for _ in range(12)]
             await bus.gather(*handles, timeout=5)
-    assert peak == 3
+    _expect_equal(peak, 3, "peak")
 
 
 async def check_labels_and_task_id_travel(make_broker: BrokerFactory) -> None:
@@ -282,11 +315,11 @@ async def check_labels_and_task_id_travel(make_broker: BrokerFactory) -> None:
     with trio.fail_after(DEADLINE):
         async with run_broker(broker):
             handle = await echo.kicker().with_labels(**labels).with_task_id(tid).kiq()
-            assert handle.task_id == tid
+            _expect_equal(handle.task_id, tid, "handle.task_id")
             result = await handle.wait_result(timeout=5)
-    assert result.return_value == tid
-    assert seen == labels
-    assert result.labels == labels
+    _expect_equal(result.return_value, tid, "result.return_value")
+    _expect_equal(seen, labels, "seen")
+    _expect_equal(result.labels, labels, "result.labels")
 
 
 async def check_progress_is_visible(make_broker: BrokerFactory) -> None:
@@ -304,7 +337,9 @@ async def check_progress_is_visible(make_broker: BrokerFactory) -> None:
         async with run_broker(broker):
             handle = await job.kiq()
             await reported.wait()
-            assert await handle.get_progress() == {"done": 1, "of": 2}
+            _expect_equal(
+                await handle.get_progress(), {"done": 1, "of": 2}, "await handle.get_progress()"
+            )
             go_on.set()
             await handle.wait_result(timeout=5)
 
@@ -353,22 +388,26 @@ async def check_middleware_hook_order(make_broker: BrokerFactory) -> None:
             handle = await noop.kiq()
             await handle.wait_result(timeout=5)
             await saved.wait()  # post_save runs right after the store
-    assert calls == [
-        "a.startup",
-        "b.startup",
-        "a.pre_send",
-        "b.pre_send",
-        "b.post_send",
-        "a.post_send",
-        "a.pre_execute",
-        "b.pre_execute",
-        "b.post_execute",
-        "a.post_execute",
-        "b.post_save",
-        "a.post_save",
-        "b.shutdown",
-        "a.shutdown",
-    ]
+    _expect_equal(
+        calls,
+        [
+            "a.startup",
+            "b.startup",
+            "a.pre_send",
+            "b.pre_send",
+            "b.post_send",
+            "a.post_send",
+            "a.pre_execute",
+            "b.pre_execute",
+            "b.post_execute",
+            "a.post_execute",
+            "b.post_save",
+            "a.post_save",
+            "b.shutdown",
+            "a.shutdown",
+        ],
+        "calls",
+    )
 
 
 async def check_unknown_task_name_is_refused(make_broker: BrokerFactory) -> None:
@@ -412,13 +451,20 @@ async def check_bad_messages_are_rejected_and_the_worker_goes_on(
             data = broker.codec.encode_message(wrong_args).replace(b"[1,2]", b"[1,2,3]")
             await broker.ref.tell(Send(wrong_args, data))
             handle = await add.kiq(20, 22)
-            assert (await handle.wait_result(timeout=5)).return_value == 42
+            _expect_equal(
+                (await handle.wait_result(timeout=5)).return_value,
+                42,
+                "(await handle.wait_result(timeout=5)).return_value",
+            )
             rejected = await bus.TaskHandle[Any](wrong_args.task_id, broker).wait_result(timeout=5)
-    assert rejected.status is bus.TaskStatus.FAILURE
-    assert rejected.error is not None and rejected.error.type_name == "bus.Rejected"
+    _expect(rejected.status is bus.TaskStatus.FAILURE, "rejected.status is bus.TaskStatus.FAILURE")
+    if not (rejected.error is not None and rejected.error.type_name == "bus.Rejected"):
+        raise ContractError(
+            'expected rejected.error is not None and rejected.error.type_name == "bus.Rejected"'
+        )
     reasons = [e["reason"] for e in logs if e["event"] == "task.rejected"]
-    assert any("undecodable" in r for r in reasons)
-    assert any("arguments" in r for r in reasons)
+    _expect(any("undecodable" in r for r in reasons), 'any("undecodable" in r for r in reasons)')
+    _expect(any("arguments" in r for r in reasons), 'any("arguments" in r for r in reasons)')
 
 
 async def check_wait_result_timeout(make_broker: BrokerFactory) -> None:
@@ -448,7 +494,9 @@ async def check_gather_returns_results_in_order(make_broker: BrokerFactory) -> N
         async with run_broker(broker):
             handles = [await ident.kiq(i) for i in range(5)]
             results = await bus.gather(*handles, timeout=5)
-    assert [r.return_value for r in results] == [0, 1, 2, 3, 4]
+    _expect_equal(
+        [r.return_value for r in results], [0, 1, 2, 3, 4], "[r.return_value for r in results]"
+    )
 
 
 async def check_lifecycle_events(make_broker: BrokerFactory) -> None:
@@ -471,8 +519,11 @@ async def check_lifecycle_events(make_broker: BrokerFactory) -> None:
     with trio.fail_after(DEADLINE):
         async with run_broker(broker):
             result = await (await uses_state.kiq()).wait_result(timeout=5)
-    assert result.return_value is True
-    assert seen.count("up") == 2 and seen.count("down") == 2
+    _expect(result.return_value is True, "result.return_value is True")
+    _expect(
+        seen.count("up") == 2 and seen.count("down") == 2,
+        'seen.count("up") == 2 and seen.count("down") == 2',
+    )
 
 
 async def check_trio_cancellation_of_the_worker_is_not_a_task_failure(
@@ -492,9 +543,12 @@ async def check_trio_cancellation_of_the_worker_is_not_a_task_failure(
                 await long.kiq()
                 await started.wait()
                 scope.cancel()  # Trio cancels everything, the worker included
-    assert scope.cancelled_caught
-    assert broker.stats.failed == 0 and broker.stats.cancelled == 0
-    assert broker.stats.succeeded == 0
+    _expect(scope.cancelled_caught, "scope.cancelled_caught")
+    _expect(
+        broker.stats.failed == 0 and broker.stats.cancelled == 0,
+        "broker.stats.failed == 0 and broker.stats.cancelled == 0",
+    )
+    _expect_equal(broker.stats.succeeded, 0, "broker.stats.succeeded")
 
 
 async def check_results_pass_through_the_codec(make_broker: BrokerFactory) -> None:
@@ -514,10 +568,15 @@ async def check_results_pass_through_the_codec(make_broker: BrokerFactory) -> No
         async with run_broker(broker):
             unencodable = await (await a_set.kiq()).wait_result(timeout=5)
             shaped = await (await a_tuple.kiq()).wait_result(timeout=5)
-    assert unencodable.status is bus.TaskStatus.FAILURE
-    assert unencodable.error is not None
-    assert unencodable.error.type_name == "bus.UnencodableResult"
-    assert shaped.return_value == [1, [2, "x"]]
+    _expect(
+        unencodable.status is bus.TaskStatus.FAILURE, "unencodable.status is bus.TaskStatus.FAILURE"
+    )
+    if unencodable.error is None:
+        raise ContractError("expected unencodable.error is not None")
+    _expect_equal(
+        unencodable.error.type_name, "bus.UnencodableResult", "unencodable.error.type_name"
+    )
+    _expect_equal(shaped.return_value, [1, [2, "x"]], "shaped.return_value")
 
 
 async def check_unique_jobs_run_once_while_queued_or_running(
@@ -536,25 +595,37 @@ async def check_unique_jobs_run_once_while_queued_or_running(
     with trio.fail_after(DEADLINE):
         async with run_broker(broker):
             first = [await report.kiq("mon") for _ in range(5)]
-            assert len({h.task_id for h in first}) == 1  # one job: every handle on it
+            # one job: every handle on it
+            _expect_equal(len({h.task_id for h in first}), 1, "len({h.task_id for h in first})")
             many = await report.kiq_many([("mon",), ("mon",)])  # in bulk too
-            assert {h.task_id for h in many} == {first[0].task_id}
+            _expect_equal(
+                {h.task_id for h in many}, {first[0].task_id}, "{h.task_id for h in many}"
+            )
             other = await report.kiq("tue")  # other arguments: another job
-            assert other.task_id != first[0].task_id
+            _expect(other.task_id != first[0].task_id, "other.task_id != first[0].task_id")
             keyed = [await report.kicker().with_unique(key="k").kiq(d) for d in ("a", "b")]
-            assert keyed[0].task_id == keyed[1].task_id  # one key of the caller's
+            # one key of the caller's
+            _expect_equal(keyed[0].task_id, keyed[1].task_id, "keyed[0].task_id")
             gate.set()
             results = await bus.gather(*first, other, keyed[1], timeout=5)
-            assert [r.return_value for r in results[-3:]] == [
-                "report mon",
-                "report tue",
-                "report a",
-            ]
+            _expect_equal(
+                [r.return_value for r in results[-3:]],
+                [
+                    "report mon",
+                    "report tue",
+                    "report a",
+                ],
+                "[r.return_value for r in results[-3:]]",
+            )
             # Its result is stored: the key is free, the same job runs again.
             again = await report.kiq("mon")
-            assert again.task_id != first[0].task_id
-            assert (await again.wait_result(timeout=5)).return_value == "report mon"
-    assert sorted(runs) == ["a", "mon", "mon", "tue"]
+            _expect(again.task_id != first[0].task_id, "again.task_id != first[0].task_id")
+            _expect_equal(
+                (await again.wait_result(timeout=5)).return_value,
+                "report mon",
+                "(await again.wait_result(timeout=5)).return_value",
+            )
+    _expect_equal(sorted(runs), ["a", "mon", "mon", "tue"], "sorted(runs)")
 
 
 async def check_schedules_fire_each_tick_once(make_broker: BrokerFactory) -> None:
@@ -576,21 +647,40 @@ async def check_schedules_fire_each_tick_once(make_broker: BrokerFactory) -> Non
             while len(ticks) < 5 or len(greeted) < 3:  # noqa: ASYNC110 (a clock, not an event)
                 await trio.sleep(0.05)
             infos = {i.spec.name: i for i in await broker.schedules()}
-            assert infos["contract.tick"].source == "task"
-            assert infos["contract.hello"].source == "runtime"
-            assert infos["contract.hello"].state.fires >= 3
+            _expect_equal(infos["contract.tick"].source, "task", 'infos["contract.tick"].source')
+            _expect_equal(
+                infos["contract.hello"].source, "runtime", 'infos["contract.hello"].source'
+            )
+            _expect(
+                infos["contract.hello"].state.fires >= 3, 'infos["contract.hello"].state.fires >= 3'
+            )
             last_tick = infos["contract.tick"].state.last_tick
-            assert last_tick is not None
-            assert infos["contract.tick"].next_fire > last_tick
-            assert await broker.unschedule("contract.hello")
-            assert not await broker.unschedule("contract.hello")
-            assert "contract.hello" not in {i.spec.name for i in await broker.schedules()}
-    assert len(set(ticks)) == len(ticks), "a tick was sent twice"
+            if last_tick is None:
+                raise ContractError("expected last_tick is not None")
+            _expect(
+                infos["contract.tick"].next_fire > last_tick,
+                'infos["contract.tick"].next_fire > last_tick',
+            )
+            _expect(
+                await broker.unschedule("contract.hello"),
+                'await broker.unschedule("contract.hello")',
+            )
+            _expect(
+                not await broker.unschedule("contract.hello"),
+                'not await broker.unschedule("contract.hello")',
+            )
+            _expect(
+                "contract.hello" not in {i.spec.name for i in await broker.schedules()},
+                '"contract.hello" not in {i.spec.name for i in await broker.schedules()}',
+            )
+    _expect_equal(len(set(ticks)), len(ticks), "len(set(ticks))", "a tick was sent twice")
     # In order, on the 0.2 s grid (a scheduler woken late fires the latest tick only).
     gaps = [round((b - a) / 0.2, 3) for a, b in itertools.pairwise(ticks)]
-    assert all(g >= 1 and g == int(g) for g in gaps), gaps
-    assert {who for who, _ in greeted} == {"ada"}
-    assert len({t for _, t in greeted}) == len(greeted)
+    _expect(
+        all(g >= 1 and g == int(g) for g in gaps), "all(g >= 1 and g == int(g) for g in gaps)", gaps
+    )
+    _expect_equal({who for who, _ in greeted}, {"ada"}, "{who for who, _ in greeted}")
+    _expect_equal(len({t for _, t in greeted}), len(greeted), "len({t for _, t in greeted})")
 
 
 async def check_kiq_many_sends_in_bulk(make_broker: BrokerFactory) -> None:
@@ -605,8 +695,12 @@ async def check_kiq_many_sends_in_bulk(make_broker: BrokerFactory) -> None:
             handles = await combine.kiq_many((i, i) for i in range(20))
             handles += await combine.kiq_many([((1, 2), {"scale": 10})])
             results = await bus.gather(*handles, timeout=5)
-    assert [r.return_value for r in results] == [2 * i for i in range(20)] + [30]
-    assert broker.stats.sent == 21
+    _expect_equal(
+        [r.return_value for r in results],
+        [2 * i for i in range(20)] + [30],
+        "[r.return_value for r in results]",
+    )
+    _expect_equal(broker.stats.sent, 21, "broker.stats.sent")
 
 
 def _most_in_a_window(times: list[float], width: float) -> int:
@@ -637,14 +731,25 @@ async def check_named_queues_route_tasks(make_broker: BrokerFactory) -> None:
                     )
                 )
             waiting = await plain.kiq()
-            assert (await (await in_a.kiq()).wait_result(timeout=5)).return_value == "contract-a"
+            _expect_equal(
+                (await (await in_a.kiq()).wait_result(timeout=5)).return_value,
+                "contract-a",
+                "(await (await in_a.kiq()).wait_result(timeout=5)).return_value",
+            )
             moved = await plain.kicker().with_queue("contract-a").kiq()
-            assert (await moved.wait_result(timeout=5)).return_value == "contract-a"
+            _expect_equal(
+                (await moved.wait_result(timeout=5)).return_value,
+                "contract-a",
+                "(await moved.wait_result(timeout=5)).return_value",
+            )
             if workers:
                 with _raises(bus.ResultTimeout):  # nobody consumes the default queue yet
                     await waiting.wait_result(timeout=0.3)
                 workers.append(await nursery.start(broker.run_worker, 2))
-            assert (await waiting.wait_result(timeout=5)).return_value is None
+            _expect(
+                (await waiting.wait_result(timeout=5)).return_value is None,
+                "(await waiting.wait_result(timeout=5)).return_value is None",
+            )
             for w in workers:
                 w.stop()
 
@@ -672,7 +777,7 @@ async def check_priorities_take_the_most_urgent_first(make_broker: BrokerFactory
             handles.append(await job.kicker().with_priority(5).kiq("mid"))
             gate.set()
             await bus.gather(*handles, timeout=5)
-    assert started == ["high"] * 3 + ["mid"] + ["low"] * 6, started
+    _expect_equal(started, ["high"] * 3 + ["mid"] + ["low"] * 6, "started")
 
 
 async def check_rate_limit_spreads_starts_without_holding_a_runner(
@@ -695,10 +800,13 @@ async def check_rate_limit_spreads_starts_without_holding_a_runner(
             await (await free.kiq()).wait_result(timeout=5)
             when_free_ran = len(starts)
             results = await bus.gather(*handles, timeout=5)
-    assert all(not r.is_err for r in results)
-    assert when_free_ran < 8  # two runners, eight waiting for the limit: it ran anyway
-    assert max(starts) - min(starts) >= 0.6  # 7 intervals of 0.1 s
-    assert _most_in_a_window(starts, 0.5) <= 5 + 1  # the rate, plus the burst of 1
+    _expect(all(not r.is_err for r in results), "all(not r.is_err for r in results)")
+    # two runners, eight waiting for the limit: it ran anyway
+    _expect(when_free_ran < 8, "when_free_ran < 8")
+    # 7 intervals of 0.1 s
+    _expect(max(starts) - min(starts) >= 0.6, "max(starts) - min(starts) >= 0.6")
+    # the rate, plus the burst of 1
+    _expect(_most_in_a_window(starts, 0.5) <= 5 + 1, "_most_in_a_window(starts, 0.5) <= 5 + 1")
 
 
 async def check_max_running_is_a_limit(make_broker: BrokerFactory) -> None:
@@ -722,8 +830,8 @@ async def check_max_running_is_a_limit(make_broker: BrokerFactory) -> None:
             handles = [await capped.kiq() for _ in range(8)]
             await (await free.kiq()).wait_result(timeout=5)
             results = await bus.gather(*handles, timeout=5)
-    assert all(not r.is_err for r in results)
-    assert peak == 2
+    _expect(all(not r.is_err for r in results), "all(not r.is_err for r in results)")
+    _expect_equal(peak, 2, "peak")
 
 
 async def check_a_drain_never_drops_a_delivery_it_meets(make_broker: BrokerFactory) -> None:
@@ -768,10 +876,12 @@ async def check_a_drain_never_drops_a_delivery_it_meets(make_broker: BrokerFacto
                 worker = await nursery.start(broker.run_worker, 4)
                 results = [await h.wait_result(timeout=5) for h in handles]
                 worker.stop()
-    assert [(r.status, r.return_value) for r in results] == [
-        (bus.TaskStatus.SUCCESS, i) for i in range(n)
-    ]
-    assert sorted(runs) == list(range(n))
+    _expect_equal(
+        [(r.status, r.return_value) for r in results],
+        [(bus.TaskStatus.SUCCESS, i) for i in range(n)],
+        "[(r.status, r.return_value) for r in results]",
+    )
+    _expect_equal(sorted(runs), list(range(n)), "sorted(runs)")
 
 
 #: Every check, in the order they run.

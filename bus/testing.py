@@ -14,6 +14,7 @@ __all__ = [
     "QUEUE_CHECKS",
     "SCHEDULE_CHECKS",
     "UNIQUE_CHECKS",
+    "ContractError",
     "check_broker",
     "in_memory",
     "run_broker",
@@ -33,6 +34,13 @@ QUEUE_CHECKS: tuple[str, ...] = (
 SCHEDULE_CHECKS: tuple[str, ...] = ("check_schedules_fire_each_tick_once",)
 #: The contract check of unique jobs, for a broker that does not claim unique keys.
 UNIQUE_CHECKS: tuple[str, ...] = ("check_unique_jobs_run_once_while_queued_or_running",)
+
+
+class ContractError(AssertionError):
+    """A broker did not keep the contract: raised by :func:`check_broker` (naming every
+    failed check) and by each check. The checks raise it themselves, not with
+    ``assert``, so they check under ``python -O`` too. An :class:`AssertionError`,
+    so a test framework reports it as a failure."""
 
 
 @asynccontextmanager
@@ -98,8 +106,9 @@ async def check_broker(factory: Callable[..., Broker], *, skip: Sequence[str] = 
     ``factory(**options)`` must build a fresh, isolated broker (its own queue and
     result keys) from keyword options such as ``concurrency`` and
     ``shutdown_timeout``. Every check runs in turn (names in ``skip`` are skipped,
-    e.g. ``"check_delay_is_honoured"``); if any fails, an ``AssertionError`` names
-    every failed check, with the first failure as its cause::
+    e.g. ``"check_delay_is_honoured"``); if any fails, a :class:`ContractError` (an
+    ``AssertionError``) names every failed check, with the first failure as its
+    cause::
 
         async def test_my_broker_keeps_the_contract() -> None:
             await bus.testing.check_broker(lambda **options: MyBroker(**options))
@@ -123,4 +132,4 @@ async def check_broker(factory: Callable[..., Broker], *, skip: Sequence[str] = 
     if failed:
         lines = [f"{len(failed)} broker contract check(s) failed:"]
         lines += [f"  {name}: {type(exc).__name__}: {exc}" for name, exc in failed]
-        raise AssertionError("\n".join(lines)) from failed[0][1]
+        raise ContractError("\n".join(lines)) from failed[0][1]

@@ -6,14 +6,22 @@ them all for a third-party broker.
 
 from __future__ import annotations
 
+import ast
+import inspect
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
 import bus
+import bus._contract
 import bus.testing
 from bus._contract import CHECKS
 from tests.contract.conftest import BrokerFactory
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=[c.__name__.removeprefix("check_") for c in CHECKS])
@@ -53,3 +61,48 @@ def test_the_feature_checks_are_named_right() -> None:
     assert set(bus.testing.QUEUE_CHECKS) <= names
     assert set(bus.testing.SCHEDULE_CHECKS) <= names
     assert set(bus.testing.UNIQUE_CHECKS) <= names
+
+
+IMPATIENT = """
+import attrs, trio, bus, bus.testing
+
+class Impatient(bus.InMemoryBroker):
+    '''Runs a delayed task at once.'''
+
+    async def kick(self, message: bus.TaskMessage) -> bus.TaskID:
+        return await super().kick(attrs.evolve(message, eta=None))
+
+async def main() -> None:
+    await bus.testing.check_broker(
+        lambda **options: Impatient(**options), skip=[{skip}]
+    )
+
+trio.run(main)
+"""
+
+
+def test_check_broker_fails_a_broken_broker_under_python_O() -> None:
+    # Under -O a bare ``assert`` is gone: the checks must raise their error themselves.
+    skip = ", ".join(repr(c.__name__) for c in CHECKS if c.__name__ != "check_delay_is_honoured")
+    proc = subprocess.run(
+        [sys.executable, "-O", "-c", IMPATIENT.format(skip=skip)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "bus.testing.ContractError: 1 broker contract check(s) failed" in proc.stderr
+    assert "check_delay_is_honoured" in proc.stderr
+
+
+@pytest.mark.parametrize("module", [bus.testing, bus._contract])
+def test_the_checks_use_no_bare_assert(module: object) -> None:
+    tree = ast.parse(inspect.getsource(module))  # type: ignore[arg-type]
+    lines = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)]
+    assert lines == [], f"assert statements (gone under python -O) at lines {lines}"
+
+
+def test_a_contract_error_is_an_assertion_error() -> None:
+    assert issubclass(bus.testing.ContractError, AssertionError)
