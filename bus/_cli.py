@@ -640,6 +640,15 @@ def _add_dashboard_parser(sub: Any) -> None:
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     d.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free one)")
     d.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name the dashboard is reached by (repeatable); needed to --host "
+        "a non-loopback address. The loopback names are always allowed. "
+        "Set BUS_DASHBOARD_TOKEN to require a token",
+    )
+    d.add_argument(
         "--allow-actions",
         action="store_true",
         help="allow requeueing and purging dead letters from the page (each asks to confirm)",
@@ -660,8 +669,19 @@ def _dashboard_main(broker: Broker, args: argparse.Namespace) -> int:
         raise CLIError(f"--port must be from 0 to 65535, not {args.port}")
     try:
         from bus.dashboard import serve
+        from bus.dashboard._security import ENV_TOKEN, allowed_hosts_for, check_token
     except ImportError as exc:
         raise CLIError(str(exc)) from None
+    token = os.environ.get(ENV_TOKEN)
+    try:  # refused here, before the broker connects
+        allowed_hosts_for(args.host, args.allowed_host, how="--allowed-host NAME")
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    if token is not None:
+        try:
+            check_token(token)
+        except ValueError as exc:
+            raise CLIError(f"{ENV_TOKEN}: {exc}") from None
 
     async def main() -> int:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -680,9 +700,13 @@ def _dashboard_main(broker: Broker, args: argparse.Namespace) -> int:
                         allow_actions=args.allow_actions,
                         show_payloads=args.show_payloads,
                         shutdown_trigger=stop,
+                        allowed_hosts=args.allowed_host,
+                        token=token,
                     )
                 )
                 mode = "actions allowed" if args.allow_actions else "read-only"
+                if token is not None:
+                    mode += ", token required"
                 print(f"bus dashboard: {urls[0]}/ ({mode})", file=sys.stderr, flush=True)
         return 0
 

@@ -8,20 +8,31 @@ import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from actors._log import get_logger
 from bus._errors import BrokerClosed
 from bus.dashboard._data import ActionRefused, DashboardData
-from bus.dashboard._page import CSS, JS, page
+from bus.dashboard._page import CSS, JS, login_page, page
+from bus.dashboard._security import (
+    SESSION_COOKIE,
+    SESSION_SECONDS,
+    allowed_hosts_for,
+    canonical_host,
+    check_token,
+    is_loopback,
+    new_session,
+    token_matches,
+    valid_session,
+)
 
 if TYPE_CHECKING:
     from bus._broker import Broker
@@ -73,26 +84,43 @@ def _guarded(fn: Handler) -> Handler:
 
 
 def _host_of(scope: Scope) -> str:
-    """The host name a request was made to, without its port."""
+    """The host name a request was made to, without its port, in canonical form."""
     for name, value in scope.get("headers") or ():
         if name == b"host":
             host: str = bytes(value).decode("latin-1").strip().lower()
             if host.startswith("["):
-                return host[1:].split("]", 1)[0]
-            return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+                return canonical_host(host[1:].split("]", 1)[0])
+            return canonical_host(host.rsplit(":", 1)[0] if host.count(":") == 1 else host)
     return ""
 
 
-_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
-
-
 def _same_origin(request: Request) -> bool:
-    """A browser sends ``Origin`` with a POST: it must be this dashboard's own."""
+    """A browser sends ``Origin`` with a POST: it must be this dashboard's own (and
+    ``Sec-Fetch-Site``, when sent, must say so too)."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        return False
     origin = request.headers.get("origin")
     if origin is None:
         return True  # not a browser (curl, a script): CSRF does not apply
     host = request.headers.get("host", "")
     return urlsplit(origin).netloc == host
+
+
+def _names(hosts: Iterable[str] | str | None) -> Iterable[str] | None:
+    return [hosts] if isinstance(hosts, str) else hosts
+
+
+#: What a 401 says: a scheme browsers do not prompt for (the page shows its form).
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="bus dashboard"'}
+
+
+def _base(request: Request) -> str:
+    return str(request.scope.get("root_path", "")).rstrip("/") + "/"
+
+
+#: The largest login form body read.
+_MAX_LOGIN_BODY = 4096
 
 
 class Dashboard:
@@ -105,9 +133,15 @@ class Dashboard:
     ``{"confirm": true}`` and a same-origin JSON POST); ``show_payloads``: show task
     arguments, labels and return values (hidden by default); ``sample_interval``
     and ``history``: seconds between the chart's samples and how far back it goes;
-    ``refresh``: how often the page polls; ``allowed_hosts``: the host names it
-    answers to (``None``, the default here: any; :func:`serve` on a loopback address
-    allows only the loopback names). See docs/observability.md for the JSON API.
+    ``refresh``: how often the page polls.
+
+    ``allowed_hosts``: the host names (without port) requests may name in ``Host``;
+    others get a 403 (``None``, the default here: any, for your service's router
+    decides; :func:`serve` always names them). ``token``: when set, every request
+    but the login form and the static files must carry it, as ``Authorization:
+    Bearer TOKEN``, as the password of HTTP basic authentication, or in the session
+    cookie the login form sets; others get a 401 (the page answers with the login
+    form). At least 16 printable characters. See docs/observability.md.
     """
 
     def __init__(
@@ -119,10 +153,13 @@ class Dashboard:
         sample_interval: float = 5.0,
         history: float = 900.0,
         refresh: float = 2.0,
-        allowed_hosts: Iterable[str] | None = None,
+        allowed_hosts: Iterable[str] | str | None = None,
+        token: str | None = None,
     ) -> None:
+        names = _names(allowed_hosts)
         #: Host names (without port) the dashboard answers to; ``None``: any.
-        self.allowed_hosts = None if allowed_hosts is None else frozenset(allowed_hosts)
+        self.allowed_hosts = None if names is None else frozenset(map(canonical_host, names))
+        self._token = None if token is None else check_token(token)
         self.data = DashboardData(
             broker,
             allow_actions=allow_actions,
@@ -134,13 +171,15 @@ class Dashboard:
         self.broker = broker
         routes = [
             Route("/", self._page, methods=["GET"]),
+            Route("/login", self._login, methods=["POST"]),
+            Route("/logout", self._logout, methods=["POST"]),
             Route("/static/dashboard.js", self._static(JS, "text/javascript"), methods=["GET"]),
             Route("/static/dashboard.css", self._static(CSS, "text/css"), methods=["GET"]),
-            Route("/api/overview", _guarded(self._overview), methods=["GET"]),
-            Route("/api/tasks/{task_id}", _guarded(self._task), methods=["GET"]),
-            Route("/api/dead", _guarded(self._dead), methods=["GET"]),
-            Route("/api/dead/requeue", _guarded(self._requeue), methods=["POST"]),
-            Route("/api/dead/purge", _guarded(self._purge), methods=["POST"]),
+            Route("/api/overview", self._api(self._overview), methods=["GET"]),
+            Route("/api/tasks/{task_id}", self._api(self._task), methods=["GET"]),
+            Route("/api/dead", self._api(self._dead), methods=["GET"]),
+            Route("/api/dead/requeue", self._api(self._requeue), methods=["POST"]),
+            Route("/api/dead/purge", self._api(self._purge), methods=["POST"]),
         ]
         self._app = Starlette(routes=routes, lifespan=self._lifespan)
 
@@ -161,6 +200,31 @@ class Dashboard:
             await self.data.start()
         yield
 
+    @property
+    def token_required(self) -> bool:
+        """Whether requests must carry the token."""
+        return self._token is not None
+
+    def _authenticated(self, request: Request) -> bool:
+        if self._token is None:
+            return True
+        return token_matches(self._token, request.headers.get("authorization")) or (
+            valid_session(self._token, request.cookies.get(SESSION_COOKIE))
+        )
+
+    def _api(self, fn: Handler) -> Handler:
+        guarded = _guarded(fn)
+
+        @functools.wraps(fn)
+        async def api(request: Request) -> Response:
+            if not self._authenticated(request):
+                refused = _json({"error": "this dashboard asks for its token"}, 401)
+                refused.headers.update(_CHALLENGE)
+                return refused
+            return await guarded(request)
+
+        return api
+
     # ------------------------------------------------------------------ routes
 
     @staticmethod
@@ -173,7 +237,9 @@ class Dashboard:
         return serve_static
 
     async def _page(self, request: Request) -> Response:
-        base = request.scope.get("root_path", "").rstrip("/") + "/"
+        base = _base(request)
+        if not self._authenticated(request):
+            return HTMLResponse(login_page(base), 401, headers=_HEADERS | _CHALLENGE)
         try:
             data = await self.data.overview()
         except Exception as exc:
@@ -184,7 +250,47 @@ class Dashboard:
                 status_code=503,
                 headers=_HEADERS,
             )
-        return HTMLResponse(page(base, data), headers=_HEADERS)
+        cookie = self._token is not None and SESSION_COOKIE in request.cookies
+        return HTMLResponse(page(base, data, logout=cookie), headers=_HEADERS)
+
+    async def _login(self, request: Request) -> Response:
+        """The login form's POST: the right token sets the session cookie."""
+        base = _base(request)
+        if self._token is None:
+            return RedirectResponse(base, 303, headers=_HEADERS)
+        if not _same_origin(request):
+            return PlainTextResponse("cross-origin request refused", 403, headers=_HEADERS)
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > _MAX_LOGIN_BODY:
+                return PlainTextResponse("the form is too large", 413, headers=_HEADERS)
+        form = parse_qs(body.decode("latin-1"), max_num_fields=4)
+        given = (form.get("token") or [""])[0]
+        if not token_matches(self._token, f"Bearer {given}"):
+            client = request.client.host if request.client else None
+            log.warning("dashboard.login_refused", client=client)
+            wrong = login_page(base, wrong=True)
+            return HTMLResponse(wrong, 401, headers=_HEADERS | _CHALLENGE)
+        done = RedirectResponse(base, 303, headers=_HEADERS)
+        done.set_cookie(
+            SESSION_COOKIE,
+            new_session(self._token),
+            max_age=SESSION_SECONDS,
+            path=base,
+            secure=request.url.scheme == "https",
+            httponly=True,
+            samesite="strict",
+        )
+        return done
+
+    async def _logout(self, request: Request) -> Response:
+        base = _base(request)
+        if not _same_origin(request):
+            return PlainTextResponse("cross-origin request refused", 403, headers=_HEADERS)
+        done = RedirectResponse(base, 303, headers=_HEADERS)
+        done.delete_cookie(SESSION_COOKIE, path=base, httponly=True, samesite="strict")
+        return done
 
     async def _overview(self, request: Request) -> Response:
         return _json(await self.data.overview())
@@ -240,33 +346,46 @@ async def serve(
     allow_actions: bool = False,
     show_payloads: bool = False,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
-    allowed_hosts: Iterable[str] | Literal["loopback"] | None = "loopback",
+    allowed_hosts: Iterable[str] | str | None = None,
+    token: str | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     **options: Any,
 ) -> None:
     """Serve the dashboard of the running ``broker`` at ``http://host:port/`` with
     hypercorn in Trio mode, until ``shutdown_trigger`` returns or this is cancelled.
     ``nursery.start`` returns the URLs it listens on (``port=0`` picks a free port).
-    Binds to 127.0.0.1 unless told otherwise. ``allowed_hosts``: the host names
-    requests may name (``"loopback"``: 127.0.0.1, localhost and ::1 when bound to a
-    loopback address, any otherwise; ``None``: any). Its errors are logged through
-    the ``logging`` logger ``bus.dashboard.http``; nothing is printed otherwise."""
+    Binds to 127.0.0.1 unless told otherwise.
+
+    Requests must name in ``Host`` one of ``allowed_hosts``, the loopback names
+    (127.0.0.1, localhost, ::1) or ``host`` itself when it is a loopback address
+    (127.0.0.0/8, ::1, localhost); others get a 403, whatever the address. A
+    ``host`` that is not a loopback address (``0.0.0.0``, a LAN address, a name)
+    needs ``allowed_hosts``: without, ``ValueError`` before anything starts.
+    ``token``: the token every request must carry (see :class:`Dashboard`).
+    Its errors are logged through the ``logging`` logger ``bus.dashboard.http``;
+    nothing is printed otherwise."""
     from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
 
     if not broker.is_running:
         raise BrokerClosed("serve the dashboard inside `async with broker`")
-    if allowed_hosts == "loopback":
-        allowed_hosts = (
-            _LOOPBACK | {host} if host in _LOOPBACK or host == "0:0:0:0:0:0:0:1" else None
-        )
+    if allowed_hosts == "loopback":  # what this argument once meant: the default
+        allowed_hosts = None
+    names = allowed_hosts_for(host, _names(allowed_hosts))
     dashboard = app(
         broker,
         allow_actions=allow_actions,
         show_payloads=show_payloads,
-        allowed_hosts=allowed_hosts,
+        allowed_hosts=names,
+        token=token,
         **options,
     )
+    if token is None and not is_loopback(host):
+        log.warning(
+            "dashboard.no_token",
+            host=host,
+            hint="anyone who reaches this address can read the dashboard: set a token",
+        )
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None

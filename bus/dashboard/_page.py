@@ -15,14 +15,16 @@ import importlib.resources
 import json
 from typing import Any
 
-__all__ = ["CSS", "JS", "page"]
+__all__ = ["CSS", "JS", "login_page", "page"]
 
 _STATIC = importlib.resources.files("bus.dashboard") / "static"
 CSS = (_STATIC / "dashboard.css").read_text(encoding="utf-8")
 JS = (_STATIC / "dashboard.js").read_text(encoding="utf-8")
 
 
-def page(base: str, data: dict[str, Any]) -> str:
+def page(base: str, data: dict[str, Any], *, logout: bool = False) -> str:
+    """The dashboard, showing ``data`` until its script polls; with ``logout``, a
+    button that ends the login form's session."""
     blob = json.dumps(data, default=str).replace("<", "\\u003c")
     return f"""<!doctype html>
 <html lang="en">
@@ -38,7 +40,7 @@ def page(base: str, data: dict[str, Any]) -> str:
   <h1>bus</h1>
   <span id="broker"></span>
   <span id="mode" class="badge"></span>
-  <span id="updated" class="muted"></span>
+  <span id="updated" class="muted"></span>{_LOGOUT if logout else ""}
 </header>
 <main>
 <section id="queues-section">
@@ -81,6 +83,41 @@ def page(base: str, data: dict[str, Any]) -> str:
 </main>
 <script type="application/json" id="bus-data">{blob}</script>
 <script src="static/dashboard.js"></script>
+</body>
+</html>
+"""
+
+
+_LOGOUT = """
+  <form id="logout" method="post" action="logout"><button type="submit">Log out</button></form>"""
+
+
+def login_page(base: str, *, wrong: bool = False) -> str:
+    """The form that asks for the dashboard's token (no script: it works without)."""
+    said = '<p id="login-error" class="error">That is not the token.</p>' if wrong else ""
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>bus dashboard: log in</title>
+<base href="{html.escape(base)}">
+<link rel="stylesheet" href="static/dashboard.css">
+</head>
+<body>
+<header><h1>bus</h1></header>
+<main class="login">
+<section>
+  <h2>Log in</h2>
+  <p class="hint">This dashboard asks for its token (<code>BUS_DASHBOARD_TOKEN</code>).</p>
+  {said}
+  <form id="login" method="post" action="login">
+    <input id="token" name="token" type="password" size="40" autocomplete="current-password"
+      required autofocus aria-label="token">
+    <button type="submit">Log in</button>
+  </form>
+</section>
+</main>
 </body>
 </html>
 """
