@@ -7,17 +7,20 @@ Fixtures, for pytest-trio tests:
 - ``bus_in_memory``: :func:`bus.testing.in_memory`, to run the tasks of your
   application's broker (a ``RedisBroker`` at module level) in memory;
 - ``bus_redis_url``: the URL of a private ``redis-server`` started for the session
-  on a free port (the test is skipped when no ``redis-server`` is installed).
+  on a free port (the test is skipped when no ``redis-server`` is installed, and
+  fails instead when the environment sets ``BUS_REQUIRE_REDIS=1``, as a CI should).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import NoReturn
 
 import pytest
 
@@ -49,12 +52,23 @@ def _free_port() -> int:
         return port
 
 
+def _missing(what: str) -> NoReturn:
+    """Skip the test for want of ``what``, or fail it when ``BUS_REQUIRE_REDIS=1``
+    says that nothing may be missing (in CI a missing piece is a failure)."""
+    if os.environ.get("BUS_REQUIRE_REDIS") == "1":
+        pytest.fail(f"{what}, and BUS_REQUIRE_REDIS=1 requires it", pytrace=False)
+    pytest.skip(f"{what} (set BUS_REQUIRE_REDIS=1 to fail instead)")
+
+
 @pytest.fixture(scope="session")
 def bus_redis_url() -> Iterator[str]:
-    """A private redis-server for the test session (no persistence, on 127.0.0.1)."""
+    """A private redis-server for the test session (no persistence, on 127.0.0.1).
+
+    Skipped when no ``redis-server`` is installed; failed instead under
+    ``BUS_REQUIRE_REDIS=1``."""
     binary = shutil.which("redis-server")
     if binary is None:
-        pytest.skip("redis-server is not installed")
+        _missing("redis-server is not installed")
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="bus-redis-") as directory:
         proc = subprocess.Popen(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -19,7 +20,7 @@ import bus
 import bus._contract
 import bus.testing
 from bus._contract import CHECKS
-from tests.contract.conftest import BrokerFactory
+from tests.contract.conftest import FACTORIES, BrokerFactory, unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -106,3 +107,43 @@ def test_the_checks_use_no_bare_assert(module: object) -> None:
 
 def test_a_contract_error_is_an_assertion_error() -> None:
     assert issubclass(bus.testing.ContractError, AssertionError)
+
+
+def test_every_shipped_broker_has_a_contract_run() -> None:
+    # A Redis run that cannot be set up is a skip with its reason (a failure in CI),
+    # never a run that silently is not there.
+    assert set(FACTORIES) == {"memory", "redis"}
+
+
+def test_a_run_that_cannot_be_set_up_skips_or_fails_as_required(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    factory = unavailable("no module named 'redis'")
+    monkeypatch.delenv("BUS_REQUIRE_REDIS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no module named 'redis'"):
+        factory(request)
+    monkeypatch.setenv("BUS_REQUIRE_REDIS", "1")
+    with pytest.raises(pytest.fail.Exception, match="BUS_REQUIRE_REDIS=1 requires it"):
+        factory(request)
+
+
+def test_the_redis_run_is_reported_when_its_support_cannot_be_imported() -> None:
+    # Without the support module the suite still collects a Redis run: it fails under
+    # BUS_REQUIRE_REDIS=1 (and says why), where it used to vanish.
+    code = (
+        "import sys, pytest; sys.modules['tests.redis.support'] = None; "
+        "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rfE', "
+        "'tests/contract/test_contract.py', '-k', 'kiq_then_wait_result']))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "BUS_REQUIRE_REDIS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "1 passed" in proc.stdout and "1 error" in proc.stdout, proc.stdout
+    assert "cannot import its support" in proc.stdout

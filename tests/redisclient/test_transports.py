@@ -8,6 +8,7 @@ import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import trio
@@ -33,6 +34,25 @@ def _links_openssl() -> bool:
     except OSError:
         return True  # no ldd: assume TLS, and let a failed start say why
     return "libssl" in out.stdout
+
+
+def _no_tls() -> NoReturn:
+    """Skip for want of TLS, or fail under ``BUS_REQUIRE_REDIS=1`` (CI must test TLS)."""
+    reason = "this redis-server was built without TLS (it does not link libssl)"
+    if os.environ.get("BUS_REQUIRE_REDIS") == "1":
+        pytest.fail(f"{reason}, and BUS_REQUIRE_REDIS=1 requires TLS", pytrace=False)
+    pytest.skip(f"{reason}; set BUS_REQUIRE_REDIS=1 to fail instead")
+
+
+def test_without_tls_the_tls_tests_skip_or_fail_as_required(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("BUS_REQUIRE_REDIS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="built without TLS"):
+        _no_tls()
+    monkeypatch.setenv("BUS_REQUIRE_REDIS", "1")
+    with pytest.raises(pytest.fail.Exception, match="BUS_REQUIRE_REDIS=1 requires TLS"):
+        _no_tls()
 
 
 @pytest.fixture
@@ -65,7 +85,7 @@ def tls_server(
     except RuntimeError:
         if _links_openssl():
             raise
-        pytest.skip("this redis-server was built without TLS (it does not link libssl)")
+        _no_tls()
     try:
         yield server, tls_port, ca_file
     finally:
