@@ -406,6 +406,8 @@ class Broker(abc.ABC):
             raise UnknownTaskError(message.task_name)
         if message.queue is not None or message.priority:
             _check_placement(message)
+        if message.labels or message.eta is not None:
+            _check_options(message)
 
     def _encode(self, message: TaskMessage) -> bytes:
         """The message encoded by the codec; :class:`SendError` when it cannot be."""
@@ -425,9 +427,12 @@ class Broker(abc.ABC):
         event = Send(message, self._encode(message), verified=True)
         ref = self.ref
         try:
-            ref.tell_nowait(event)
-        except actors.MailboxFull:
-            await ref.tell(event)
+            try:
+                ref.tell_nowait(event)
+            except actors.MailboxFull:
+                await ref.tell(event)
+        except actors.ActorStopped:
+            raise BrokerClosed("the broker is shutting down: nothing was sent") from None
         return message.task_id
 
     async def kick(self, message: TaskMessage) -> TaskID:
@@ -467,15 +472,23 @@ class Broker(abc.ABC):
     async def cancel_task(self, task_id: TaskID | str) -> None:
         """Cancel a task by id; see :meth:`TaskHandle.cancel`. Returns once the broker
         actor took the request."""
-        await self.ref.ask(Cancel(TaskID.parse(task_id)))
+        await self._ask(Cancel(TaskID.parse(task_id)))
 
     # ------------------------------------------------------------ operations (CLI)
 
     async def inspect(self) -> dict[str, Any]:
         """Numbers for operators: the broker actor's answer to ``Inspect`` (at least
         ``queued``, ``delayed``, ``running`` and ``workers``)."""
-        info: dict[str, Any] = await self.ref.ask(Inspect())
+        info: dict[str, Any] = await self._ask(Inspect())
         return info
+
+    async def _ask(self, msg: object) -> Any:
+        """Ask the broker actor; a caller sees bus errors only (a stopped actor is a
+        broker that is not running)."""
+        try:
+            return await self.ref.ask(msg)
+        except actors.ActorStopped:
+            raise BrokerClosed("the broker is not running or shutting down") from None
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """The oldest ``limit`` dead letters, each a dict with at least ``id``,
@@ -699,6 +712,25 @@ def _check_placement(message: TaskMessage) -> None:
     p = message.priority
     if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= MAX_PRIORITY:
         raise SendError(f"{message.task_name}: a priority is 0 to {MAX_PRIORITY}, not {p!r}")
+
+
+def _check_options(message: TaskMessage) -> None:
+    """A message built by hand may carry option labels or an ``eta`` out of their
+    bounds (see :mod:`bus._options`): refuse it here, before it is encoded."""
+    from bus._options import check_eta, check_labels
+
+    try:
+        check_labels(message.labels)
+    except (TypeError, ValueError) as exc:
+        raise SendError(f"{message.task_name}: invalid option label: {exc}") from None
+    eta = message.eta
+    if eta is not None:
+        try:
+            if isinstance(eta, bool) or not isinstance(eta, int | float):
+                raise TypeError(f"eta must be a Unix time, not {eta!r}")
+            check_eta(eta)
+        except (TypeError, ValueError) as exc:
+            raise SendError(f"{message.task_name}: {exc}") from None
 
 
 def _check_concurrency(concurrency: object) -> None:

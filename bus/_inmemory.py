@@ -507,10 +507,60 @@ def _cancelled(tid: TaskID, why: str) -> TaskResult[Any]:
     return TaskResult(tid, TaskStatus.CANCELLED, None, RemoteError("bus.Cancelled", why), 0.0, {})
 
 
+class Kept:
+    """What the in-memory broker actor owns that must outlive one instance of it: the
+    queue itself. Its factory makes one and hands it to every instance, so a restart
+    after a bug loses nothing that was accepted (queued, delayed, running, unique
+    keys, the leases lent to workers)."""
+
+    __slots__ = ("_idle", "_leases", "_recv", "_send", "closed", "core", "fancy", "slots", "unique")
+
+    def __init__(self, max_queue: int) -> None:
+        self.core = QueueCore()
+        self.slots = trio.Semaphore(max_queue)
+        self._send, self._recv = trio.open_memory_channel[Delivery](math.inf)
+        self.fancy: _Dispatch | None = None
+        self._leases: list[_MemoryLease] = []
+        self._idle: list[trio.Event] = []
+        self.closed = False
+        self.unique = UniqueTable()
+
+
+def _kept(name: str) -> Any:
+    """An attribute of the actor that lives in its :class:`Kept`."""
+
+    def get(self: InMemoryBrokerActor) -> Any:
+        return getattr(self.kept, name)
+
+    def put(self: InMemoryBrokerActor, value: Any) -> None:
+        setattr(self.kept, name, value)
+
+    return property(get, put)
+
+
 class InMemoryBrokerActor(BrokerActor):
     """The in-memory broker actor. Its decisions are :class:`~bus._queue.QueueCore`'s
     (and, once queues, priorities or limits are in use, its :class:`_Dispatch`'s);
-    this class applies them (channel, timer, results, workers)."""
+    this class applies them (channel, timer, results, workers).
+
+    Spawned with RESTART: the queue lives in :class:`Kept`, which outlives an
+    instance; a restarted instance takes it over and starts its timer again."""
+
+    #: The queue (see :class:`Kept`).
+    core: QueueCore = _kept("core")
+    #: The bound on waiting messages, lent to the facade (``Broker.kick`` takes a
+    #: place before it sends; a worker taking the delivery gives it back).
+    slots: trio.Semaphore = _kept("slots")
+    _send: trio.MemorySendChannel[Delivery] = _kept("_send")
+    _recv: trio.MemoryReceiveChannel[Delivery] = _kept("_recv")
+    #: The dispatch, once queues, priorities or limits are in use (else ``None``:
+    #: the channel serves).
+    fancy: _Dispatch | None = _kept("fancy")
+    _leases: list[_MemoryLease] = _kept("_leases")  # lent on the channel
+    _idle: list[trio.Event] = _kept("_idle")
+    closed: bool = _kept("closed")
+    #: Unique jobs' keys, held by the task ids that run them (released at the end).
+    unique: UniqueTable = _kept("unique")
 
     def __init__(
         self,
@@ -520,31 +570,23 @@ class InMemoryBrokerActor(BrokerActor):
         schedules: MemorySchedules | None = None,
         tasks: dict[str, Task[Any, Any]] | None = None,
         default_queue: str = "default",
+        kept: Kept | None = None,
     ) -> None:
         super().__init__()
+        self.kept = kept if kept is not None else Kept(max_queue)
         self.codec = codec
         self.results = results
         self.schedules = schedules if schedules is not None else MemorySchedules()
-        self.core = QueueCore()
         #: The registry of the broker's tasks (read for their limits).
         self.tasks: dict[str, Task[Any, Any]] = tasks if tasks is not None else {}
         self.default_queue = default_queue
-        #: The bound on waiting messages, lent to the facade (``Broker.kick`` takes a
-        #: place before it sends; a worker taking the delivery gives it back).
-        self.slots = trio.Semaphore(max_queue)
-        self._send, self._recv = trio.open_memory_channel[Delivery](math.inf)
-        #: The dispatch, once queues, priorities or limits are in use (else ``None``:
-        #: the channel serves).
-        self.fancy: _Dispatch | None = None
-        self._leases: list[_MemoryLease] = []  # lent on the channel
         self._timer: trio.CancelScope | None = None
-        self._idle: list[trio.Event] = []
-        self.closed = False
-        #: Unique jobs' keys, held by the task ids that run them (released at the end).
-        self.unique = UniqueTable()
 
     async def on_start(self) -> None:
-        if any(task.limits is not None for task in self.tasks.values()):
+        fancy = self.fancy
+        if fancy is not None:
+            fancy.actor = self  # restarted: the dispatch wakes this instance's timer
+        elif any(task.limits is not None for task in self.tasks.values()):
             self._upgrade()
         await self.nursery.start(self._run_timer)
 
@@ -1110,6 +1152,8 @@ class InMemoryBroker(Broker):
             self._clock_run = run
             self._clock_offset = time.time() - trio.current_time()
 
+        kept = Kept(self.max_queue)  # the queue: outlives each instance of the actor
+
         def make() -> InMemoryBrokerActor:
             actor = InMemoryBrokerActor(
                 self.codec,
@@ -1118,14 +1162,23 @@ class InMemoryBroker(Broker):
                 self._schedules,
                 self.tasks,
                 self.queue,
+                kept,
             )
             self._slots = actor.slots  # lent: the bound producers wait on
             self._core = actor.core  # read by `queued` only
             return actor
 
         # Unbounded: sends are bounded by max_queue (the lent semaphore), acks by the
-        # workers' runners; a full mailbox would only make a producer yield.
-        return await system.spawn(make, name="broker", mailbox_size=math.inf)
+        # workers' runners; a full mailbox would only make a producer yield. A bug in a
+        # handler restarts the actor, which takes over the same queue.
+        return await system.spawn(
+            make,
+            name="broker",
+            mailbox_size=math.inf,
+            on_failure=actors.RESTART,
+            max_restarts=None,
+            backoff=actors.Backoff(initial=0.01, factor=2.0, cap=1.0, jitter=0.5),
+        )
 
     @property
     def embedded_worker(self) -> bool:

@@ -417,7 +417,16 @@ class InMemoryResultBackend(ResultBackend):
 
         # Unbounded: StoreResults are bounded by the workers' runners, watches by
         # the waiters; a bounded mailbox would only make storing a result wait.
-        self._ref = await system.spawn(make, name="results", mailbox_size=math.inf)
+        # The table outlives an instance of the store: a bug in a handler restarts it
+        # with every result and waiter kept.
+        self._ref = await system.spawn(
+            make,
+            name="results",
+            mailbox_size=math.inf,
+            on_failure=actors.RESTART,
+            max_restarts=None,
+            backoff=actors.Backoff(initial=0.01, factor=2.0, cap=1.0, jitter=0.5),
+        )
 
     async def shutdown(self) -> None:
         ref, self._ref = self._ref, None
