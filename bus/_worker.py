@@ -15,6 +15,7 @@ import functools
 import inspect
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -96,17 +97,35 @@ _SCALARS = frozenset({str, int, float, bool, type(None), bytes})
 class _Runner:
     """One of the worker's ``concurrency`` slots. Its cancel scope spans its whole life,
     so running a task costs no scope of its own: a timeout is the scope's deadline, a
-    cancel request cancels the scope, and a fresh runner takes the slot over."""
+    cancel request cancels the scope, and a fresh runner takes the slot over.
 
-    __slots__ = ("delivery", "idle", "message", "reason", "scope", "started")
+    While a sync task runs in its thread (``in_thread``) only a stop cancels the scope
+    (see :meth:`WorkerActor._run_in_thread`)."""
+
+    __slots__ = (
+        "delivery",
+        "finished",
+        "idle",
+        "in_thread",
+        "message",
+        "reason",
+        "scope",
+        "started",
+    )
 
     def __init__(self, scope: trio.CancelScope) -> None:
         self.scope = scope
         self.idle = True
-        self.reason = ""  # why the scope was cancelled: "cancel", "shutdown" or "" (timeout)
+        # Why the scope was cancelled: "cancel", "shutdown" or "" (the timeout); a sync
+        # task's timeout, noticed when it returns, is "timeout".
+        self.reason = ""
         self.message: TaskMessage | None = None
         self.delivery: Delivery | None = None
         self.started = 0.0
+        self.in_thread = False
+        # What a task returned or raised (value, error) when a stop cancelled the
+        # runner after the task had finished: the epilogue records it.
+        self.finished: tuple[Any, BaseException | None] | None = None
 
 
 class WorkerActor(actors.Actor):
@@ -190,8 +209,14 @@ class WorkerActor(actors.Actor):
         if runner is None:
             return False
         for r in (runner, *self._also_running.get(msg.task_id, ())):
-            r.reason = msg.reason
-            r.scope.cancel()
+            if msg.reason == "shutdown" and r.reason == "cancel":
+                pass  # cancelled by request already: recorded CANCELLED, not handed back
+            else:
+                r.reason = msg.reason
+            if msg.reason == "shutdown" or not r.in_thread:
+                # A thread cannot be interrupted: a cancel request to a sync task takes
+                # effect when it returns; only a stop abandons it (_run_in_thread).
+                r.scope.cancel()
         if msg.reason == "cancel":
             self._log.info("task.cancel_requested", task_id=msg.task_id)
         return True
@@ -287,8 +312,9 @@ class WorkerActor(actors.Actor):
                 if r.message is not None:
                     self._unrun(r.message.task_id, r)
         if r.message is not None and r.delivery is not None:
-            # The task was interrupted (timeout, cancel request, shutdown): record it
-            # here, outside the cancelled scope, and hand the slot to a fresh runner.
+            # The task was interrupted (timeout, cancel request, shutdown), or a stop
+            # cancelled the runner just after it finished: record it here, outside
+            # the cancelled scope, and hand the slot to a fresh runner.
             message, delivery = r.message, r.delivery
             try:
                 await self._interrupted(r, message, delivery)
@@ -349,10 +375,11 @@ class WorkerActor(actors.Actor):
             if task.is_async:
                 value = await task.func(*args, **kwargs)
             else:
-                value = await trio.to_thread.run_sync(
-                    functools.partial(task.func, *args, **kwargs),
-                    limiter=self._thread_limiter,
-                )
+                value = await self._run_in_thread(r, functools.partial(task.func, *args, **kwargs))
+                if r.reason == "cancel":  # requested while it ran (see _run_in_thread)
+                    status = TaskStatus.CANCELLED
+                elif r.reason == "timeout":
+                    status = TaskStatus.TIMEOUT
         except TypeError as exc:
             if calling and not _binds(task, args, kwargs):
                 self._forget_run(r, tid, token)
@@ -367,9 +394,15 @@ class WorkerActor(actors.Actor):
         except Exception as exc:
             status, error = TaskStatus.FAILURE, exc
         if r.scope.cancel_called:
-            # Cancelled or timed out while it ran, but it returned anyway: a sync task
-            # (a thread cannot be interrupted) or one that swallowed Cancelled. Its
-            # outcome is discarded; the runner's epilogue records TIMEOUT / CANCELLED.
+            # Cancelled while it ran, but it returned anyway: it swallowed Cancelled,
+            # or it ended in the scheduler pass that cancelled it (a thread's result
+            # already on its way). After a cancel request or the timeout its outcome
+            # is discarded and the runner's epilogue records CANCELLED / TIMEOUT. A
+            # stop's cancellation came too late: the task finished, so the epilogue
+            # (outside this cancelled scope) records what it returned and acks it; it
+            # is never handed back to run again.
+            if r.reason == "shutdown":
+                r.finished = (value, error)
             await trio.lowlevel.checkpoint()  # raises Cancelled here
         # From here on a cancel request or the deadline no longer concerns this task.
         if r.scope.deadline != math.inf:
@@ -401,6 +434,53 @@ class WorkerActor(actors.Actor):
             if self._active == 0 and self._idle is not None:
                 self._idle.set()
                 self._idle = None
+
+    async def _run_in_thread(self, r: _Runner, call: Callable[[], Any]) -> Any:
+        """Run a sync task's function in a worker thread and return what it returns.
+
+        Trio cannot interrupt a thread, so the task's own timeout and a cancel request
+        wait for the function to return (``r.reason`` then says which, and the caller
+        records TIMEOUT or CANCELLED). A stop cannot wait: the drain's deadline, a
+        second stop request (``Worker.stop``) or Trio cancelling the worker cancels
+        this await, and ``abandon_on_cancel=True`` makes it return at once, leaving
+        the thread to run to its end in the background; whatever it returns then is
+        discarded. The delivery is handed back (or recorded CANCELLED in memory) at
+        the deadline, so a stop takes ``shutdown_timeout`` and no longer. The thread
+        keeps its ``CapacityLimiter`` token until it returns, so abandoned threads
+        never outnumber ``concurrency``.
+
+        If the function had returned when the stop came (its outcome is in ``box``
+        though Trio has not told this task yet), ``r.finished`` keeps the outcome:
+        the task finished, so it is recorded and acked, never run again.
+        """
+        deadline = r.scope.deadline
+        if deadline != math.inf:
+            r.scope.deadline = math.inf  # checked when the function returns
+        box: list[tuple[Any, BaseException | None]] = []
+
+        def run() -> None:
+            try:
+                box.append((call(), None))
+            except Exception as exc:
+                box.append((None, exc))
+
+        r.in_thread = True
+        try:
+            await trio.to_thread.run_sync(run, limiter=self._thread_limiter, abandon_on_cancel=True)
+        except trio.Cancelled:
+            if box and r.reason == "shutdown":
+                r.finished = box[0]
+            raise
+        finally:
+            r.in_thread = False
+        value, error = box[0]
+        if not r.reason and trio.current_time() >= deadline:
+            r.reason = "timeout"
+        if r.reason in ("cancel", "timeout"):
+            return None  # its outcome is discarded
+        if error is not None:
+            raise error
+        return value
 
     def _ack(self, delivery: Delivery, tid: TaskID) -> None:
         self._tell_soon(Ack(delivery), "worker.ack_lost", tid)
@@ -453,13 +533,20 @@ class WorkerActor(actors.Actor):
             options = task.options.with_labels(message.labels)
         except (TypeError, ValueError):
             options = task.options
+        finished, r.finished = r.finished, None
+        if finished is not None:
+            # A stop came after it had finished: what it returned is its result.
+            value, error = finished
+            status = TaskStatus.SUCCESS if error is None else TaskStatus.FAILURE
+            await self._finish(message, delivery, options, status, value, error, r.started)
+            return
         lease = self._lease
         if r.reason == "shutdown" and lease is not None and lease.redeliver_interrupted:
             # Handed back unfinished: another worker runs it again.
             self._log.info("task.interrupted", task_id=message.task_id, task_name=message.task_name)
             await self._tell_broker(Release(delivery))
             return
-        status = TaskStatus.CANCELLED if r.reason else TaskStatus.TIMEOUT
+        status = TaskStatus.TIMEOUT if r.reason in ("", "timeout") else TaskStatus.CANCELLED
         await self._finish(message, delivery, options, status, None, None, r.started)
 
     async def _reject(self, delivery: Delivery, reason: str, message: TaskMessage | None) -> None:
