@@ -5,14 +5,49 @@ from __future__ import annotations
 import json
 import json.decoder
 import json.encoder
+import math
+import re
 from typing import Any, Protocol
 
 from bus._ids import TaskID
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
-from bus._options import is_queue_name
+from bus._options import MAX_RETRIES, is_queue_name
 from bus._priority import MAX_PRIORITY
 
-__all__ = ["Codec", "DecodeError", "JSONCodec"]
+__all__ = ["MAX_BYTES", "MAX_DEPTH", "Codec", "DecodeError", "JSONCodec", "too_deep"]
+
+MAX_DEPTH = 64
+"""How deeply the JSON of a message or a result may nest arrays and objects: the
+message's own object is one level and its ``args`` array another, so an argument may
+nest 62 levels. Deeper bytes are refused before they are parsed (:class:`DecodeError`),
+and the encoder refuses to write them."""
+MAX_BYTES = 64 * 1024 * 1024
+"""The largest message or result :class:`JSONCodec` reads or writes (64 MiB): larger
+bytes are refused before they are parsed. A broker may cap messages lower (the Redis
+setting ``max_message_bytes``)."""
+MAX_ETA = 1e12
+"""The largest ``eta`` (a Unix time, in seconds) a decoded message may carry."""
+
+#: A JSON string (escapes included), and the brackets left once strings are gone.
+_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"', re.S)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
+    """Whether the JSON ``text`` nests arrays and objects more than ``limit`` levels,
+    found without parsing it (brackets inside strings do not count). Cheap when it
+    holds few brackets: counting them is enough."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for b in _BRACKET.findall(_STRING.sub("", text)):
+        if b == "[" or b == "{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
 
 
 class DecodeError(ValueError):
@@ -21,7 +56,9 @@ class DecodeError(ValueError):
 
 class Codec(Protocol):
     """What a codec provides. Encoders raise ``TypeError``/``ValueError`` on values they
-    cannot represent; decoders raise :class:`DecodeError` and never import classes."""
+    cannot represent; decoders raise :class:`DecodeError` and nothing else (whatever the
+    bytes: a reader hands what it cannot decode to the worker, which rejects it), and
+    never import classes."""
 
     def encode_message(self, message: TaskMessage) -> bytes: ...
     def decode_message(self, data: bytes) -> TaskMessage: ...
@@ -43,11 +80,24 @@ def _plain(value: Any) -> bool:
 
 
 class JSONCodec:
-    """UTF-8 JSON; tuples come back as lists inside arguments, everything else as sent."""
+    """UTF-8 JSON; tuples come back as lists inside arguments, everything else as sent.
 
-    def __init__(self) -> None:
+    Bounded both ways: a message or result is at most ``max_bytes`` long and nests at
+    most ``max_depth`` levels (see :data:`MAX_BYTES`, :data:`MAX_DEPTH`). The encoder
+    refuses more (``ValueError``); the decoders refuse it before parsing
+    (:class:`DecodeError`), and turn every other failure into a :class:`DecodeError`
+    too. ``NaN`` and ``Infinity`` are refused both ways."""
+
+    def __init__(self, *, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH) -> None:
+        for name, value in (("max_bytes", max_bytes), ("max_depth", max_depth)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                raise ValueError(f"{name} must be a whole number >= 2, not {value!r}")
+        if max_depth > 500:
+            raise ValueError(f"max_depth must be at most 500 (Python's recursion), not {max_depth}")
+        self.max_bytes = max_bytes
+        self.max_depth = max_depth
         self._enc = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        self._dec = json.JSONDecoder()
+        self._dec = json.JSONDecoder(parse_constant=_no_constant)
         # The C accelerators of the json module, built once instead of per call (the
         # json module's own encode() builds a fresh encoder every time). Same output.
         c_make = getattr(json.encoder, "c_make_encoder", None)
@@ -60,9 +110,16 @@ class JSONCodec:
         self._scan: Any = self._dec.scan_once  # type: ignore[attr-defined]
 
     def _dumps(self, obj: Any) -> bytes:
-        if self._c_encode is None:  # pragma: no cover - pure-Python json
-            return self._enc.encode(obj).encode()
-        return "".join(self._c_encode(obj, 0)).encode()
+        c_encode = self._c_encode
+        # (No C accelerators: the pure-Python json.)
+        text = "".join(c_encode(obj, 0)) if c_encode is not None else self._enc.encode(obj)
+        data = text.encode()
+        # What the decoder would refuse is not written.
+        if len(data) > self.max_bytes:
+            raise ValueError(f"{len(data)} bytes encoded, more than max_bytes={self.max_bytes}")
+        if too_deep(text, self.max_depth):
+            raise ValueError(f"nested more than {self.max_depth} levels deep (max_depth)")
+        return data
 
     def encodes_trivially(self, message: TaskMessage) -> bool:
         """Whether encoding ``message`` is certain to succeed, from the types alone
@@ -102,6 +159,14 @@ class JSONCodec:
         return self._dumps(obj)
 
     def decode_message(self, data: bytes) -> TaskMessage:
+        try:
+            return self._decode_message(data)
+        except DecodeError:
+            raise
+        except (RecursionError, MemoryError, OverflowError, ValueError, TypeError) as exc:
+            raise DecodeError(f"not a task message: {type(exc).__name__}: {exc}") from None
+
+    def _decode_message(self, data: bytes) -> TaskMessage:
         obj = self._load(data)
         try:
             task_id = TaskID.parse(obj["id"])
@@ -120,10 +185,14 @@ class JSONCodec:
             raise DecodeError("message field 'kwargs' must be an object")
         if not isinstance(labels, dict):
             raise DecodeError("message field 'labels' must be an object")
-        if type(attempt) is not int or attempt < 1:
-            raise DecodeError("message field 'attempt' must be a positive integer")
-        if eta is not None and type(eta) not in (int, float):
-            raise DecodeError("message field 'eta' must be a number or null")
+        if type(attempt) is not int or not 1 <= attempt <= MAX_RETRIES + 1:
+            raise DecodeError(f"message field 'attempt' must be an integer, 1 to {MAX_RETRIES + 1}")
+        if eta is not None and (
+            type(eta) not in (int, float) or not (math.isfinite(eta) and abs(eta) <= MAX_ETA)
+        ):
+            raise DecodeError(
+                f"message field 'eta' must be a Unix time (at most {MAX_ETA:g}) or null"
+            )
         if queue is not None and not is_queue_name(queue):
             raise DecodeError("message field 'queue' must be a queue name or null")
         if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
@@ -154,6 +223,14 @@ class JSONCodec:
         )
 
     def decode_result(self, data: bytes) -> TaskResult[Any]:
+        try:
+            return self._decode_result(data)
+        except DecodeError:
+            raise
+        except (RecursionError, MemoryError, OverflowError, ValueError, TypeError) as exc:
+            raise DecodeError(f"not a task result: {type(exc).__name__}: {exc}") from None
+
+    def _decode_result(self, data: bytes) -> TaskResult[Any]:
         obj = self._load(data)
         try:
             task_id = TaskID.parse(obj["id"])
@@ -174,11 +251,15 @@ class JSONCodec:
     def _load(self, data: bytes) -> dict[str, Any]:
         try:
             raw: Any = data
+            if len(raw) > self.max_bytes:  # before anything is parsed
+                raise DecodeError(f"{len(raw)} bytes, more than max_bytes={self.max_bytes}")
             text = (
                 raw
                 if isinstance(raw, str)
                 else (raw if type(raw) is bytes else bytes(raw)).decode()
             )
+            if too_deep(text, self.max_depth):  # before json parses (and recurses)
+                raise DecodeError(f"nested more than {self.max_depth} levels deep (max_depth)")
             try:
                 # Fast path: one object filling the whole text, as our encoder writes.
                 obj, end = self._scan(text, 0)
@@ -186,11 +267,17 @@ class JSONCodec:
                     raise ValueError("extra data")
             except (StopIteration, ValueError):
                 obj = self._dec.decode(text)  # raises with a precise message
-        except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as exc:
+        except DecodeError:
+            raise
+        except (ValueError, TypeError, RecursionError, MemoryError, OverflowError) as exc:
             raise DecodeError(f"not JSON: {exc}") from None
         if not isinstance(obj, dict):
             raise DecodeError(f"expected a JSON object, got {type(obj).__name__}")
         return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _no_default(obj: Any) -> Any:

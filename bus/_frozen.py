@@ -108,25 +108,37 @@ def freeze(value: Any) -> Any:
     return value
 
 
+def _too_deep() -> ValueError:
+    return ValueError("a value nested too deeply to travel in a message (see bus._codec.MAX_DEPTH)")
+
+
 def freeze_args(value: Any) -> tuple[Any, ...]:
-    """Positional arguments as a deeply frozen tuple."""
+    """Positional arguments as a deeply frozen tuple. ``ValueError`` (never
+    ``RecursionError``) for a value nested too deeply to freeze."""
     if not value:
         return ()
     for v in value:
         if type(v) not in _SCALARS:
-            return tuple([freeze(v) for v in value])
+            try:
+                return tuple([freeze(v) for v in value])
+            except RecursionError:
+                raise _too_deep() from None
     return value if type(value) is tuple else tuple(value)
 
 
 def freeze_mapping(value: Any) -> FrozenDict:
-    """A mapping as a deeply frozen :class:`FrozenDict`."""
+    """A mapping as a deeply frozen :class:`FrozenDict` (``ValueError`` when nested too
+    deeply, as :func:`freeze_args`)."""
     if type(value) is FrozenDict:
         return value
     if not value:
         return EMPTY
     if not isinstance(value, Mapping):
         raise TypeError(f"expected a mapping, not {type(value).__name__}")
-    return FrozenDict({k: freeze(v) for k, v in value.items()})
+    try:
+        return FrozenDict({k: freeze(v) for k, v in value.items()})
+    except RecursionError:
+        raise _too_deep() from None
 
 
 def thaw(value: Any) -> Any:
@@ -149,26 +161,33 @@ def thaw_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return args
 
 
-def json_faithful(value: Any) -> bool:
+#: How deep :func:`json_faithful` and :func:`value_faithful` look: a value nested
+#: deeper is not taken as faithful (the codec, which bounds depth, then decides).
+_FAITHFUL_DEPTH = 32
+
+
+def json_faithful(value: Any, _depth: int = 0) -> bool:
     """Whether a JSON round trip gives ``value`` back (after :func:`thaw`): scalars and
     tuples of them. Dicts are not (JSON turns their keys into strings)."""
     t = type(value)
     if t in _SCALARS:
         return t is not float or value == value  # NaN never survives the codec
-    if t is tuple or t is FrozenList:
-        return all(json_faithful(v) for v in value)
+    if (t is tuple or t is FrozenList) and _depth < _FAITHFUL_DEPTH:
+        return all(json_faithful(v, _depth + 1) for v in value)
     return False
 
 
-def value_faithful(value: Any) -> bool:
+def value_faithful(value: Any, _depth: int = 0) -> bool:
     """Whether a JSON round trip gives ``value`` back as it is (a task's return value):
     scalars, and lists and str-keyed dicts of them. Tuples are not (they come back as
     lists), nor is NaN."""
     t = type(value)
     if t in _SCALARS:
         return t is not bytes and (t is not float or value == value)
+    if _depth >= _FAITHFUL_DEPTH:
+        return False
     if t is list:
-        return all(value_faithful(v) for v in value)
+        return all(value_faithful(v, _depth + 1) for v in value)
     if t is dict:
-        return all(type(k) is str and value_faithful(v) for k, v in value.items())
+        return all(type(k) is str and value_faithful(v, _depth + 1) for k, v in value.items())
     return False

@@ -5,16 +5,49 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
-__all__ = ["TaskOptions", "check_queue_name", "is_queue_name"]
+__all__ = [
+    "MAX_DELAY",
+    "MAX_RETRIES",
+    "MAX_RETRY_DELAY",
+    "MAX_TIMEOUT",
+    "MAX_UNIQUE_KEY",
+    "MAX_UNIQUE_TTL",
+    "TaskOptions",
+    "check_eta",
+    "check_labels",
+    "check_queue_name",
+    "is_queue_name",
+]
 
 _KNOWN = frozenset({"timeout", "retries", "retry_backoff", "retry_backoff_max", "retry_on"})
 _SEND_ONLY = frozenset({"delay", "eta", "unique", "unique_ttl"})
 #: How long a unique key holds at most when its task never finishes (seconds).
 DEFAULT_UNIQUE_TTL = 3600.0
+
+# The bounds of every option (decorator keyword or label). Each is checked where the
+# task is declared, where it is sent (``kiq`` raises) and where it is received (the
+# worker rejects the message): no value read from a queue can overflow a computation.
+MAX_TIMEOUT = 7 * 86_400.0
+"""The longest ``timeout`` (seconds): a week."""
+MAX_RETRIES = 1000
+"""The most ``retries``."""
+MAX_RETRY_DELAY = 86_400.0
+"""The longest ``retry_backoff`` and ``retry_backoff_max`` (seconds): a day. So no retry
+waits longer than a day."""
+MAX_DELAY = 3650 * 86_400.0
+"""The longest ``delay`` (seconds), and how far ahead an ``eta`` may be: 3650 days
+(about ten years)."""
+MAX_UNIQUE_TTL = 30 * 86_400.0
+"""The longest ``unique_ttl`` (seconds): 30 days."""
+MAX_UNIQUE_KEY = 1024
+"""The longest unique key (characters), the task's name included."""
+#: Labels named like options, checked wherever labels are (see :func:`check_labels`).
+_LABELS = _KNOWN | _SEND_ONLY | {"unique_key"}
 #: Options read by the task and the broker, not by the worker's run: where a task goes
 #: (queue, priority) and the limits on its starts (see bus._limits).
 _PLACEMENT = frozenset({"queue", "priority", "rate_limit", "max_running"})
@@ -44,13 +77,17 @@ def check_queue_name(name: object) -> str:
     return name
 
 
-def _check_seconds(name: str, value: float | None, *, allow_zero: bool = False) -> None:
+def _check_seconds(
+    name: str, value: float | None, *, allow_zero: bool = False, most: float = math.inf
+) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         raise TypeError(f"{name} must be a number of seconds, not {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, not {value!r}")
+    if not value <= most:  # infinity too
+        raise ValueError(f"{name} must be at most {most:g} seconds, not {value!r}")
 
 
 def _retry_on(value: Any) -> tuple[type[BaseException], ...]:
@@ -67,22 +104,28 @@ class TaskOptions:
     ``timeout``, ``retries``, ``retry_backoff`` and ``retry_backoff_max`` per call."""
 
     timeout: float | None = None
-    """Seconds an attempt may run before it is cancelled with status TIMEOUT."""
+    """Seconds an attempt may run before it is cancelled with status TIMEOUT (at most
+    :data:`MAX_TIMEOUT`, a week)."""
     retries: int = 0
-    """How many times a failed attempt is tried again (0: never)."""
+    """How many times a failed attempt is tried again (0: never; at most
+    :data:`MAX_RETRIES`)."""
     retry_backoff: float = 1.0
-    """Delay before the first retry; it doubles for each later one."""
+    """Delay before the first retry; it doubles for each later one (0 to
+    :data:`MAX_RETRY_DELAY`, a day)."""
     retry_backoff_max: float = 300.0
-    """Upper bound of the retry delay."""
+    """Upper bound of the retry delay (0 to :data:`MAX_RETRY_DELAY`, a day)."""
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     """Only failures that are instances of these types are retried."""
 
     def __attrs_post_init__(self) -> None:
-        _check_seconds("timeout", self.timeout)
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
-            raise ValueError(f"retries must be a whole number >= 0, not {self.retries!r}")
-        _check_seconds("retry_backoff", self.retry_backoff, allow_zero=True)
-        _check_seconds("retry_backoff_max", self.retry_backoff_max, allow_zero=True)
+        _check_seconds("timeout", self.timeout, most=MAX_TIMEOUT)
+        r = self.retries
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= MAX_RETRIES:
+            raise ValueError(f"retries must be a whole number, 0 to {MAX_RETRIES}, not {r!r}")
+        _check_seconds("retry_backoff", self.retry_backoff, allow_zero=True, most=MAX_RETRY_DELAY)
+        _check_seconds(
+            "retry_backoff_max", self.retry_backoff_max, allow_zero=True, most=MAX_RETRY_DELAY
+        )
         _retry_on(self.retry_on)
 
     @classmethod
@@ -103,16 +146,60 @@ class TaskOptions:
             check_unique(send.get("unique"), send.get("unique_ttl"))
         return cls(**run), send
 
-    def with_labels(self, labels: dict[str, Any]) -> TaskOptions:
-        """These options with any overriding labels applied (invalid labels raise)."""
-        if not labels or not (_KNOWN.intersection(labels)):
+    def with_labels(self, labels: Mapping[str, Any]) -> TaskOptions:
+        """These options with any overriding labels applied. Every label named like an
+        option is checked (:func:`check_labels`): invalid ones raise ``TypeError`` /
+        ``ValueError``."""
+        if not labels or not (_LABELS.intersection(labels)):
             return self
+        check_labels(labels, options=False)
         changes = {k: labels[k] for k in _KNOWN if k in labels and k != "retry_on"}
         return attrs.evolve(self, **changes) if changes else self
 
     def backoff(self, attempt: int) -> float:
-        """Delay before attempt ``attempt + 1`` after attempt ``attempt`` failed."""
-        return float(min(self.retry_backoff * (2 ** (attempt - 1)), self.retry_backoff_max))
+        """Delay before attempt ``attempt + 1`` after attempt ``attempt`` failed:
+        ``min(retry_backoff * 2 ** (attempt - 1), retry_backoff_max)``, never more than
+        :data:`MAX_RETRY_DELAY` whatever ``attempt`` is."""
+        try:
+            delay = math.ldexp(self.retry_backoff, min(max(0, attempt - 1), 4096))
+        except OverflowError:
+            delay = math.inf
+        return float(min(delay, self.retry_backoff_max, MAX_RETRY_DELAY))
+
+
+def check_labels(labels: Mapping[str, Any], *, options: bool = True) -> None:
+    """Check the labels named like options (others are free-form): ``timeout``,
+    ``retries``, ``retry_backoff``, ``retry_backoff_max`` as the decorator keywords;
+    ``delay`` (0 to :data:`MAX_DELAY`), ``eta`` (a finite Unix time), ``unique``,
+    ``unique_ttl`` (up to :data:`MAX_UNIQUE_TTL`) and ``unique_key`` (a string of at
+    most :data:`MAX_UNIQUE_KEY` characters). A ``retry_on`` label is ignored (exception
+    types are not JSON). Raises ``TypeError`` / ``ValueError`` saying which is wrong.
+    ``options=False`` leaves out the first four (the caller builds a
+    :class:`TaskOptions` of them, which checks them)."""
+    if not labels or not _LABELS.intersection(labels):
+        return
+    if options:
+        run = {k: labels[k] for k in _KNOWN if k in labels and k != "retry_on"}
+        if run:
+            TaskOptions(**run)
+    if "delay" in labels:
+        _check_seconds("delay", labels["delay"], allow_zero=True, most=MAX_DELAY)
+    eta = labels.get("eta")
+    if (
+        eta is not None
+        and not isinstance(eta, _dt.datetime)
+        and (isinstance(eta, bool) or not isinstance(eta, int | float) or not math.isfinite(eta))
+    ):
+        raise ValueError(f"eta must be a finite Unix time or an aware datetime, not {eta!r}")
+    if "unique" in labels or "unique_ttl" in labels:
+        check_unique(labels.get("unique"), labels.get("unique_ttl"))
+    if "unique_key" in labels:
+        key = labels["unique_key"]
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_UNIQUE_KEY:
+            raise ValueError(
+                f"unique_key must be a string of 1 to {MAX_UNIQUE_KEY} characters, "
+                f"not {str(key)[:80]!r}"
+            )
 
 
 def check_unique(unique: Any, ttl: Any) -> None:
@@ -122,10 +209,10 @@ def check_unique(unique: Any, ttl: Any) -> None:
         raise TypeError(f"unique must be True, False or a key string, not {unique!r}")
     if isinstance(unique, str) and not unique:
         raise ValueError("a unique key must be a non-empty string")
+    if isinstance(unique, str) and len(unique) > MAX_UNIQUE_KEY:
+        raise ValueError(f"a unique key is at most {MAX_UNIQUE_KEY} characters long")
     if ttl is not None:
-        _check_seconds("unique_ttl", ttl)
-        if not math.isfinite(ttl):
-            raise ValueError(f"unique_ttl must be finite, not {ttl!r}")
+        _check_seconds("unique_ttl", ttl, most=MAX_UNIQUE_TTL)
 
 
 def resolve_eta(values: dict[str, Any]) -> float | None:
@@ -135,14 +222,24 @@ def resolve_eta(values: dict[str, Any]) -> float | None:
     if delay is not None and eta is not None:
         raise ValueError("give delay or eta, not both")
     if delay is not None:
-        _check_seconds("delay", delay, allow_zero=True)
+        _check_seconds("delay", delay, allow_zero=True, most=MAX_DELAY)
         return time.time() + float(delay) if delay > 0 else None
     if eta is None:
         return None
     if isinstance(eta, _dt.datetime):
         if eta.tzinfo is None:
             raise ValueError("eta must be a timezone-aware datetime (naive times are ambiguous)")
-        return eta.timestamp()
+        return check_eta(eta.timestamp())
     if isinstance(eta, bool) or not isinstance(eta, int | float) or math.isnan(eta):
         raise TypeError(f"eta must be a Unix time or an aware datetime, not {eta!r}")
-    return float(eta)
+    return check_eta(float(eta))
+
+
+def check_eta(eta: float) -> float:
+    """``eta`` (a Unix time) if it is at most :data:`MAX_DELAY` ahead of now (a time in
+    the past means now); ``ValueError`` if not."""
+    if not (math.isfinite(eta) and eta <= time.time() + MAX_DELAY):
+        raise ValueError(
+            f"eta must be a finite Unix time at most {MAX_DELAY / 86_400:g} days ahead, not {eta!r}"
+        )
+    return eta
