@@ -1,5 +1,6 @@
-"""The dashboard in a real browser: headless Chromium loads the page of a dashboard
-with a live worker on Redis, and a requeue is clicked in the page."""
+"""The dashboard in a real browser: headless Chromium logs in to a dashboard that
+asks for a token, loads its page with a live worker on Redis, and a requeue is clicked
+in the page."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 def q(selector: str) -> str:
     """JS: the trimmed text of the first element matching ``selector`` (or null)."""
     return f"document.querySelector({json.dumps(selector)})?.textContent.trim() ?? null"
+
+
+TOKEN = "browser-test-token-0123456789"
 
 
 async def test_the_page_shows_the_queue_a_worker_and_a_dead_letter_and_requeues_it(
@@ -49,12 +53,26 @@ async def test_the_page_shows_the_queue_a_worker_and_a_dead_letter_and_requeues_
             urls = await nursery.start(
                 lambda task_status: serve(
                     broker, port=0, allow_actions=True, sample_interval=0.5,
-                    task_status=task_status,
+                    token=TOKEN, task_status=task_status,
                 )
             )  # fmt: skip
             async with open_browser(tmp_path / "profile") as browser:
                 page = await browser.new_page()
                 await page.goto(urls[0] + "/")
+                # The token first: the login form, and nothing of the queue yet.
+                assert await page.evaluate("!!document.getElementById('login')")
+                assert await page.evaluate("!document.getElementById('bus-data')")
+                await page.type("#token", "not-the-token")
+                await page.click("#login button")
+                await page.wait_for("!!document.getElementById('login-error')")
+                await page.type("#token", TOKEN)
+                await page.click("#login button")
+                await page.wait_for("!!document.getElementById('bus-data')")
+                # The session cookie is out of the script's reach, and it is what
+                # opens the API: the same request without it is refused.
+                assert await page.evaluate("document.cookie") == ""
+                without = "fetch('api/overview', {credentials: 'omit'}).then(r => r.status)"
+                assert await page.evaluate(without) == 401
                 # What a person sees: the queue's depth, the live worker, the letter.
                 await page.wait_for(f"{q('tr[data-queue=q] [data-field=queued]')} === '3'")
                 assert await page.evaluate(q(f"tr[data-worker='{consumer}'] code")) == consumer
@@ -81,6 +99,11 @@ async def test_the_page_shows_the_queue_a_worker_and_a_dead_letter_and_requeues_
                 found = json.loads(await page.wait_for(q("#task-result")))
                 assert found["running"]["worker"] == consumer
                 assert found["progress"] == {"step": "holding", "n": 0}
+                # Log out: the login form again, and the API refuses the page.
+                await page.click("#logout button")
+                await page.wait_for("!!document.getElementById('login')")
+                status = "fetch('api/overview').then(r => r.status)"
+                assert await page.evaluate(status) == 401
             for h in holds:
                 await h.cancel()
 

@@ -254,6 +254,8 @@ async def test_the_login_form_sets_a_strict_httponly_session_cookie() -> None:
                 "/login", data={"token": TOKEN}, headers={"Origin": "http://evil.example"}
             )
             assert foreign.status_code == 403 and SESSION_COOKIE not in http.cookies
+            sandboxed = await http.post("/login", data={"token": TOKEN}, headers={"Origin": "null"})
+            assert sandboxed.status_code == 403 and SESSION_COOKIE not in http.cookies
             done = await http.post("/login", data={"token": TOKEN}, headers=origin)
             assert done.status_code == 303 and done.headers["location"] == "/"
             cookie = done.headers["set-cookie"].lower()

@@ -157,6 +157,7 @@
     return fetch("api/overview", { headers: { Accept: "application/json" }, cache: "no-store" })
       .then(function (r) { return r.json().then(function (body) { return [r, body]; }); })
       .then(function (rb) {
+        if (rb[0].status === 401) { location.reload(); return; }  // the login form again
         if (!rb[0].ok) { throw new Error(rb[1].error || rb[0].statusText); }
         render(rb[1]);
       })
