@@ -45,34 +45,34 @@ def test_start_up_line_names_url_and_queue_without_password(env: dict[str, str])
     secret = RedisBroker("redis://:s3cret@example.org:6380/2", queue="emails")
     assert "s3cret" not in repr(secret) and "s3cret" not in str(secret.describe())
     assert secret.describe() == {"url": "redis://:***@example.org:6380/2", "queue": "emails"}
-    w = Worker(env, "--concurrency", "2")
+    # Every timeout it could wait out is a minute long (the shutdown timeout, the
+    # visibility timeout): exiting within the half-minute deadline proves it waited
+    # for none of them, whatever the machine's speed.
+    w = Worker({**env, "BUS_TEST_VT": "60"}, "--concurrency", "2", "--shutdown-timeout", "60")
     try:
         line = w.wait_for(lambda s: s.startswith("bus worker:"))[0]
         assert f"url={env['BUS_TEST_URL']}" in line and "queue=q" in line
         w.proc.send_signal(signal.SIGTERM)
-        t0 = time.monotonic()
-        assert w.proc.wait(10) == 0
-        assert time.monotonic() - t0 < 2, "the process lingered after the drain"
+        assert w.proc.wait(30) == 0, "the process lingered after the drain"
     finally:
         w.stop()
 
 
 def test_send_timeout_bounds_the_wait_for_an_unreachable_server(env: dict[str, str]) -> None:
-    t0 = time.monotonic()
+    # The bound is the one given (the default send timeout is 10 s), and the command
+    # ends: run() has a deadline of its own.
     proc = bus(_dead_env(env), "send", APP, "add", "--args", "[1, 2]", "--timeout", "1")
-    assert time.monotonic() - t0 < 6
     assert proc.returncode == 1
     assert "within 1" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_connect_timeout_fails_a_worker_that_cannot_reach_redis(env: dict[str, str]) -> None:
-    t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "bus", "worker", APP, "--connect-timeout", "1"],
         cwd=ROOT, env=_dead_env(env), capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
-    assert time.monotonic() - t0 < 8
     assert proc.returncode == 1
+    assert "within 1 s" in proc.stderr  # the bound given, not the default (10 s)
     assert "cannot reach Redis" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -171,8 +171,10 @@ def test_processes_kill_children_that_outlive_the_shutdown_timeout(env: dict[str
     )  # fmt: skip
     try:
         sup.wait_for(lambda s: s.startswith("bus worker:"), count=2)
+        # Ten minutes of uninterruptible work each: only a kill ends them before the
+        # deadline below.
         for _ in range(2):
-            assert bus(env, "send", APP, "stubborn", "--args", "[30]").returncode == 0
+            assert bus(env, "send", APP, "stubborn", "--args", "[600]").returncode == 0
         wait_until(
             lambda: (
                 int(
@@ -184,10 +186,8 @@ def test_processes_kill_children_that_outlive_the_shutdown_timeout(env: dict[str
                 == 2
             )
         )
-        t0 = time.monotonic()
         sup.proc.send_signal(signal.SIGTERM)
         code = sup.proc.wait(30)
-        assert time.monotonic() - t0 < 8
         assert code == 1  # not a clean stop: children had to be killed
         sup.wait_for(lambda s: "supervisor.killing" in s, count=2)
     finally:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -129,9 +131,10 @@ async def test_redis_restart_during_load(aof_server: RedisServer) -> None:
                 worker.stop()
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+def _live_mb() -> float:
+    """Python memory still allocated (traced by tracemalloc), after a collection."""
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0] / 1e6
 
 
 async def test_hostile_entries_are_dead_lettered(
@@ -177,23 +180,31 @@ async def test_hostile_entries_are_dead_lettered(
                     data = data.replace(b"[1,2]", b"[1,2,3]")
                 return {b"d": data, b"s": sign(secret, data)}
 
-            before = _rss_mb()
+            # What the run leaves allocated (not the process's RSS, which depends on
+            # the allocator and on how many entries one read happened to take): about
+            # 140 of these entries are 1 MB each, so keeping them would show.
+            async def send_hostile(start: int) -> None:  # its batch is freed on return
+                commands = []
+                for i in range(start, start + 100):
+                    flat = [x for kv in hostile(i).items() for x in kv]
+                    commands.append(("XADD", stream, "*", *flat))
+                await client.pipeline(commands)
+
+            tracemalloc.start()
+            before = _live_mb()
             async with trio.open_nursery() as nursery:
                 worker = await nursery.start(broker.run_worker, 16)
                 handles = []
                 for start in range(0, 1000, 100):
-                    commands = []
-                    for i in range(start, start + 100):
-                        flat = [x for kv in hostile(i).items() for x in kv]
-                        commands.append(("XADD", stream, "*", *flat))
-                    await client.pipeline(commands)
+                    await send_hostile(start)
                     handles.append(await add.kiq(start, 1))
                 results = await bus.gather(*handles, timeout=30)
                 assert [r.return_value for r in results] == [s + 1 for s in range(0, 1000, 100)]
                 while await client.execute("XLEN", broker.keys.dead) < 1000:  # noqa: ASYNC110 (watching another process)
                     await trio.sleep(0.05)
                 worker.stop()
-            grown = _rss_mb() - before
+            kept = _live_mb() - before
+            tracemalloc.stop()
             raw = await client.execute("XRANGE", broker.keys.dead, "-", "+", "COUNT", 2000)
             dead = [dict(zip(e[1][::2], e[1][1::2], strict=True)) for e in raw]
             assert len(dead) == 1000
@@ -208,7 +219,7 @@ async def test_hostile_entries_are_dead_lettered(
             assert all(len(e.get(b"data", b"")) <= 64 * 1024 for e in dead)
             assert await _pending(client, broker) == 0
             assert (await broker.ref.ask(bus.protocol.Inspect()))["running"] == 0
-            assert grown < 150, f"memory grew by {grown:.0f} MB"
+            assert kept < 8, f"the run left {kept:.1f} MB allocated"
 
 
 async def test_long_task_is_not_redelivered_while_its_worker_lives(
@@ -247,23 +258,31 @@ async def test_long_task_is_not_redelivered_while_its_worker_lives(
 
 
 async def test_results_wake_a_waiter_in_another_process(redis_server: RedisServer) -> None:
+    """Pushed, not polled: the result is only announced (PUBLISH), never stored under
+    its key, so a waiter that read the key would wait until its timeout; this one
+    wakes with the announced value."""
     from bus.redis import RedisResultBackend
+    from bus.redis._client import open_connection
 
     prefix = f"t{bus.TaskID.new()[-12:]}"
     tid = bus.TaskID.new()
     code = (
-        "import sys, time, trio, actors, bus\n"
+        "import sys, trio, actors, bus\n"
         "from bus.redis import RedisResultBackend\n"
         "async def main():\n"
         "    rb = RedisResultBackend(sys.argv[1], prefix=sys.argv[2])\n"
         "    async with actors.open_system() as system:\n"
         "        await rb.startup(system)\n"
         "        print('ready', flush=True)\n"
-        "        r = await rb.wait_result(bus.TaskID.parse(sys.argv[3]), timeout=20)\n"
-        "        print('woke', time.time() - r.return_value, flush=True)\n"
+        "        r = await rb.wait_result(bus.TaskID.parse(sys.argv[3]), timeout=60)\n"
+        "        print('woke', r.return_value, flush=True)\n"
         "        await rb.shutdown()\n"
         "trio.run(main)\n"
     )
+    rb = RedisResultBackend(redis_server.url, prefix=prefix)
+    result = bus.TaskResult(tid, bus.TaskStatus.SUCCESS, "pushed")
+    data = rb.codec.encode_result(result)
+    (publish,) = [c for c in rb.store_commands(tid, data, only_new=False) if c[0] == "PUBLISH"]
     with trio.fail_after(30):
         proc = await trio.lowlevel.open_process(
             [sys.executable, "-c", code, redis_server.url, prefix, tid],
@@ -274,23 +293,26 @@ async def test_results_wake_a_waiter_in_another_process(redis_server: RedisServe
         assert proc.stdout is not None
         buf = b""
         try:
-            while b"ready" not in buf:
-                buf += await proc.stdout.receive_some()
-            await trio.sleep(0.2)  # the waiter is registered well before the result
-            import time
+            async with open_connection(redis_server.url) as conn:
+                while b"ready" not in buf:
+                    buf += await proc.stdout.receive_some()
+                # Announce until it wakes: the waiter may not be watching at the first
+                # announcement (a missed one is not read back: nothing is stored).
+                async with trio.open_nursery() as nursery:
 
-            import actors
+                    async def announce() -> None:
+                        while True:
+                            await conn.execute(*publish)
+                            await trio.sleep(0.05)
 
-            rb = RedisResultBackend(redis_server.url, prefix=prefix)
-            async with actors.open_system() as system:
-                await rb.startup(system)
-                await rb.set_result(tid, bus.TaskResult(tid, bus.TaskStatus.SUCCESS, time.time()))
-                await rb.shutdown()
-            while b"woke" not in buf or not buf.endswith(b"\n"):
-                chunk = await proc.stdout.receive_some()
-                if not chunk:
-                    break
-                buf += chunk
+                    nursery.start_soon(announce)
+                    while b"woke" not in buf or not buf.endswith(b"\n"):
+                        chunk = await proc.stdout.receive_some()
+                        if not chunk:
+                            break
+                        buf += chunk
+                    nursery.cancel_scope.cancel()
+                assert await conn.execute("EXISTS", rb.result_key(tid)) == 0
         finally:
             with trio.move_on_after(5):
                 await proc.wait()
@@ -298,6 +320,4 @@ async def test_results_wake_a_waiter_in_another_process(redis_server: RedisServe
                 proc.kill()
                 await proc.wait()
             await proc.stdout.aclose()
-        latency = float(buf.split(b"woke")[1].split()[0])
-        print(f"cross-process wake-up: {latency * 1000:.1f} ms")
-        assert latency < 1.0  # pushed, not polled (typically a few ms)
+    assert b"woke pushed" in buf, buf

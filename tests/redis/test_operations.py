@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import structlog
 import trio
 
 import bus
@@ -177,15 +178,18 @@ async def test_with_a_secret_only_signed_cancels_cancel(
         started.set()
         await trio.sleep_forever()
 
-    with trio.fail_after(20):
+    with trio.fail_after(20), structlog.testing.capture_logs() as logs:
         async with bus.testing.run_broker(broker):
             handle = await forever.kiq()
             await started.wait()
             client: Client = broker.client
-            # Anyone who can PUBLISH can send this; it is not signed, so it is refused.
+            # Anyone who can PUBLISH can send this; it is not signed, so it is refused:
+            # the refusal is logged once the announcement was read, and the task runs on.
             await client.execute("PUBLISH", broker.keys.cancel_channel, str(handle.task_id))
-            await trio.sleep(0.3)
+            while not any(e["event"] == "redis.cancel_refused" for e in logs):  # noqa: ASYNC110 (a log line)
+                await trio.sleep(0.01)
             assert (await broker.ref.ask(bus.protocol.Inspect()))["running"] == 1
+            assert not await handle.is_ready()
             await handle.cancel()
             assert (await handle.wait_result(timeout=5)).status is bus.TaskStatus.CANCELLED
 
