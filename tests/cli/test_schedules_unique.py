@@ -45,30 +45,33 @@ def test_three_schedulers_fire_each_tick_once_even_when_one_is_killed(
 ) -> None:
     env = _env(redis_server)
     r = Redis(redis_server, env["BUS_TEST_PREFIX"])
+
+    def beats() -> list[float]:
+        return [float(b) for b in r("LRANGE", f"{env['BUS_TEST_PREFIX']}:beats", "0", "-1").split()]
+
     workers = [Proc(env, "worker", APP, "--log-format", "json") for _ in range(3)]
     try:
         for w in workers:
             w.wait_for(lambda line: line.startswith("bus worker:"))
-        t0 = time.time()
-        time.sleep(10)
+        # Counted ticks, not slept seconds: a few fire, a scheduler dies, more fire.
+        _wait(lambda: len(beats()) >= 4, lambda: f"beats: {beats()}", timeout=30)
         os.killpg(workers[0].proc.pid, signal.SIGKILL)  # a scheduler dies midway
         workers[0].finish()
-        time.sleep(10)
-        t1 = time.time()
+        at_kill = len(beats())
+        _wait(lambda: len(beats()) >= at_kill + 5, lambda: f"beats: {beats()}", timeout=30)
         for w in workers[1:]:
             w.proc.send_signal(signal.SIGTERM)
             assert w.finish() == 0
     finally:
         for w in workers:
             w.kill()
-    beats = [float(b) for b in r("LRANGE", f"{env['BUS_TEST_PREFIX']}:beats", "0", "-1").split()]
-    inside = [b for b in beats if t0 + 1 <= b <= t1 - 1]
-    print(f"{len(beats)} beats over {t1 - t0:.1f} s, {len(inside)} well inside the window")
-    assert len(beats) == len(set(beats)), "a tick fired twice"
-    assert 19 <= len(beats) <= 21
-    assert all(b == int(b) for b in beats)  # on the 1 s grid
-    expected = {float(t) for t in range(int(t0) + 1, int(t1))}
-    assert expected - set(beats) <= {min(expected), max(expected)}  # none lost but the edges
+    fired = beats()
+    print(f"{len(fired)} beats, {at_kill} before the kill")
+    assert len(fired) == len(set(fired)), "a tick fired twice"
+    assert all(b == int(b) for b in fired)  # on the 1 s grid
+    ticks = sorted(fired)
+    missing = sorted(set(range(int(ticks[0]), int(ticks[-1]) + 1)) - set(ticks))
+    assert not missing, f"ticks lost: {missing}"  # none lost, across the kill too
 
 
 def test_a_schedule_added_at_run_time_from_a_producer_fires_on_the_workers(
