@@ -337,6 +337,17 @@ def test_bus_dashboard_refuses_to_start_on_one_line(
     assert done.stderr.count("\n") == 1
 
 
+def test_the_docs_show_the_refusal_as_printed() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bus", "dashboard", APP, "--host", "0.0.0.0"],
+        cwd=ROOT, env=bus_env("redis://127.0.0.1:1", "x"),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    docs = (ROOT / "docs" / "observability.md").read_text()
+    printed = docs.split("$ bus dashboard myapp.tasks:broker --host 0.0.0.0\n", 1)[1]
+    assert done.stderr == printed.lstrip(" ").splitlines()[0] + "\n"
+
+
 @pytest.mark.redis
 async def test_bus_dashboard_exposed_with_allowed_hosts_and_a_token(
     redis_server: RedisServer,
