@@ -32,7 +32,7 @@ class BrokerClosed(SendError):
     """The broker is not running (outside ``async with broker``, or shutting down)."""
 
 
-class BrokerUnavailable(SendError):
+class BrokerUnavailable(SendError, ConnectionError):
     """The broker's server (Redis) could not be reached within a bound.
 
     Raised by sends after ``send_timeout`` and by every other call that needs the
@@ -41,7 +41,8 @@ class BrokerUnavailable(SendError):
     how long the call waited in seconds. For a send, ``maybe_stored`` says whether the
     message may have reached the server before the connection broke (delivery is
     at-least-once: such a message may still run); a send that returned was stored.
-    It is a :class:`SendError` so that code catching failed sends catches it too.
+    It is a :class:`SendError` so that code catching failed sends catches it too, and
+    a ``ConnectionError``.
     """
 
     def __init__(

@@ -26,8 +26,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import trio
@@ -38,7 +38,7 @@ from actors._log import get_logger
 from bus._broker import Broker
 from bus._broker_actor import BrokerActor
 from bus._codec import Codec
-from bus._errors import SendError
+from bus._errors import BrokerClosed, BrokerUnavailable, BusError, SendError
 from bus._ids import TaskID
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
 from bus._middleware import Middleware
@@ -63,16 +63,32 @@ from bus.redis._client import (
     Connection,
     ConnectionLost,
     Pending,
+    RedisError,
+    RedisTimeout,
     ReplyError,
     rerun_noscript,
 )
-from bus.redis._logic import F_DATA, F_SIG, Entry, Keys, join_member, sign
+from bus.redis._logic import (
+    F_DATA,
+    F_SIG,
+    Entry,
+    Keys,
+    join_member,
+    marker_ok,
+    marker_value,
+    sign,
+    sign_count,
+    sign_entry,
+    unique_holder,
+    unique_value,
+)
 from bus.redis._pool import (
     BACKOFF,
     Announcement,
     Lent,
     Resubscribed,
     Subscribe,
+    Unusable,
     UsesConnection,
     lend,
     shared_connection,
@@ -90,7 +106,9 @@ from bus.redis._scripts import (
     PROMOTE,
     RELEASE,
     REQUEUE,
+    Handback,
     dead_command,
+    handback_command,
 )
 from bus.redis._settings import RedisSettings
 
@@ -100,6 +118,7 @@ if TYPE_CHECKING:
 __all__ = ["DelayedMoverActor", "RedisBroker", "RedisBrokerActor"]
 
 log = get_logger("bus.redis")
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------ private messages
@@ -113,6 +132,9 @@ class SendNow:
 
     message: TaskMessage
     data: bytes
+    #: A unique job: the value its key holds that is not one this secret made (a
+    #: forgery), to replace rather than obey.
+    replace: bytes | None = None
 
 
 @attrs.frozen
@@ -210,6 +232,14 @@ class _Reader:
 
 
 @attrs.define
+class _Writes:
+    """The broker actor's writes that must outlive one instance of it (a restart
+    after a bug loses no ack or send that was accepted): the batch being gathered."""
+
+    batch: _Batch = attrs.Factory(lambda: _Batch())
+
+
+@attrs.define
 class _Batch:
     """Writes of one mailbox drain, confirmed together (and retried together)."""
 
@@ -218,7 +248,14 @@ class _Batch:
 
 
 class RedisBrokerActor(BrokerActor, UsesConnection):
-    """The Redis broker actor (see the module docstring)."""
+    """The Redis broker actor (see the module docstring).
+
+    Spawned with RESTART: Redis going away is not its failure (a handler that cannot
+    reach Redis answers its asker with the error, and the actor goes on), and a bug
+    restarts it. What must outlive an instance, the writes not yet confirmed, lives in
+    :class:`_Writes`, which its factory hands to each instance."""
+
+    replied_errors = (RedisError, BusError)
 
     def __init__(
         self,
@@ -228,8 +265,10 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         results: ResultBackend,
         conn_ref: actors.ActorRef,
         tasks: Mapping[str, Task[Any, Any]] | None = None,
+        writes: _Writes | None = None,
     ) -> None:
         super().__init__()
+        self._writes = writes if writes is not None else _Writes()
         self.settings = settings
         self.keys = keys
         self.codec = codec
@@ -239,7 +278,6 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         self.tasks: Mapping[str, Task[Any, Any]] = tasks if tasks is not None else {}
         self.group = settings.group.encode()
         self.consumer = settings.consumer.encode()
-        self._batch = _Batch()
         self._stream = keys.stream  # the default queue's level 0: bare tags
         self._keys: dict[str, Keys] = {keys.queue: keys}
         #: A reader per set of queues consumed here.
@@ -249,6 +287,14 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         self._mover: actors.ActorRef | None = None
         self._confirming = 0
         self._confirmed: trio.Event | None = None
+
+    @property
+    def _batch(self) -> _Batch:
+        return self._writes.batch
+
+    @_batch.setter
+    def _batch(self, batch: _Batch) -> None:
+        self._writes.batch = batch
 
     # ------------------------------------------------------------ lifecycle
 
@@ -388,7 +434,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         settings = self.settings
         keys = self.keys if message.queue is None else self.keys_of(message.queue)
         level = message.priority
-        sig = sign(settings.secret, data)
+        sig = sign_entry(settings.secret, keys.level_stream(level), data)
         eta = message.eta
         if eta is not None and eta > time.time():
             self._wake_mover(message.queue)
@@ -405,34 +451,46 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         return msg.data if msg.data is not None else self.codec.encode_message(msg.message)
 
     def _claim_command(
-        self, message: TaskMessage, data: bytes, claim: bytes, ttl_ms: int
+        self,
+        message: TaskMessage,
+        data: bytes,
+        claim: bytes,
+        ttl_ms: int,
+        replace: bytes | None = None,
     ) -> Command:
-        """Send ``message`` only if ``claim`` is free (CLAIM_SEND)."""
+        """Send ``message`` only if ``claim`` is free, or holds ``replace`` (CLAIM_SEND).
+        The key's value is the task id, signed with the secret (so that a forged value
+        is not taken for a queued task)."""
         settings = self.settings
         keys, level = self.keys_of(message.queue), message.priority
         eta = message.eta
         due = int(eta * 1000) if eta is not None and eta > time.time() else 0
         if due:
             self._wake_mover(message.queue)
+        sig = sign_entry(settings.secret, keys.level_stream(level), data)
+        value = unique_value(settings.secret, claim, message.task_id)
         return CLAIM_SEND.command(
             keys=[claim, keys.level_stream(level), keys.level_delayed(level)],
-            args=[message.task_id, ttl_ms, due, data, sign(settings.secret, data),
-                  settings.maxlen or 0],
+            args=[value, ttl_ms, due, data, sig, settings.maxlen or 0,
+                  *(() if replace is None else (replace,))],
         )  # fmt: skip
 
-    def _send_command(self, message: TaskMessage, data: bytes) -> Command:
+    def _send_command(
+        self, message: TaskMessage, data: bytes, replace: bytes | None = None
+    ) -> Command:
         """The write that sends ``message``: a plain XADD/ZADD, or for a unique job the
-        claim of its key and the send in one Lua call (whose reply is the holder's id)."""
+        claim of its key and the send in one Lua call (whose reply is the holder's
+        value)."""
         labels = message.labels
         if labels and "unique_key" in labels:
             ttl_ms = max(1, int(float(labels.get("unique_ttl", 3600.0)) * 1000))
             claim = self.keys_of(message.queue).unique(labels["unique_key"])
-            return self._claim_command(message, data, claim, ttl_ms)
+            return self._claim_command(message, data, claim, ttl_ms, replace)
         return self._enqueue_command(message, data)
 
     @actors.handles(SendNow, inline=True)
     def send_now(self, msg: SendNow) -> Pending | None:
-        return self._submit_now([self._send_command(msg.message, msg.data)])
+        return self._submit_now([self._send_command(msg.message, msg.data, msg.replace)])
 
     def _releases(self, d: Delivery) -> list[Command]:
         """Freeing the unique key of a finished delivery, if it has one."""
@@ -440,7 +498,8 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         if message is None or not message.labels or "unique_key" not in message.labels:
             return []
         key = self.keys_of(message.queue).unique(message.labels["unique_key"])
-        return [RELEASE.command(keys=[key], args=[message.task_id])]
+        value = unique_value(self.settings.secret, key, message.task_id)
+        return [RELEASE.command(keys=[key], args=[value])]
 
     @actors.handles(SendMany, inline=True)
     def send_many(self, msg: SendMany) -> Pending | None:
@@ -558,10 +617,20 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         tag = d.tag
         stream, eid, keys, level = self._where(tag)
         settings = self.settings
+        reason = msg.reason
+        data = b""
         if msg.requeue is not None:
-            retry = msg.requeue
-            data = self.codec.encode_message(retry)
-            due = int((time.time() + msg.delay) * 1000) if msg.delay > 0 else 0
+            try:
+                data = self.codec.encode_message(msg.requeue)
+            except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+                reason = f"cannot requeue for a retry: {exc}"  # dead-lettered below
+        if data:
+            from bus._options import MAX_RETRY_DELAY
+
+            # Any delay, however it was computed: NaN and <= 0 mean now, and no retry
+            # waits more than MAX_RETRY_DELAY (int() of a huge float would raise).
+            delay = msg.delay
+            due = int(time.time() * 1000 + min(delay, MAX_RETRY_DELAY) * 1000) if delay > 0 else 0
             if due:
                 self._wake_mover(keys.queue)
             self._queue(
@@ -576,7 +645,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
                                 eid,
                                 due,
                                 data,
-                                sign(settings.secret, data),
+                                sign_entry(settings.secret, keys.level_stream(level), data),
                                 settings.maxlen or 0,
                             ],
                         )
@@ -590,7 +659,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         log.error(
             "task.dead_lettered",
             entry=eid.decode() if isinstance(eid, bytes) else str(eid),
-            reason=msg.reason,
+            reason=reason,
             task_id=message.task_id if message else None,
             task_name=message.task_name if message else None,
             actor=self.name,
@@ -606,7 +675,9 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
                         self.consumer,
                         eid,
                         settings.dead_letter_maxlen or 0,
-                        reason=msg.reason,
+                        max_bytes=settings.dead_letter_max_bytes or 0,
+                        claim=keys.ran(message.task_id, message.attempt) if message else None,
+                        reason=reason,
                         data=d.data,
                         queue=keys.queue,
                         deliveries=d.deliveries,
@@ -622,27 +693,22 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         """A stop interrupted the delivery: hand it back to the queue at once (a
         copy at the end of the stream that remembers its deliveries; one never
         started does not count)."""
-        tag = msg.delivery.tag
-        stream, eid, _, _ = self._where(tag)
+        d = msg.delivery
+        tag = d.tag
+        stream, eid, keys, _ = self._where(tag)
         consumer = self._consumer_of(tag)
-        self._queue(
-            self._release_slot(
-                tag,
-                [
-                    HANDBACK.command(
-                        keys=[stream],
-                        args=[
-                            self.group,
-                            consumer,
-                            self.settings.maxlen or 0,
-                            eid,
-                            1 if msg.started else 0,
-                        ],
-                    )
-                ],
-            ),
-            (tag,),
-        )
+        secret = self.settings.secret
+        message = d.message
+        # The claim of its attempt moves to the copy (so the copy is no replay); with a
+        # secret, its delivery count is signed.
+        claim = None if message is None else keys.ran(message.task_id, message.attempt)
+        entry = Handback(eid, msg.started, claim=claim)
+        if secret is not None:
+            count = max(0, d.deliveries - 1 + (1 if msg.started else 0))
+            csig = sign_count(secret, stream, d.data, count)
+            entry = Handback(eid, msg.started, count, csig, claim)
+        command = handback_command(stream, self.group, consumer, self.settings.maxlen or 0, [entry])
+        self._queue(self._release_slot(tag, [command]), (tag,))
 
     # ----------------------------------------------------------- cancellation
 
@@ -667,7 +733,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
             return None
 
     @actors.handles(Cancel)
-    async def cancel(self, msg: Cancel) -> None:
+    def cancel(self, msg: Cancel) -> actors.Later:
         """Mark the task cancelled (a key with ``cancel_ttl``), announce it to every
         worker (which cancels it if it runs there), and store a CANCELLED result unless
         one is stored already: a queued task then never starts, its waiters wake now."""
@@ -681,7 +747,9 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         commands: list[Command] = []
         for queue in self._queue_names():
             keys = self.keys_of(queue)
-            commands.append(("SET", keys.cancel_marker(tid), b"1", "PX", ttl_ms))
+            marker = keys.cancel_marker(tid)
+            value = marker_value(settings.secret, marker)
+            commands.append(("SET", marker, value, "PX", ttl_ms))
             commands.append(("PUBLISH", keys.cancel_channel, payload))
 
         async def mark(conn: Connection) -> None:
@@ -690,18 +758,24 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
                 if isinstance(r, ReplyError):
                     raise r
 
-        try:
+        async def mark_and_store() -> None:
             await with_connection(
                 self.conn_ref,
                 mark,
-                deadline=trio.current_time() + settings.send_timeout,
+                deadline=_deadline(settings.command_timeout),
                 what=f"cannot cancel {tid}",
             )
-        except ConnectionLost as exc:
-            raise SendError(str(exc)) from exc
-        err = RemoteError("bus.Cancelled", "cancelled before it finished")
-        result: TaskResult[Any] = TaskResult(tid, TaskStatus.CANCELLED, None, err, 0.0, {})
-        self.nursery.start_soon(self.results.set_result_if_absent, tid, result)
+            err = RemoteError("bus.Cancelled", "cancelled before it finished")
+            result: TaskResult[Any] = TaskResult(tid, TaskStatus.CANCELLED, None, err, 0.0, {})
+            self.nursery.start_soon(self._store_cancelled, tid, result)
+
+        return actors.later(mark_and_store)
+
+    async def _store_cancelled(self, tid: TaskID, result: TaskResult[Any]) -> None:
+        try:
+            await self.results.set_result_if_absent(tid, result)
+        except (RedisError, BusError) as exc:
+            log.warning("task.cancel_result_failed", task_id=tid, error=str(exc))
 
     def _cancel_here(self, tid: TaskID) -> None:
         self._cancels.remember_cancel(tid)  # the readers share its table
@@ -715,9 +789,12 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
             self._cancel_here(tid)
 
     @actors.handles(Resubscribed)
-    async def resubscribed(self, msg: Resubscribed) -> None:
+    def resubscribed(self, msg: Resubscribed) -> actors.Later:
         """Cancels announced while the subscription was down were missed: read the
-        markers of the tasks running here."""
+        markers of the tasks running here (in the background)."""
+        return actors.later(self._recover_cancels)
+
+    async def _recover_cancels(self) -> None:
         tids: list[TaskID] = []
         for reader in self._readers.values():
             tids += await reader.ref.ask(InFlight())
@@ -725,20 +802,29 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
             return
         lent = await lend(self.conn_ref)
         names = self._queue_names()
-        marks = await lent.conn.execute(
-            "MGET", *(self.keys_of(q).cancel_marker(t) for t in tids for q in names)
-        )
+        markers = [self.keys_of(q).cancel_marker(t) for t in tids for q in names]
+        marks = await lent.conn.execute("MGET", *markers)
+        secret = self.settings.secret
+        ok = [marker_ok(secret, k, m) for k, m in zip(markers, marks, strict=True)]
         for i, tid in enumerate(tids):
-            if any(m is not None for m in marks[i * len(names) : (i + 1) * len(names)]):
+            if any(ok[i * len(names) : (i + 1) * len(names)]):
                 log.info("task.cancel_recovered", task_id=tid, actor=self.name)
                 self._cancel_here(tid)
 
     # --------------------------------------------------------------- inspect
 
     @actors.handles(Inspect)
-    async def inspect(self, msg: Inspect) -> dict[str, Any]:
-        lent = await lend(self.conn_ref, timeout=self.settings.send_timeout or None)
-        info = await _ops.inspect(lent.conn, self.keys, self.settings, self._queue_names())
+    def inspect(self, msg: Inspect) -> actors.Later:
+        return actors.later(self._inspect)
+
+    async def _inspect(self) -> dict[str, Any]:
+        settings, keys, names = self.settings, self.keys, self._queue_names()
+        info: dict[str, Any] = await with_connection(
+            self.conn_ref,
+            lambda conn: _ops.inspect(conn, keys, settings, names),
+            deadline=_deadline(settings.command_timeout),
+            what="cannot inspect the queue",
+        )
         info["running"] = sum(len(r.state.inflight) for r in self._readers.values())
         info["workers_here"] = len(self.workers)
         return info
@@ -790,7 +876,13 @@ class RedisBroker(Broker):
                 prefix=settings.prefix,
                 codec=codec,
                 write_timeout=settings.write_timeout,
+                command_timeout=settings.command_timeout,
+                secret=settings.secret,
             )
+        elif isinstance(result_backend, RedisResultBackend) and result_backend.secret is None:
+            # The broker's secret signs and checks its results too (a backend given its
+            # own secret keeps it).
+            result_backend.secret = settings.secret
         super().__init__(
             concurrency=concurrency,
             result_backend=result_backend,
@@ -835,25 +927,79 @@ class RedisBroker(Broker):
             if self.connect_timeout is not None
             else self.settings.connect_timeout
         )
-        deadline = trio.current_time() + (math.inf if timeout is None else timeout)
-        while True:  # wait for Redis, saying so every few seconds
-            left = deadline - trio.current_time()
-            try:
-                await lend(conn_ref, timeout=min(5.0, left))
-                break
-            except ConnectionLost:
-                if trio.current_time() >= deadline:
-                    raise ConnectionError(
-                        f"cannot reach Redis at {self.url} within {timeout:g} s"
-                    ) from None
-                log.warning("redis.unreachable", url=self.url, waiting=True)
+        start = trio.current_time()
+        try:
+            await lend(conn_ref, timeout=timeout)
+        except RedisError as exc:
+            raise self._unavailable("cannot start", start, exc) from None
         settings, keys, codec, results = self.settings, self.keys, self.codec, self.result_backend
         tasks = self.tasks
+        writes = _Writes()  # outlives each instance of the broker actor
         return await system.spawn(
-            lambda: RedisBrokerActor(settings, keys, codec, results, conn_ref, tasks),
+            lambda: RedisBrokerActor(settings, keys, codec, results, conn_ref, tasks, writes),
             name="broker",
             mailbox_size=math.inf,
+            on_failure=actors.RESTART,
+            max_restarts=None,
+            backoff=BACKOFF,
         )
+
+    def _unavailable(
+        self, what: str, start: float, exc: BaseException | str, maybe_stored: bool = False
+    ) -> BrokerUnavailable:
+        """The error a caller sees when Redis could not be used in time."""
+        cause = exc if isinstance(exc, str) else str(exc)
+        return BrokerUnavailable(
+            what,
+            url=self.url,
+            waited=round(trio.current_time() - start, 3),
+            cause=cause,
+            maybe_stored=maybe_stored,
+        )
+
+    async def _bounded(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run an operator call that needs Redis within ``command_timeout``: any way
+        Redis fails it (unreachable, refused, no answer) is a
+        :class:`~bus.BrokerUnavailable`."""
+        start = trio.current_time()
+        deadline = _deadline(self.settings.command_timeout)
+        try:
+            with trio.fail_at(deadline):
+                return await fn()
+        except trio.TooSlowError:
+            raise self._unavailable(what, start, "no answer in time") from None
+        except RedisError as exc:
+            raise self._unavailable(what, start, exc) from None
+        except actors.ActorStopped:
+            raise BrokerClosed(f"{what}: the broker is shutting down") from None
+
+    async def _connection_call(self, what: str, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        """``fn(conn)`` on the shared connection, again on the next one after a fault,
+        within ``command_timeout`` (see :meth:`_bounded`)."""
+        conn_ref = self._conn_ref
+        if conn_ref is None:
+            raise BrokerClosed("the Redis broker is not running: use it inside `async with broker`")
+        deadline = _deadline(self.settings.command_timeout)
+        return await self._bounded(
+            what, lambda: with_connection(conn_ref, fn, deadline=deadline, what=what)
+        )
+
+    async def inspect(self) -> dict[str, Any]:
+        """Numbers for operators (see :meth:`Broker.inspect`); raises
+        :class:`~bus.BrokerUnavailable` after ``command_timeout`` without Redis."""
+        ref = self.ref
+        info: dict[str, Any] = await self._bounded(
+            "cannot inspect the queue", lambda: ref.ask(Inspect())
+        )
+        return info
+
+    async def cancel_task(self, task_id: TaskID | str) -> None:
+        """Cancel a task by id (see :meth:`TaskHandle.cancel`): marked and announced in
+        Redis before this returns; :class:`~bus.BrokerUnavailable` after
+        ``command_timeout`` without Redis."""
+        tid = TaskID.parse(task_id)
+        ref = self.ref
+        await self._bounded(f"cannot cancel {tid}", lambda: ref.ask(Cancel(tid)))
 
     def _schedule_backend(self) -> RedisScheduleBackend:
         conn_ref = self._conn_ref
@@ -863,33 +1009,88 @@ class RedisBroker(Broker):
 
     # ---------------------------------------------------------------- sending
 
+    def _encode(self, message: TaskMessage) -> bytes:
+        """The encoded message; :class:`SendError` when it cannot be encoded or is
+        larger than ``max_message_bytes`` (workers would refuse it)."""
+        data = super()._encode(message)
+        limit = self.settings.max_message_bytes
+        if len(data) > limit:
+            raise SendError(
+                f"cannot send {message.task_name}: the message is {len(data)} bytes, more "
+                f"than max_message_bytes={limit} (send a reference to large data instead)"
+            )
+        return data
+
     async def _send(self, message: TaskMessage) -> TaskID:
         data = self._encode(message)
-        replies = await self._submit(SendNow(message, data), f"cannot send {message.task_name}")
-        return _sent_id(message, replies[0] if replies else None)
+        what = f"cannot send {message.task_name}"
+        replies = await self._submit(SendNow(message, data), what)
+        return await self._sent_id(message, data, replies[0] if replies else None, what)
+
+    async def _sent_id(self, message: TaskMessage, data: bytes, reply: Any, what: str) -> TaskID:
+        """The id of the task that will run for a sent ``message``: its own, or for a
+        unique job whose key another task holds, that task's (the claim's reply). A
+        key holding a value this secret did not make is taken over (once): its holder
+        is a forgery, not a queued task."""
+        labels = message.labels
+        if not labels or "unique_key" not in labels or not isinstance(reply, bytes):
+            return message.task_id
+        secret = self.settings.secret
+        key = self.keys_of_queue(message.queue).unique(labels["unique_key"])
+        holder = unique_holder(secret, key, reply)
+        if holder is None:
+            log.warning(
+                "unique.forged_value", key=key.decode(errors="replace"), task_id=message.task_id
+            )
+            replies = await self._submit(SendNow(message, data, replace=reply), what)
+            reply = replies[0] if replies else None
+            holder = unique_holder(secret, key, reply)
+            if holder is None:
+                raise SendError(f"{what}: its unique key holds a value not signed with the secret")
+        return TaskID.parse(holder)
+
+    def keys_of_queue(self, queue: str | None) -> Keys:
+        """The keys of ``queue`` (``None``: the default queue)."""
+        return self.keys if queue is None else Keys(self.keys.prefix, queue)
 
     async def _submit(self, ask: object, what: str) -> list[Any]:
-        """Ask the broker actor to queue a write, wait for its replies; retry while
-        Redis is unreachable, for up to ``send_timeout`` seconds. A retried XADD may
-        be stored twice: delivery is at-least-once anyway."""
-        deadline = trio.current_time() + self.settings.send_timeout
+        """Ask the broker actor to queue a write and wait for its replies; wait for
+        Redis while it is unreachable, for up to ``send_timeout`` seconds, then
+        :class:`~bus.BrokerUnavailable`. A write that broke with its connection is
+        made again on the next one: an XADD may then be stored twice (delivery is
+        at-least-once anyway).
+
+        Cancellation: a write already made may still be stored."""
+        start = trio.current_time()
+        deadline = _deadline(self.settings.send_timeout)
         conn_ref = self._conn_ref
+        ref = self.ref
         assert conn_ref is not None
+        written = False
+        cause = "no connection"
         while True:
-            try:
-                pending: Pending | None = await self.ref.ask(ask)
-                if pending is None:
-                    raise ConnectionLost("not connected")
-                replies = await pending.wait()
-            except ConnectionLost as exc:
-                left = deadline - trio.current_time()
-                if left <= 0 or not await wait_connected(self.ref, left):
-                    raise SendError(f"{what}: Redis is unreachable: {exc}") from exc
-                continue
-            for reply in replies:
-                if isinstance(reply, ReplyError):
-                    raise SendError(f"{what}: Redis refused it: {reply.message}")
-            return replies
+            with trio.move_on_at(deadline):
+                try:
+                    pending: Pending | None = await ref.ask(ask)
+                    if pending is None:
+                        # No connection: wait for one, and for the broker actor's.
+                        await lend(conn_ref)
+                        await wait_connected(ref, math.inf)
+                        continue
+                    written = True
+                    replies = await pending.wait()
+                except Unusable as exc:
+                    raise self._unavailable(what, start, exc, written) from None
+                except (ConnectionLost, RedisTimeout) as exc:
+                    cause = str(exc)
+                    continue
+                except actors.ActorStopped:
+                    raise BrokerClosed(f"{what}: the broker is shutting down") from None
+                for reply in replies:
+                    if isinstance(reply, ReplyError):
+                        raise SendError(f"{what}: Redis refused it: {reply.message}")
+                return replies
+            raise self._unavailable(what, start, cause, written)
 
     async def kick_many(self, messages: Sequence[TaskMessage]) -> list[TaskID]:
         """Send many messages in pipelines (one write per 500): the fast path for bulk
@@ -907,7 +1108,8 @@ class RedisBroker(Broker):
         for i in range(0, len(prepared), 500):
             chunk = tuple(prepared[i : i + 500])
             replies = await self._submit(SendMany(chunk), "cannot send a batch")
-            ids += [_sent_id(m, r) for (m, _), r in zip(chunk, replies, strict=True)]
+            for (m, d), r in zip(chunk, replies, strict=True):
+                ids.append(await self._sent_id(m, d, r, "cannot send a batch"))
             self.stats.sent += len(chunk)
         if "post_send" in hooks.has:
             for m, _ in prepared:
@@ -916,27 +1118,25 @@ class RedisBroker(Broker):
 
     # ------------------------------------------------------------- operators
 
-    async def _conn(self) -> Connection:
-        conn_ref = self._conn_ref
-        if conn_ref is None:
-            raise RuntimeError("the Redis broker is not running")
-        return (await lend(conn_ref, timeout=self.settings.send_timeout or None)).conn
 
     @property
     def client(self) -> _ops.Client:
         """A small Redis client for your tasks and tools: ``await
         broker.client.execute("INCR", key)`` on the process's shared connection
-        (retried while Redis is unreachable, for up to ``send_timeout``)."""
+        (retried while Redis is unreachable, for up to ``command_timeout``)."""
         conn_ref = self._conn_ref
         if conn_ref is None:
             raise RuntimeError("the Redis broker is not running")
-        return _ops.Client(conn_ref, self.settings.send_timeout)
+        return _ops.Client(conn_ref, self.settings.command_timeout)
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """The oldest ``limit`` dead letters, as dicts: ``id`` (dead-letter entry id),
         ``reason``, ``task_name`` and ``task_id`` (``None`` when undecodable), ``entry``
         (the original stream id), ``deliveries``, ``time`` (Unix) and ``data`` (bytes)."""
-        return await _ops.dead_letters(await self._conn(), self.keys, self.codec, limit)
+        keys, codec = self.keys, self.codec
+        return await self._connection_call(
+            "cannot read the dead letters", lambda conn: _ops.dead_letters(conn, keys, codec, limit)
+        )
 
     async def requeue_dead_letters(
         self, limit: int = 100, *, reason: str | None = None, task: str | None = None
@@ -954,19 +1154,27 @@ class RedisBroker(Broker):
         ``{"id", "task_name", "reason", "outcome"}`` with outcome ``"requeued"`` or
         ``"skipped: <why>"`` (a letter dead-lettered for its signature is never
         re-signed; an undecodable one cannot run)."""
-        return await _ops.requeue_dead(
-            await self._conn(), self.keys, self.settings, self.codec, limit, reason, task
+        keys, settings, codec = self.keys, self.settings, self.codec
+        return await self._connection_call(
+            "cannot requeue dead letters",
+            lambda conn: _ops.requeue_dead(
+                conn, keys, settings, codec, limit, reason, task, self._claim_ttl()
+            ),
         )
+
+    def _claim_ttl(self) -> float:
+        """How long the claim of a task's attempt is kept: the result TTL."""
+        ttl = getattr(self.result_backend, "ttl", None)
+        return float(ttl) if isinstance(ttl, int | float) and 0 < ttl < math.inf else 86_400.0
 
     async def purge_dead_letters(self) -> int:
         """Delete the dead-letter stream; returns how many entries it held."""
-        return await _ops.purge_dead(await self._conn(), self.keys)
+        keys = self.keys
+        return await self._connection_call(
+            "cannot purge dead letters", lambda conn: _ops.purge_dead(conn, keys)
+        )
 
 
-def _sent_id(message: TaskMessage, reply: Any) -> TaskID:
-    """The id of the task that will run for a sent ``message``: its own, or for a unique
-    job whose key another task holds, that task's (the claim's reply)."""
-    labels = message.labels
-    if labels and "unique_key" in labels and isinstance(reply, bytes):
-        return TaskID.parse(reply.decode("ascii"))
-    return message.task_id
+def _deadline(timeout: float | None) -> float:
+    """The Trio-clock deadline ``timeout`` seconds from now (``None``: never)."""
+    return math.inf if timeout is None else trio.current_time() + timeout

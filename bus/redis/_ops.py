@@ -6,6 +6,7 @@ broker facade, the broker actor's ``Inspect`` and the ``bus`` command.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -13,12 +14,16 @@ from typing import Any
 import trio
 
 import actors
+from actors._log import get_logger
 from bus._codec import Codec, DecodeError
 from bus._message import TaskMessage
 from bus.redis._client import Arg, Connection
-from bus.redis._logic import F_DATA, F_SIG, Keys, queue_of_key, sign
+from bus.redis._logic import F_DATA, F_SIG, Keys, check_entry, queue_of_key, sign_entry
 from bus.redis._pool import with_connection
+from bus.redis._scripts import REQUEUE_DEAD
 from bus.redis._settings import RedisSettings
+
+log = get_logger("bus.redis")
 
 __all__ = ["Client", "dead_letters", "find_queues", "inspect", "purge_dead", "requeue_dead"]
 
@@ -150,24 +155,42 @@ async def inspect(
     }
 
 
+def _number(value: Any, kind: type[int] | type[float]) -> Any:
+    """A letter's number field as ``kind``; 0 when it is not one (a letter is listed
+    whatever it holds)."""
+    try:
+        n = kind(_text(value)[:32] or 0)
+    except (ValueError, OverflowError):
+        return kind(0)
+    return n if n == n and abs(n) != float("inf") else kind(0)
+
+
 def _letter(entry: list[Any], codec: Codec) -> dict[str, Any]:
-    eid = entry[0]
-    f = {_text(k): v for k, v in _fields(entry[1]).items()}
+    """A dead letter as listed: whatever its bytes, never raising. One whose message
+    cannot be decoded is listed raw: ``task_name`` and ``task_id`` are ``None`` and
+    ``undecodable`` says why."""
+    eid = entry[0] if isinstance(entry, list) and entry else b""
+    f = {_text(k): v for k, v in _fields(entry[1] if isinstance(entry, list) else None).items()}
     data = f.get("data", b"")
     data = data if isinstance(data, bytes) else str(data).encode()
+    msg: TaskMessage | None = None
+    undecodable: str | None = None
     try:
-        msg: TaskMessage | None = codec.decode_message(data)
-    except DecodeError:
-        msg = None
+        msg = codec.decode_message(data)
+    except DecodeError as exc:
+        undecodable = str(exc)[:500]
+    except Exception as exc:  # a codec's bug must not hide the other letters
+        undecodable = f"the codec raised {type(exc).__name__}: {exc}"[:500]
     return {
         "id": _text(eid),
         "reason": _text(f.get("reason")),
         "task_name": msg.task_name if msg else None,
         "task_id": str(msg.task_id) if msg else None,
         "entry": _text(f.get("id")),
-        "deliveries": int(_text(f.get("deliveries")) or 0),
-        "time": float(_text(f.get("time")) or 0),
+        "deliveries": _number(f.get("deliveries"), int),
+        "time": _number(f.get("time"), float),
         "data": data,
+        "undecodable": undecodable,
     }
 
 
@@ -187,9 +210,16 @@ async def requeue_dead(
     limit: int,
     reason: str | None,
     task: str | None,
+    claim_ttl: float = 86_400.0,
 ) -> list[dict[str, Any]]:
     """Requeue the oldest ``limit`` dead letters that match ``reason`` (a substring)
-    and ``task`` (a task name); say for each letter looked at what happened."""
+    and ``task`` (a task name); say for each letter looked at what happened.
+
+    A letter goes back to the stream it came from. Its message is checked as a worker
+    checks it, with the signature it was sent with (kept in the letter): with a
+    secret, a requeue signs again only what it verified (an unsigned or forged letter,
+    or one cut down for its size, is skipped), then lets its attempt run once more
+    (the claim, ``Keys.ran``, names the new entry for ``claim_ttl`` seconds)."""
     entries = await conn.execute("XRANGE", keys.dead, "-", "+", "COUNT", limit)
     report: list[dict[str, Any]] = []
     for entry in entries or ():
@@ -201,16 +231,28 @@ async def requeue_dead(
         outcome = "requeued"
         if "signature" in letter["reason"] or "not signed" in letter["reason"]:
             outcome = "skipped: dead-lettered for its signature (requeueing would sign it)"
+        elif letter["undecodable"] is not None:
+            outcome = f"skipped: undecodable, it cannot run ({letter['undecodable'][:200]})"
         if outcome == "requeued":
-            data = letter["data"]
-            cmd: list[Arg] = ["XADD", keys.stream]
-            if settings.maxlen is not None:
-                cmd += ["MAXLEN", "~", settings.maxlen]
-            cmd += ["*", F_DATA, data]
-            sig = sign(settings.secret, data)
-            if sig:
-                cmd += [F_SIG, sig]
-            await conn.transaction([tuple(cmd), ("XDEL", keys.dead, entry[0])])
+            raw = _fields(entry[1]) if isinstance(entry, list) and len(entry) > 1 else {}
+            checked = _requeue_check(keys, settings, codec, letter["data"], raw)
+            if isinstance(checked, str):
+                outcome = f"skipped: {checked}"
+            else:
+                stream, claim = checked
+                data = letter["data"]
+                done = await REQUEUE_DEAD.run(
+                    conn,
+                    keys=[keys.dead, keys.dead_bytes, stream, claim],
+                    args=[entry[0], data, sign_entry(settings.secret, stream, data),
+                          settings.maxlen or 0, max(1, int(claim_ttl * 1000)), len(data)],
+                )  # fmt: skip
+                if done == -1:
+                    outcome = "skipped: its attempt ran or is claimed by another entry"
+                elif not done:
+                    outcome = "skipped: requeued or deleted meanwhile"
+            if outcome != "requeued":
+                log.warning("dead.requeue_refused", id=letter["id"], outcome=outcome)
         report.append(
             {
                 "id": letter["id"],
@@ -222,9 +264,31 @@ async def requeue_dead(
     return report
 
 
+def _requeue_check(
+    keys: Keys, settings: RedisSettings, codec: Codec, data: bytes, raw: dict[bytes, Any]
+) -> tuple[bytes, bytes] | str:
+    """The stream a dead letter goes back to and the claim of its attempt, or why it
+    may not go back."""
+    stream = raw.get(b"stream", keys.stream)
+    if not isinstance(stream, bytes) or queue_of_key(keys.prefix, stream) != keys.queue:
+        return "its stream is not one of this queue's"
+    sig = raw.get(b"sig")
+    fields: dict[bytes, bytes] = {F_DATA: data}
+    if isinstance(sig, bytes):
+        fields[F_SIG] = sig
+    _, refused = check_entry(fields, settings.secret, settings.max_message_bytes, stream)
+    if refused is not None:
+        return f"{refused} (a requeue signs only what it verified)"
+    try:
+        message = codec.decode_message(data)
+    except Exception as exc:
+        return f"undecodable, it cannot run ({str(exc)[:200]})"
+    return stream, keys.ran(message.task_id, message.attempt)
+
+
 async def purge_dead(conn: Connection, keys: Keys) -> int:
     """Delete the dead-letter stream; return how many entries it held."""
-    n, _ = await conn.transaction([("XLEN", keys.dead), ("DEL", keys.dead)])
+    n, _ = await conn.transaction([("XLEN", keys.dead), ("DEL", keys.dead, keys.dead_bytes)])
     return int(n)
 
 
@@ -233,7 +297,7 @@ class Client:
     ``await client.execute("INCR", key)``; ``await client.pipeline([...])``. Each call
     is retried while Redis is unreachable, for up to ``timeout`` seconds."""
 
-    def __init__(self, conn_ref: actors.ActorRef, timeout: float) -> None:
+    def __init__(self, conn_ref: actors.ActorRef, timeout: float | None) -> None:
         self._conn_ref = conn_ref
         self._timeout = timeout
 
@@ -241,7 +305,7 @@ class Client:
         return await with_connection(
             self._conn_ref,
             lambda conn: conn.execute(*args),
-            deadline=trio.current_time() + self._timeout,
+            deadline=math.inf if self._timeout is None else trio.current_time() + self._timeout,
             what=str(args[0]) if args else "command",
         )
 
@@ -249,6 +313,6 @@ class Client:
         return await with_connection(
             self._conn_ref,
             lambda conn: conn.pipeline(commands),
-            deadline=trio.current_time() + self._timeout,
+            deadline=math.inf if self._timeout is None else trio.current_time() + self._timeout,
             what="pipeline",
         )

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import math
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import attrs
 import trio
+import trio.lowlevel
 
 import actors
 from actors._log import get_logger
 from bus.redis._client import Connection, ConnectionLost, PubSub, RedisError
+from bus.redis._resp import RedisTimeout, ReplyError, _ProtocolError
 from bus.redis._url import RedisURL
 
 __all__ = [
@@ -161,38 +163,156 @@ def _tell(ref: actors.ActorRef, msg: object) -> bool:
     return True
 
 
-class ConnectionActor(actors.Actor):
-    """Owns the shared command connection to one Redis URL (and, as its child, the
-    subscription). A lost connection is a failure: supervision restarts it with
-    backoff, and asks for the connection wait in the mailbox meanwhile."""
+class Unusable(ConnectionLost):
+    """Redis answered, but it cannot be used as configured (a wrong password, no such
+    db, a server that does not speak RESP): retrying will not help, so a caller that
+    waits for the connection gets this at once, naming the cause."""
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Whether a failure to connect is one that retrying cannot fix."""
+    if isinstance(exc, ReplyError):
+        # A server still loading, busy, or full answers again later.
+        transient = ("LOADING", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN")
+        return exc.code not in transient and "max number of clients" not in exc.message
+    cause = exc.__cause__
+    return isinstance(exc, ConnectionLost) and (
+        isinstance(cause, (_ProtocolError, ssl.SSLCertVerificationError))
+    )
+
+
+@attrs.frozen
+class _Linked:
+    """Told by the link: a new connection is up."""
+
+    lent: Lent
+
+
+@attrs.frozen
+class _LinkDown:
+    """Told by the link: connecting failed, or the connection broke."""
+
+    cause: str
+    fatal: bool
+
+
+@attrs.frozen
+class Waiting:
+    """The answer to :class:`GetConnection` while there is no connection: ``changed``
+    is set when that may be different (a connection is up, or Redis refused us);
+    ``cause`` is why there is none, ``fatal`` whether retrying cannot help."""
+
+    changed: trio.Event
+    cause: str
+    fatal: bool
+
+
+class _LinkActor(actors.Actor):
+    """Holds one command connection: connects on start, fails when it breaks (its
+    parent restarts it with backoff) and tells the parent either way."""
 
     expected_failures = (RedisError, OSError)
 
-    def __init__(self, url: RedisURL, listeners: _Listeners) -> None:
+    def __init__(self, url: RedisURL, parent: actors.ActorRef) -> None:
         self.url = url
-        self.listeners = listeners
+        self.parent = parent
         self.lent: Lent | None = None
-        self._subscription: actors.ActorRef | None = None
 
     async def on_start(self) -> None:
-        conn = await Connection.connect(self.url, name="bus")
-        self.lent = Lent(conn, trio.Event())
-        await self.nursery.start(self._serve, self.lent)
-        if self.listeners.by_channel:  # restarted: the subscription comes back too
-            await self._subscription_ref()
+        try:
+            conn = await Connection.connect(self.url, name="bus")
+        except (RedisError, OSError) as exc:
+            self.parent.tell_nowait(_LinkDown(str(exc), is_fatal(exc)))
+            raise
+        self.lent = lent = Lent(conn, trio.Event())
+        await self.nursery.start(self._serve, lent)
+        self.parent.tell_nowait(_Linked(lent))
 
     async def _serve(
         self, lent: Lent, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         try:
             await lent.conn.run(task_status=task_status)
+        except RedisError as exc:
+            lent.lost.set()
+            with contextlib.suppress(actors.ActorStopped):
+                self.parent.tell_nowait(_LinkDown(str(exc), False))
+            raise
         finally:
             lent.lost.set()
 
+    async def on_stop(self) -> None:
+        lent, self.lent = self.lent, None
+        if lent is not None:
+            await lent.conn.aclose()
+
+
+class ConnectionActor(actors.Actor):
+    """The process's command connection to one Redis URL, as a small tree: a link
+    child holds the connection and is restarted with backoff when it breaks (that is
+    the reconnect), and the subscription child holds the pub/sub connection. This
+    actor never fails for Redis's sake: it answers :class:`GetConnection` at once,
+    with the connection or with what to wait for, and logs one line when Redis goes
+    away and one when it is back."""
+
+    def __init__(self, url: RedisURL, listeners: _Listeners) -> None:
+        self.url = url
+        self.listeners = listeners
+        self.lent: Lent | None = None
+        self._changed = trio.Event()
+        self._cause = "connecting"
+        self._fatal = False
+        self._was_up = False
+        self._down_logged = False
+        self._subscription: actors.ActorRef | None = None
+
+    async def on_start(self) -> None:
+        url, me = self.url, self.ref
+        await self.spawn(
+            lambda: _LinkActor(url, me),
+            name="link",
+            on_failure=actors.RESTART,
+            max_restarts=None,
+            backoff=BACKOFF,
+        )
+        if self.listeners.by_channel:  # restarted: the subscription comes back too
+            await self._subscription_ref()
+
+    @actors.handles(_Linked)
+    def linked(self, msg: _Linked) -> None:
+        self.lent = msg.lent
+        self._fatal = False
+        if self._down_logged:
+            log.warning("redis.reachable", url=self.url.redacted(), actor=self.name)
+        self._down_logged = False
+        self._was_up = True
+        self._wake()
+
+    @actors.handles(_LinkDown)
+    def link_down(self, msg: _LinkDown) -> None:
+        self._cause = msg.cause
+        if msg.fatal != self._fatal:
+            self._fatal = msg.fatal
+            self._wake()  # waiters learn at once that retrying cannot help
+        if not self._down_logged:
+            self._down_logged = True
+            (log.error if msg.fatal else log.warning)(
+                "redis.refused" if msg.fatal else "redis.unreachable",
+                url=self.url.redacted(),
+                error=msg.cause,
+                actor=self.name,
+            )
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
     @actors.handles(GetConnection, inline=True)
-    def get_connection(self, msg: GetConnection) -> Lent:
-        assert self.lent is not None
-        return self.lent
+    def get_connection(self, msg: GetConnection) -> Lent | Waiting:
+        lent = self.lent
+        if lent is not None and not lent.lost.is_set():
+            return lent
+        return Waiting(self._changed, self._cause, self._fatal)
 
     @actors.handles(_GetSubscription)
     async def get_subscription(self, msg: _GetSubscription) -> actors.ActorRef:
@@ -212,16 +332,17 @@ class ConnectionActor(actors.Actor):
             )
         return ref
 
-    async def on_stop(self) -> None:
-        lent, self.lent = self.lent, None
-        if lent is not None:
-            await lent.conn.aclose()
+
+#: A number per distinct URL seen in this process, for actor names: two URLs that
+#: differ only in what a name does not show (user, password, TLS, timeouts) get two
+#: connection actors, and nothing derived from a password is ever in a name.
+_URL_NUMBERS: dict[RedisURL, int] = {}
 
 
 def _actor_name(url: RedisURL) -> str:
     where = url.path if url.path is not None else f"{url.host}:{url.port}"
-    tag = hashlib.sha1(repr(attrs.astuple(url)).encode()).hexdigest()[:8]
-    return f"redis {where}/{url.db} {tag}"
+    number = _URL_NUMBERS.setdefault(url, len(_URL_NUMBERS) + 1)
+    return f"redis {where}/{url.db} #{number}"
 
 
 @attrs.frozen
@@ -244,14 +365,11 @@ class UsesConnection(actors.Actor):
 
     async def _keep_connection(self) -> None:
         while True:
-            lent = await lend(self.conn_ref)
-            if lent.lost.is_set():
-                await trio.sleep(0.01)  # the connection actor is restarting it
-                continue
+            lent = await lend(self.conn_ref, through_fatal=True)
             try:
                 await self.connected(lent)  # before anyone may use it
-            except ConnectionLost:
-                continue
+            except (ConnectionLost, RedisTimeout):
+                continue  # that connection broke already: wait for the next one
             self.lent = lent
             assert self._connected is not None
             self._connected.set()
@@ -259,7 +377,8 @@ class UsesConnection(actors.Actor):
             await lent.lost.wait()
             if self.lent is lent:
                 self.lent = None
-                self._connected = trio.Event()
+                if self._connected.is_set():
+                    self._connected = trio.Event()
 
     async def connected(self, lent: Lent) -> None:
         """Called with each new connection before the actor uses it (load scripts)."""
@@ -269,9 +388,15 @@ class UsesConnection(actors.Actor):
 
     @actors.handles(WhenConnected, inline=True)
     def when_connected(self, msg: WhenConnected) -> trio.Event:
-        if self._connected is None:
-            self._connected = trio.Event()
-        return self._connected
+        connected = self._connected
+        lent = self.lent
+        if connected is None or (
+            connected.is_set() and (lent is None or lent.lost.is_set() or lent.conn.is_closed)
+        ):
+            # No connection, or one that broke and is not yet replaced: the event of
+            # the next one (a broken one is never reported as connected).
+            connected = self._connected = trio.Event()
+        return connected
 
 
 async def wait_connected(ref: actors.ActorRef, timeout: float) -> bool:
@@ -313,14 +438,33 @@ async def subscription_of(conn_ref: actors.ActorRef) -> actors.ActorRef:
     return ref
 
 
-async def lend(conn_ref: actors.ActorRef, timeout: float | None = None) -> Lent:
-    """Ask for the connection, waiting at most ``timeout`` seconds while Redis is
-    unreachable (``ConnectionLost`` after it)."""
-    try:
-        lent: Lent = await conn_ref.ask(GetConnection(), timeout=timeout)
-    except actors.AskTimeout:
-        raise ConnectionLost(f"Redis is unreachable: no connection within {timeout:g} s") from None
-    return lent
+async def lend(
+    conn_ref: actors.ActorRef, timeout: float | None = None, *, through_fatal: bool = False
+) -> Lent:
+    """The connection, waiting at most ``timeout`` seconds (``None``: as long as it
+    takes) while Redis is unreachable; then ``ConnectionLost`` naming the cause. A
+    connection refused for good (:class:`Unusable`: a wrong password, say) raises at
+    once, unless ``through_fatal`` (the actors that keep a connection wait through
+    it, in case it is fixed).
+
+    Cancellation: only the waiting ends."""
+    deadline = math.inf if timeout is None else trio.current_time() + timeout
+    while True:
+        got: Lent | Waiting = await conn_ref.ask(GetConnection())
+        if type(got) is Lent:
+            if not got.lost.is_set():
+                return got
+            await trio.lowlevel.checkpoint()  # the link's word that it broke is on its way
+            continue
+        assert isinstance(got, Waiting)
+        if got.fatal and not through_fatal:
+            raise Unusable(f"Redis refused the connection: {got.cause}")
+        with trio.move_on_at(deadline):
+            await got.changed.wait()
+        if not got.changed.is_set():
+            raise ConnectionLost(
+                f"Redis is unreachable: no connection within {timeout:g} s ({got.cause})"
+            )
 
 
 async def with_connection(
@@ -332,18 +476,29 @@ async def with_connection(
 ) -> T:
     """Run ``fn(conn)`` on the current connection, again on the next one after a
     connection fault, until the Trio-clock ``deadline``; then raise the fault (a
-    ``ConnectionLost`` naming ``what``).
+    ``ConnectionLost`` naming ``what``). This is the one "when connected" helper:
+    the connection actor's supervision does the reconnecting.
 
     Cancellation: the current try is abandoned (see ``Connection.execute``)."""
     while True:
         left = deadline - trio.current_time()
         try:
             lent = await lend(conn_ref, timeout=max(left, 0.0) if left < math.inf else None)
-            if lent.lost.is_set():
-                raise ConnectionLost("the connection was lost; reconnecting")
-            return await fn(lent.conn)
+        except Unusable as exc:
+            raise Unusable(f"{what}: {exc}") from exc
         except ConnectionLost as exc:
+            raise ConnectionLost(f"{what}: {exc}") from exc
+        try:
+            if left < math.inf:
+                with trio.fail_after(max(left, 0.0)):
+                    return await fn(lent.conn)
+            return await fn(lent.conn)
+        except Unusable as exc:
+            raise Unusable(f"{what}: {exc}") from exc
+        except (ConnectionLost, RedisTimeout, trio.TooSlowError) as exc:
             if trio.current_time() >= deadline:
                 raise ConnectionLost(f"{what}: {exc}") from exc
-            # The connection actor restarts with its own backoff; the next ask waits.
-            await trio.sleep(0.02)
+            # That connection is gone: wait until its link says so (the next ask then
+            # waits for the new one) rather than ask again at once.
+            with trio.move_on_at(deadline):
+                await lent.lost.wait()

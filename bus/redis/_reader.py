@@ -55,17 +55,27 @@ from bus.redis._client import (
     ReplyError,
     rerun_noscript,
 )
-from bus.redis._logic import F_COUNT, Entry, Keys, check_entry, over_delivered
+from bus.redis._logic import (
+    Entry,
+    Keys,
+    check_entry,
+    count_of,
+    marker_ok,
+    over_delivered,
+    sign_count,
+    unique_value,
+)
 from bus.redis._pool import Lent, lend
 from bus.redis._scripts import (
     ACQUIRE_SLOT,
-    HANDBACK,
     REFRESH_SLOT,
     RELEASE,
     RELEASE_SLOT,
     TAKE_TOKEN,
     TOUCH,
+    Handback,
     dead_command,
+    handback_command,
 )
 from bus.redis._settings import RedisSettings
 
@@ -110,6 +120,8 @@ class Flight:
 
     task_id: TaskID | None
     since: float
+    #: The claim of its attempt (``Keys.ran``), moved to the copy if it is handed back.
+    claim: bytes | None = None
 
 
 @attrs.frozen
@@ -195,6 +207,20 @@ _Raw = tuple[StreamRef, bytes, "dict[bytes, bytes] | None"]
 
 #: How late Redis may end a blocking read (its timeouts are checked on a server tick).
 _TICK = 0.1
+
+
+def decode_entry(codec: Codec, data: bytes) -> tuple[TaskMessage | None, str | None]:
+    """An entry's message, decoded without ever raising: ``(message, None)``;
+    ``(None, None)`` when the codec refuses the bytes (:class:`DecodeError`: a worker
+    rejects the delivery with the codec's reason, once); ``(None, reason)`` when the
+    codec failed otherwise (dead-lettered at once: a codec that raises something else on
+    some bytes would raise it again on every delivery)."""
+    try:
+        return codec.decode_message(data), None
+    except DecodeError:
+        return None, None
+    except Exception as exc:
+        return None, f"undecodable message: the codec raised {type(exc).__name__}: {exc}"[:500]
 
 
 class StreamReaderActor(actors.Actor):
@@ -293,9 +319,15 @@ class StreamReaderActor(actors.Actor):
             await self.blocking.aclose()
         state = self.state
         started = {self._where(tag)[1] for tag in state.inflight}
+        known: dict[tuple[bytes, bytes], tuple[Delivery | None, bytes | None]] = {}
+        for tag, flight in state.inflight.items():
+            s, eid = self._where(tag)
+            known[s.key, eid] = (None, flight.claim)
         state.inflight.clear()
-        self._forget_aside()
-        with trio.move_on_after(max(1.0, min(self.settings.send_timeout, 5.0))):
+        for d in self._forget_aside():
+            s, eid = self._where(d.tag)
+            known[s.key, eid] = (d, self._claim_of(d))
+        with trio.move_on_after(max(1.0, min(self.settings.send_timeout or 5.0, 5.0))):
             try:
                 lent = await lend(self.conn_ref, timeout=2)
                 for s in self.streams:
@@ -306,7 +338,11 @@ class StreamReaderActor(actors.Actor):
                         ids = [p[0] for p in reply or () if isinstance(p, list) and p]
                         if not ids:
                             break
-                        if await self._hand_back(s, [(i, i in started) for i in ids]) == 0:
+                        entries = [
+                            self._handback(s, i, i in started, *known.get((s.key, i), (None, None)))
+                            for i in ids
+                        ]
+                        if await self._hand_back(s, entries) == 0:
                             break
                 await self._leave()
             except RedisError as exc:
@@ -350,15 +386,33 @@ class StreamReaderActor(actors.Actor):
 
     # --------------------------------------------------------- handing back
 
-    async def _hand_back(self, s: StreamRef, ids: list[tuple[bytes, bool]]) -> int:
+    def _handback(
+        self,
+        s: StreamRef,
+        eid: bytes,
+        started: bool,
+        d: Delivery | None = None,
+        claim: bytes | None = None,
+    ) -> Handback:
+        """What the hand-back of entry ``eid`` of ``s`` records: with a secret and the
+        delivery known, its delivery count signed; its attempt's claim moves along."""
+        secret = self.settings.secret
+        if secret is None or d is None:
+            return Handback(eid, started, claim=claim)
+        count = max(0, d.deliveries - 1 + (1 if started else 0))
+        return Handback(eid, started, count, sign_count(secret, s.key, d.data, count), claim)
+
+    async def _hand_back(self, s: StreamRef, entries: list[Handback]) -> int:
         """Give entries of ``s`` this consumer owns back to the queue at once."""
-        if not ids:
+        if not entries:
             return 0
         lent = await lend(self.conn_ref, timeout=5)
-        args: list[Any] = [self.group, self.consumer, self.settings.maxlen or 0]
-        for eid, started in ids:
-            args += [eid, 1 if started else 0]
-        n = await HANDBACK.run(lent.conn, keys=[s.key], args=args)
+        command = handback_command(
+            s.key, self.group, self.consumer, self.settings.maxlen or 0, entries
+        )
+        n = (await rerun_noscript(lent.conn, [command], await lent.conn.pipeline([command])))[0]
+        if isinstance(n, ReplyError):
+            raise n
         log.info("redis.handed_back", entries=n, actor=self.name)
         return int(n) if isinstance(n, int) else 0
 
@@ -373,8 +427,13 @@ class StreamReaderActor(actors.Actor):
 
     async def hand_back(self, deliveries: list[Delivery]) -> None:
         """Give deliveries read here and never started back to the queue."""
-        for stream, eids in self._by_stream([d.tag for d in deliveries]).items():
-            await self._hand_back(self.by_key[stream], [(e, False) for e in eids])
+        by_stream: dict[bytes, list[Handback]] = {}
+        for d in deliveries:
+            s, eid = self._where(d.tag)
+            entry = self._handback(s, eid, False, d, self._claim_of(d))
+            by_stream.setdefault(s.key, []).append(entry)
+        for stream, entries in by_stream.items():
+            await self._hand_back(self.by_key[stream], entries)
 
     # ------------------------------------------------------------- the reader
 
@@ -559,33 +618,36 @@ class StreamReaderActor(actors.Actor):
                 continue  # runs or waits here already (re-read after a reconnect): not twice
             n = counts.get(tag, 1)
             if fields:
-                extra = fields.get(F_COUNT)
-                if extra is not None and extra.isdigit():
-                    n += int(extra)
-            data, reason = check_entry(fields, settings.secret, settings.max_message_bytes)
+                extra, ignored = count_of(fields, settings.secret, s.key)
+                n += extra
+                if ignored is not None:
+                    log.warning(
+                        "task.count_refused", entry=eid.decode(), reason=ignored, actor=self.name
+                    )
+            data, reason = check_entry(
+                fields,
+                settings.secret,
+                settings.max_message_bytes,
+                s.key,
+                max_age=settings.max_message_age,
+            )
             message: TaskMessage | None = None
             if reason is None:
-                try:
-                    message = codec.decode_message(data)
-                except DecodeError:
-                    message = None  # the worker rejects it, with the reason
+                # Counted before decoding: an entry that keeps failing is dead-lettered
+                # whatever its bytes do to the codec.
                 if over_delivered(n, settings.max_deliveries):
                     reason = (
                         f"delivered {n} times, more than max_deliveries={settings.max_deliveries}"
                     )
+                message, undecodable = decode_entry(codec, data)
+                reason = reason or undecodable
             if reason is not None:
                 dead.append((s, eid, data, reason, n, message))
                 continue
             ready.append((s, Delivery(data, tag=tag, message=message, deliveries=n)))
         if dead:
             await self.dead_letter(conn, dead)
-        state = self.state
-        marks = self._marker_keys([(s, d) for s, d in ready])
-        if marks:
-            found = await conn.execute("MGET", *(k for _, k in marks))
-            for (tid, _), mark in zip(marks, found, strict=True):
-                if mark is not None:
-                    state.remember_cancel(tid)
+        ready = await self._check_marks_and_claims(conn, ready)
         skipped = [d for _, d in ready if self._is_cancelled(d)]
         if skipped:
             await self._drop(conn, skipped)  # cancelled while queued: its result is stored
@@ -594,9 +656,88 @@ class StreamReaderActor(actors.Actor):
                 self.held.put(s.queue, s.level, d)
                 aside[d.tag] = d
 
+    async def _check_marks_and_claims(
+        self, conn: Connection, ready: list[tuple[StreamRef, Delivery]]
+    ) -> list[tuple[StreamRef, Delivery]]:
+        """In one round trip: read the cancel markers of ``ready`` (only a marker signed
+        with the secret cancels), and claim each delivery's attempt (``Keys.ran``: ``SET
+        NX`` of its entry id, kept for the result TTL). A delivery whose attempt another
+        entry claimed is a replay or a duplicate (a retried send): acknowledged and
+        deleted, never run. Returns the others."""
+        state, secret = self.state, self.settings.secret
+        marks = self._marker_keys(ready)
+        claims = [
+            (s, d, s.keys.ran(d.message.task_id, d.message.attempt))
+            for s, d in ready
+            if d.message is not None
+        ]
+        commands: list[Command] = [("MGET", *(k for _, k in marks))] if marks else []
+        ttl_ms = self._claim_ttl_ms()
+        for _, d, key in claims:
+            commands.append(("SET", key, self._where(d.tag)[1], "NX", "GET", "PX", ttl_ms))
+        if not commands:
+            return ready
+        replies = await conn.pipeline(commands)
+        if marks:
+            found = replies.pop(0)
+            if isinstance(found, ReplyError):
+                raise found
+            for (tid, key), mark in zip(marks, found, strict=True):
+                if marker_ok(secret, key, mark):
+                    state.remember_cancel(tid)
+                elif mark is not None:
+                    log.warning(
+                        "task.cancel_marker_refused",
+                        task_id=tid,
+                        reason="cancel marker is not signed with the secret",
+                        actor=self.name,
+                    )
+        replayed: list[Delivery] = []
+        for (_, d, _), reply in zip(claims, replies, strict=True):
+            eid = self._where(d.tag)[1]
+            if reply is None or reply == eid:
+                continue  # claimed now, or by this very entry (delivered again)
+            replayed.append(d)
+            assert d.message is not None
+            log.warning(
+                "task.replay_dropped",
+                entry=eid.decode(),
+                task_id=d.message.task_id,
+                attempt=d.message.attempt,
+                reason=(
+                    f"cannot claim the attempt: {reply.message}"
+                    if isinstance(reply, ReplyError)
+                    else "this attempt was claimed by another entry (a replay or a duplicate)"
+                ),
+                actor=self.name,
+            )
+        if not replayed:
+            return ready
+        commands = []
+        for stream, eids in self._by_stream([d.tag for d in replayed]).items():
+            commands += [("XACK", stream, self.group, eid) for eid in eids]
+            commands += [("XDEL", stream, eid) for eid in eids]
+        await conn.pipeline(commands)
+        dropped = {id(d) for d in replayed}
+        return [(s, d) for s, d in ready if id(d) not in dropped]
+
+    def _claim_ttl_ms(self) -> int:
+        """How long the claim of an attempt is kept: the result TTL (a day without a
+        Redis result backend)."""
+        ttl = getattr(self.results, "ttl", None)
+        if not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
+            ttl = 86_400.0
+        return max(1, int(ttl * 1000))
+
+    def _claim_of(self, d: Delivery) -> bytes | None:
+        """The claim key of a delivery's attempt (``None`` when undecoded)."""
+        if d.message is None:
+            return None
+        return self._where(d.tag)[0].keys.ran(d.message.task_id, d.message.attempt)
+
     def _marker_keys(self, ready: list[tuple[StreamRef, Delivery]]) -> list[tuple[TaskID, bytes]]:
         """The cancel markers to read: each task's under the broker's default queue, and
-        under its own queue when that is another."""
+        under its own queue when that is another (task id, marker key)."""
         out = []
         for s, d in ready:
             if d.message is None:
@@ -620,7 +761,8 @@ class StreamReaderActor(actors.Actor):
             if d.message is not None and "unique_key" in d.message.labels:
                 keys = self._where(d.tag)[0].keys
                 key = keys.unique(d.message.labels["unique_key"])
-                commands.append(RELEASE.command(keys=[key], args=[d.message.task_id]))
+                value = unique_value(self.settings.secret, key, d.message.task_id)
+                commands.append(RELEASE.command(keys=[key], args=[value]))
         await conn.pipeline(commands)
 
     # --------------------------------------------------------- handing out
@@ -722,7 +864,9 @@ class StreamReaderActor(actors.Actor):
         everything read here goes back to the queue)."""
         state = self.state
         self._aside.pop(d.tag, None)
-        state.inflight[d.tag] = Flight(d.message.task_id if d.message else None, time.monotonic())
+        state.inflight[d.tag] = Flight(
+            d.message.task_id if d.message else None, time.monotonic(), self._claim_of(d)
+        )
         try:
             try:
                 # A runner waits (the callers checked): handed over without a
@@ -755,7 +899,8 @@ class StreamReaderActor(actors.Actor):
         settings = self.settings
         now = str(time.time())
         commands = []
-        for s, eid, data, reason, n, _ in dead:
+        for s, eid, data, reason, n, message in dead:
+            claim = None if message is None else s.keys.ran(message.task_id, message.attempt)
             commands.append(
                 dead_command(
                     s.key,
@@ -769,6 +914,8 @@ class StreamReaderActor(actors.Actor):
                     queue=s.queue,
                     deliveries=n,
                     when=now,
+                    max_bytes=settings.dead_letter_max_bytes or 0,
+                    claim=claim,
                 )
             )
         replies = await conn.pipeline(commands)
@@ -788,7 +935,9 @@ class StreamReaderActor(actors.Actor):
                     message.task_id, TaskStatus.FAILURE, None, err, 0.0, message.labels
                 )
                 try:
-                    await self.results.set_result(message.task_id, result)
+                    # Never over a stored result (a replayed entry's, or one whose ack
+                    # was lost): that task finished.
+                    await self.results.set_result_if_absent(message.task_id, result)
                 except Exception:
                     log.exception("result.store_failed", task_id=message.task_id)
 

@@ -22,7 +22,7 @@ import trio.lowlevel
 import actors
 from actors._log import get_logger
 from bus._codec import Codec, DecodeError, JSONCodec
-from bus._errors import ResultNotFound, ResultTimeout
+from bus._errors import BrokerUnavailable, BusError, ResultNotFound, ResultTimeout
 from bus._ids import TaskID
 from bus._message import TaskResult
 from bus._protocol import (
@@ -36,8 +36,10 @@ from bus._protocol import (
     Watcher,
 )
 from bus._results import ResultBackend, encode_result_checked
-from bus.redis._client import Command, ConnectionLost, Pending, ReplyError
+from bus.redis._client import Command, ConnectionLost, Pending, RedisError, ReplyError
+from bus.redis._logic import open_result, seal_result
 from bus.redis._pool import (
+    BACKOFF,
     Announcement,
     Resubscribed,
     Subscribe,
@@ -62,13 +64,33 @@ class Write:
     commands: tuple[Command, ...]
 
 
-class RedisResultStoreActor(UsesConnection):
-    """Owns this process's waiters for results kept in Redis."""
+class _Waiters:
+    """This process's waiters, by task id: kept by the store actor's factory, so a
+    restarted store still wakes every waiter registered before."""
 
-    def __init__(self, backend: RedisResultBackend, conn_ref: actors.ActorRef) -> None:
+    def __init__(self) -> None:
+        self.by_id: dict[TaskID, list[Watcher]] = {}
+
+
+class RedisResultStoreActor(UsesConnection):
+    """Owns this process's waiters for results kept in Redis.
+
+    Spawned with RESTART: an instance that fails (a bug) is replaced, and the waiters
+    (:class:`_Waiters`) outlive it; the new instance re-reads every key waited on."""
+
+    replied_errors = (RedisError, BusError)
+
+    def __init__(
+        self,
+        backend: RedisResultBackend,
+        conn_ref: actors.ActorRef,
+        waiters: _Waiters | None = None,
+    ) -> None:
         self.backend = backend
         self.conn_ref = conn_ref
-        self.watchers: dict[TaskID, list[Watcher]] = {}
+        self.watchers: dict[TaskID, list[Watcher]] = (
+            waiters if waiters is not None else _Waiters()
+        ).by_id
         self.subscribed = trio.Event()
         self._subscribing = False
         self._to_check: set[TaskID] = set()
@@ -76,6 +98,12 @@ class RedisResultStoreActor(UsesConnection):
 
     async def on_start(self) -> None:
         self.start_keeping_connection()
+        if self.watchers:  # restarted: read what is waited on (and subscribe)
+            self._subscribing = True
+            self.nursery.start_soon(self._subscribe)
+            self._to_check.update(self.watchers)
+            self._checking = True
+            self.nursery.start_soon(self._check)
 
     # ------------------------------------------------------------------ writes
 
@@ -92,29 +120,32 @@ class RedisResultStoreActor(UsesConnection):
             return None
 
     @actors.handles(StoreResult)
-    def store(self, msg: StoreResult) -> None:
-        self.nursery.start_soon(self.backend.set_result, msg.task_id, msg.result)
+    def store(self, msg: StoreResult) -> actors.Later:
+        return actors.later(self.backend.set_result, msg.task_id, msg.result)
 
     @actors.handles(ForgetResult)
-    def forget(self, msg: ForgetResult) -> None:
-        self.nursery.start_soon(self.backend.forget, msg.task_id)
+    def forget(self, msg: ForgetResult) -> actors.Later:
+        return actors.later(self.backend.forget, msg.task_id)
 
     @actors.handles(SetProgress)
-    def set_progress(self, msg: SetProgress) -> None:
-        self.nursery.start_soon(self.backend.set_progress, msg.task_id, msg.progress)
+    def set_progress(self, msg: SetProgress) -> actors.Later:
+        return actors.later(self.backend.set_progress, msg.task_id, msg.progress)
 
     # ------------------------------------------------------------------- reads
 
     @actors.handles(GetResult)
-    async def get(self, msg: GetResult) -> TaskResult[Any] | None:
+    def get(self, msg: GetResult) -> actors.Later:
+        return actors.later(self._get, msg.task_id)
+
+    async def _get(self, tid: TaskID) -> TaskResult[Any] | None:
         try:
-            return await self.backend.get_result(msg.task_id)
+            return await self.backend.get_result(tid)
         except ResultNotFound:
             return None
 
     @actors.handles(GetProgress)
-    async def get_progress(self, msg: GetProgress) -> Any:
-        return await self.backend.get_progress(msg.task_id)
+    def get_progress(self, msg: GetProgress) -> actors.Later:
+        return actors.later(self.backend.get_progress, msg.task_id)
 
     # ---------------------------------------------------------------- watching
 
@@ -175,7 +206,7 @@ class RedisResultStoreActor(UsesConnection):
         assert isinstance(raws, list)
         for tid, raw in zip(ids, raws, strict=True):
             if isinstance(raw, bytes):
-                result = backend.decode(raw)
+                result = backend.open(tid, raw)
                 if result is not None:
                     self._wake(tid, result)
 
@@ -193,7 +224,7 @@ class RedisResultStoreActor(UsesConnection):
         except (UnicodeDecodeError, ValueError):
             return
         if tid in self.watchers:
-            result = self.backend.decode(data[36:])
+            result = self.backend.open(tid, data[36:])
             if result is not None:
                 self._wake(tid, result)
 
@@ -222,6 +253,13 @@ class RedisResultBackend(ResultBackend):
     - ``prefix``: first part of every key and of the channel (default ``"bus"``).
     - ``codec``: how results are encoded (JSON by default; nothing is ever unpickled).
     - ``write_timeout``: seconds a write is retried while Redis is unreachable.
+    - ``command_timeout``: seconds a read (``get_result``, ``is_ready``,
+      ``get_progress``) waits while Redis is unreachable, then
+      :class:`bus.BrokerUnavailable` (``None``: as long as it takes). ``wait_result``
+      is not bounded by it: it waits through an outage until its own timeout.
+    - ``secret``: HMAC-SHA256 key (a ``RedisBroker`` hands its own to a backend without
+      one): each result is stored and announced signed with its task id, and a result
+      that is unsigned, wrongly signed or stored for another task is ignored (logged).
 
     Keys: ``{prefix}:result:{task_id}``, ``{prefix}:progress:{task_id}``; channel
     ``{prefix}:results`` (payload: the task id followed by the encoded result). In one
@@ -236,7 +274,17 @@ class RedisResultBackend(ResultBackend):
         prefix: str = "bus",
         codec: Codec | None = None,
         write_timeout: float = 300.0,
+        command_timeout: float | None = 10.0,
+        secret: bytes | str | None = None,
     ) -> None:
+        if command_timeout is not None and (
+            isinstance(command_timeout, bool)
+            or not isinstance(command_timeout, int | float)
+            or not 0 < command_timeout < math.inf
+        ):
+            raise ValueError(
+                f"command_timeout must be > 0 seconds or None, not {command_timeout!r}"
+            )
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
             raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
         if not isinstance(write_timeout, int | float) or not 0 < write_timeout < math.inf:
@@ -249,7 +297,13 @@ class RedisResultBackend(ResultBackend):
         self.prefix = prefix
         self.codec: Codec = codec or JSONCodec()
         self.write_timeout = float(write_timeout)
+        self.command_timeout = None if command_timeout is None else float(command_timeout)
         self.channel = f"{prefix}:results".encode()
+        if isinstance(secret, str):
+            secret = secret.encode()
+        if secret is not None and not isinstance(secret, bytes):
+            raise TypeError(f"secret must be bytes, str or None, not {type(secret).__name__}")
+        self.secret: bytes | None = secret
         self._ref: actors.ActorRef | None = None
         self._conn_ref: actors.ActorRef | None = None
 
@@ -271,8 +325,14 @@ class RedisResultBackend(ResultBackend):
 
     async def startup(self, system: actors.ActorSystem) -> None:
         conn_ref = self._conn_ref = await shared_connection(system, self.url)
+        waiters = _Waiters()  # outlives each instance of the store actor
         self._ref = await system.spawn(
-            lambda: RedisResultStoreActor(self, conn_ref), name="results", mailbox_size=math.inf
+            lambda: RedisResultStoreActor(self, conn_ref, waiters),
+            name="results",
+            mailbox_size=math.inf,
+            on_failure=actors.RESTART,
+            max_restarts=None,
+            backoff=BACKOFF,
         )
 
     async def shutdown(self) -> None:
@@ -294,10 +354,29 @@ class RedisResultBackend(ResultBackend):
             log.error("results.undecodable", error=str(exc))
             return None
 
+    def open(self, task_id: TaskID, value: bytes) -> TaskResult[Any] | None:
+        """The result a result key (or an announcement, after the id) holds for
+        ``task_id``; ``None`` (logged) when it is unsigned or wrongly signed (with a
+        secret), undecodable, or the result of another task."""
+        data, refused = open_result(self.secret, task_id, value)
+        if data is None:
+            log.warning("results.refused", task_id=task_id, reason=refused)
+            return None
+        result = self.decode(data)
+        if result is not None and result.task_id != task_id:
+            log.warning(
+                "results.refused",
+                task_id=task_id,
+                reason=f"the result is that of another task ({result.task_id})",
+            )
+            return None
+        return result
+
     def store_commands(
         self, task_id: TaskID, data: bytes, *, only_new: bool
     ) -> tuple[Command, ...]:
         key = self.result_key(task_id)
+        data = seal_result(self.secret, task_id, data)
         payload = task_id.encode() + data
         set_cmd: Command = ("SET", key, data, "PX", self.ttl_ms, *(("NX",) if only_new else ()))
         return (set_cmd, ("PUBLISH", self.channel, payload), ("DEL", self.progress_key(task_id)))
@@ -340,20 +419,34 @@ class RedisResultBackend(ResultBackend):
         return stored is not None
 
     async def _execute(self, *args: Any) -> Any:
-        return await with_connection(
-            self._conn(),
-            lambda conn: conn.execute(*args),
-            deadline=trio.current_time() + self.write_timeout,
-            what=f"{args[0]}",
-        )
+        """A read, within ``command_timeout`` (then :class:`bus.BrokerUnavailable`)."""
+        conn_ref = self._conn()
+        start = trio.current_time()
+        timeout = self.command_timeout
+        deadline = math.inf if timeout is None else start + timeout
+        what = f"cannot read results ({args[0]})"
+        try:
+            with trio.fail_at(deadline):
+                return await with_connection(
+                    conn_ref, lambda conn: conn.execute(*args), deadline=deadline, what=what
+                )
+        except (RedisError, trio.TooSlowError) as exc:
+            raise BrokerUnavailable(
+                what,
+                url=self.url.redacted(),
+                waited=round(trio.current_time() - start, 3),
+                cause=str(exc) or "no answer in time",
+            ) from None
 
     async def get_result(self, task_id: TaskID) -> TaskResult[Any]:
         raw = await self._execute("GET", self.result_key(task_id))
         if raw is None:
             raise ResultNotFound(task_id, "no result is stored (not finished, or expired)")
-        result = self.decode(raw)
+        result = self.open(TaskID.parse(task_id), raw)
         if result is None:
-            raise ResultNotFound(task_id, "the stored result cannot be decoded")
+            raise ResultNotFound(
+                task_id, "the stored result cannot be decoded, or is not signed for it"
+            )
         return result
 
     async def is_ready(self, task_id: TaskID) -> bool:

@@ -12,7 +12,12 @@ import attrs
 from bus._ids import TaskID
 from bus.redis._url import RedisURL
 
-__all__ = ["RedisSettings"]
+__all__ = ["DEFAULT_DEAD_LETTER_BYTES", "DEFAULT_MAXLEN", "RedisSettings"]
+
+#: The default ``maxlen`` of each stream (see docs/redis.md for how it was sized).
+DEFAULT_MAXLEN = 1_000_000
+#: The default byte cap of a queue's dead-letter stream (256 MiB).
+DEFAULT_DEAD_LETTER_BYTES = 256 * 1024 * 1024
 
 
 def _seconds(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -23,6 +28,13 @@ def _seconds(instance: object, attribute: attrs.Attribute[Any], value: Any) -> N
 def _seconds_or_zero(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
         raise ValueError(f"{attribute.name} must be >= 0 seconds, not {value!r}")
+
+
+def _optional_seconds_or_zero(
+    instance: object, attribute: attrs.Attribute[Any], value: Any
+) -> None:
+    if value is not None:
+        _seconds_or_zero(instance, attribute, value)
 
 
 def _optional_seconds(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -50,11 +62,19 @@ def _name(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None
 
 
 def _secret(value: bytes | str | None) -> bytes | None:
-    if value is None or isinstance(value, bytes):
-        return value
+    if value is None:
+        return None
     if isinstance(value, str):
-        return value.encode()
-    raise TypeError(f"secret must be bytes, str or None, not {type(value).__name__}")
+        value = value.encode()
+    elif not isinstance(value, bytes):
+        raise TypeError(f"secret must be bytes, str or None, not {type(value).__name__}")
+    # As long as the HMAC-SHA256 output at least: a short key is guessed sooner.
+    if len(value) < 32:
+        raise ValueError(
+            f"secret must be at least 32 bytes long, not {len(value)}: make one with "
+            "`python -c 'import secrets; print(secrets.token_hex(32))'`"
+        )
+    return value
 
 
 def _url(value: str | RedisURL) -> RedisURL:
@@ -82,9 +102,12 @@ class RedisSettings:
     """The consumer group of the queue's stream."""
     consumer: str = attrs.field(factory=_default_consumer, validator=_name)
     """This worker's consumer name (default: host, pid and a random part)."""
-    maxlen: int | None = attrs.field(default=None, validator=_count(1, optional=True))
-    """Cap the stream at about this many entries (``XADD MAXLEN ~``); ``None``: no cap
-    (acknowledged entries are deleted anyway)."""
+    maxlen: int | None = attrs.field(default=DEFAULT_MAXLEN, validator=_count(1, optional=True))
+    """Cap each stream (a queue's level) at about this many entries (``XADD MAXLEN ~``):
+    when more wait, the oldest are dropped, so a flood of sends cannot fill Redis's
+    memory (acknowledged entries are deleted anyway). The default, one million, holds
+    about 300 MB of typical ~150-byte messages (docs/redis.md has the measurement);
+    ``None``: no cap."""
     block: float = attrs.field(default=1.0, validator=_seconds)
     """Seconds a blocking read waits before reading again."""
     visibility_timeout: float = attrs.field(default=60.0, validator=_seconds)
@@ -101,9 +124,10 @@ class RedisSettings:
     """Longest time the mover of delayed messages sleeps."""
     max_message_bytes: int = attrs.field(default=1_048_576, validator=_count(1))
     """Larger entries are dead-lettered."""
-    secret: bytes | None = attrs.field(default=None, converter=_secret)
+    secret: bytes | None = attrs.field(default=None, converter=_secret, repr=False)
     """HMAC-SHA256 key: messages and cancels are signed, and unsigned or wrongly
-    signed ones are refused."""
+    signed ones are refused. At least 32 bytes (``ValueError`` otherwise); never shown
+    by ``repr()``."""
     cancel_ttl: float = attrs.field(default=86_400.0, validator=_seconds)
     """Seconds a cancel marker lives."""
     dead_letter_maxlen: int | None = attrs.field(default=100_000, validator=_count(1, True))
@@ -111,15 +135,22 @@ class RedisSettings:
     dead_letter_failures: bool = False
     """Also dead-letter tasks that failed for good (out of retries), so that
     ``bus dead requeue`` can run them again."""
-    send_timeout: float = attrs.field(default=10.0, validator=_seconds_or_zero)
-    """Seconds a send (and a cancel) retries while Redis is unreachable, then
-    ``SendError``."""
+    send_timeout: float | None = attrs.field(default=10.0, validator=_optional_seconds_or_zero)
+    """Seconds a send (``kiq``, ``kick``, ``kiq_many``) waits for Redis while it is
+    unreachable, then :class:`bus.BrokerUnavailable`; ``None``: wait as long as it
+    takes."""
+    command_timeout: float | None = attrs.field(default=10.0, validator=_optional_seconds)
+    """Seconds every other call that needs Redis waits while it is unreachable or
+    does not answer (``inspect``, ``cancel``, dead letters, schedules, ``get_result``),
+    then :class:`bus.BrokerUnavailable`; ``None``: wait as long as it takes."""
     write_timeout: float = attrs.field(default=300.0, validator=_seconds)
     """Seconds a worker keeps retrying a finished task's result and ack while Redis is
     unreachable (after that the task runs again elsewhere)."""
-    connect_timeout: float | None = attrs.field(default=None, validator=_optional_seconds)
-    """Seconds ``async with broker`` waits for Redis at start before it fails
-    (``None``: wait as long as it takes, retrying with backoff)."""
+    connect_timeout: float | None = attrs.field(default=10.0, validator=_optional_seconds)
+    """Seconds ``async with broker`` (and so ``run_worker``) waits for Redis at start,
+    then :class:`bus.BrokerUnavailable` naming the URL and the cause (``None``: wait as
+    long as it takes, retrying with backoff). A Redis that refuses us for good (a wrong
+    password, no such db, a server that is not Redis) fails the start at once."""
     limit_backlog: int = attrs.field(default=1000, validator=_count(1))
     """How many tasks over their rate or concurrency limit a worker process keeps aside
     (read, waiting for the limit, not holding a runner) at most; with that many, it
@@ -128,6 +159,17 @@ class RedisSettings:
     """How often a task waiting for a ``max_running`` slot asks again (a slot given
     back by this process wakes it at once; one given back elsewhere is seen at the
     next ask)."""
+
+    max_message_age: float | None = attrs.field(default=None, validator=_optional_seconds)
+    """With ``secret`` set: entries signed longer ago than this many seconds are
+    refused (dead-lettered, never run), so a captured entry cannot be replayed later.
+    ``None`` (the default): no limit (replays of what ran are dropped anyway). Set it
+    above the longest time a message may wait in the queue (and its ``eta`` delay)."""
+    dead_letter_max_bytes: int | None = attrs.field(
+        default=DEFAULT_DEAD_LETTER_BYTES, validator=_count(1, True)
+    )
+    """Cap of the messages the dead-letter stream holds, in bytes (the oldest letters go
+    first); ``None``: no byte cap (``dead_letter_maxlen`` still applies)."""
 
     @property
     def heartbeat(self) -> float:

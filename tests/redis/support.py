@@ -17,7 +17,12 @@ __all__ = ["make_redis_broker", "redis_contract_factory"]
 def make_redis_broker(url: str, **options: Any) -> RedisBroker:
     """A broker on a queue and key prefix of its own, with a Redis result backend."""
     prefix = options.pop("prefix", None) or f"t{bus.TaskID.new()[-12:]}"
-    backend = RedisResultBackend(url, prefix=prefix, ttl=options.pop("ttl", 600))
+    backend = RedisResultBackend(
+        url,
+        prefix=prefix,
+        ttl=options.pop("ttl", 600),
+        command_timeout=options.get("command_timeout", 10.0),
+    )
     return RedisBroker(url, prefix=prefix, queue="q", result_backend=backend, **options)
 
 

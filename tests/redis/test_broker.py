@@ -125,7 +125,8 @@ async def test_max_deliveries_dead_letters(make_broker: Callable[..., RedisBroke
 
 async def test_signed_messages(make_broker: Callable[..., RedisBroker]) -> None:
     prefix = f"t{bus.TaskID.new()[-12:]}"
-    good, forger = make_broker(prefix=prefix, secret="k1"), make_broker(prefix=prefix, secret="k2")
+    good = make_broker(prefix=prefix, secret="k1" * 16)
+    forger = make_broker(prefix=prefix, secret="k2" * 16)
     for b in (good, forger):
 
         @b.task(name="x.add")
@@ -178,9 +179,11 @@ async def test_the_actor_tree_of_a_running_redis_worker(
         "(WorkerActor,",
     ):
         assert kind in tree, kind
-    # The subscription belongs to the connection; the reader and mover to the broker.
-    sub = next(i for i, line in enumerate(lines) if "SubscriptionActor" in line)
-    assert "ConnectionActor" in lines[sub - 1] and lines[sub].startswith("│   └── ")
+    # The link (the command connection, restarted when it breaks) and the subscription
+    # belong to the connection actor; the reader and mover to the broker.
+    conn = next(i for i, line in enumerate(lines) if "ConnectionActor" in line)
+    assert "(_LinkActor," in lines[conn + 1] and lines[conn + 1].startswith("│   ├── ")
+    assert "(SubscriptionActor," in lines[conn + 2] and lines[conn + 2].startswith("│   └── ")
     broker_line = next(i for i, line in enumerate(lines) if "RedisBrokerActor" in line)
     children = [line for line in lines[broker_line + 1 : broker_line + 3]]
     assert any("DelayedMoverActor" in c for c in children)
