@@ -46,6 +46,7 @@ __all__ = ["Broker", "BrokerState", "BrokerStats", "BusEvent"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 log = get_logger("bus")
 
 
@@ -314,14 +315,22 @@ class Broker(abc.ABC):
             raise SendError(
                 f"schedule {spec.name!r}: arguments must be JSON values: {exc}"
             ) from None
-        await self._schedule_backend().put(spec)
+        backend = self._schedule_backend()
+        await self._io(f"cannot add schedule {spec.name!r}", lambda: backend.put(spec))
         self._wake_scheduler()
         return spec
+
+    async def _io(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run a call that needs the broker's server. Brokers with one bound it and
+        turn its failures into :class:`~bus.BrokerUnavailable` (Redis: within
+        ``command_timeout``); in memory it is just the call."""
+        return await fn()
 
     async def unschedule(self, name: str) -> bool:
         """Remove a schedule added at run time; True if there was one. (Schedules
         declared with ``schedule=`` live in the code.)"""
-        found = await self._schedule_backend().drop(name)
+        backend = self._schedule_backend()
+        found = await self._io(f"cannot remove schedule {name!r}", lambda: backend.drop(name))
         self._wake_scheduler()
         return found
 
@@ -329,9 +338,9 @@ class Broker(abc.ABC):
         """Every schedule (declared and run-time), with its next fire, last fire, fires
         and misses, by name."""
         backend = self._schedule_backend()
-        runtime = await backend.runtime()
+        runtime = await self._io("cannot list schedules", backend.runtime)
         specs = {**runtime, **self.static_schedules}
-        states = await backend.state(list(specs))
+        states = await self._io("cannot list schedules", lambda: backend.state(list(specs)))
         now = self._scheduler_clock()()
         out = []
         for name in sorted(specs):

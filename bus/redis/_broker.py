@@ -201,7 +201,7 @@ class DelayedMoverActor(actors.Actor):
                 replies = await lent.conn.pipeline(commands)
                 await rerun_noscript(lent.conn, commands, replies)
             except ConnectionLost as exc:
-                log.warning("redis.mover_failed", error=str(exc), actor=self.name)
+                log.debug("redis.mover_failed", error=str(exc), actor=self.name)
                 await lent.lost.wait()
                 continue
             for reply in replies:
@@ -387,7 +387,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
                 # Acks and the Lua writes are idempotent: send them again on the next
                 # connection, until Redis is back or the write timeout passes.
                 if trio.current_time() - since < self.settings.write_timeout:
-                    log.warning("redis.write_retry", error=str(exc), commands=len(batch.commands))
+                    log.debug("redis.write_retry", error=str(exc), commands=len(batch.commands))
                     self._requeue_batch(batch)
                     if self.lent is not None and not self.lent.lost.is_set():
                         await self._write()
@@ -972,6 +972,9 @@ class RedisBroker(Broker):
             raise self._unavailable(what, start, exc) from None
         except actors.ActorStopped:
             raise BrokerClosed(f"{what}: the broker is shutting down") from None
+
+    async def _io(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        return await self._bounded(what, fn)
 
     async def _connection_call(self, what: str, fn: Callable[[Connection], Awaitable[T]]) -> T:
         """``fn(conn)`` on the shared connection, again on the next one after a fault,

@@ -462,8 +462,10 @@ async def lend(
         with trio.move_on_at(deadline):
             await got.changed.wait()
         if not got.changed.is_set():
+            last = await conn_ref.ask(GetConnection())  # the latest cause
+            cause = last.cause if isinstance(last, Waiting) else got.cause
             raise ConnectionLost(
-                f"Redis is unreachable: no connection within {timeout:g} s ({got.cause})"
+                f"Redis is unreachable: no connection within {timeout:g} s ({cause})"
             )
 
 

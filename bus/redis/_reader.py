@@ -964,7 +964,7 @@ class StreamReaderActor(actors.Actor):
                 if beats % 10 == 1:
                     await self._prune_consumers(conn, interval)
             except (ConnectionLost, RedisError) as exc:
-                log.warning("redis.heartbeat_failed", error=str(exc), actor=self.name)
+                log.debug("redis.heartbeat_failed", error=str(exc), actor=self.name)
             await trio.sleep(interval)
 
     async def _touch(self, conn: Connection) -> None:

@@ -16,20 +16,25 @@ import socket
 import time
 from typing import Any
 
+import trio
+
 import actors
+from actors._log import get_logger
 from bus._ids import TaskID
 from bus._message import TaskMessage
 from bus._schedule import ScheduleSpec, claim_ttl
 from bus._scheduler import ScheduleBackend, TickState
 from bus.redis._client import Connection, Script
-from bus.redis._logic import Keys, sign
-from bus.redis._pool import lend
+from bus.redis._logic import Keys, check_schedule, sign_entry, sign_schedule
+from bus.redis._pool import lend, with_connection
 from bus.redis._scripts import SEND_LUA
 from bus.redis._settings import RedisSettings
 
 __all__ = ["RedisScheduleBackend"]
 
 US = "\x1f"
+
+log = get_logger("bus.redis")
 
 #: Claims a tick and sends its message, and records it in the state hash.
 #: KEYS: claim, stream, delayed, state. ARGV: claim value, ttl (ms), due (ms, 0: now),
@@ -77,34 +82,63 @@ class RedisScheduleBackend(ScheduleBackend):
         self.claimer = f"{socket.gethostname()}-{os.getpid()}-{TaskID.new()[-8:]}"
 
     async def _conn(self) -> Connection:
-        return (await lend(self.conn_ref, timeout=self.settings.send_timeout or None)).conn
+        return (await lend(self.conn_ref, timeout=self.settings.command_timeout)).conn
+
+    async def _execute(self, *args: Any) -> Any:
+        """One command, again on the next connection after a fault, within
+        ``command_timeout``."""
+        timeout = self.settings.command_timeout
+        return await with_connection(
+            self.conn_ref,
+            lambda conn: conn.execute(*args),
+            deadline=math.inf if timeout is None else trio.current_time() + timeout,
+            what=f"schedules ({args[0]})",
+        )
 
     async def runtime(self) -> dict[str, ScheduleSpec]:
-        conn = await self._conn()
-        flat = await conn.execute("HGETALL", self.keys.schedules())
+        """The run-time schedules; with a secret, only those signed with it (each
+        under its own name): the others are ignored, and logged."""
+        key = self.keys.schedules()
+        flat = await self._execute("HGETALL", key)
         out: dict[str, ScheduleSpec] = {}
+        secret = self.settings.secret
         for i in range(0, len(flat or ()) - 1, 2):
+            name, value = flat[i], flat[i + 1]
+            if not isinstance(name, bytes) or not isinstance(value, bytes):
+                continue
+            text, refused = check_schedule(secret, key, name, value)
+            if text is None:
+                log.warning(
+                    "schedule.refused", name=name.decode(errors="replace")[:200], reason=refused
+                )
+                continue
             try:
-                spec = ScheduleSpec.from_json(flat[i + 1])
+                spec = ScheduleSpec.from_json(text)
             except ValueError:
                 continue  # written by someone else, or by a newer version
+            if spec.name.encode() != name:
+                log.warning(
+                    "schedule.refused",
+                    name=name.decode(errors="replace")[:200],
+                    reason=f"the schedule is stored under another name than its own ({spec.name})",
+                )
+                continue
             out[spec.name] = spec
         return out
 
     async def put(self, spec: ScheduleSpec) -> None:
-        conn = await self._conn()
-        await conn.execute("HSET", self.keys.schedules(), spec.name, spec.to_json())
+        key = self.keys.schedules()
+        value = sign_schedule(self.settings.secret, key, spec.name, spec.to_json().encode())
+        await self._execute("HSET", key, spec.name, value)
 
     async def drop(self, name: str) -> bool:
-        conn = await self._conn()
-        return bool(await conn.execute("HDEL", self.keys.schedules(), name))
+        return bool(await self._execute("HDEL", self.keys.schedules(), name))
 
     async def state(self, names: list[str]) -> dict[str, TickState]:
         if not names:
             return {}
-        conn = await self._conn()
         fields = [f"{n}{US}{f}" for n in names for f in ("last", "fires", "misses", "last_fire")]
-        values = await conn.execute("HMGET", self.keys.schedule_state(), *fields)
+        values = await self._execute("HMGET", self.keys.schedule_state(), *fields)
         out: dict[str, TickState] = {}
         for i, name in enumerate(names):
             last, fires, misses, last_fire = values[4 * i : 4 * i + 4]
@@ -122,6 +156,17 @@ class RedisScheduleBackend(ScheduleBackend):
         self, spec: ScheduleSpec, tick: float, message: TaskMessage, data: bytes, missed: int
     ) -> bool:
         keys, settings = self.keys, self.settings
+        # The task's queue and level: another queue's keys have another hash tag (one
+        # Lua call then spans two slots, which a Redis Cluster would refuse).
+        target = keys if message.queue is None else Keys(keys.prefix, message.queue)
+        if len(data) > settings.max_message_bytes:
+            log.error(
+                "schedule.message_too_large",
+                name=spec.name,
+                size=len(data),
+                max_message_bytes=settings.max_message_bytes,
+            )
+            return False
         eta = message.eta
         due = int(eta * 1000) if eta is not None and eta > time.time() else 0
         args: list[Any] = [
@@ -129,16 +174,13 @@ class RedisScheduleBackend(ScheduleBackend):
             _ttl_ms(spec, tick),
             due,
             data,
-            sign(settings.secret, data),
+            sign_entry(settings.secret, target.level_stream(message.priority), data),
             settings.maxlen or 0,
             spec.name,
             repr(tick),
             missed,
         ]
         claim = keys.tick_claim(spec.name, _tick_ms(tick))
-        # The task's queue and level: another queue's keys have another hash tag (one
-        # Lua call then spans two slots, which a Redis Cluster would refuse).
-        target = keys if message.queue is None else Keys(keys.prefix, message.queue)
         level = message.priority
         done = await FIRE_TICK.run(
             await self._conn(),
