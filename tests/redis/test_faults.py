@@ -140,7 +140,7 @@ def _live_mb() -> float:
 async def test_hostile_entries_are_dead_lettered(
     make_broker: Callable[..., RedisBroker],
 ) -> None:
-    broker = make_broker(secret="s3cret", max_message_bytes=64 * 1024)
+    broker = make_broker(secret="s3cret" * 6, max_message_bytes=64 * 1024)
 
     @broker.task(name="hostile.add")
     async def add(a: int, b: int) -> int:
@@ -152,8 +152,8 @@ async def test_hostile_entries_are_dead_lettered(
             client = broker.client
             stream = broker.keys.stream
             codec = broker.codec
-            secret = b"s3cret"
-            from bus.redis._logic import sign
+            secret = b"s3cret" * 6
+            from bus.redis._logic import sign_entry
 
             kinds: list[str] = []
 
@@ -162,12 +162,12 @@ async def test_hostile_entries_are_dead_lettered(
                 kinds.append(kind)
                 if kind == "bytes":
                     data = rng.randbytes(rng.randrange(1, 300))
-                    return {b"d": data, b"s": sign(secret, data)}
+                    return {b"d": data, b"s": sign_entry(secret, stream, data)}
                 if kind == "nofield":
                     return {b"x": b"1"}
                 if kind == "huge":
                     data = b"x" * (1024 * 1024)
-                    return {b"d": data, b"s": sign(secret, data)}
+                    return {b"d": data, b"s": sign_entry(secret, stream, data)}
                 msg = add.kicker().message(1, 2)
                 data = codec.encode_message(msg)
                 if kind == "badsig":
@@ -178,7 +178,7 @@ async def test_hostile_entries_are_dead_lettered(
                     data = data.replace(b"hostile.add", b"no.such.task")
                 else:
                     data = data.replace(b"[1,2]", b"[1,2,3]")
-                return {b"d": data, b"s": sign(secret, data)}
+                return {b"d": data, b"s": sign_entry(secret, stream, data)}
 
             # What the run leaves allocated (not the process's RSS, which depends on
             # the allocator and on how many entries one read happened to take): about

@@ -10,6 +10,7 @@ from bus.redis._logic import (
     join_member,
     over_delivered,
     sign,
+    sign_entry,
     split_member,
 )
 
@@ -58,10 +59,16 @@ def test_check_entry_keeps_little_of_huge_payloads() -> None:
 
 def test_check_entry_signatures() -> None:
     data = b'{"id":1}'
-    assert check_entry({b"d": data}, None, 100) == (data, None)
-    assert check_entry({b"d": data, b"s": sign(b"k", data)}, b"k", 100) == (data, None)
-    assert check_entry({b"d": data}, b"k", 100)[1] == "message is not signed"
-    assert check_entry({b"d": data, b"s": b"0" * 64}, b"k", 100)[1] == (
+    stream = Keys("bus", "q").stream
+    assert check_entry({b"d": data}, None, 100, stream) == (data, None)
+    good = sign_entry(b"k", stream, data)
+    assert check_entry({b"d": data, b"s": good}, b"k", 100, stream) == (data, None)
+    assert check_entry({b"d": data}, b"k", 100, stream)[1] == "message is not signed"
+    assert check_entry({b"d": data, b"s": b"0" * 64}, b"k", 100, stream)[1] == (
+        "message signature is wrong"
+    )
+    # The plain HMAC of the data (the format of old) is not an entry signature.
+    assert check_entry({b"d": data, b"s": sign(b"k", data)}, b"k", 100, stream)[1] == (
         "message signature is wrong"
     )
 
