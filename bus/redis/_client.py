@@ -187,6 +187,10 @@ class _Base:
         #: The read scope's deadline (kept here: cheaper to compare than to ask).
         self._armed = _INF
         self._timeout = url.command_timeout
+        #: Bytes received since the last complete reply (within one read): past
+        #: ``max_reply_bytes`` the connection fails instead of buffering more.
+        self._since_reply = 0
+        self._max_reply = url.max_reply_bytes
         #: The socket's descriptor, read and written directly (``os.read``/``os.write``,
         #: POSIX) to save trips through the scheduler; None for TLS (its SSLStream).
         self._fd: int | None = (
@@ -249,11 +253,18 @@ class _Base:
                             await self._fail("the server closed the connection")
                             break
                         self._parser.feed(data)  # type: ignore[arg-type]  # any buffer works
+                        self._since_reply += len(data)
                         try:
                             if self._feed():
                                 await self._deliver()
                         except _ProtocolError as exc:
                             await self._fail(f"protocol error: {exc}", exc)
+                            break
+                        if self._since_reply > self._max_reply:
+                            await self._fail(
+                                f"a reply larger than max_reply_bytes={self._max_reply} "
+                                "(a URL option); the connection was dropped"
+                            )
                             break
                 if scope.cancelled_caught and not self.is_closed:
                     await self._expire()
@@ -607,7 +618,9 @@ class Connection(_Base):
         waiting = self._waiting
         gets = self._parser.gets
         reschedule = trio.lowlevel.reschedule
+        got = False
         while (reply := gets()) is not MORE:
+            got = True
             if not waiting:
                 raise _ProtocolError(f"a reply that no command waits for: {reply!r:.200}")
             pending = waiting[0]
@@ -619,6 +632,8 @@ class Connection(_Base):
                 if task is not None:
                     pending._task = None
                     reschedule(task)
+        if got:
+            self._since_reply = self._parser.len()  # the next reply's start (< 1 KiB more)
         return False
 
     def _idle(self) -> bool:
@@ -901,7 +916,9 @@ class PubSub(_Base):
     def _feed(self) -> bool:
         gets = self._parser.gets
         messages = self._pending_messages
+        got = False
         while (reply := gets()) is not MORE:
+            got = True
             if type(reply) is list and reply:
                 kind = reply[0]
                 if kind == b"message" and len(reply) == 3:
@@ -920,6 +937,8 @@ class PubSub(_Base):
                 self._confirm(None, [reply])
                 continue
             raise _ProtocolError(f"unexpected reply on a subscriber connection: {reply!r:.200}")
+        if got:
+            self._since_reply = self._parser.len()
         return bool(messages)
 
     def _confirm(self, kind: bytes | None, reply: list[Any]) -> None:

@@ -8,7 +8,9 @@ Accepted forms::
     unix:///absolute/path/to/socket?db=2
 
 Options: ``db`` (also as the path ``/3`` for redis/rediss), ``connect_timeout`` and
-``command_timeout`` (seconds, floats > 0, ``inf`` allowed), and for ``rediss://`` only
+``command_timeout`` (seconds, floats > 0, ``inf`` allowed), ``max_reply_bytes`` (the
+largest reply the client accepts, an integer >= 1024: a larger one drops the
+connection, default 256 MiB), and for ``rediss://`` only
 ``ssl_cert_reqs`` (``required`` | ``optional`` | ``none``) and ``ssl_ca_certs`` (a PEM
 file). Anything else is an error: a typo in an option never passes silently.
 """
@@ -21,14 +23,28 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import attrs
 
-__all__ = ["DEFAULT_COMMAND_TIMEOUT", "DEFAULT_CONNECT_TIMEOUT", "RedisURL"]
+__all__ = [
+    "DEFAULT_COMMAND_TIMEOUT",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_MAX_REPLY_BYTES",
+    "RedisURL",
+]
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_COMMAND_TIMEOUT = 30.0
+#: The largest reply the client buffers (a larger one is a connection error).
+DEFAULT_MAX_REPLY_BYTES = 256 * 1024 * 1024
 
 _SCHEMES = ("redis", "rediss", "unix")
 _CERT_REQS = ("required", "optional", "none")
-_OPTIONS = ("db", "connect_timeout", "command_timeout", "ssl_cert_reqs", "ssl_ca_certs")
+_OPTIONS = (
+    "db",
+    "connect_timeout",
+    "command_timeout",
+    "max_reply_bytes",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+)
 _USERINFO = re.compile(r"(://[^/@]*?:)[^/@]*@")
 
 
@@ -72,6 +88,8 @@ class RedisURL:
     db: int = 0
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT
+    #: The largest reply accepted (bytes); a larger one drops the connection.
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
     ssl_cert_reqs: str = "required"
     ssl_ca_certs: str | None = None
 
@@ -151,6 +169,12 @@ class RedisURL:
                 db = query_db
             elif name in ("connect_timeout", "command_timeout"):
                 fields[name] = _seconds(name, value, where)
+            elif name == "max_reply_bytes":
+                if not value.isdigit() or len(value) > 15 or int(value) < 1024:
+                    raise ValueError(
+                        f"max_reply_bytes must be an integer >= 1024, not {value!r} in {where}"
+                    )
+                fields[name] = int(value)
             else:
                 if scheme != "rediss":
                     raise ValueError(f"{name} is only for rediss:// URLs: {where}")
@@ -183,6 +207,8 @@ class RedisURL:
             options["connect_timeout"] = repr(self.connect_timeout)
         if self.command_timeout != DEFAULT_COMMAND_TIMEOUT:
             options["command_timeout"] = repr(self.command_timeout)
+        if self.max_reply_bytes != DEFAULT_MAX_REPLY_BYTES:
+            options["max_reply_bytes"] = str(self.max_reply_bytes)
         if self.tls and self.ssl_cert_reqs != "required":
             options["ssl_cert_reqs"] = self.ssl_cert_reqs
         if self.tls and self.ssl_ca_certs is not None:
