@@ -3,7 +3,7 @@
 The broker actor feeds :class:`QueueCore` what happens (a send, the time, a worker
 taking a delivery, an ack, a cancel) and applies what comes back (put this delivery
 on the ready channel, wake the timer at this time, store a CANCELLED result for
-these). Everything here can be tested without Trio; see tests/bus/test_queue.py.
+these). Everything here can be tested without Trio; see tests/logic/test_queue_core.py.
 
 Every delivery the core knows is in exactly one state: QUEUED (on the ready channel,
 not yet taken), DELAYED (waiting for its time) or TAKEN (a worker has it). A delivery
