@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import difflib
 import functools
 import importlib
@@ -19,8 +20,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 import trio
@@ -30,6 +32,9 @@ from bus._errors import BusError, ResultTimeout
 from bus._message import TaskResult, TaskStatus
 from bus._options import is_queue_name
 
+if TYPE_CHECKING:
+    from bus._worker import Worker
+
 __all__ = ["main"]
 
 #: Two SIGTERMs closer than this are one stop request: systemd's control-group kill
@@ -38,6 +43,9 @@ __all__ = ["main"]
 SIGNAL_DEBOUNCE = 1.0
 #: After the shutdown timeout, how long the supervisor waits before SIGKILL.
 KILL_GRACE = 10.0
+#: After a second stop request, how long a worker may take to cancel what runs and hand
+#: it back before its process ends regardless (``forced_exit_code``).
+FORCE_GRACE = 1.0
 
 
 class CLIError(Exception):
@@ -152,53 +160,111 @@ async def run_worker(
     queues: Sequence[str] = (),
     scheduler: bool = True,
 ) -> int:
-    """Run a worker until SIGINT/SIGTERM: the first stop request drains (within
-    ``shutdown_timeout``), a second one cancels at once. What did not finish goes
-    back to the queue for another worker. ``queues``: the queues it consumes (none:
-    the broker's default queue)."""
+    """Run a worker until SIGINT/SIGTERM and return the exit status.
+
+    The first stop request drains: intake stops, running tasks get
+    ``shutdown_timeout`` seconds, what still runs then is interrupted and handed back
+    (a sync task is abandoned in its thread), the last acks are written, and the
+    status is 0. A second request ends the process at once with ``128 + signal``
+    (:func:`forced_exit_code`). A request before the worker has started ends the
+    start (0). ``queues``: the queues it consumes (none: the broker's default queue)."""
     log = structlog.get_logger("bus.cli")
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as receiver:
-        requests = _stop_requests(receiver)
-        async with trio.open_nursery() as nursery:
-            worker = await nursery.start(
-                functools.partial(
-                    broker.run_worker, concurrency, queues=queues or None, scheduler=scheduler
+    stop = trio.Event()  # the first stop request
+    ready = trio.Event()  # the worker started, or its start ended
+    serving = trio.CancelScope()  # the worker, while it starts
+    watching = trio.CancelScope()  # the stop requests, until the drain is done
+    forced = 0
+    timer: threading.Timer | None = None
+    worker: Worker | None = None
+
+    class Started:
+        def started(self, value: Worker | None = None) -> None:
+            nonlocal worker
+            worker = value
+            ready.set()
+
+    async def serve() -> None:
+        try:
+            with serving:
+                await broker.run_worker(
+                    concurrency, queues=queues or None, scheduler=scheduler, task_status=Started()
                 )
-            )
-            where = _where(broker)
-            print(
-                f"bus worker: {type(broker).__name__} {where + ' ' if where else ''}"
-                f"pid={os.getpid()} concurrency={worker.concurrency} "
-                f"tasks={', '.join(sorted(broker.tasks))}"
-                + (f" queues={','.join(queues)}" if queues else ""),
-                file=sys.stderr,
-                flush=True,
-            )
+        finally:
+            ready.set()
+
+    async def watch(requests: AsyncIterator[int]) -> None:
+        nonlocal forced, timer
+        with watching:
             async for signum in requests:
-                log.info(
-                    "worker.draining", signal=signal.Signals(signum).name, timeout=shutdown_timeout
+                name = signal.Signals(signum).name
+                if not stop.is_set():
+                    stop.set()
+                    if worker is None:
+                        serving.cancel()  # still starting: nothing to drain
+                    else:
+                        log.info("worker.draining", signal=name, timeout=shutdown_timeout)
+                    continue
+                forced = forced_exit_code(signum)
+                log.warning("worker.cancelling", signal=name, exit_code=forced)
+                # Running tasks are cancelled (sync ones abandoned in their threads) and
+                # handed back; should that not be done within FORCE_GRACE, the process
+                # ends anyway.
+                timer = _exit_later(forced, FORCE_GRACE)
+                if worker is not None:
+                    worker.stop()  # then run_worker leaves `async with broker` cleanly
+                else:
+                    serving.cancel()
+                return
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as receiver:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, _stop_requests(receiver))
+            nursery.start_soon(serve)
+            await ready.wait()
+            if worker is not None and not stop.is_set():
+                where = _where(broker)
+                print(
+                    f"bus worker: {type(broker).__name__} {where + ' ' if where else ''}"
+                    f"pid={os.getpid()} concurrency={worker.concurrency} "
+                    f"tasks={', '.join(sorted(broker.tasks))}"
+                    + (f" queues={','.join(queues)}" if queues else ""),
+                    file=sys.stderr,
+                    flush=True,
                 )
-                break
-
-            second = trio.CancelScope()
-
-            async def hard_stop() -> None:
-                with second:
-                    async for signum in requests:
-                        log.warning("worker.cancelling", signal=signal.Signals(signum).name)
-                        worker.stop()
-                        return
-
-            nursery.start_soon(hard_stop)
-            interrupted = await worker.drain(shutdown_timeout)
-            if interrupted:
-                log.warning("worker.interrupted", tasks=interrupted)
-            worker.stop()
-            second.cancel()
+            if worker is not None:
+                await stop.wait()
+                interrupted = await worker.drain(shutdown_timeout)
+                if interrupted:
+                    log.warning("worker.interrupted", tasks=interrupted)
+                worker.stop()
+            watching.cancel()
             # run_worker now leaves `async with broker` cleanly: its last acks are
             # written and what is unfinished is handed back before the connection closes.
-    log.info("worker.exited")
-    return 0
+    if timer is not None:
+        timer.cancel()  # ended in time
+    log.info("worker.exited", **({"exit_code": forced} if forced else {}))
+    return forced
+
+
+def forced_exit_code(signum: int) -> int:
+    """The exit status of a worker that a second stop request ended: 128 + the signal's
+    number (130 after Ctrl-C, 143 after SIGTERM), as a shell reports a signal."""
+    return 128 + signum
+
+
+def _exit_later(code: int, delay: float) -> threading.Timer:
+    """End the process with ``code`` in ``delay`` seconds, whatever it is doing then,
+    unless the timer is cancelled first (a daemon thread: it never holds the process)."""
+
+    def end() -> None:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(delay, end)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def _child_args(argv: Sequence[str]) -> list[str]:
@@ -230,8 +296,9 @@ def supervise(
     terminal's Ctrl-C or a signal to the supervisor's process group reaches a child
     only through the supervisor, once), relay their log lines whole, forward stop
     requests, restart a crashed one with backoff, and SIGKILL what is still running
-    ``shutdown_timeout + kill_grace`` seconds after the first stop. Exits 1 when
-    children keep crashing or one did not exit 0 on a stop."""
+    ``shutdown_timeout + kill_grace`` seconds after the first stop (``FORCE_GRACE`` + 1
+    after a second one). Exits 1 when children keep crashing or one did not exit 0 on
+    a stop, and ``forced_exit_code`` after a second stop request."""
     return trio.run(
         _supervise,
         _child_args(argv),
@@ -266,6 +333,7 @@ async def _supervise(
     crashes: list[float] = []
     stopping = trio.Event()
     failed = False
+    forced = 0  # the exit status after a second stop request
     exit_codes: list[int] = []
 
     async def keep(slot: int) -> None:
@@ -306,8 +374,8 @@ async def _supervise(
             if proc.returncode is None:
                 proc.send_signal(signum)
 
-    async def escalate() -> None:
-        await trio.sleep(kill_after)
+    async def escalate(delay: float) -> None:
+        await trio.sleep(delay)
         for proc in list(procs.values()):
             if proc.returncode is None:
                 log.error("supervisor.killing", pid=proc.pid)
@@ -317,19 +385,26 @@ async def _supervise(
         async with trio.open_nursery() as outer:
 
             async def forward() -> None:
+                nonlocal forced
                 first = True
                 async for signum in _stop_requests(receiver):
                     log.info("supervisor.stopping", signal=signal.Signals(signum).name)
                     stop_all(signum)  # a second request is forwarded too: children cancel
                     if first:
                         first = False
-                        outer.start_soon(escalate)
+                        outer.start_soon(escalate, kill_after)
+                    elif not forced:
+                        # Children end at once; one that does not is killed soon.
+                        forced = forced_exit_code(signum)
+                        outer.start_soon(escalate, FORCE_GRACE + 1.0)
 
             outer.start_soon(forward)
             async with trio.open_nursery() as slots:
                 for slot in range(processes):
                     slots.start_soon(keep, slot)
             outer.cancel_scope.cancel()  # every slot has ended
+    if forced:
+        return forced
     if failed or any(code != 0 for code in exit_codes):
         return 1
     return 0
@@ -788,7 +863,7 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("broker", metavar="MODULE:BROKER")
     sc.add_argument("action", choices=["list"])
     sc.add_argument("--json", action="store_true")
-    sc.add_argument("--log-level", default="warning")
+    sc.add_argument("--log-level", default="error")
 
     s = sub.add_parser("send", help="send a task, optionally wait for its result")
     s.add_argument("broker", metavar="MODULE:BROKER")
@@ -799,12 +874,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--timeout", type=float, default=None, help="give up after S seconds (all of it)"
     )
-    s.add_argument("--log-level", default="warning")
+    s.add_argument("--log-level", default="error")
 
     i = sub.add_parser("inspect", help="queue length, pending, delayed, dead letters, workers")
     i.add_argument("broker", metavar="MODULE:BROKER")
     i.add_argument("--json", action="store_true")
-    i.add_argument("--log-level", default="warning")
+    i.add_argument("--log-level", default="error")
 
     d = sub.add_parser("dead", help="list, requeue or purge dead letters")
     d.add_argument("broker", metavar="MODULE:BROKER")
@@ -813,7 +888,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--reason", default=None, help="only letters whose reason contains TEXT")
     d.add_argument("--task", default=None, help="only letters of this task")
     d.add_argument("--json", action="store_true")
-    d.add_argument("--log-level", default="warning")
+    d.add_argument("--log-level", default="error")
     _add_dashboard_parser(sub)
     return p
 
