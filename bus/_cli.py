@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import structlog
 import trio
 
+import actors
+from actors._supervision import RestartLimiter
 from bus._broker import Broker, plain_error
 from bus._errors import BusError, ResultTimeout
 from bus._message import TaskResult, TaskStatus
@@ -284,6 +286,11 @@ def _child_args(argv: Sequence[str]) -> list[str]:
     return out
 
 
+#: How long the supervisor waits before restarting a crashed worker process: the
+#: actors' backoff (0.5 s doubling to 10 s, with jitter).
+PROCESS_BACKOFF = actors.Backoff(initial=0.5, factor=2.0, cap=10.0, jitter=0.5)
+
+
 def supervise(
     argv: Sequence[str],
     processes: int,
@@ -330,7 +337,7 @@ async def _supervise(
     log = structlog.get_logger("bus.cli")
     cmd = [sys.executable, "-m", "bus", *argv]
     procs: dict[int, trio.Process] = {}
-    crashes: list[float] = []
+    limiter = RestartLimiter(max_restarts, window)
     stopping = trio.Event()
     failed = False
     forced = 0  # the exit status after a second stop request
@@ -338,7 +345,6 @@ async def _supervise(
 
     async def keep(slot: int) -> None:
         nonlocal failed
-        backoff = 0.5
         restarts = 0
         while not stopping.is_set():
             proc = await trio.lowlevel.open_process(
@@ -355,18 +361,27 @@ async def _supervise(
             if stopping.is_set():
                 exit_codes.append(code)
                 return
-            now = trio.current_time()
-            crashes.append(now)
-            recent = [t for t in crashes if now - t < window]
+            # The actors' own supervision rules: a restart limit within a window (for
+            # all the slots together) and the same backoff.
+            allowed = limiter.allow(trio.current_time())
             log.warning(
-                "supervisor.crashed", slot=slot, pid=proc.pid, code=code, recent_crashes=len(recent)
+                "supervisor.crashed",
+                slot=slot,
+                pid=proc.pid,
+                code=code,
+                recent_crashes=limiter.recent + (0 if allowed else 1),
             )
-            if len(recent) > max_restarts:
+            if not allowed:
+                log.error(
+                    "supervisor.giving_up",
+                    reason=f"worker processes crashed more than {max_restarts} times "
+                    f"within {window:g} s",
+                    last_exit_code=code,
+                )
                 failed = True
                 stop_all(signal.SIGTERM)
                 return
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+            await trio.sleep(PROCESS_BACKOFF.delay(limiter.recent))
 
     def stop_all(signum: int) -> None:
         stopping.set()
