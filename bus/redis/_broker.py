@@ -96,7 +96,14 @@ from bus.redis._pool import (
     wait_connected,
     with_connection,
 )
-from bus.redis._reader import Done, InFlight, Lend, ReaderState, StreamReaderActor
+from bus.redis._reader import (
+    Cancelled,
+    Done,
+    InFlight,
+    Lend,
+    ReaderState,
+    StreamReaderActor,
+)
 from bus.redis._results import RedisResultBackend
 from bus.redis._schedules import RedisScheduleBackend
 from bus.redis._scripts import (
@@ -523,7 +530,8 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
                 state = found.state
             else:
                 state = ReaderState()
-                state.cancelled = self._cancels.cancelled
+                # A copy: the reader owns its table, told of each cancel (Cancelled).
+                state.cancelled = dict(self._cancels.cancelled)
             n = len(self._readers) if found is None else found.index
             # The first reader is this process's consumer; another set of queues
             # read here gets a consumer of its own (each hands back what it owns).
@@ -778,7 +786,10 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
             log.warning("task.cancel_result_failed", task_id=tid, error=str(exc))
 
     def _cancel_here(self, tid: TaskID) -> None:
-        self._cancels.remember_cancel(tid)  # the readers share its table
+        self._cancels.remember_cancel(tid)  # for readers started later
+        for reader in self._readers.values():
+            with contextlib.suppress(actors.ActorStopped):  # stopping: owns nothing now
+                reader.ref.tell_nowait(Cancelled(tid))
         if self.workers:
             self.tell_workers(CancelRunning(tid, "cancel"))
 
