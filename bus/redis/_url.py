@@ -18,7 +18,6 @@ file). Anything else is an error: a typo in an option never passes silently.
 from __future__ import annotations
 
 import math
-import re
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import attrs
@@ -45,12 +44,21 @@ _OPTIONS = (
     "ssl_cert_reqs",
     "ssl_ca_certs",
 )
-_USERINFO = re.compile(r"(://[^/@]*?:)[^/@]*@")
 
 
 def _mask(text: str) -> str:
-    """``text`` with anything that looks like a password replaced by ``***``."""
-    return _USERINFO.sub(r"\1***@", text)
+    """``text`` (a URL) with its password replaced by ``***``, however it is written:
+    the user info is taken as everything between ``://`` and the *last* ``@``, so a
+    password holding an unencoded ``/``, ``?``, ``#``, ``:`` or ``@`` is hidden whole
+    (an ``@`` later in the URL hides more than the password, never less)."""
+    scheme, sep, rest = text.partition("://")
+    userinfo, at, tail = rest.rpartition("@")
+    if not (sep and at):
+        return text
+    user, colon, _ = userinfo.partition(":")
+    if not colon or "/" in user or "?" in user or "#" in user:
+        return f"{scheme}://***@{tail}"  # no telling the user from a password
+    return f"{scheme}://{user}:***@{tail}"
 
 
 def _hidden(password: str | None) -> str:
@@ -111,6 +119,13 @@ class RedisURL:
             )
         scheme = scheme.lower()
         parts = urlsplit(text)
+        if "@" in parts.path + parts.query + parts.fragment:
+            # An '@' the parser did not see as the end of the user info: a password
+            # holding an unencoded '/', '?' or '#'. Never guessed, never shown.
+            raise ValueError(
+                f"a password with '/', '?', '#' or '@' in it must be percent-encoded "
+                f"(urllib.parse.quote(password, safe='')), or '@' in a path: {where}"
+            )
         if parts.fragment:
             raise ValueError(f"a Redis URL has no #fragment: {where}")
         try:

@@ -170,7 +170,7 @@ async def test_a_cancel_made_while_the_workers_subscription_was_down_still_arriv
 async def test_with_a_secret_only_signed_cancels_cancel(
     make_broker: Callable[..., RedisBroker],
 ) -> None:
-    broker = make_broker(secret="s3cret")
+    broker = make_broker(secret="s3cret" * 6)
     started = trio.Event()
 
     @broker.task
