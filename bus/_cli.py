@@ -759,19 +759,14 @@ def _dashboard_main(broker: Broker, args: argparse.Namespace) -> int:
         raise CLIError(f"--port must be from 0 to 65535, not {args.port}")
     try:
         from bus.dashboard import serve
-        from bus.dashboard._security import ENV_TOKEN, allowed_hosts_for, check_token
+        from bus.dashboard._security import TOKEN_FROM_ENV, allowed_hosts_for, resolve_token
     except ImportError as exc:
         raise CLIError(str(exc)) from None
-    token = os.environ.get(ENV_TOKEN)
     try:  # refused here, before the broker connects
         allowed_hosts_for(args.host, args.allowed_host, how="--allowed-host NAME")
+        token = resolve_token(TOKEN_FROM_ENV)  # BUS_DASHBOARD_TOKEN
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    if token is not None:
-        try:
-            check_token(token)
-        except ValueError as exc:
-            raise CLIError(f"{ENV_TOKEN}: {exc}") from None
 
     async def main() -> int:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

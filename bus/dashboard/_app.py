@@ -25,11 +25,14 @@ from bus.dashboard._page import CSS, JS, login_page, page
 from bus.dashboard._security import (
     SESSION_COOKIE,
     SESSION_SECONDS,
+    TOKEN_FROM_ENV,
+    _FromEnv,
     allowed_hosts_for,
     canonical_host,
     check_token,
     is_loopback,
     new_session,
+    resolve_token,
     token_matches,
     valid_session,
 )
@@ -266,7 +269,10 @@ class Dashboard:
             body += chunk
             if len(body) > _MAX_LOGIN_BODY:
                 return PlainTextResponse("the form is too large", 413, headers=_HEADERS)
-        form = parse_qs(body.decode("latin-1"), max_num_fields=4)
+        try:
+            form = parse_qs(body.decode("latin-1"), max_num_fields=4)
+        except ValueError:
+            return PlainTextResponse("too many form fields", 400, headers=_HEADERS)
         given = (form.get("token") or [""])[0]
         if not token_matches(self._token, f"Bearer {given}"):
             client = request.client.host if request.client else None
@@ -348,7 +354,7 @@ async def serve(
     show_payloads: bool = False,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     allowed_hosts: Iterable[str] | str | None = None,
-    token: str | None = None,
+    token: str | _FromEnv | None = TOKEN_FROM_ENV,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     **options: Any,
 ) -> None:
@@ -362,7 +368,9 @@ async def serve(
     (127.0.0.0/8, ::1, localhost); others get a 403, whatever the address. A
     ``host`` that is not a loopback address (``0.0.0.0``, a LAN address, a name)
     needs ``allowed_hosts``: without, ``ValueError`` before anything starts.
-    ``token``: the token every request must carry (see :class:`Dashboard`).
+    ``token``: the token every request must carry (see :class:`Dashboard`); by
+    default the environment's ``BUS_DASHBOARD_TOKEN`` when it is set, as for ``bus
+    dashboard`` (``token=None``: no token, whatever the environment says).
     Its errors are logged through the ``logging`` logger ``bus.dashboard.http``;
     nothing is printed otherwise."""
     from hypercorn.config import Config
@@ -373,15 +381,16 @@ async def serve(
     if allowed_hosts == "loopback":  # what this argument once meant: the default
         allowed_hosts = None
     names = allowed_hosts_for(host, _names(allowed_hosts))
+    token_text = resolve_token(token)
     dashboard = app(
         broker,
         allow_actions=allow_actions,
         show_payloads=show_payloads,
         allowed_hosts=names,
-        token=token,
+        token=token_text,
         **options,
     )
-    if token is None and not is_loopback(host):
+    if token_text is None and not is_loopback(host):
         log.warning(
             "dashboard.no_token",
             host=host,

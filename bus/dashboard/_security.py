@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import hashlib
 import hmac
 import ipaddress
+import os
 import re
 import socket
 import time
@@ -27,11 +29,13 @@ __all__ = [
     "LOOPBACK_NAMES",
     "SESSION_COOKIE",
     "SESSION_SECONDS",
+    "TOKEN_FROM_ENV",
     "allowed_hosts_for",
     "canonical_host",
     "check_token",
     "is_loopback",
     "new_session",
+    "resolve_token",
     "token_matches",
     "valid_session",
 ]
@@ -47,6 +51,14 @@ SESSION_COOKIE = "bus_dashboard_session"
 SESSION_SECONDS = 12 * 3600
 #: The shortest token taken: a guessable token protects nothing.
 MIN_TOKEN_LENGTH = 16
+
+
+class _FromEnv(enum.Enum):
+    TOKEN_FROM_ENV = ENV_TOKEN
+
+
+#: ``serve``'s default token: ``BUS_DASHBOARD_TOKEN`` when it is set, else none.
+TOKEN_FROM_ENV = _FromEnv.TOKEN_FROM_ENV
 
 _TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no space: header-safe
 _HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?")
@@ -118,7 +130,11 @@ def allowed_hosts_for(
         address = _numeric_address(canonical_host(bind))
         if address is not None:
             names.add(str(address))
-    elif not names:
+    elif names:
+        address = _numeric_address(canonical_host(bind))
+        if address is not None and not address.is_unspecified:
+            names.add(str(address))  # a page loaded from it is the dashboard's own
+    else:
         raise ValueError(
             f"the dashboard would listen on {bind!r}, which is not a loopback address: "
             f"name the host names it is reached by with {how}, so that pages of other "
@@ -137,6 +153,22 @@ def check_token(token: str) -> str:
     if not _TOKEN_CHARS.fullmatch(token):
         raise ValueError("the dashboard token must be printable ASCII without spaces")
     return token
+
+
+def resolve_token(token: str | _FromEnv | None) -> str | None:
+    """The token to ask for: ``token``, or with ``TOKEN_FROM_ENV``, the
+    environment's ``BUS_DASHBOARD_TOKEN`` (``None`` when unset); ``ValueError``
+    when it cannot be a token."""
+    if token is TOKEN_FROM_ENV:
+        found = os.environ.get(ENV_TOKEN)
+        if found is None:
+            return None
+        try:
+            return check_token(found)
+        except ValueError as exc:
+            raise ValueError(f"{ENV_TOKEN}: {exc}") from None
+    assert not isinstance(token, _FromEnv)
+    return None if token is None else check_token(token)
 
 
 def token_matches(token: str, authorization: str | None) -> bool:

@@ -271,6 +271,32 @@ async def test_the_login_form_sets_a_strict_httponly_session_cookie() -> None:
             assert (await http.get("/api/overview")).status_code == 401
 
 
+async def test_serve_takes_the_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUS_DASHBOARD_TOKEN", TOKEN)
+    broker = bus.InMemoryBroker()
+    with trio.fail_after(20):
+        async with broker:
+            async with served(broker) as http:
+                assert (await http.get("/api/overview")).status_code == 401
+                assert (await http.get("/api/overview", headers=BEARER)).status_code == 200
+                too_many = await http.post(
+                    "/login", content=b"a=1&b=2&c=3&d=4&e=5&token=x",
+                    headers={"Content-Type": "application/x-www-form-urlencoded"},
+                )  # fmt: skip
+                assert too_many.status_code == 400
+            async with served(broker, token=None) as http:  # None: no token, whatever the env
+                assert (await http.get("/api/overview")).status_code == 200
+            monkeypatch.setenv("BUS_DASHBOARD_TOKEN", "short")
+            with pytest.raises(ValueError, match=r"BUS_DASHBOARD_TOKEN: .* at least 16"):
+                await serve(broker, port=0)
+
+
+def test_a_specific_exposed_address_answers_its_own_name() -> None:
+    names = allowed_hosts_for("192.168.1.5", ["dash.example"])
+    assert {"dash.example", "192.168.1.5", "127.0.0.1"} <= names
+    assert "0.0.0.0" not in allowed_hosts_for("0.0.0.0", ["dash.example"])
+
+
 def test_a_session_lasts_its_time_and_belongs_to_its_token() -> None:
     session = new_session(TOKEN, now=1000.0)
     assert valid_session(TOKEN, session, now=1000.0 + SESSION_SECONDS - 1)
