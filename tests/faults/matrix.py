@@ -71,6 +71,10 @@ class Call:
         return f"{self.op}: {self.outcome} after {self.took:.2f}s (bound {self.bound:g}s){err}"
 
 
+def _bound(seconds: float | None) -> float:
+    return math.inf if seconds is None else float(seconds)
+
+
 def _describe(exc: BaseException) -> str:
     text = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
     if isinstance(exc, BaseExceptionGroup):
@@ -121,10 +125,9 @@ class Bench:
         self.producer = RedisBroker(url, **options)
         self.worker_broker = RedisBroker(url, **options)
         settings = self.producer.settings
-        self.send_bound = float(settings.send_timeout)
-        self.command_bound = float(
-            getattr(settings, "command_timeout", None) or command_timeout or 10.0
-        )
+        #: The bounds the contract gives calls (``None``: no bound, wait for ever).
+        self.send_bound = _bound(settings.send_timeout)
+        self.command_bound = _bound(getattr(settings, "command_timeout", 10.0))
         self.wait_timeout = wait_timeout
         self.calls: list[Call] = []
         self.runs: Counter[str] = Counter()
@@ -293,7 +296,7 @@ class Bench:
             await self.call("get_result", self.command_bound, self.finished[-1].get_result)
 
     async def op_wait_timeout(self) -> None:
-        handle = bus.TaskHandle(bus.TaskID.new(), self.producer)
+        handle: bus.TaskHandle[Any] = bus.TaskHandle(bus.TaskID.new(), self.producer)
         outcome, _ = await self.call(
             "wait_timeout", self.wait_timeout, handle.wait_result, self.wait_timeout
         )

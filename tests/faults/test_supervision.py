@@ -11,7 +11,7 @@ and then hands over to the real one.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -57,7 +57,7 @@ def _no_runtime_error(exc: BaseException) -> None:
     assert isinstance(exc, InjectedBug | bus.BusError), repr(exc)
 
 
-def _restarted(logs: list[dict[str, Any]], actor: str) -> bool:
+def _restarted(logs: list[MutableMapping[str, Any]], actor: str) -> bool:
     return any(e["event"] == "actor.restarted" and e.get("actor") == actor for e in logs)
 
 
