@@ -28,6 +28,7 @@ from bus.dashboard._security import (
     TOKEN_FROM_ENV,
     _FromEnv,
     allowed_hosts_for,
+    allowed_name,
     canonical_host,
     check_token,
     is_loopback,
@@ -162,7 +163,7 @@ class Dashboard:
     ) -> None:
         names = _names(allowed_hosts)
         #: Host names (without port) the dashboard answers to; ``None``: any.
-        self.allowed_hosts = None if names is None else frozenset(map(canonical_host, names))
+        self.allowed_hosts = None if names is None else frozenset(map(allowed_name, names))
         self._token = None if token is None else check_token(token)
         self.data = DashboardData(
             broker,

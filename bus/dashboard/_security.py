@@ -31,6 +31,7 @@ __all__ = [
     "SESSION_SECONDS",
     "TOKEN_FROM_ENV",
     "allowed_hosts_for",
+    "allowed_name",
     "canonical_host",
     "check_token",
     "is_loopback",
@@ -104,7 +105,8 @@ def is_loopback(host: str) -> bool:
     return address is not None and address.is_loopback
 
 
-def _allowed_name(name: str) -> str:
+def allowed_name(name: str) -> str:
+    """``name`` in canonical form if it can be an allowed host, else ``ValueError``."""
     host = canonical_host(name)
     try:
         ipaddress.ip_address(host)
@@ -124,7 +126,7 @@ def allowed_hosts_for(
     loopback names, and ``bind`` itself when it is a loopback address. A bind that is
     not a loopback address (``0.0.0.0``, a LAN address, a name) needs ``allowed``:
     without it, ``ValueError`` with a one-line reason (``how`` names the option)."""
-    names = {_allowed_name(a) for a in allowed or ()}
+    names = {allowed_name(a) for a in allowed or ()}
     if is_loopback(bind):
         names.add(canonical_host(bind))
         address = _numeric_address(canonical_host(bind))

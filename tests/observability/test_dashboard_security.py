@@ -105,6 +105,8 @@ def test_loopback_is_decided_by_address(host: str, loopback: bool) -> None:
 def test_an_allowed_host_is_a_bare_name(name: str) -> None:
     with pytest.raises(ValueError, match="not a host name or an IP address"):
         allowed_hosts_for("0.0.0.0", [name])
+    with pytest.raises(ValueError, match="not a host name or an IP address"):
+        Dashboard(bus.InMemoryBroker(), allowed_hosts=[name])
 
 
 async def test_a_non_loopback_bind_without_allowed_hosts_does_not_start() -> None:
