@@ -725,7 +725,12 @@ async def dead(
 
 
 def _add_dashboard_parser(sub: Any) -> None:
-    d = sub.add_parser("dashboard", help="serve a web dashboard of MODULE:BROKER")
+    d = sub.add_parser(
+        "dashboard",
+        help="serve a web dashboard of MODULE:BROKER",
+        epilog="environment: BUS_DASHBOARD_TOKEN, when set, is the token the page and its "
+        "API ask for (Authorization: Bearer TOKEN, or the page's login form)",
+    )
     d.add_argument("broker", metavar="MODULE:BROKER")
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     d.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free one)")
@@ -734,9 +739,8 @@ def _add_dashboard_parser(sub: Any) -> None:
         action="append",
         default=[],
         metavar="NAME",
-        help="a host name the dashboard is reached by (repeatable); needed to --host "
-        "a non-loopback address. The loopback names are always allowed. "
-        "Set BUS_DASHBOARD_TOKEN to require a token",
+        help="a host name the dashboard is reached by (repeatable): requests naming "
+        "another are refused; needed with a --host that is not a loopback address",
     )
     d.add_argument(
         "--allow-actions",
