@@ -70,6 +70,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import attrs
 from cronsim import CronSim, CronSimError
 
+from bus._codec import MAX_DEPTH, too_deep
 from bus._ids import TaskID
 
 __all__ = [
@@ -457,8 +458,11 @@ class ScheduleSpec:
         """The schedule that :meth:`to_json` wrote. Raises :class:`ValueError` saying
         what is wrong when ``data`` is not one."""
         try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+            text = data.decode() if isinstance(data, bytes) else data
+            if too_deep(text):  # before json parses (and recurses): a stored poison
+                raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
+            doc = json.loads(text)
+        except (ValueError, UnicodeDecodeError, RecursionError, MemoryError) as exc:
             raise ValueError(f"a schedule is JSON text: {exc}") from None
         if not isinstance(doc, dict):
             raise ValueError("a schedule is a JSON object")

@@ -196,3 +196,12 @@ async def test_kiq_of_too_deep_arguments_raises_send_error() -> None:
             assert result.status is bus.TaskStatus.FAILURE
             assert result.error is not None and "max_depth" in result.error.message
             assert (await (await build.kiq(3)).wait_result(timeout=5)).return_value == [[[[]]]]
+
+
+@pytest.mark.parametrize("data", [b"[" * 100_000, b'{"a":' * 5000 + b"1" + b"}" * 5000])
+def test_a_stored_schedule_nested_too_deep_is_a_value_error(data: bytes) -> None:
+    # A run-time schedule is read from Redis: json.loads raised RecursionError on it.
+    from bus._schedule import ScheduleSpec
+
+    with pytest.raises(ValueError, match="nested more than 64 levels"):
+        ScheduleSpec.from_json(data)
