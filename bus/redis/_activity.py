@@ -13,11 +13,11 @@ Publishing is one pipeline; reading is two round trips.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from typing import TYPE_CHECKING, Any
 
+from bus._codec import too_deep
 from bus.redis._client import Arg
 
 if TYPE_CHECKING:
@@ -74,15 +74,28 @@ class RedisActivityStore:
         if names:
             raws = await client.execute("MGET", *(self._record_prefix.encode() + n for n in names))
             for raw in raws or ():
-                if isinstance(raw, bytes):
-                    with contextlib.suppress(ValueError):
-                        workers.append(json.loads(raw))
+                record = _loads(raw)
+                if isinstance(record, dict):
+                    workers.append(record)
         out: list[dict[str, Any]] = []
         for entry in entries or ():
             fields = entry[1] if isinstance(entry, list) and len(entry) > 1 else None
             if isinstance(fields, list):
                 for i in range(0, len(fields) - 1, 2):
-                    if fields[i] == b"f":
-                        with contextlib.suppress(ValueError):
-                            out.append(json.loads(fields[i + 1]))
+                    failure = _loads(fields[i + 1]) if fields[i] == b"f" else None
+                    if isinstance(failure, dict):
+                        out.append(failure)
         return Activity(workers, out[:failures])
+
+
+def _loads(raw: Any) -> Any:
+    """JSON read back from Redis, or ``None`` when it is not JSON or is nested deeper
+    than a message may be (anyone who can write to Redis could have put it there: a
+    reader of the dashboard must not fail on it)."""
+    if not isinstance(raw, bytes):
+        return None
+    try:
+        text = raw.decode()
+        return None if too_deep(text) else json.loads(text)
+    except (ValueError, RecursionError):
+        return None

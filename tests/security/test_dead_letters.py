@@ -79,3 +79,26 @@ async def test_undecodable_dead_letters_are_listed_raw_and_skipped_by_requeue(
             for item in shown["items"]:
                 assert item["task_name"] is None
                 assert item["payload"] is None or "undecodable" in item["payload"]
+
+
+async def test_the_dashboard_reads_past_poison_in_the_activity_keys(
+    make_broker: Callable[..., RedisBroker],
+) -> None:
+    from bus.activity import ActivityMiddleware, read_activity
+    from bus.redis._activity import RedisActivityStore
+
+    broker = make_broker().with_middlewares(ActivityMiddleware())
+    with trio.fail_after(30):
+        async with broker:
+            store = RedisActivityStore(broker)
+            client = broker.client
+            for name, raw in ((b"deep", b"[" * 100_000), (b"list", b"[1]"), (b"bad", b"\xff")):
+                await client.execute("ZADD", store.index, 1e10, name)
+                await client.execute("SET", store.record_key(name.decode()), raw)
+            for raw in (b"{" * 100_000, b'{"a":' * 2000 + b"1" + b"}" * 2000, b"7"):
+                await client.execute("XADD", store.failures, "*", "f", raw)
+            activity = await read_activity(broker)
+            assert activity is not None
+            assert activity.workers == [] and activity.failures == []
+            overview = await DashboardData(broker).overview()
+            assert overview["workers"] == [] and overview["failures"] == []
