@@ -93,6 +93,9 @@ OPS = (
     "unique",  # with_unique: the unique claim
     "rate_limited",  # rate_limit=: the worker's token take
     "get_result",  # a stored result read back
+    "is_ready",
+    "get_progress",
+    "client",  # broker.client.execute(...): the client given to tasks and tools
     "wait_timeout",  # wait_result(timeout=t) on a task that never ends: ResultTimeout at t
     "cancel",  # handle.cancel() of a running task
     "inspect",
@@ -140,7 +143,10 @@ class Bench:
         self.maybe: set[str] = set()
         #: Tasks whose cancel returned: they must end CANCELLED (their gate stays shut).
         self.cancelled: list[tuple[bus.TaskHandle[Any], str]] = []
+        #: Schedules added (the add returned) and not asked to be removed since.
         self.schedule_names: list[str] = []
+        #: Schedules removed (the removal returned).
+        self.unscheduled: set[str] = set()
         self.finished: list[bus.TaskHandle[Any]] = []
         self._tokens = itertools.count()
         self._stopping = False
@@ -295,6 +301,17 @@ class Bench:
         if self.finished:
             await self.call("get_result", self.command_bound, self.finished[-1].get_result)
 
+    async def op_is_ready(self) -> None:
+        if self.finished:
+            await self.call("is_ready", self.command_bound, self.finished[-1].is_ready)
+
+    async def op_get_progress(self) -> None:
+        if self.finished:
+            await self.call("get_progress", self.command_bound, self.finished[-1].get_progress)
+
+    async def op_client(self) -> None:
+        await self.call("client", self.command_bound, self.producer.client.execute, "PING")
+
     async def op_wait_timeout(self) -> None:
         handle: bus.TaskHandle[Any] = bus.TaskHandle(bus.TaskID.new(), self.producer)
         outcome, _ = await self.call(
@@ -340,7 +357,11 @@ class Bench:
 
     async def op_unschedule(self) -> None:
         name = self.schedule_names.pop(0) if self.schedule_names else "absent"
-        await self.call("unschedule", self.command_bound, self.producer.unschedule, name)
+        outcome, _ = await self.call(
+            "unschedule", self.command_bound, self.producer.unschedule, name
+        )
+        if outcome == "ok":
+            self.unscheduled.add(name)
 
     async def op_schedules(self) -> None:
         await self.call("schedules", self.command_bound, self.producer.schedules)
@@ -407,6 +428,11 @@ class Bench:
             )
             assert outcome == "ok", self.calls[-1]
             self.accepted += list(zip(handles, burst, strict=True))
+
+            async def wait_burst() -> None:
+                await self.call("wait_burst", 600.0, lambda: bus.gather(*handles, timeout=600.0))
+
+            nursery.start_soon(wait_burst)
             t_cut = trio.current_time()
             await cut()
             self.cut_at = t_cut
@@ -448,6 +474,7 @@ class Bench:
             elif c.op == "wait_timeout" and abs(c.took - c.bound) > SLACK:
                 out.append(f"ResultTimeout not at its timeout: {c}")
             elif c.outcome == "unavailable" and c.op in (
+                "wait_burst",
                 "run",
                 "retry",
                 "delayed",
@@ -480,6 +507,17 @@ class Bench:
         for token in self.maybe:
             if self.runs[token] > 1:
                 out.append(f"task {token} (send failed) ran {self.runs[token]} times")
+        return out
+
+    async def schedule_problems(self) -> list[str]:
+        """Every schedule added is listed, every one removed is not."""
+        outcome, infos = await self.call("schedules.check", 10, self.producer.schedules)
+        if outcome != "ok":
+            return [f"schedules() after the outage: {self.calls[-1]}"]
+        listed = {info.spec.name for info in infos}
+        lost = [n for n in self.schedule_names if n not in listed]
+        out = [f"schedule {n} was added and is lost" for n in lost]
+        out += [f"schedule {n} was removed and is back" for n in self.unscheduled & listed]
         return out
 
     async def cancel_problems(self) -> list[str]:

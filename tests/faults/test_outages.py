@@ -33,8 +33,8 @@ async def _through(
         async with bench.running():
             recovered = await bench.run_outage(cut, restore, length)
             await bench.settle()
-            late_cancels = await bench.cancel_problems()
-    problems = bench.problems(recovered) + bench.run_problems() + late_cancels
+            late = await bench.cancel_problems() + await bench.schedule_problems()
+    problems = bench.problems(recovered) + bench.run_problems() + late
     if none_may_fail:
         problems += [
             f"failed during a short outage: {c}" for c in bench.calls if c.outcome == "unavailable"
