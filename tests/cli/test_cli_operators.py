@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bus._ids import TaskID
 from tests.cli.test_cli_redis import APP, Worker, bus, bus_redis, wait_until
 from tests.redis.server import RedisServer, free_port
 
@@ -221,7 +222,8 @@ def test_inspect_text_is_a_table_without_python_reprs(env: dict[str, str]) -> No
 def test_dead_letters_requeue_per_letter_with_filters_and_json_data(env: dict[str, str]) -> None:
     prefix = env["BUS_TEST_PREFIX"]
     dead = f"{{{prefix}:q}}:dead"
-    bus_redis(env, "XADD", dead, "*", "reason", "unknown task 'x'", "data", '{"bad": 1}')
+    message = json.dumps({"id": str(TaskID.new()), "name": "x", "args": [], "kwargs": {}})
+    bus_redis(env, "XADD", dead, "*", "reason", "unknown task 'x'", "data", message)
     bus_redis(env, "XADD", dead, "*", "reason", "message signature is wrong", "data", "sig")
     subprocess.run(  # not UTF-8: shown as base64
         ["redis-cli", "-p", env["BUS_TEST_URL"].rsplit(":", 1)[1].split("/")[0], "-x", "XADD",
@@ -230,10 +232,12 @@ def test_dead_letters_requeue_per_letter_with_filters_and_json_data(env: dict[st
     )  # fmt: skip
     letters = json.loads(bus(env, "dead", APP, "list", "--json").stdout)
     assert [d["data_encoding"] for d in letters] == ["utf-8", "utf-8", "base64"]
-    assert letters[0]["data"] == '{"bad": 1}'
+    assert letters[0]["data"] == message
+    assert [d["undecodable"] is None for d in letters] == [True, False, False]
     only = json.loads(bus(env, "dead", APP, "list", "--json", "--reason", "signature").stdout)
     assert len(only) == 1
     out = bus(env, "dead", APP, "requeue").stdout
     assert "skipped: dead-lettered for its signature" in out
-    assert "requeued 2 dead letter(s)" in out
-    assert len(json.loads(bus(env, "dead", APP, "list", "--json").stdout)) == 1
+    assert "skipped: undecodable, it cannot run" in out  # never requeued: it cannot run
+    assert "requeued 1 dead letter(s)" in out
+    assert len(json.loads(bus(env, "dead", APP, "list", "--json").stdout)) == 2

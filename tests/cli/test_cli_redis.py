@@ -203,7 +203,10 @@ def test_inspect_and_dead_letters(env: dict[str, str]) -> None:
     letters = json.loads(listed.stdout)
     assert len(letters) == 1 and "undecodable" in letters[0]["reason"]
     assert "undecodable" in bus(env, "dead", APP, "list").stdout
-    assert "requeued 1" in bus(env, "dead", APP, "requeue").stdout
-    assert json.loads(bus(env, "inspect", APP, "--json").stdout)["queued"] == 1
+    # An undecodable letter cannot run: requeue skips it, saying why, and keeps it.
+    requeued = bus(env, "dead", APP, "requeue").stdout
+    assert "skipped: undecodable, it cannot run" in requeued and "requeued 0" in requeued
+    info = json.loads(bus(env, "inspect", APP, "--json").stdout)
+    assert info["queued"] == 0 and info["dead_letters"] == 1
     bus_redis(env, "XADD", f"{{{prefix}:q}}:dead", "*", "reason", "test", "data", "x")
-    assert "purged 1" in bus(env, "dead", APP, "purge").stdout
+    assert "purged 2" in bus(env, "dead", APP, "purge").stdout
