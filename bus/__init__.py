@@ -34,6 +34,17 @@ from bus._schedule import Cron, Every, ScheduleSpec, cron, every
 from bus._scheduler import ScheduleInfo, TickState
 from bus._task import AsyncTask, Kicker, SyncTask, Task, TaskHandle, gather
 from bus._worker import Worker, WorkerActor
+from bus._workflow import (
+    Chain,
+    Group,
+    Signature,
+    StepStatus,
+    WorkflowHandle,
+    WorkflowStatus,
+    chain,
+    chord,
+    group,
+)
 
 try:
     __version__: str = _metadata.version("trio-bus")
@@ -51,12 +62,14 @@ __all__ = [
     "BrokerStats",
     "BusError",
     "BusEvent",
+    "Chain",
     "Codec",
     "Context",
     "Cron",
     "DecodeError",
     "Every",
     "FrozenDict",
+    "Group",
     "InMemoryBroker",
     "InMemoryResultBackend",
     "InmemoryResultBackend",
@@ -72,6 +85,8 @@ __all__ = [
     "ScheduleInfo",
     "ScheduleSpec",
     "SendError",
+    "Signature",
+    "StepStatus",
     "SyncTask",
     "Task",
     "TaskCancelled",
@@ -87,9 +102,14 @@ __all__ = [
     "__version__",
     "Worker",
     "WorkerActor",
+    "WorkflowHandle",
+    "WorkflowStatus",
+    "chain",
+    "chord",
     "cron",
     "current_context",
     "every",
     "gather",
+    "group",
     "limit",
 ]

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from collections.abc import Coroutine
 
     from bus._worker import Worker
+    from bus._workflow import WorkflowBackend
 
 __all__ = ["Broker", "BrokerState", "BrokerStats", "BusEvent"]
 
@@ -364,6 +365,23 @@ class Broker(abc.ABC):
             if ref is not None:
                 with contextlib.suppress(actors.ActorError):
                     ref.tell_nowait(WakeScheduler())
+
+    # -------------------------------------------------------------------- workflows
+
+    @property
+    def workflows(self) -> WorkflowBackend:
+        """Where this broker keeps its workflows' state (see docs/workflows.md)."""
+        backend: WorkflowBackend | None = self.__dict__.get("_workflows")
+        if backend is None:
+            backend = self.__dict__["_workflows"] = self._workflow_backend()
+        return backend
+
+    def _workflow_backend(self) -> WorkflowBackend:
+        """The default: an actor of this process owns the workflows (in-memory brokers);
+        a broker shared by processes overrides it."""
+        from bus._workflow_actor import MemoryWorkflowBackend
+
+        return MemoryWorkflowBackend(self)
 
     # ------------------------------------------------------------------ the actors
 

@@ -12,6 +12,7 @@ from bus._message import TaskMessage, TaskResult
 
 if TYPE_CHECKING:
     from bus._broker import Broker
+    from bus._ids import TaskID
 
 __all__ = ["Middleware"]
 
@@ -27,10 +28,11 @@ HOOKS = (
     "on_error",
     "post_save",
     "on_reject",
+    "on_workflow",
 )
 #: Hooks that run in reverse list order (the "way out").
 REVERSED = frozenset(
-    {"shutdown", "post_send", "post_execute", "on_error", "post_save", "on_reject"}
+    {"shutdown", "post_send", "post_execute", "on_error", "post_save", "on_reject", "on_workflow"}
 )
 
 
@@ -81,6 +83,11 @@ class Middleware:
         """A worker refused a delivery without running it: undecodable (``message`` is
         ``None`` then), an unknown task, invalid option labels, or arguments that do not
         fit the task. Called before the rejection is stored and the delivery nacked."""
+
+    def on_workflow(self, event: str, workflow_id: TaskID) -> Any:
+        """A workflow ``started`` (in the process that sent it) or ended
+        (``succeeded``, ``failed``, ``cancelled``: in the process whose transition
+        ended it)."""
 
 
 class HookChain:

@@ -27,6 +27,7 @@ from bus._unique import canonical_args, unique_key
 
 if TYPE_CHECKING:
     from bus._broker import Broker
+    from bus._workflow import Signature
 
 __all__ = ["AsyncTask", "Kicker", "SyncTask", "Task", "TaskHandle", "gather"]
 
@@ -215,6 +216,21 @@ class Task(Generic[P, R]):
 
     def kicker(self) -> Kicker[P, R]:
         return Kicker(self)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A step of a workflow (``bus.chain``, ``bus.group``, ``bus.chord``, ``|``):
+        this task with these arguments, after the previous step's result, which it gets
+        as its first positional argument. Checked against the task when the workflow
+        is sent."""
+        from bus._workflow import Signature
+
+        return Signature(self.name, args, kwargs, task=self)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """An immutable step: as :meth:`s`, but it does not get the previous result."""
+        from bus._workflow import Signature
+
+        return Signature(self.name, args, kwargs, immutable=True, task=self)
 
     async def kiq(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
         """Send the task with these arguments and return its handle.

@@ -426,6 +426,8 @@ class WorkerActor(actors.Actor):
                         "result.store_failed", task_id=tid, task_name=message.task_name
                     )
                 else:
+                    if "workflow" in message.labels and not await self._step_done(message, result):
+                        return  # not acked: its transition runs again with the redelivery
                     self._ack(delivery, tid)
             else:
                 await self._finish(message, delivery, options, status, value, error, t0)
@@ -566,7 +568,8 @@ class WorkerActor(actors.Actor):
             result: TaskResult[Any] = TaskResult(
                 message.task_id, TaskStatus.FAILURE, None, err, 0.0, message.labels
             )
-            await self._store(message, result)
+            if await self._store(message, result):
+                await self._step_done(message, result)
         await self._tell_broker(Nack(delivery, reason))
 
     async def _finish(
@@ -625,6 +628,8 @@ class WorkerActor(actors.Actor):
             await self._unclaim(delivery)
         if not await self._store(message, decision.result):
             return  # not acked: a redelivering broker runs it again
+        if message.labels and not await self._step_done(message, decision.result):
+            return  # not acked: its transition runs again with the redelivery
         if "post_save" in hooks.has:
             await hooks.run_all("post_save", message, decision.result)
         lease = self._lease
@@ -652,6 +657,22 @@ class WorkerActor(actors.Actor):
             await broker_ref.tell(msg)
         except actors.ActorStopped:
             self._log.warning("worker.broker_stopped", message=type(msg).__name__)
+
+    async def _step_done(self, message: TaskMessage, result: TaskResult[Any]) -> bool:
+        """The seam of workflows: a step (its labels name its workflow) has its final
+        result stored; its transition (mark it done, send what it unblocks, once) runs
+        before the ack, so a crash in between redelivers the step and the transition
+        runs again, finding it done (see bus/_workflow_plan.py). False: not done."""
+        if "workflow" not in message.labels:
+            return True
+        try:
+            await self.broker.workflows.step_done(message, result)
+        except Exception:
+            self._log.exception(
+                "workflow.transition_failed", task_id=message.task_id, task_name=message.task_name
+            )
+            return False
+        return True
 
     async def _store(self, message: TaskMessage, result: TaskResult[Any]) -> bool:
         try:

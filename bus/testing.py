@@ -14,6 +14,7 @@ __all__ = [
     "QUEUE_CHECKS",
     "SCHEDULE_CHECKS",
     "UNIQUE_CHECKS",
+    "WORKFLOW_CHECKS",
     "ContractError",
     "check_broker",
     "in_memory",
@@ -34,6 +35,17 @@ QUEUE_CHECKS: tuple[str, ...] = (
 SCHEDULE_CHECKS: tuple[str, ...] = ("check_schedules_fire_each_tick_once",)
 #: The contract check of unique jobs, for a broker that does not claim unique keys.
 UNIQUE_CHECKS: tuple[str, ...] = ("check_unique_jobs_run_once_while_queued_or_running",)
+#: The contract checks of workflows (chains, groups, chords), for a broker without
+#: a workflow backend.
+WORKFLOW_CHECKS: tuple[str, ...] = (
+    "check_workflow_chain_passes_results_on",
+    "check_workflow_group_and_chord_keep_order",
+    "check_workflow_arity_is_checked_at_kiq",
+    "check_workflow_failure_skips_downstream_and_runs_on_error_once",
+    "check_workflow_cancel_stops_queued_and_running_steps",
+    "check_workflow_step_reported_twice_sends_once",
+    "check_workflow_counted_while_running",
+)
 
 
 class ContractError(AssertionError):

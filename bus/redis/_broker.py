@@ -121,6 +121,7 @@ from bus.redis._settings import RedisSettings
 
 if TYPE_CHECKING:
     from bus._task import Task
+    from bus.redis._workflows import RedisWorkflowBackend
 
 __all__ = ["DelayedMoverActor", "RedisBroker", "RedisBrokerActor"]
 
@@ -1020,6 +1021,12 @@ class RedisBroker(Broker):
         if conn_ref is None:
             raise RuntimeError("the Redis broker is not running")
         return RedisScheduleBackend(self.settings, self.keys, conn_ref)
+
+    def _workflow_backend(self) -> RedisWorkflowBackend:
+        """Workflows in Redis: one Lua call per step's transition (bus/redis/_workflows.py)."""
+        from bus.redis._workflows import RedisWorkflowBackend
+
+        return RedisWorkflowBackend(self)
 
     # ---------------------------------------------------------------- sending
 

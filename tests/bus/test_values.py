@@ -223,6 +223,9 @@ def test_public_surface_is_pinned() -> None:
             "TaskHandle", "TaskID", "TaskMessage", "TaskOptions", "TaskResult", "TaskStatus",
             "TickState", "UnknownTaskError", "Worker", "WorkerActor", "__version__", "cron",
             "current_context", "every", "gather", "limit",
+            # workflows (issue 19)
+            "Chain", "Group", "Signature", "StepStatus", "WorkflowHandle", "WorkflowStatus",
+            "chain", "chord", "group",
         ]
     )  # fmt: skip
     for name in bus.__all__:

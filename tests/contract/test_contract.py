@@ -62,6 +62,7 @@ def test_the_feature_checks_are_named_right() -> None:
     assert set(bus.testing.QUEUE_CHECKS) <= names
     assert set(bus.testing.SCHEDULE_CHECKS) <= names
     assert set(bus.testing.UNIQUE_CHECKS) <= names
+    assert set(bus.testing.WORKFLOW_CHECKS) == {n for n in names if n.startswith("check_workflow")}
 
 
 IMPATIENT = """

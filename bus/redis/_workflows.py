@@ -1,0 +1,493 @@
+"""Workflows on Redis: each step's completion is one Lua call.
+
+Keys, all under the workflow's own hash tag ``{prefix:wf:<id>}`` (so one node of a
+Redis Cluster holds them all):
+
+- ``{prefix:wf:<id>}`` (a hash): ``plan`` (the compiled workflow, signed with the
+  secret), ``state`` (``running``, ``succeeded``, ``failed``, ``cancelled``), ``n``
+  (its number of steps), ``t:<i>`` (step ``i`` was sent), ``o:<i>`` (step ``i``'s
+  outcome: its encoded, signed result), ``result`` (the workflow's, once it ended),
+  ``failed`` (the step that failed it);
+- ``{prefix:wf:<id>}:done``: the set of the steps that finished;
+- ``{prefix:wf:<id>}:j:<i>``: for a step waiting for several (a chord's body, a
+  step after a group), the set of those that finished. Sets, never counters: a step
+  reported twice is one member.
+
+Besides, ``{prefix}:workflows`` is the set of running workflows (for ``inspect``),
+written beside the scripts, not by them.
+
+The transition (:data:`TRANSITION`) checks the state, stores the outcome, marks the
+step done and sends the steps it makes runnable, atomically. The messages it sends
+are built and signed here beforehand (Lua cannot sign): from a snapshot of the
+joins, the caller builds the message of every successor that this completion may
+make runnable; the script checks, before writing anything, that every successor
+that *is* runnable now came with its message, and answers ``retry`` otherwise (a
+sibling finished since the snapshot): the caller reads again. So the completion that
+finishes a chord's last header step sends its body, exactly once; a step that runs
+again (a worker killed after the transition and before its ack) finds ``o:<i>`` and
+sends nothing (``dup``).
+
+Redis Cluster: the script writes to the queues' streams, whose keys have their
+queue's hash tag, so on a cluster it would span slots. There the same script will
+XADD what it sends to an outbox stream in the workflow's slot
+(``{prefix:wf:<id>}:outbox``, each entry carrying its dedupe id
+``<workflow id>:<step>``), and a forwarder moves each entry to its queue's stream
+with ``SET {prefix:queue}:fwd:<dedupe id> NX`` first (in the queue's slot, so a
+forward repeated after a crash is dropped), then XDELs it from the outbox. A single
+Redis has no slots, so it sends directly; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import time
+from typing import TYPE_CHECKING, Any
+
+from actors._log import get_logger
+from bus._errors import ResultNotFound
+from bus._ids import TaskID
+from bus._message import TaskMessage, TaskResult, TaskStatus
+from bus._workflow import StepStatus, WorkflowBackend, WorkflowStatus
+from bus._workflow_actor import workflow_event
+from bus._workflow_plan import Plan, step_of, step_state
+from bus.redis._client import Connection, Script
+from bus.redis._logic import SIG_VERSION, _mac, sign_entry
+from bus.redis._scripts import SEND_LUA
+
+if TYPE_CHECKING:
+    from bus.redis._broker import RedisBroker
+
+__all__ = ["CANCEL", "START", "TRANSITION", "RedisWorkflowBackend"]
+
+log = get_logger("bus.redis")
+
+#: Records a workflow and sends its first steps, once (a repeated call finds the
+#: hash and sends nothing). KEYS: the hash, then a stream and a delayed set per first
+#: step. ARGV: plan, number of steps, maxlen, then per first step: index, data,
+#: signature, due (ms, 0: now). Returns 1, or 0 if it was recorded already.
+START = Script(
+    SEND_LUA
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'plan', ARGV[1], 'state', 'running', 'n', ARGV[2])
+local maxlen = tonumber(ARGV[3])
+local k = 2
+for a = 4, #ARGV, 4 do
+  send(KEYS[k], KEYS[k + 1], tonumber(ARGV[a + 3]), ARGV[a + 1], ARGV[a + 2], maxlen)
+  redis.call('HSET', KEYS[1], 't:' .. ARGV[a], '1')
+  k = k + 2
+end
+return 1
+"""
+)
+
+#: Lua shared by the scripts that end a workflow: its keys expire after the result
+#: backend's TTL (the steps' outcomes are kept until the end), its joins go.
+END_LUA = """
+local function finish(h, done, first_join, last_join, ttl)
+  redis.call('PEXPIRE', h, ttl)
+  redis.call('PEXPIRE', done, ttl)
+  for j = first_join, last_join do redis.call('DEL', KEYS[j]) end
+end
+"""
+
+#: One step's completion. KEYS: hash, done set, on_error's stream and delayed set,
+#: every join set of the workflow (m of them), then a stream and a delayed set per
+#: successor of the step. ARGV: step, outcome, kind ('ok', 'fail', 'cancel'), number
+#: of steps, ttl (ms), the workflow's result if this call may end it (else ''),
+#: maxlen, on_error's data (or ''), its signature, its due, m, then per successor:
+#: its index, its join's position in KEYS (0: it waits for this step only), its
+#: number of deps, data ('' when the caller saw it not runnable yet), signature, due.
+#: Returns {'ok'}, {'ended', state, result}, {'dup', state, result}, {'late', state},
+#: {'retry'} (nothing written: read again), or {'unknown'}.
+TRANSITION = Script(
+    SEND_LUA
+    + END_LUA
+    + """
+local h, done = KEYS[1], KEYS[2]
+local i = ARGV[1]
+local state = redis.call('HGET', h, 'state')
+if not state then return {'unknown'} end
+if redis.call('HEXISTS', h, 'o:' .. i) == 1 then
+  return {'dup', state, redis.call('HGET', h, 'result') or ''}
+end
+if state ~= 'running' then
+  redis.call('HSET', h, 'o:' .. i, ARGV[2])
+  return {'late', state}
+end
+local m = tonumber(ARGV[11])
+local ttl = tonumber(ARGV[5])
+local maxlen = tonumber(ARGV[7])
+if ARGV[3] ~= 'ok' then
+  local ended = 'cancelled'
+  if ARGV[3] == 'fail' then ended = 'failed' end
+  redis.call('HSET', h, 'o:' .. i, ARGV[2], 'state', ended, 'result', ARGV[6])
+  redis.call('SADD', done, i)
+  if ended == 'failed' then
+    redis.call('HSET', h, 'failed', i)
+    if ARGV[8] ~= '' then send(KEYS[3], KEYS[4], tonumber(ARGV[10]), ARGV[8], ARGV[9], maxlen) end
+  end
+  finish(h, done, 5, 4 + m, ttl)
+  return {'ended', ended, ARGV[6]}
+end
+-- Check first, write after: a successor runnable now must have come with its message.
+local runnable = {}
+local s = 0
+for a = 12, #ARGV, 6 do
+  s = s + 1
+  local join = tonumber(ARGV[a + 1])
+  local ready = true
+  if join > 0 then
+    local have = redis.call('SCARD', KEYS[join])
+    if redis.call('SISMEMBER', KEYS[join], i) == 0 then have = have + 1 end
+    ready = have >= tonumber(ARGV[a + 2])
+  end
+  if ready and ARGV[a + 3] == '' then return {'retry'} end
+  runnable[s] = ready
+end
+local ends = redis.call('SCARD', done) + 1 >= tonumber(ARGV[4])
+if ends and ARGV[6] == '' then return {'retry'} end
+redis.call('HSET', h, 'o:' .. i, ARGV[2])
+redis.call('SADD', done, i)
+s = 0
+for a = 12, #ARGV, 6 do
+  s = s + 1
+  local join = tonumber(ARGV[a + 1])
+  if join > 0 then redis.call('SADD', KEYS[join], i) end
+  if runnable[s] and redis.call('HSETNX', h, 't:' .. ARGV[a], '1') == 1 then
+    local k = 4 + m + 2 * s - 1
+    send(KEYS[k], KEYS[k + 1], tonumber(ARGV[a + 5]), ARGV[a + 3], ARGV[a + 4], maxlen)
+  end
+end
+if ends then
+  redis.call('HSET', h, 'state', 'succeeded', 'result', ARGV[6])
+  finish(h, done, 5, 4 + m, ttl)
+  return {'ended', 'succeeded', ARGV[6]}
+end
+return {'ok'}
+"""
+)
+
+#: Cancels a running workflow. KEYS: hash, done set, its join sets. ARGV: the
+#: workflow's result, ttl (ms), number of steps. Returns {1, steps sent and not
+#: finished...}, or {0} if it was not running.
+CANCEL = Script(
+    END_LUA
+    + """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return {0} end
+redis.call('HSET', KEYS[1], 'state', 'cancelled', 'result', ARGV[1])
+local out = {1}
+for i = 0, tonumber(ARGV[3]) - 1 do
+  if redis.call('HEXISTS', KEYS[1], 't:' .. i) == 1 and
+     redis.call('HEXISTS', KEYS[1], 'o:' .. i) == 0 then
+    out[#out + 1] = i
+  end
+end
+finish(KEYS[1], KEYS[2], 3, #KEYS, tonumber(ARGV[2]))
+return out
+"""
+)
+
+#: One read of a transition's snapshot: the size of the done set and of each join.
+SNAPSHOT = Script("""
+local out = {redis.call('SCARD', KEYS[1])}
+for k = 2, #KEYS do out[#out + 1] = redis.call('SCARD', KEYS[k]) end
+return out
+""")
+
+_KINDS = {TaskStatus.SUCCESS: "ok", TaskStatus.CANCELLED: "cancel"}
+_PLANS = 256
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisWorkflowBackend(WorkflowBackend):
+    """A Redis broker's workflows (see the module docstring). Keeps a small cache of
+    plans (they never change once recorded)."""
+
+    def __init__(self, broker: RedisBroker) -> None:
+        self.broker = broker
+        self._plans: collections.OrderedDict[TaskID, Plan] = collections.OrderedDict()
+
+    # ------------------------------------------------------------------- keys
+
+    def key(self, wid: TaskID) -> bytes:
+        return ("{" + f"{self.broker.keys.prefix}:wf:{wid}" + "}").encode()
+
+    def running_key(self) -> bytes:
+        return f"{self.broker.keys.prefix}:workflows".encode()
+
+    def joins(self, plan: Plan) -> list[int]:
+        return [s.index for s in plan.steps if len(s.deps) > 1]
+
+    def _ttl_ms(self) -> int:
+        ttl = getattr(self.broker.result_backend, "ttl", None)
+        return max(1, int((ttl if isinstance(ttl, int | float) else 86_400.0) * 1000))
+
+    # ------------------------------------------------------------------ trust
+
+    def _sign(self, h: bytes, field: bytes, blob: bytes) -> bytes:
+        secret = self.broker.settings.secret
+        if secret is None:
+            return blob
+        return SIG_VERSION + b"." + _mac(secret, b"workflow", h, field, blob) + b"\n" + blob
+
+    def _check(self, h: bytes, field: bytes, value: bytes | None) -> bytes | None:
+        """The blob of a signed value, or ``None`` (logged) when it is not signed
+        with the secret for this field of this workflow."""
+        secret = self.broker.settings.secret
+        if value is None or secret is None:
+            return value
+        head, nl, blob = value.partition(b"\n")
+        if (
+            nl
+            and head.startswith(SIG_VERSION + b".")
+            and hmac.compare_digest(
+                head[len(SIG_VERSION) + 1 :], _mac(secret, b"workflow", h, field, blob)
+            )
+        ):
+            return blob
+        log.warning("workflow.refused", key=h.decode(errors="replace"), field=field.decode())
+        return None
+
+    # -------------------------------------------------------------------- I/O
+
+    async def _call(self, what: str, script: Script, keys: list[Any], args: list[Any]) -> Any:
+        async def run(conn: Connection) -> Any:
+            return await script.run(conn, keys=keys, args=args)
+
+        return await self.broker._connection_call(what, run)
+
+    async def _execute(self, what: str, *command: Any) -> Any:
+        async def run(conn: Connection) -> Any:
+            return await conn.execute(*command)
+
+        return await self.broker._connection_call(what, run)
+
+    def _send_args(self, message: TaskMessage) -> tuple[list[bytes], list[Any]]:
+        """The keys (stream, delayed set) and the data, signature and due time of a
+        message sent as the broker's own sends are."""
+        broker = self.broker
+        target = broker.keys_of_queue(message.queue)
+        stream = target.level_stream(message.priority)
+        data = broker._encode(message)
+        eta = message.eta
+        due = int(eta * 1000) if eta is not None and eta > time.time() else 0
+        return [stream, target.level_delayed(message.priority)], [
+            data,
+            sign_entry(broker.settings.secret, stream, data),
+            due,
+        ]
+
+    async def _plan(self, wid: TaskID) -> Plan | None:
+        plan = self._plans.get(wid)
+        if plan is not None:
+            return plan
+        h = self.key(wid)
+        blob = self._check(h, b"plan", await self._execute("reading a workflow", "HGET", h, "plan"))
+        if blob is None:
+            return None
+        try:
+            plan = Plan.loads(blob, self.broker.codec)
+        except ValueError:
+            log.warning("workflow.bad_plan", workflow_id=wid)
+            return None
+        if plan.workflow_id != wid:
+            return None
+        self._plans[wid] = plan
+        while len(self._plans) > _PLANS:
+            self._plans.popitem(last=False)
+        return plan
+
+    # ----------------------------------------------------------------- the API
+
+    async def start(self, plan: Plan) -> None:
+        broker = self.broker
+        for s in plan.steps:
+            broker._check_send(s.message)
+        h = self.key(plan.workflow_id)
+        keys: list[Any] = [h]
+        args: list[Any] = [
+            self._sign(h, b"plan", plan.dumps(broker.codec)),
+            len(plan.steps),
+            broker.settings.maxlen or 0,
+        ]
+        for i in plan.first:
+            k, a = self._send_args(plan.steps[i].message)
+            keys += k
+            args += [i, *a]
+        await self._call(f"cannot send workflow {plan.workflow_id}", START, keys, args)
+        await self._execute("recording a workflow", "SADD", self.running_key(), plan.workflow_id)
+        self._plans[plan.workflow_id] = plan
+        await workflow_event(broker, "started", plan.workflow_id)
+
+    async def _outcomes(self, h: bytes, steps: list[int]) -> dict[int, Any] | None:
+        """The return values of ``steps`` (``None`` if one is missing or refused)."""
+        if not steps:
+            return {}
+        fields = [f"o:{i}" for i in steps]
+        raw = await self._execute("reading a workflow", "HMGET", h, *fields)
+        out: dict[int, Any] = {}
+        for i, value in zip(steps, raw, strict=True):
+            blob = self._check(h, f"o:{i}".encode(), value)
+            if blob is None:
+                return None
+            out[i] = self.broker.codec.decode_result(blob).return_value
+        return out
+
+    async def step_done(self, message: TaskMessage, result: TaskResult[Any]) -> None:
+        step = step_of(message.labels)
+        if step is None:
+            return
+        wid, index = step
+        plan = await self._plan(wid)
+        if plan is None or not 0 <= index < len(plan.steps):
+            log.warning("workflow.unknown_step", workflow_id=wid, step=index)
+            return
+        for _ in range(1000):
+            reply = await self._transition(plan, index, result)
+            if reply is not None:
+                break
+        else:  # pragma: no cover - a thousand siblings finishing at once, each time
+            raise RuntimeError(f"workflow {wid}: step {index}'s transition kept conflicting")
+        kind = _text(reply[0])
+        if kind == "ended" or (kind == "dup" and len(reply) > 2 and reply[2]):
+            await self._store_end(plan, reply[2], _text(reply[1]), fresh=kind == "ended")
+
+    async def _transition(
+        self, plan: Plan, index: int, result: TaskResult[Any]
+    ) -> list[Any] | None:
+        """One try of the transition; ``None``: read again and retry."""
+        broker = self.broker
+        codec = broker.codec
+        wid = plan.workflow_id
+        h = self.key(wid)
+        step = plan.steps[index]
+        joins = self.joins(plan)
+        join_keys = [h + b":j:%d" % j for j in joins]
+        kind = _KINDS.get(result.status, "fail")
+        # The snapshot: how many steps finished, and each join's members.
+        snap = await self._call(
+            "reading a workflow",
+            SNAPSHOT,
+            [h + b":done", *[h + b":j:%d" % s for s in step.successors]],
+            [],
+        )
+        ndone, joined = int(snap[0]), [int(x) for x in snap[1:]]
+        values: dict[int, Any] = {index: result.return_value}
+        wf_result = b""
+        err_data: list[Any] = [b"", b"", 0]
+        err_keys: list[Any] = [h, h]
+        now = time.time()
+        if kind == "fail":
+            failed = plan.result("failed", {}, (index, result), now)
+            wf_result = self._sign(h, b"result", codec.encode_result(failed))
+            msg = plan.on_error_message(result)
+            if msg is not None:
+                err_keys, err_data = self._send_args(msg)
+        elif kind == "cancel":
+            wf_result = self._sign(h, b"result", codec.encode_result(plan.result("cancelled", {})))
+        elif ndone + 1 >= len(plan.steps):
+            others = await self._outcomes(h, [i for i in range(len(plan.steps)) if i != index])
+            if others is None:
+                raise RuntimeError(f"workflow {wid}: a step's outcome is missing or refused")
+            values.update(others)
+            ended = plan.result("succeeded", values, None, now)
+            wf_result = self._sign(h, b"result", codec.encode_result(ended))
+        keys: list[Any] = [h, h + b":done", *err_keys, *join_keys]
+        args: list[Any] = [
+            index,
+            self._sign(h, b"o:%d" % index, codec.encode_result(result)),
+            kind,
+            len(plan.steps),
+            self._ttl_ms(),
+            wf_result,
+            broker.settings.maxlen or 0,
+            *err_data,
+            len(joins),
+        ]
+        if kind == "ok":
+            for s, have in zip(step.successors, joined, strict=True):
+                succ = plan.steps[s]
+                need = len(succ.deps)
+                join = 0 if need == 1 else 5 + joins.index(s)
+                data: list[Any] = [b"", b"", 0]
+                skeys: list[Any] = [h, h]
+                if need == 1 or have + 1 >= need:
+                    missing = [d for d in succ.deps if d not in values]
+                    got = await self._outcomes(h, missing)
+                    if got is None:
+                        return None
+                    values.update(got)
+                    skeys, data = self._send_args(succ.build(values))
+                keys += skeys
+                args += [s, join, need, *data]
+        reply = await self._call(f"workflow {wid}: step {index}", TRANSITION, keys, args)
+        if _text(reply[0]) == "retry":
+            return None
+        if _text(reply[0]) == "unknown":
+            log.warning("workflow.unknown", workflow_id=wid)
+        return list(reply)
+
+    async def _store_end(self, plan: Plan, blob: Any, state: str, *, fresh: bool) -> None:
+        h = self.key(plan.workflow_id)
+        data = self._check(h, b"result", blob if isinstance(blob, bytes) else None)
+        if data is None:
+            return
+        result = self.broker.codec.decode_result(data)
+        await self.broker.result_backend.set_result(plan.workflow_id, result)
+        await self._execute("recording a workflow", "SREM", self.running_key(), plan.workflow_id)
+        if fresh:
+            await workflow_event(self.broker, state, plan.workflow_id)
+
+    async def cancel(self, workflow_id: TaskID) -> bool:
+        wid = TaskID.parse(workflow_id)
+        plan = await self._plan(wid)
+        if plan is None:
+            raise ResultNotFound(wid, "no such workflow")
+        h = self.key(wid)
+        blob = self._sign(
+            h, b"result", self.broker.codec.encode_result(plan.result("cancelled", {}))
+        )
+        keys = [h, h + b":done", *[h + b":j:%d" % j for j in self.joins(plan)]]
+        reply = await self._call(
+            f"cannot cancel workflow {wid}", CANCEL, keys, [blob, self._ttl_ms(), len(plan.steps)]
+        )
+        if not int(reply[0]):
+            return False
+        for i in reversed(reply[1:]):  # the last sent first: the queued before the running
+            await self.broker.cancel_task(plan.steps[int(i)].message.task_id)
+        await self._store_end(plan, blob, "cancelled", fresh=True)
+        return True
+
+    async def status(self, workflow_id: TaskID) -> WorkflowStatus:
+        wid = TaskID.parse(workflow_id)
+        plan = await self._plan(wid)
+        if plan is None:
+            raise ResultNotFound(wid, "no such workflow (or it expired)")
+        h = self.key(wid)
+        flat = await self._execute("reading a workflow", "HGETALL", h)
+        fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat or ()) - 1, 2)}
+        state = _text(fields.get("state", b"running"))
+        steps = []
+        codec = self.broker.codec
+        for s in plan.steps:
+            outcome = None
+            blob = self._check(h, b"o:%d" % s.index, fields.get(f"o:{s.index}"))
+            if blob is not None:
+                outcome = codec.decode_result(blob).status
+            st = step_state(outcome, f"t:{s.index}" in fields, state)
+            steps.append(
+                StepStatus(s.index, s.message.task_id, s.message.task_name, s.position, st)
+            )
+        failed = fields.get("failed")
+        return WorkflowStatus(
+            wid, state, tuple(steps), plan.tree, None if failed is None else int(failed)
+        )
+
+    async def running(self) -> int:
+        n = await self._execute("counting workflows", "SCARD", self.running_key())
+        return int(n or 0)
