@@ -24,7 +24,7 @@ from bus._limits import placement
 from bus._message import TaskMessage
 from bus._middleware import HookChain, Middleware
 from bus._options import TaskOptions, check_queue_name
-from bus._protocol import Cancel, Drain, Inspect, Send
+from bus._protocol import BrokerInfo, Cancel, Drain, Inspect, Send
 from bus._results import InMemoryResultBackend, ResultBackend
 from bus._schedule import Cron, Every, ScheduleSpec, Trigger
 from bus._scheduler import (
@@ -503,10 +503,11 @@ class Broker(abc.ABC):
 
     # ------------------------------------------------------------ operations (CLI)
 
-    async def inspect(self) -> dict[str, Any]:
-        """Numbers for operators: the broker actor's answer to ``Inspect`` (at least
-        ``queued``, ``delayed``, ``running`` and ``workers``)."""
-        info: dict[str, Any] = await self._ask(Inspect())
+    async def inspect(self) -> BrokerInfo:
+        """Numbers for operators: the broker actor's answer to ``Inspect``, a
+        :class:`bus.protocol.BrokerInfo` (the same shape on every broker: typed fields,
+        and read-only mapping access, ``dict(info)`` for JSON)."""
+        info: BrokerInfo = await self._ask(Inspect())
         return info
 
     async def _ask(self, msg: object) -> Any:

@@ -33,6 +33,9 @@ from bus._broker import Broker, plain_error
 from bus._errors import BusError, ResultTimeout
 from bus._message import TaskResult, TaskStatus
 from bus._options import is_queue_name
+from bus._workflow_cli import add_workflows_parser
+from bus._workflow_cli import parse_id as parse_workflow_id
+from bus._workflow_cli import show as show_workflow
 
 if TYPE_CHECKING:
     from bus._worker import Worker
@@ -617,7 +620,7 @@ def _print_info(info: dict[str, Any]) -> None:
 
 async def inspect(broker: Broker, as_json: bool) -> int:
     async with broker:
-        info = await broker.inspect()
+        info = dict(await broker.inspect())
     if as_json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -904,6 +907,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.add_argument("--log-level", default="error")
     _add_dashboard_parser(sub)
+    add_workflows_parser(sub)
     return p
 
 
@@ -980,6 +984,9 @@ def _main(args: argparse.Namespace, args_list: list[str]) -> int:
         if args.command == "schedules":
             _in_process_only(broker, "schedules")
             return trio.run(schedules, broker, args.json)
+        if args.command == "workflows":
+            _in_process_only(broker, "workflows")
+            return trio.run(show_workflow, broker, parse_workflow_id(args), args.json)
         _in_process_only(broker, "dead")
         return trio.run(dead, broker, args.action, args.limit, args.json, args.reason, args.task)
     except KeyboardInterrupt:

@@ -51,6 +51,7 @@ from bus._middleware import Middleware
 from bus._options import check_queue_name
 from bus._protocol import (
     Ack,
+    BrokerInfo,
     Cancel,
     CancelRunning,
     Delivery,
@@ -59,11 +60,13 @@ from bus._protocol import (
     Inspect,
     Lease,
     Nack,
+    QueueInfo,
     Receive,
     Release,
     Send,
     Unclaim,
     Unregister,
+    WorkerInfo,
 )
 from bus._queue import DELAYED, QueueCore, holds_slot, task_id_of
 from bus._ready import Consumer, ReadyQueues
@@ -899,7 +902,7 @@ class InMemoryBrokerActor(BrokerActor):
         return list(dict.fromkeys(names))
 
     @actors.handles(Inspect)
-    def inspect(self, msg: Inspect) -> dict[str, Any]:
+    def inspect(self, msg: Inspect) -> BrokerInfo:
         core = self.core
         fancy = self.fancy
         if fancy is None:
@@ -909,17 +912,28 @@ class InMemoryBrokerActor(BrokerActor):
             }
         else:
             queues = fancy.queue_numbers(self._queue_names())
-        return {
-            "queued": core.queued,
-            "delayed": core.delayed_count,
-            "running": core.running,
-            "pending": len(core.state),
-            "workers": len(self.workers),
-            "dead_letters": len(core.dead),
-            "senders_waiting": self.slots.statistics().tasks_waiting,
-            "waiting_for_limits": 0 if fancy is None else len(fancy.parking),
-            "queues": queues,
-        }
+        workers = tuple(WorkerInfo(ref.name) for ref in self.workers)
+        return BrokerInfo(
+            queued=core.queued,
+            delayed=core.delayed_count,
+            running=core.running,
+            pending=len(core.state),
+            dead_letters=len(core.dead),
+            workers=workers,
+            queues={
+                name: QueueInfo(
+                    queued=q.get("queued", 0),
+                    waiting_for_limits=q.get("waiting_for_limits", 0),
+                    by_priority=q.get("by_priority", {}),
+                    live_workers=len(workers),
+                )
+                for name, q in queues.items()
+            },
+            details={
+                "senders_waiting": self.slots.statistics().tasks_waiting,
+                "waiting_for_limits": 0 if fancy is None else len(fancy.parking),
+            },
+        )
 
     # ----------------------------------------------------------------- lifecycle
 

@@ -27,7 +27,8 @@ The messages are frozen values, so every part can be tested by feeding it messag
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -194,9 +195,117 @@ class Unregister:
 
 @attrs.frozen
 class Inspect:
-    """Ask a broker for numbers: the answer is a dict with at least ``queued``
-    (waiting to start), ``delayed`` (waiting for their time), ``running`` (handed to a
-    worker and not finished) and ``workers`` (registered workers)."""
+    """Ask a broker for numbers: the answer is a :class:`BrokerInfo`, the same shape
+    on every broker."""
+
+
+def _mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return types.MappingProxyType(dict(value or {}))
+
+
+@attrs.frozen
+class WorkerInfo:
+    """A worker a broker knows of."""
+
+    name: str
+    """The worker's name: its consumer name on Redis, its actor's name in memory."""
+    pending: int = 0
+    """Deliveries it holds (taken and not finished)."""
+    heartbeat_age: float | None = None
+    """Seconds since its last heartbeat (``None`` where workers do not send any)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "consumer": self.name,
+            "pending": self.pending,
+            "heartbeat_age_seconds": self.heartbeat_age,
+        }
+
+
+@attrs.frozen
+class QueueInfo:
+    """The numbers of one queue."""
+
+    queued: int = 0
+    """Waiting to start."""
+    delayed: int = 0
+    """Waiting for their time (a delay, an eta, a retry's backoff)."""
+    pending: int = 0
+    """Delivered to a worker, not finished."""
+    dead_letters: int = 0
+    live_workers: int = 0
+    """Workers consuming it that are alive (where the broker knows)."""
+    waiting_for_limits: int = 0
+    """Read but held back by a rate or concurrency limit."""
+    by_priority: Mapping[str, int] = attrs.field(factory=dict, converter=_mapping)
+    """Queued per priority level (levels with none are left out)."""
+    details: Mapping[str, Any] = attrs.field(factory=dict, converter=_mapping)
+    """What only this kind of broker knows (Redis: ``pending_per_consumer``)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "queued": self.queued,
+            "delayed": self.delayed,
+            "pending": self.pending,
+            "dead_letters": self.dead_letters,
+            "live_workers": self.live_workers,
+            "waiting_for_limits": self.waiting_for_limits,
+            "by_priority": dict(self.by_priority),
+            **self.details,
+        }
+
+
+@attrs.frozen
+class BrokerInfo(Mapping[str, Any]):
+    """A broker's answer to :class:`Inspect` (``await broker.inspect()``), the same
+    shape on every broker: typed fields, and read-only mapping access to the same
+    numbers as plain values (``info["queued"]``, ``dict(info)`` for JSON), broker
+    specific ones (``details``) included."""
+
+    queued: int
+    """The default queue's tasks waiting to start."""
+    delayed: int
+    """The default queue's tasks waiting for their time."""
+    running: int
+    """Tasks handed to a worker of this process and not finished."""
+    pending: int
+    """The default queue's deliveries not acknowledged (by any worker)."""
+    dead_letters: int
+    workers: tuple[WorkerInfo, ...] = ()
+    """The live workers the broker knows of."""
+    queues: Mapping[str, QueueInfo] = attrs.field(factory=dict, converter=_mapping)
+    """Every known queue's numbers, by name (the default one included)."""
+    details: Mapping[str, Any] = attrs.field(factory=dict, converter=_mapping)
+    """What only this kind of broker knows (e.g. the stream's key on Redis, the
+    producers waiting for room in memory)."""
+
+    @property
+    def live_workers(self) -> int:
+        return len(self.workers)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values: lists and dicts, for JSON."""
+        return {
+            "queued": self.queued,
+            "delayed": self.delayed,
+            "running": self.running,
+            "pending": self.pending,
+            "dead_letters": self.dead_letters,
+            "live_workers": self.live_workers,
+            "workers": [w.as_dict() for w in self.workers],
+            "queues": {name: q.as_dict() for name, q in self.queues.items()},
+            **self.details,
+        }
+
+    def __getitem__(self, key: str) -> Any:
+        return self.as_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.as_dict())
+
+    def __len__(self) -> int:
+        return len(self.as_dict())
 
 
 class Lease(trio.abc.ReceiveChannel[Delivery]):

@@ -5,6 +5,7 @@ See docs/concepts.md for who sends what to whom.
 
 from bus._protocol import (
     Ack,
+    BrokerInfo,
     Cancel,
     CancelRunning,
     ChannelLease,
@@ -17,6 +18,7 @@ from bus._protocol import (
     Inspect,
     Lease,
     Nack,
+    QueueInfo,
     Receive,
     Register,
     Release,
@@ -28,10 +30,12 @@ from bus._protocol import (
     Unwatch,
     Watch,
     Watcher,
+    WorkerInfo,
 )
 
 __all__ = [
     "Ack",
+    "BrokerInfo",
     "Cancel",
     "CancelRunning",
     "ChannelLease",
@@ -44,6 +48,7 @@ __all__ = [
     "Inspect",
     "Lease",
     "Nack",
+    "QueueInfo",
     "Receive",
     "Register",
     "Release",
@@ -55,4 +60,5 @@ __all__ = [
     "Unwatch",
     "Watch",
     "Watcher",
+    "WorkerInfo",
 ]

@@ -188,7 +188,8 @@ class DashboardData:
         ]
         workers: list[dict[str, Any]] = []
         listed = info.get("workers")
-        if isinstance(listed, list):  # distributed brokers: the workers Redis heard from
+        if getattr(broker, "distributed", False) and isinstance(listed, list):
+            # Distributed brokers: the workers Redis heard from.
             seen = set()
             for w in listed:
                 name = str(w.get("consumer"))
@@ -197,11 +198,12 @@ class DashboardData:
             for name, rec in records.items():  # published lately, no heartbeat yet / anymore
                 if name not in seen and now - float(rec.get("time", 0)) < 60:
                     workers.append(self._worker(name, {}, rec, now))
-        else:  # in-process brokers: a number of worker actors
+        else:  # in-process brokers: their worker actors
+            count = len(listed) if isinstance(listed, list) else listed
             for name, rec in records.items():
-                workers.append(self._worker(name, {"count": listed}, rec, now))
-            if not records and listed:
-                workers.append(self._worker("this process", {"count": listed}, None, now))
+                workers.append(self._worker(name, {"count": count}, rec, now))
+            if not records and count:
+                workers.append(self._worker("this process", {"count": count}, None, now))
 
         running: list[dict[str, Any]] = []
         for name, rec in records.items():

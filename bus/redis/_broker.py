@@ -45,6 +45,7 @@ from bus._middleware import Middleware
 from bus._options import check_queue_name
 from bus._protocol import (
     Ack,
+    BrokerInfo,
     Cancel,
     CancelRunning,
     Delivery,
@@ -69,7 +70,6 @@ from bus.redis._client import (
     rerun_noscript,
 )
 from bus.redis._logic import (
-    F_DATA,
     F_SIG,
     Entry,
     Keys,
@@ -181,7 +181,7 @@ class DelayedMoverActor(actors.Actor):
         self.conn_ref = conn_ref
         self.queues: dict[str, Keys] = {keys.queue: keys}
         for queue in queues:
-            self.queues.setdefault(queue, Keys(keys.prefix, queue))
+            self.queues.setdefault(queue, keys.of(queue))
         self._wake = trio.Event()
 
     async def on_start(self) -> None:
@@ -190,7 +190,7 @@ class DelayedMoverActor(actors.Actor):
     @actors.handles(WakeMover, inline=True)
     def wake(self, msg: WakeMover) -> None:
         if msg.queue is not None and msg.queue not in self.queues:
-            self.queues[msg.queue] = Keys(self.keys.prefix, msg.queue)
+            self.queues[msg.queue] = self.keys.of(msg.queue)
         self._wake.set()
 
     async def _move_forever(self) -> None:
@@ -201,7 +201,7 @@ class DelayedMoverActor(actors.Actor):
             commands = [
                 PROMOTE.command(
                     keys=[*keys.delayeds, *keys.streams],
-                    args=[now_ms, 200, self.settings.maxlen or 0],
+                    args=[now_ms, 200, self.settings.maxlen or 0, keys.data_field],
                 )
                 for keys in self.queues.values()
             ]
@@ -435,7 +435,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
             return self.keys
         keys = self._keys.get(queue)
         if keys is None:
-            keys = self._keys[queue] = Keys(self.keys.prefix, queue)
+            keys = self._keys[queue] = self.keys.of(queue)
         return keys
 
     def _enqueue_command(self, message: TaskMessage, data: bytes) -> Command:
@@ -450,7 +450,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         cmd: list[Any] = ["XADD", keys.level_stream(level) if level else keys.stream]
         if settings.maxlen is not None:
             cmd += ["MAXLEN", "~", settings.maxlen]
-        cmd += ["*", F_DATA, data]
+        cmd += ["*", keys.data_field, data]
         if sig:
             cmd += [F_SIG, sig]
         return tuple(cmd)
@@ -480,7 +480,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         return CLAIM_SEND.command(
             keys=[claim, keys.level_stream(level), keys.level_delayed(level)],
             args=[value, ttl_ms, due, data, sig, settings.maxlen or 0,
-                  *(() if replace is None else (replace,))],
+                  b"" if replace is None else replace, keys.data_field],
         )  # fmt: skip
 
     def _send_command(
@@ -656,6 +656,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
                                 data,
                                 sign_entry(settings.secret, keys.level_stream(level), data),
                                 settings.maxlen or 0,
+                                keys.data_field,
                             ],
                         )
                     ],
@@ -829,7 +830,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
     def inspect(self, msg: Inspect) -> actors.Later:
         return actors.later(self._inspect)
 
-    async def _inspect(self) -> dict[str, Any]:
+    async def _inspect(self) -> BrokerInfo:
         settings, keys, names = self.settings, self.keys, self._queue_names()
         info: dict[str, Any] = await with_connection(
             self.conn_ref,
@@ -837,9 +838,11 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
             deadline=_deadline(settings.command_timeout),
             what="cannot inspect the queue",
         )
-        info["running"] = sum(len(r.state.inflight) for r in self._readers.values())
-        info["workers_here"] = len(self.workers)
-        return info
+        return _ops.broker_info(
+            info,
+            running=sum(len(r.state.inflight) for r in self._readers.values()),
+            workers_here=len(self.workers),
+        )
 
 
 # ------------------------------------------------------------------ the facade
@@ -999,11 +1002,11 @@ class RedisBroker(Broker):
             what, lambda: with_connection(conn_ref, fn, deadline=deadline, what=what)
         )
 
-    async def inspect(self) -> dict[str, Any]:
+    async def inspect(self) -> BrokerInfo:
         """Numbers for operators (see :meth:`Broker.inspect`); raises
         :class:`~bus.BrokerUnavailable` after ``command_timeout`` without Redis."""
         ref = self.ref
-        info: dict[str, Any] = await self._bounded(
+        info: BrokerInfo = await self._bounded(
             "cannot inspect the queue", lambda: ref.ask(Inspect())
         )
         return info
@@ -1072,7 +1075,7 @@ class RedisBroker(Broker):
 
     def keys_of_queue(self, queue: str | None) -> Keys:
         """The keys of ``queue`` (``None``: the default queue)."""
-        return self.keys if queue is None else Keys(self.keys.prefix, queue)
+        return self.keys if queue is None else self.keys.of(queue)
 
     async def _submit(self, ask: object, what: str) -> list[Any]:
         """Ask the broker actor to queue a write and wait for its replies; wait for

@@ -17,6 +17,7 @@ import actors
 from actors._log import get_logger
 from bus._codec import Codec, DecodeError
 from bus._message import TaskMessage
+from bus._protocol import BrokerInfo, QueueInfo, WorkerInfo
 from bus.redis._client import Arg, Connection
 from bus.redis._logic import F_DATA, F_SIG, Keys, check_entry, queue_of_key, sign_entry
 from bus.redis._pool import with_connection
@@ -136,7 +137,7 @@ async def inspect(
     top: dict[str, Any] = {}
     workers: list[dict[str, Any]] = []
     for name in names:
-        qkeys = keys if name == keys.queue else Keys(keys.prefix, name)
+        qkeys = keys.of(name)
         numbers, live = await _queue_numbers(conn, qkeys, settings)
         queues[name] = numbers
         if name == keys.queue:
@@ -153,6 +154,40 @@ async def inspect(
         "live_workers": len(workers),
         "queues": queues,
     }
+
+
+def broker_info(info: dict[str, Any], *, running: int, workers_here: int) -> BrokerInfo:
+    """The typed answer to ``Inspect`` from :func:`inspect`'s numbers."""
+    queues = {
+        name: QueueInfo(
+            queued=q.get("queued", 0),
+            delayed=q.get("delayed", 0),
+            pending=q.get("pending", 0),
+            dead_letters=q.get("dead_letters", 0),
+            live_workers=q.get("live_workers", 0),
+            by_priority=q.get("by_priority", {}),
+            details={"pending_per_consumer": q.get("pending_per_consumer", {})},
+        )
+        for name, q in info["queues"].items()
+    }
+    return BrokerInfo(
+        queued=info["queued"],
+        delayed=info["delayed"],
+        running=running,
+        pending=info["pending"],
+        dead_letters=info["dead_letters"],
+        workers=tuple(
+            WorkerInfo(w["consumer"], w["pending"], w["heartbeat_age_seconds"])
+            for w in info["workers"]
+        ),
+        queues=queues,
+        details={
+            "queue": info["queue"],
+            "stream": info["stream"],
+            "pending_per_consumer": info["pending_per_consumer"],
+            "workers_here": workers_here,
+        },
+    )
 
 
 def _number(value: Any, kind: type[int] | type[float]) -> Any:
@@ -245,7 +280,8 @@ async def requeue_dead(
                     conn,
                     keys=[keys.dead, keys.dead_bytes, stream, claim],
                     args=[entry[0], data, sign_entry(settings.secret, stream, data),
-                          settings.maxlen or 0, max(1, int(claim_ttl * 1000)), len(data)],
+                          settings.maxlen or 0, max(1, int(claim_ttl * 1000)), len(data),
+                          keys.data_field],
                 )  # fmt: skip
                 if done == -1:
                     outcome = "skipped: its attempt ran or is claimed by another entry"
@@ -270,7 +306,7 @@ def _requeue_check(
     """The stream a dead letter goes back to and the claim of its attempt, or why it
     may not go back."""
     stream = raw.get(b"stream", keys.stream)
-    if not isinstance(stream, bytes) or queue_of_key(keys.prefix, stream) != keys.queue:
+    if not isinstance(stream, bytes) or keys.queue_of_stream(stream) != keys.queue:
         return "its stream is not one of this queue's"
     sig = raw.get(b"sig")
     fields: dict[bytes, bytes] = {F_DATA: data}
