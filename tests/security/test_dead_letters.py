@@ -73,8 +73,8 @@ async def test_undecodable_dead_letters_are_listed_raw_and_skipped_by_requeue(
             assert len(await broker.dead_letters()) == len(letters)  # nor was lost
 
             # The dashboard lists them (with payloads shown: raw).
-            data = DashboardData(broker, show_payloads=True)
-            shown = (await data.overview())["dead_letters"]
+            dashboard = DashboardData(broker, show_payloads=True)
+            shown = (await dashboard.overview())["dead_letters"]
             assert shown["supported"] and len(shown["items"]) == len(letters)
             for item in shown["items"]:
                 assert item["task_name"] is None
