@@ -1,5 +1,6 @@
 #!/bin/sh
-# Everything CI checks: lint, format, types, then the whole test suite.
+# Everything CI checks: lint, format, types, the documentation site (warnings and broken
+# references fail), then the whole test suite.
 # The Redis tests start their own redis-server (installed here when missing and we may).
 BUS_EXTRA=dev
 . "$(dirname "$0")/_venv.sh"
@@ -14,4 +15,5 @@ fi
 echo "== ruff check";        "$VENV/bin/ruff" check .
 echo "== ruff format";       "$VENV/bin/ruff" format --check .
 echo "== mypy --strict";     "$VENV/bin/mypy" --strict actors bus tests/typing
+echo "== docs (sphinx -W -n)"; sh "$ROOT/scripts/docs.sh"
 echo "== pytest";            "$PY" -m pytest "$@"

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-DOC = ROOT / "docs" / "actors.md"
-BLOCK = re.compile(r"(<!-- pytest -->\n)?```python\n(.*?)```", re.DOTALL)
+from tests.docs_pages import DOCS, ROOT, blocks
+
+PAGE = "actors.md"  # tests/docs_pages.py's RUN_BY sends this page here
+DOC = DOCS / PAGE
 
 
 def _blocks() -> list[tuple[bool, str]]:
-    return [(bool(m.group(1)), m.group(2)) for m in BLOCK.finditer(DOC.read_text())]
+    return blocks(PAGE)
 
 
 def test_doc_has_blocks() -> None:

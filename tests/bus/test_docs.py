@@ -1,68 +1,47 @@
-"""Every python block of the bus docs runs.
+"""Every python block of the docs runs (the pages are found on disk: ``tests/docs_pages.py``).
 
 Plain blocks are programs: each is executed on its own, in this process. Blocks marked
 ``<!-- pytest -->`` are pytest test modules: they are written to a temporary directory
-and run together by one pytest subprocess (trio mode, warnings as errors).
+and run together by one pytest subprocess (trio mode, warnings as errors). Pages whose
+blocks need more (a Redis server) are run by the test that ``RUN_BY`` names.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-DOCS = ROOT / "docs"
-PAGES = [
-    "index.md",
-    "quickstart.md",
-    "tasks.md",
-    "results.md",
-    "cancellation.md",
-    "middlewares.md",
-    "testing.md",
-    "concepts.md",
-    "queues.md",
-    "observability.md",
-    "scheduling.md",
-    "unique.md",
-]
-BLOCK = re.compile(r"(<!-- pytest -->\n)?```python\n(.*?)```", re.DOTALL)
+from tests.docs_pages import DOCS, ROOT, RUN_BY, blocks, pages
 
-
-def _blocks(page: str) -> list[tuple[bool, str]]:
-    text = (DOCS / page).read_text()
-    return [(bool(m.group(1)), m.group(2)) for m in BLOCK.finditer(text)]
-
-
+PAGES = [page for page in pages() if page not in RUN_BY]
 PROGRAMS = [
-    (page, i) for page in PAGES for i, (is_test, _) in enumerate(_blocks(page)) if not is_test
+    (page, i) for page in PAGES for i, (is_test, _) in enumerate(blocks(page)) if not is_test
 ]
-TESTS = [(page, i) for page in PAGES for i, (is_test, _) in enumerate(_blocks(page)) if is_test]
+TESTS = [(page, i) for page in PAGES for i, (is_test, _) in enumerate(blocks(page)) if is_test]
 
 
 @pytest.mark.parametrize("page", PAGES)
 def test_every_python_block_is_found(page: str) -> None:
     text = (DOCS / page).read_text()
-    assert text.count("```python") == len(_blocks(page))
-    assert text.count("<!-- pytest -->") == sum(is_test for is_test, _ in _blocks(page))
+    assert text.count("```python") == len(blocks(page))
+    assert text.count("<!-- pytest -->") == sum(is_test for is_test, _ in blocks(page))
 
 
 @pytest.mark.parametrize(("page", "index"), PROGRAMS, ids=[f"{p}:{i}" for p, i in PROGRAMS])
 def test_program_block(page: str, index: int) -> None:
-    _, code = _blocks(page)[index]
+    _, code = blocks(page)[index]
     exec(compile(code, f"{DOCS / page}:block{index}", "exec"), {"__name__": "__docs__"})
 
 
 def test_pytest_blocks(tmp_path: Path) -> None:
     assert TESTS, "the testing page has pytest blocks"
     for page, index in TESTS:
-        name = f"test_{page.removesuffix('.md')}_block{index}.py"
-        (tmp_path / name).write_text(_blocks(page)[index][1])
+        name = f"test_{page.removesuffix('.md').replace('/', '_')}_block{index}.py"
+        (tmp_path / name).write_text(blocks(page)[index][1])
     (tmp_path / "pytest.ini").write_text(
         "[pytest]\ntrio_mode = true\naddopts = -W error -p no:cacheprovider\n"
     )
