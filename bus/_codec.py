@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import json.decoder
 import json.encoder
-import math
 import re
 from typing import Any, Protocol
 
 from bus._ids import TaskID
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
-from bus._options import MAX_RETRIES, is_queue_name
+from bus._options import MAX_ETA, MAX_RETRIES, is_queue_name
 from bus._priority import MAX_PRIORITY
 
 __all__ = ["MAX_BYTES", "MAX_DEPTH", "Codec", "DecodeError", "JSONCodec", "too_deep"]
@@ -25,8 +24,6 @@ MAX_BYTES = 64 * 1024 * 1024
 """The largest message or result :class:`JSONCodec` reads or writes (64 MiB): larger
 bytes are refused before they are parsed. A broker may cap messages lower (the Redis
 setting ``max_message_bytes``)."""
-MAX_ETA = 1e12
-"""The largest ``eta`` (a Unix time, in seconds) a decoded message may carry."""
 
 #: A JSON string (escapes included), and the brackets left once strings are gone.
 _STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"', re.S)
@@ -188,7 +185,7 @@ class JSONCodec:
         if type(attempt) is not int or not 1 <= attempt <= MAX_RETRIES + 1:
             raise DecodeError(f"message field 'attempt' must be an integer, 1 to {MAX_RETRIES + 1}")
         if eta is not None and (
-            type(eta) not in (int, float) or not (math.isfinite(eta) and abs(eta) <= MAX_ETA)
+            type(eta) not in (int, float) or not abs(eta) <= MAX_ETA  # NaN, inf, huge ints
         ):
             raise DecodeError(
                 f"message field 'eta' must be a Unix time (at most {MAX_ETA:g}) or null"

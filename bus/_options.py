@@ -12,6 +12,7 @@ import attrs
 
 __all__ = [
     "MAX_DELAY",
+    "MAX_ETA",
     "MAX_RETRIES",
     "MAX_RETRY_DELAY",
     "MAX_TIMEOUT",
@@ -42,6 +43,9 @@ waits longer than a day."""
 MAX_DELAY = 3650 * 86_400.0
 """The longest ``delay`` (seconds), and how far ahead an ``eta`` may be: 3650 days
 (about ten years)."""
+MAX_ETA = 1e12
+"""The largest ``eta`` (a Unix time, seconds) anywhere: a message's, a label's (so a
+time in milliseconds stays an exact float)."""
 MAX_UNIQUE_TTL = 30 * 86_400.0
 """The longest ``unique_ttl`` (seconds): 30 days."""
 MAX_UNIQUE_KEY = 1024
@@ -82,12 +86,19 @@ def _check_seconds(
 ) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise TypeError(f"{name} must be a number of seconds, not {value!r}")
+    # (value != value: NaN; math.isnan would raise OverflowError on a huge int.)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise TypeError(f"{name} must be a number of seconds, not {_short(value)}")
     if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, not {value!r}")
-    if not value <= most:  # infinity too
-        raise ValueError(f"{name} must be at most {most:g} seconds, not {value!r}")
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, not {_short(value)}")
+    if not value <= most:  # infinity and huge ints too
+        raise ValueError(f"{name} must be at most {most:g} seconds, not {_short(value)}")
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut short (a label may hold a 4000-digit number)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _retry_on(value: Any) -> tuple[type[BaseException], ...]:
@@ -121,7 +132,7 @@ class TaskOptions:
         _check_seconds("timeout", self.timeout, most=MAX_TIMEOUT)
         r = self.retries
         if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= MAX_RETRIES:
-            raise ValueError(f"retries must be a whole number, 0 to {MAX_RETRIES}, not {r!r}")
+            raise ValueError(f"retries must be a whole number, 0 to {MAX_RETRIES}, not {_short(r)}")
         _check_seconds("retry_backoff", self.retry_backoff, allow_zero=True, most=MAX_RETRY_DELAY)
         _check_seconds(
             "retry_backoff_max", self.retry_backoff_max, allow_zero=True, most=MAX_RETRY_DELAY
@@ -188,9 +199,11 @@ def check_labels(labels: Mapping[str, Any], *, options: bool = True) -> None:
     if (
         eta is not None
         and not isinstance(eta, _dt.datetime)
-        and (isinstance(eta, bool) or not isinstance(eta, int | float) or not math.isfinite(eta))
+        and (isinstance(eta, bool) or not isinstance(eta, int | float) or not abs(eta) <= MAX_ETA)
     ):
-        raise ValueError(f"eta must be a finite Unix time or an aware datetime, not {eta!r}")
+        raise ValueError(
+            f"eta must be a Unix time (at most {MAX_ETA:g}) or an aware datetime, not {_short(eta)}"
+        )
     if "unique" in labels or "unique_ttl" in labels:
         check_unique(labels.get("unique"), labels.get("unique_ttl"))
     if "unique_key" in labels:
@@ -230,16 +243,17 @@ def resolve_eta(values: dict[str, Any]) -> float | None:
         if eta.tzinfo is None:
             raise ValueError("eta must be a timezone-aware datetime (naive times are ambiguous)")
         return check_eta(eta.timestamp())
-    if isinstance(eta, bool) or not isinstance(eta, int | float) or math.isnan(eta):
-        raise TypeError(f"eta must be a Unix time or an aware datetime, not {eta!r}")
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or eta != eta:
+        raise TypeError(f"eta must be a Unix time or an aware datetime, not {_short(eta)}")
     return check_eta(float(eta))
 
 
 def check_eta(eta: float) -> float:
     """``eta`` (a Unix time) if it is at most :data:`MAX_DELAY` ahead of now (a time in
     the past means now); ``ValueError`` if not."""
-    if not (math.isfinite(eta) and eta <= time.time() + MAX_DELAY):
+    if not (abs(eta) <= MAX_ETA and eta <= time.time() + MAX_DELAY):  # NaN and inf too
         raise ValueError(
-            f"eta must be a finite Unix time at most {MAX_DELAY / 86_400:g} days ahead, not {eta!r}"
+            f"eta must be a finite Unix time at most {MAX_DELAY / 86_400:g} days ahead, "
+            f"not {_short(eta)}"
         )
     return eta

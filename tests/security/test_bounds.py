@@ -42,6 +42,15 @@ BAD: list[tuple[str, Any]] = [
     ("unique_key", "k" * (MAX_UNIQUE_KEY + 1)),
     ("unique_key", 5),
     ("unique", "k" * (MAX_UNIQUE_KEY + 1)),
+    # Ints too large for a float: math.isnan() or float() of them raises OverflowError.
+    ("timeout", 10**400),
+    ("retry_backoff", 10**400),
+    ("retry_backoff_max", -(10**400)),
+    ("retries", 10**400),
+    ("delay", 10**400),
+    ("eta", 10**400),
+    ("eta", -(10**400)),
+    ("unique_ttl", 10**400),
 ]
 
 
@@ -116,10 +125,19 @@ async def test_in_memory_a_label_out_of_bounds_is_refused_at_send_and_rejected_r
                 await broker.kick(attrs.evolve(job.kicker().message(), eta=math.inf))
             # Past the send checks (a Send told to the broker actor, as another
             # producer's bytes arrive): the worker rejects it and goes on.
-            message = attrs.evolve(job.kicker().message(), labels={"retry_backoff": 1e308})
-            await broker.ref.tell(Send(message, broker.codec.encode_message(message)))
-            result = await bus.TaskHandle[int](message.task_id, broker).wait_result(timeout=5)
-            assert result.status is bus.TaskStatus.FAILURE
-            assert result.error is not None and result.error.type_name == "bus.Rejected"
-            assert "retry_backoff" in result.error.message and runs == 0
+            for name, value in BAD:
+                if name == "unique":
+                    continue  # a send-side option: a worker ignores it
+                labels = {name: value}
+                message = attrs.evolve(job.kicker().message(), labels=labels)
+                try:
+                    data = broker.codec.encode_message(message)
+                except ValueError:
+                    continue  # inf and NaN are not JSON: they cannot arrive
+                await broker.ref.tell(Send(message, data))
+                handle = bus.TaskHandle[int](message.task_id, broker)
+                result = await handle.wait_result(timeout=5)
+                assert result.status is bus.TaskStatus.FAILURE, labels
+                assert result.error is not None and result.error.type_name == "bus.Rejected"
+                assert name.split("_")[0] in result.error.message and runs == 0
             assert (await (await job.kiq()).wait_result(timeout=5)).return_value == 7

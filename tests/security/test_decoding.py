@@ -83,6 +83,7 @@ def test_size_is_capped_before_parsing() -> None:
         ("[]", {"eta": "1e400"}, "'eta'"),  # parses as inf
         ("[]", {"eta": "-1e400"}, "'eta'"),
         ("[]", {"eta": "1e300"}, "'eta'"),
+        ("[]", {"eta": "1" + "0" * 400}, "'eta'"),  # an int no float can hold
         ("[]", {"attempt": "1e3"}, "'attempt'"),
         ("[]", {"attempt": "1002"}, "'attempt'"),
         ("[]", {"attempt": "9" * 100}, "'attempt'"),
