@@ -39,11 +39,11 @@ async def sleep(seconds: float, ctx: bus.Context = bus.CONTEXT) -> float:
 
 
 @broker.task(name="stubborn")
-def stubborn(seconds: float) -> float:
-    """A sync task: its thread cannot be interrupted, so a drain cannot end it."""
-    import time
-
-    time.sleep(seconds)
+async def stubborn(seconds: float) -> float:
+    """A task that shields itself from cancellation, so neither a drain nor a second
+    stop request can end it. (A sync task no longer does: a stop abandons its thread.)"""
+    with trio.CancelScope(shield=True):
+        await trio.sleep(seconds)
     return seconds
 
 

@@ -114,9 +114,9 @@ class Proc:
             self.proc.stderr.close()
 
 
-def _send(env: dict[str, str], n: int, seconds: float, offset: int) -> None:
+def _send(env: dict[str, str], n: int, seconds: float, offset: int, task: str = "job") -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.cli.stop_app", str(n), str(seconds), str(offset)],
+        [sys.executable, "-m", "tests.cli.stop_app", str(n), str(seconds), str(offset), task],
         cwd=ROOT,
         env=env,
         capture_output=True,
