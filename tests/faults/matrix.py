@@ -143,6 +143,10 @@ class Bench:
         self.maybe: set[str] = set()
         #: Tasks whose cancel returned: they must end CANCELLED (their gate stays shut).
         self.cancelled: list[tuple[bus.TaskHandle[Any], str]] = []
+        #: Tasks whose cancel raised BrokerUnavailable: they end either way, but end.
+        self.maybe_cancelled: list[tuple[bus.TaskHandle[Any], str]] = []
+        #: Results of the accepted tasks, by token (filled by :meth:`settle`).
+        self.results: dict[str, bus.TaskResult[Any]] = {}
         #: Schedules added (the add returned) and not asked to be removed since.
         self.schedule_names: list[str] = []
         #: Schedules removed (the removal returned).
@@ -331,8 +335,8 @@ class Bench:
         outcome, _ = await self.call("cancel", self.command_bound, handle.cancel)
         if outcome == "ok":
             self.cancelled.append((handle, token))
-        else:  # not cancelled: let it finish at the end
-            self.accepted.append((handle, token))
+        else:  # maybe cancelled: it must end, run once or CANCELLED (its gate opens)
+            self.maybe_cancelled.append((handle, token))
 
     async def op_inspect(self) -> None:
         await self.call("inspect", self.command_bound, self.producer.inspect)
@@ -450,13 +454,22 @@ class Bench:
         return recovered
 
     async def settle(self, timeout: float = 30.0) -> None:
-        """Let every accepted task end (gates open), then check what ran."""
+        """Let every accepted task end (gates open, but for the cancelled tasks') and
+        collect the results; a task without a result within ``timeout`` is reported by
+        :meth:`run_problems`."""
         shut = {t for _, t in self.cancelled}
         for token, gate in list(self.gates.items()):
             if token not in shut:
                 gate.set()
-        handles = [h for h, _ in self.accepted]
-        await self.call("gather", timeout, lambda: bus.gather(*handles, timeout=timeout))
+
+        async def one(handle: bus.TaskHandle[Any], token: str) -> None:
+            outcome, result = await self.call("settle", timeout, handle.wait_result, timeout)
+            if outcome == "ok":
+                self.results[token] = result
+
+        async with trio.open_nursery() as nursery:
+            for handle, token in self.accepted + self.maybe_cancelled:
+                nursery.start_soon(one, handle, token)
 
     # ------------------------------------------------------------------ checks
 
@@ -465,6 +478,8 @@ class Bench:
         for c in self.calls:
             if c.outcome in ("leak", "hang"):
                 out.append(f"{c.outcome}: {c}")
+            elif c.outcome == "result_timeout" and c.op == "settle":
+                pass  # reported by run_problems, with the task
             elif c.outcome == "result_timeout" and not c.op.startswith("wait_timeout"):
                 out.append(f"ResultTimeout from a wait that should return: {c}")
             elif c.op == "wait_timeout" and c.outcome == "ok":
@@ -481,7 +496,7 @@ class Bench:
                 "unique",
                 "rate_limited",
                 "wait_through",
-                "gather",
+                "settle",
             ):
                 out.append(f"a wait for a result raised instead of waiting through: {c}")
             elif c.took > c.bound + SLACK:
@@ -501,9 +516,27 @@ class Bench:
     def run_problems(self) -> list[str]:
         """Nothing accepted lost, nothing finished run twice, cancels honoured."""
         out = []
-        for _, token in self.accepted:
-            if self.runs[token] != 1:
-                out.append(f"accepted task {token} ran {self.runs[token]} times")
+        for handle, token in self.accepted:
+            result = self.results.get(token)
+            if result is None:
+                out.append(
+                    f"accepted task {token} ({handle.task_id}) has no result, "
+                    f"ran {self.runs[token]} times"
+                )
+            elif self.runs[token] != 1 or result.return_value != token:
+                out.append(
+                    f"accepted task {token} ({handle.task_id}) ran {self.runs[token]} "
+                    f"times, result {result.status.value} {result.return_value!r}"
+                )
+        for handle, token in self.maybe_cancelled:
+            result = self.results.get(token)
+            cancelled = result is not None and result.status is bus.TaskStatus.CANCELLED
+            if result is None or self.runs[token] != (0 if cancelled else 1):
+                status = result.status.value if result else "no result"
+                out.append(
+                    f"task {token} ({handle.task_id}), its cancel failed: {status}, "
+                    f"ran {self.runs[token]} times"
+                )
         for token in self.maybe:
             if self.runs[token] > 1:
                 out.append(f"task {token} (send failed) ran {self.runs[token]} times")

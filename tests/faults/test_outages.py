@@ -172,7 +172,7 @@ async def test_start_fails_within_connect_timeout(proxy: FaultProxy, mode: str) 
     proxy.heal()
     with trio.fail_after(5):
         async with broker:
-            assert isinstance(await broker.inspect(), dict)
+            assert await broker.inspect() is not None
 
 
 @pytest.mark.parametrize("how", ["proxy", "stop"])
