@@ -140,7 +140,10 @@ def _public_names() -> dict[str, str]:
         module = importlib.import_module(module_name)
         for name in getattr(module, "__all__", ()):
             obj = getattr(module, name)
-            defined = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+            defined_in = getattr(obj, "__module__", None) or ""
+            if defined_in.partition(".")[0] not in ("actors", "bus"):
+                continue  # a constant, or an alias of another library's type (ReplyFn)
+            defined = f"{defined_in}.{getattr(obj, '__qualname__', name)}"
             public.setdefault(defined, f"{module_name}.{name}")
     return public
 
