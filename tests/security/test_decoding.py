@@ -206,3 +206,30 @@ def test_a_stored_schedule_nested_too_deep_is_a_value_error(data: bytes) -> None
 
     with pytest.raises(ValueError, match="nested more than 64 levels"):
         ScheduleSpec.from_json(data)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    return 0
+
+
+_TRICKY = st.text(alphabet='[]{}"\\\\ab\u00e9\u2603', max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.integers() | _TRICKY,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TRICKY, inner, max_size=3),
+        max_leaves=30,
+    ),
+    st.integers(0, 6),
+    st.booleans(),
+)
+def test_the_depth_scan_agrees_with_the_parsed_depth(value: Any, limit: int, ascii: bool) -> None:
+    text = json.dumps(value, ensure_ascii=ascii)
+    assert too_deep(text, limit) == (_depth(value) > limit)
+    assert too_deep(text.encode(), limit) == (_depth(value) > limit)
