@@ -80,7 +80,10 @@ def test_the_index_table_and_its_toctree_list_the_same_pages() -> None:
     linked = re.findall(r"^\| \[[^]]+\]\(([\w./-]+\.md)\)", table, flags=re.MULTILINE)
     assert linked
     in_toctree = [p for p in _toctree("index.md") if not p.startswith("reference/")]
-    assert linked == in_toctree
+    assert linked == in_toctree, (
+        "index.md's table of pages and its toctree differ: list each guide page in both, "
+        "in the same order"
+    )
 
 
 def _public_modules() -> set[str]:
