@@ -228,6 +228,17 @@ class PrometheusMiddleware(Middleware):
             registry=reg,
             buckets=tuple(wait_buckets),
         )
+        #: Workflows (issue 19): started where they are sent, ended where the
+        #: transition that ends them runs.
+        self.workflows = {
+            event: Counter(
+                f"workflows_{event}",
+                f"Workflows {event} (counted by the process that saw it happen).",
+                namespace=namespace,
+                registry=reg,
+            )
+            for event in ("started", "succeeded", "failed", "cancelled")
+        }
         reg.register(_InspectCollector(self))
         if own:
             ProcessCollector(registry=reg)
@@ -326,6 +337,11 @@ class PrometheusMiddleware(Middleware):
         if message is not None:
             self._not_running(message.task_id)
         self.rejected.labels(*self._labels(message), _reason_kind(reason)).inc()
+
+    def on_workflow(self, event: str, workflow_id: TaskID) -> None:
+        counter = self.workflows.get(event)
+        if counter is not None:
+            counter.inc()
 
 
 #: Seconds: a task id made less long ago than this at send time was made for the send.

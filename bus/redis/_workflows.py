@@ -198,6 +198,7 @@ return out
 
 _KINDS = {TaskStatus.SUCCESS: "ok", TaskStatus.CANCELLED: "cancel"}
 _PLANS = 256
+_PLAN_STEPS = 20_000
 
 
 def _text(value: Any) -> str:
@@ -211,6 +212,7 @@ class RedisWorkflowBackend(WorkflowBackend):
     def __init__(self, broker: RedisBroker) -> None:
         self.broker = broker
         self._plans: collections.OrderedDict[TaskID, Plan] = collections.OrderedDict()
+        self._cached_steps = 0
 
     # ------------------------------------------------------------------- keys
 
@@ -297,10 +299,20 @@ class RedisWorkflowBackend(WorkflowBackend):
             return None
         if plan.workflow_id != wid:
             return None
-        self._plans[wid] = plan
-        while len(self._plans) > _PLANS:
-            self._plans.popitem(last=False)
+        self._remember(plan)
         return plan
+
+    def _remember(self, plan: Plan) -> None:
+        """Cache ``plan``: at most ``_PLANS`` plans of ``_PLAN_STEPS`` steps in all (the
+        oldest go first; the newest is kept whatever its size)."""
+        plans = self._plans
+        if plan.workflow_id in plans:
+            return
+        plans[plan.workflow_id] = plan
+        self._cached_steps += len(plan.steps)
+        while len(plans) > 1 and (len(plans) > _PLANS or self._cached_steps > _PLAN_STEPS):
+            _, old = plans.popitem(last=False)
+            self._cached_steps -= len(old.steps)
 
     # ----------------------------------------------------------------- the API
 
@@ -321,7 +333,7 @@ class RedisWorkflowBackend(WorkflowBackend):
             args += [i, *a]
         await self._call(f"cannot send workflow {plan.workflow_id}", START, keys, args)
         await self._execute("recording a workflow", "SADD", self.running_key(), plan.workflow_id)
-        self._plans[plan.workflow_id] = plan
+        self._remember(plan)
         await workflow_event(broker, "started", plan.workflow_id)
 
     async def _outcomes(self, h: bytes, steps: list[int]) -> dict[int, Any] | None:
