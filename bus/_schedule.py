@@ -72,6 +72,7 @@ from cronsim import CronSim, CronSimError
 
 from bus._codec import MAX_DEPTH, too_deep
 from bus._ids import TaskID
+from bus._options import check_labels
 
 __all__ = [
     "MISSED_COUNT_LIMIT",
@@ -429,6 +430,7 @@ class ScheduleSpec:
             )
         _check_dict("kwargs", self.kwargs)
         _check_dict("labels", self.labels)
+        check_labels(self.labels)  # option labels within their bounds, as a kiq's
         grace = _number("misfire_grace", self.misfire_grace)
         if grace <= 0:
             raise ValueError(f"misfire_grace must be > 0 seconds, not {self.misfire_grace!r}")

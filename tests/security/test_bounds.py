@@ -141,3 +141,26 @@ async def test_in_memory_a_label_out_of_bounds_is_refused_at_send_and_rejected_r
                 assert result.error is not None and result.error.type_name == "bus.Rejected"
                 assert name.split("_")[0] in result.error.message and runs == 0
             assert (await (await job.kiq()).wait_result(timeout=5)).return_value == 7
+
+
+def test_a_schedule_holds_its_labels_to_the_same_bounds() -> None:
+    from bus._schedule import ScheduleSpec
+
+    with pytest.raises(ValueError, match="retry_backoff"):
+        ScheduleSpec("nightly", "t", bus.every(60), labels={"retry_backoff": 1e308})
+    stored = ScheduleSpec("nightly", "t", bus.every(60), labels={"retries": 2}).to_json()
+    with pytest.raises(ValueError, match="retries"):
+        ScheduleSpec.from_json(stored.replace('"retries":2', '"retries":100000'))
+
+
+async def test_broker_schedule_refuses_labels_out_of_bounds() -> None:
+    broker = bus.InMemoryBroker()
+
+    @broker.task(name="bounds.tick")
+    async def tick() -> None:
+        pass
+
+    with trio.fail_after(10):
+        async with broker:
+            with pytest.raises(ValueError, match="timeout"):
+                await broker.schedule(tick, bus.every(60), labels={"timeout": math.inf})
