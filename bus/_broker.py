@@ -508,7 +508,12 @@ class Broker(abc.ABC):
         :class:`bus.protocol.BrokerInfo` (the same shape on every broker: typed fields,
         and read-only mapping access, ``dict(info)`` for JSON)."""
         info: BrokerInfo = await self._ask(Inspect())
-        return info
+        return await self._with_workflows(info)
+
+    async def _with_workflows(self, info: BrokerInfo) -> BrokerInfo:
+        """``info`` with ``workflows`` in its details: how many workflows run."""
+        running = await self.workflows.running()
+        return attrs.evolve(info, details={**info.details, "workflows": running})
 
     async def _ask(self, msg: object) -> Any:
         """Ask the broker actor; a caller sees bus errors only (a stopped actor is a

@@ -239,10 +239,12 @@ async def check_workflow_counted_while_running(make_broker: BrokerFactory) -> No
             h = await bus.chain(gated.si()).kiq()
             await started.wait()
             running = await broker.workflows.running()
+            inspected = (await broker.inspect())["workflows"]
             gate.set()
             await h.wait_result(timeout=5)
             after = await broker.workflows.running()
     _expect_equal((running, after), (1, 0), "running workflows while one runs, and after")
+    _expect_equal(inspected, 1, 'inspect()["workflows"] while one runs')
 
 
 WORKFLOW_CHECK_FUNCS: tuple[Callable[[BrokerFactory], Awaitable[None]], ...] = (

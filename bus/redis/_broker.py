@@ -1009,7 +1009,7 @@ class RedisBroker(Broker):
         info: BrokerInfo = await self._bounded(
             "cannot inspect the queue", lambda: ref.ask(Inspect())
         )
-        return info
+        return await self._with_workflows(info)
 
     async def cancel_task(self, task_id: TaskID | str) -> None:
         """Cancel a task by id (see :meth:`TaskHandle.cancel`): marked and announced in
