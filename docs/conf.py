@@ -41,7 +41,6 @@ extensions = [
 source_suffix = {".md": "markdown"}
 root_doc = "index"
 exclude_patterns = ["_build", "_templates", "Thumbs.db", ".DS_Store"]
-templates_path = ["_templates"]
 
 # MyST: `[text](page.md#a-heading)` links work as on a forge (anchors from headings
 # down to level 4); fenced ```{directive} blocks are how the reference pages call autodoc.
