@@ -302,7 +302,11 @@ class PrometheusMiddleware(Middleware):
             r.count += 1
         if message.attempt == 1:
             sent = message.labels.get(SENT_AT)
-            if not isinstance(sent, int | float) or isinstance(sent, bool):
+            if (
+                not isinstance(sent, int | float)
+                or isinstance(sent, bool)
+                or not -1e12 < sent < 1e12  # a label anyone could write: any number
+            ):
                 sent = message.task_id.timestamp
             due = max(float(sent), message.eta or 0.0)
             c.queue_wait.observe(max(0.0, time.time() - due))

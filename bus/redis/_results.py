@@ -216,15 +216,12 @@ class RedisResultStoreActor(UsesConnection):
 
     @actors.handles(Announcement, inline=True)
     def announced(self, msg: Announcement) -> None:
-        data = msg.data
-        if len(data) < 36:
+        found = self.backend.parse_announcement(msg.data)
+        if found is None:
             return
-        try:
-            tid = TaskID.parse(data[:36].decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
-            return
+        tid, value = found
         if tid in self.watchers:
-            result = self.backend.open(tid, data[36:])
+            result = self.backend.open(tid, value)
             if result is not None:
                 self._wake(tid, result)
 
@@ -372,12 +369,26 @@ class RedisResultBackend(ResultBackend):
             return None
         return result
 
+    def announcement(self, task_id: TaskID, value: bytes) -> bytes:
+        """What a result's announcement carries: the task id, then the key's value."""
+        return task_id.encode() + value
+
+    def parse_announcement(self, payload: bytes) -> tuple[TaskID, bytes] | None:
+        """The task id and the value an :meth:`announcement` carries (``None``: not
+        one)."""
+        if len(payload) < 36:
+            return None
+        try:
+            return TaskID.parse(payload[:36].decode("ascii")), payload[36:]
+        except (UnicodeDecodeError, ValueError):
+            return None
+
     def store_commands(
         self, task_id: TaskID, data: bytes, *, only_new: bool
     ) -> tuple[Command, ...]:
         key = self.result_key(task_id)
         data = seal_result(self.secret, task_id, data)
-        payload = task_id.encode() + data
+        payload = self.announcement(task_id, data)
         set_cmd: Command = ("SET", key, data, "PX", self.ttl_ms, *(("NX",) if only_new else ()))
         return (set_cmd, ("PUBLISH", self.channel, payload), ("DEL", self.progress_key(task_id)))
 
@@ -493,5 +504,5 @@ class RedisResultBackend(ResultBackend):
             return None
         try:
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # a poisoned key: no progress to show
             return None
