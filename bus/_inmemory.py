@@ -68,11 +68,12 @@ from bus._protocol import (
     Unregister,
     WorkerInfo,
 )
-from bus._queue import DELAYED, QueueCore, holds_slot, task_id_of
+from bus._queue import DELAYED, TAKEN, QueueCore, holds_slot, task_id_of
 from bus._ready import Consumer, ReadyQueues
 from bus._results import InMemoryResultBackend, ResultBackend
 from bus._schedule import ScheduleSpec, claim_ttl
 from bus._scheduler import ScheduleBackend, TickState
+from bus._supervision import BUG_BACKOFF, BUG_RESTARTS
 from bus._task import Task
 from bus._unique import UniqueTable
 
@@ -119,6 +120,13 @@ class WatchIdle:
 class CloseIntake:
     """Ask: the broker is shutting down; senders waiting for room get BrokerClosed and
     later sends are cancelled at once."""
+
+
+@attrs.frozen
+class TakenIds:
+    """Ask: which of ``task_ids`` a worker took (a workflow's running steps)."""
+
+    task_ids: tuple[TaskID, ...]
 
 
 @attrs.frozen
@@ -937,6 +945,16 @@ class InMemoryBrokerActor(BrokerActor):
 
     # ----------------------------------------------------------------- lifecycle
 
+    @actors.handles(TakenIds, inline=True)
+    def taken_ids(self, msg: TakenIds) -> list[TaskID]:
+        core = self.core
+        out = []
+        for t in msg.task_ids:
+            d = core.by_id.get(t)
+            if d is not None and core.state.get(d) == TAKEN:
+                out.append(t)
+        return out
+
     @actors.handles(WatchIdle)
     def watch_idle(self, msg: WatchIdle) -> trio.Event:
         ev = trio.Event()
@@ -1190,8 +1208,8 @@ class InMemoryBroker(Broker):
             name="broker",
             mailbox_size=math.inf,
             on_failure=actors.RESTART,
-            max_restarts=None,
-            backoff=actors.Backoff(initial=0.01, factor=2.0, cap=1.0, jitter=0.5),
+            max_restarts=BUG_RESTARTS,  # then it escalates: the process ends
+            backoff=BUG_BACKOFF,
         )
 
     @property

@@ -36,6 +36,7 @@ from bus._protocol import (
     Watch,
     Watcher,
 )
+from bus._supervision import BUG_BACKOFF, BUG_RESTARTS
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -424,8 +425,8 @@ class InMemoryResultBackend(ResultBackend):
             name="results",
             mailbox_size=math.inf,
             on_failure=actors.RESTART,
-            max_restarts=None,
-            backoff=actors.Backoff(initial=0.01, factor=2.0, cap=1.0, jitter=0.5),
+            max_restarts=BUG_RESTARTS,  # then it escalates: the process ends
+            backoff=BUG_BACKOFF,
         )
 
     async def shutdown(self) -> None:

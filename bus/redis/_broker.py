@@ -58,6 +58,7 @@ from bus._protocol import (
     Unclaim,
 )
 from bus._results import ResultBackend
+from bus._supervision import BUG_RESTARTS
 from bus.redis import _ops
 from bus.redis._client import (
     Command,
@@ -955,7 +956,7 @@ class RedisBroker(Broker):
             name="broker",
             mailbox_size=math.inf,
             on_failure=actors.RESTART,
-            max_restarts=None,
+            max_restarts=BUG_RESTARTS,  # then it escalates: the process ends
             backoff=BACKOFF,
         )
 

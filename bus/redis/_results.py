@@ -36,6 +36,7 @@ from bus._protocol import (
     Watcher,
 )
 from bus._results import ResultBackend, encode_result_checked
+from bus._supervision import BUG_RESTARTS
 from bus.redis._client import Command, ConnectionLost, Pending, RedisError, ReplyError
 from bus.redis._logic import open_result, seal_result
 from bus.redis._pool import (
@@ -328,7 +329,7 @@ class RedisResultBackend(ResultBackend):
             name="results",
             mailbox_size=math.inf,
             on_failure=actors.RESTART,
-            max_restarts=None,
+            max_restarts=BUG_RESTARTS,  # then it escalates: the process ends
             backoff=BACKOFF,
         )
 

@@ -3,6 +3,7 @@ with its state, and the bus goes on without losing a task or a waiter."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -114,3 +115,27 @@ async def test_no_runtime_error_after_the_broker_stopped() -> None:
         for call in (noop.kiq, broker.inspect, handle.cancel):
             with pytest.raises(bus.BusError):
                 await call()
+
+
+async def test_a_bug_that_keeps_coming_back_ends_the_broker(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+) -> None:
+    """An actor that cannot go on is not left alive and idle: after its restarts the
+    failure escalates and ``async with broker`` raises (a worker process exits 1)."""
+
+    async def always(actor: Any, message: Any) -> Any:
+        raise Boom("a bug every time")
+
+    monkeypatch.setitem(InMemoryBrokerActor._actor_handlers, Inspect, always)
+    broker = bus.InMemoryBroker()
+
+    async def run() -> None:
+        async with broker:
+            while True:
+                with contextlib.suppress(Boom, bus.BusError):
+                    await broker.inspect()
+                await trio.sleep(0.5)
+
+    with trio.fail_after(600), pytest.raises(actors.ActorFailed, match="broker") as info:
+        await run()
+    assert "a bug every time" in str(info.value)
