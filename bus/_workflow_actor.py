@@ -236,7 +236,19 @@ class MemoryWorkflowBackend(WorkflowBackend):
         if st is None:
             raise ResultNotFound(workflow_id)
         assert isinstance(st, WorkflowStatus)
-        return st
+        queued = tuple(s.task_id for s in st.steps if s.state == "queued")
+        if not queued:
+            return st
+        from bus._inmemory import TakenIds
+
+        try:  # the in-memory broker actor knows which a worker took
+            taken = set(await self.broker.ref.ask(TakenIds(queued)))
+        except (actors.ActorError, BrokerClosed):
+            return st  # another broker: they stay "queued"
+        steps = tuple(
+            attrs.evolve(s, state="running") if s.task_id in taken else s for s in st.steps
+        )
+        return attrs.evolve(st, steps=steps)
 
     async def running(self) -> int:
         if self.broker.system is None or self.broker.system.actors.get("workflows") is None:

@@ -169,6 +169,7 @@ async def check_workflow_cancel_stops_queued_and_running_steps(make_broker: Brok
             wf = bus.chord(bus.group(sleeper.s(i) for i in range(6)), later.s())
             h = await wf.kiq()
             await all_started.wait()  # four run, two wait in the queue
+            before = [s.state for s in (await h.status()).steps]
             _expect(await h.cancel(), "cancel() of a running workflow is True")
             r = await h.wait_result(timeout=5)
             st = await h.status()
@@ -176,6 +177,12 @@ async def check_workflow_cancel_stops_queued_and_running_steps(make_broker: Brok
             for s in st.steps[:6]:
                 sr = await broker.result_backend.wait_result(s.task_id, timeout=5)
                 _expect_equal(sr.status, bus.TaskStatus.CANCELLED, f"step {s.index}'s result")
+    _expect(
+        before.count("running") >= 4 and set(before[:6]) <= {"running", "queued"},
+        "the running steps' states are 'running' (the queued ones 'queued' or 'running')",
+        before,
+    )
+    _expect_equal(before[6], "pending", "the body's state before the cancel")
     _expect_equal(r.status, bus.TaskStatus.CANCELLED, "the cancelled workflow's status")
     _expect_equal(started, 4, "steps started")
     _expect_equal(after, [], "the body that ran")

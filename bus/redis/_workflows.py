@@ -50,7 +50,7 @@ from bus._ids import TaskID
 from bus._message import TaskMessage, TaskResult, TaskStatus
 from bus._workflow import StepStatus, WorkflowBackend, WorkflowStatus
 from bus._workflow_actor import workflow_event
-from bus._workflow_plan import Plan, step_of, step_state
+from bus._workflow_plan import Plan, StepPlan, step_of, step_state
 from bus.redis._client import Connection, Script
 from bus.redis._logic import SIG_VERSION, _mac, sign_entry
 from bus.redis._scripts import SEND_LUA
@@ -484,21 +484,40 @@ class RedisWorkflowBackend(WorkflowBackend):
         flat = await self._execute("reading a workflow", "HGETALL", h)
         fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat or ()) - 1, 2)}
         state = _text(fields.get("state", b"running"))
-        steps = []
         codec = self.broker.codec
+        states: list[str] = []
         for s in plan.steps:
             outcome = None
             blob = self._check(h, b"o:%d" % s.index, fields.get(f"o:{s.index}"))
             if blob is not None:
                 outcome = codec.decode_result(blob).status
-            st = step_state(outcome, f"t:{s.index}" in fields, state)
-            steps.append(
-                StepStatus(s.index, s.message.task_id, s.message.task_name, s.position, st)
-            )
+            states.append(step_state(outcome, f"t:{s.index}" in fields, state))
+        if state == "running":
+            for i in await self._started([s for s in plan.steps if states[s.index] == "queued"]):
+                states[i] = "running"
+        steps = [
+            StepStatus(s.index, s.message.task_id, s.message.task_name, s.position, states[s.index])
+            for s in plan.steps
+        ]
         failed = fields.get("failed")
         return WorkflowStatus(
             wid, state, tuple(steps), plan.tree, None if failed is None else int(failed)
         )
+
+    async def _started(self, steps: list[StepPlan]) -> list[int]:
+        """Those of ``steps`` a worker took: their first attempt's claim (``Keys.ran``)
+        is there (one MGET per queue: the keys of a queue share its hash tag)."""
+        by_queue: dict[str | None, list[StepPlan]] = {}
+        for s in steps:
+            by_queue.setdefault(s.message.queue, []).append(s)
+        out: list[int] = []
+        for queue, group in by_queue.items():
+            keys = self.broker.keys_of_queue(queue)
+            claims = await self._execute(
+                "reading a workflow", "MGET", *(keys.ran(s.message.task_id, 1) for s in group)
+            )
+            out += [s.index for s, c in zip(group, claims, strict=True) if c is not None]
+        return out
 
     async def running(self) -> int:
         n = await self._execute("counting workflows", "SCARD", self.running_key())

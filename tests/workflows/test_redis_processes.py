@@ -167,6 +167,7 @@ async def test_cancel_a_workflow_with_100_running_steps(redis_server: RedisServe
             h = await bus.chord([step.s(i, 60) for i in range(100)], body.s()).kiq()
             while sum(await _runs(broker, prefix, "step", list(range(100)))) < 100:  # noqa: ASYNC110 (other processes)
                 await trio.sleep(0.05)
+            before = await h.status()
             assert await h.cancel()
             result = await h.wait_result(timeout=10)
             status = await h.status()
@@ -174,6 +175,7 @@ async def test_cancel_a_workflow_with_100_running_steps(redis_server: RedisServe
                 *(bus.TaskHandle(s.task_id, broker) for s in status.steps[:100]), timeout=15
             )
             bodies = await broker.client.execute("LLEN", f"{prefix}:bodies")
+    assert [s.state for s in before.steps] == ["running"] * 100 + ["pending"]
     assert result.status is bus.TaskStatus.CANCELLED
     assert {r.status for r in steps} == {bus.TaskStatus.CANCELLED}
     assert status.state == "cancelled" and status.steps[100].state == "skipped"
