@@ -431,8 +431,8 @@ class RedisWorkflowBackend(WorkflowBackend):
                 if need == 1 or have + 1 >= need:
                     missing = [d for d in succ.deps if d not in values]
                     got = await self._outcomes(h, missing)
-                    if got is None:
-                        return None
+                    if got is None:  # done (the join says so) but missing or forged
+                        raise RuntimeError(f"workflow {wid}: an outcome of step {s}'s input")
                     values.update(got)
                     skeys, data = self._send_args(succ.build(values))
                 keys += skeys
