@@ -189,9 +189,10 @@ return out
 """
 )
 
-#: One read of a transition's snapshot: the size of the done set and of each join.
+#: One read of a transition's snapshot: whether the step is done already, the size of
+#: the done set and of each join. KEYS: done set, joins. ARGV: the step.
 SNAPSHOT = Script("""
-local out = {redis.call('SCARD', KEYS[1])}
+local out = {redis.call('SISMEMBER', KEYS[1], ARGV[1]), redis.call('SCARD', KEYS[1])}
 for k = 2, #KEYS do out[#out + 1] = redis.call('SCARD', KEYS[k]) end
 return out
 """)
@@ -386,9 +387,9 @@ class RedisWorkflowBackend(WorkflowBackend):
             "reading a workflow",
             SNAPSHOT,
             [h + b":done", *[h + b":j:%d" % s for s in step.successors]],
-            [],
+            [index],
         )
-        ndone, joined = int(snap[0]), [int(x) for x in snap[1:]]
+        again, ndone, joined = bool(int(snap[0])), int(snap[1]), [int(x) for x in snap[2:]]
         values: dict[int, Any] = {index: result.return_value}
         wf_result = b""
         err_data: list[Any] = [b"", b"", 0]
@@ -402,6 +403,8 @@ class RedisWorkflowBackend(WorkflowBackend):
                 err_keys, err_data = self._send_args(msg)
         elif kind == "cancel":
             wf_result = self._sign(h, b"result", codec.encode_result(plan.result("cancelled", {})))
+        elif again:
+            pass  # reported before: the script answers dup and sends nothing
         elif ndone + 1 >= len(plan.steps):
             others = await self._outcomes(h, [i for i in range(len(plan.steps)) if i != index])
             if others is None:
@@ -421,7 +424,10 @@ class RedisWorkflowBackend(WorkflowBackend):
             *err_data,
             len(joins),
         ]
-        if kind == "ok":
+        if kind == "ok" and again:
+            keys += [h, h] * len(step.successors)
+            args += [x for s in step.successors for x in (s, 0, 1, b"", b"", 0)]
+        elif kind == "ok":
             for s, have in zip(step.successors, joined, strict=True):
                 succ = plan.steps[s]
                 need = len(succ.deps)

@@ -230,3 +230,27 @@ async def test_a_10000_step_group_finishes_with_memory_bounded(redis_server: Red
     assert results_left < 50, results_left
     assert backend._cached_steps <= 20_000
     assert all(t > 0 for t in ttls) and joins == [] and running == 0
+
+
+async def test_with_a_secret_plans_and_outcomes_are_signed(redis_server: RedisServer) -> None:
+    prefix = _prefix()
+    broker = build(redis_server.url, prefix, 2.0, secret=b"s" * 32)
+    step, body = broker.find_task("wf.step"), broker.find_task("wf.body")
+    assert step is not None and body is not None
+    with trio.fail_after(20):
+        async with broker, trio.open_nursery() as nursery:
+            worker = await nursery.start(broker.run_worker, 8)
+            h = await bus.chord([step.s(i) for i in range(5)], body.s()).kiq()
+            result = await h.wait_result(timeout=10)
+            backend = broker.workflows
+            assert isinstance(backend, RedisWorkflowBackend)
+            key = backend.key(h.workflow_id)
+            signed = await broker.client.execute("HGET", key, "plan")
+            # A plan written without the secret is refused, as if there were none.
+            await broker.client.execute("HSET", key, "plan", signed.partition(b"\n")[2])
+            backend._plans.clear()
+            with pytest.raises(bus.ResultNotFound):
+                await h.status()
+            worker.stop()
+    assert result.return_value == 10
+    assert signed.startswith(b"v2.")

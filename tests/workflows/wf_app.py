@@ -30,8 +30,10 @@ class CrashAfterTransition(bus.Middleware):
                 os._exit(9)
 
 
-def build(url: str, prefix: str, vt: float, *, crash: bool = False) -> RedisBroker:
-    broker = make_redis_broker(url, prefix=prefix, visibility_timeout=vt, block=0.2)
+def build(
+    url: str, prefix: str, vt: float, *, crash: bool = False, secret: bytes | None = None
+) -> RedisBroker:
+    broker = make_redis_broker(url, prefix=prefix, visibility_timeout=vt, block=0.2, secret=secret)
     if crash:
         broker.with_middlewares(CrashAfterTransition())
 
