@@ -4,8 +4,9 @@ while a ``def`` task sleeps in its thread.
 The first SIGTERM drains: a sync task still running at ``--shutdown-timeout`` is
 abandoned in its thread and handed back at the deadline, so the process exits 0 within
 the deadline plus about a second; a task that finished within it is not run again. A
-second SIGTERM ends the process at once with 143 (``forced_exit_code``). The next
-worker runs what was handed back.
+second SIGTERM ends the process at once with 143 (``forced_exit_code``), and a
+``--processes`` supervisor with its children likewise. The next worker runs what was
+handed back.
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ def _worker(env: dict[str, str], *args: str) -> Proc:
     return w
 
 
-def _runs_again(env: dict[str, str], r: Redis, i: int) -> None:
-    """The next worker takes task ``i`` over (quick: it sleeps in its first run only)
-    and runs nothing else; it exits 0 on SIGTERM with nothing pending."""
+def _runs_again(env: dict[str, str], r: Redis, *ids: int) -> None:
+    """The next worker takes the tasks ``ids`` over (quick: a task sleeps in its first
+    run only); it exits 0 on SIGTERM with nothing pending."""
     w = _worker(env, "--concurrency", "2")
     try:
-        _wait(lambda: r.count(f"done:{i}") == 1, lambda: r.dump() + "".join(w.lines))
+        _wait(
+            lambda: all(r.count(f"done:{i}") == 1 for i in ids),
+            lambda: r.dump() + "".join(w.lines),
+        )
         w.proc.send_signal(signal.SIGTERM)
         assert w.finish() == 0, "".join(w.lines)
     finally:
@@ -103,3 +107,35 @@ def test_a_second_sigterm_ends_the_worker_at_once(redis_server: RedisServer) -> 
     _runs_again(env, r, 0)
     assert r.runs(1) == [2], r.dump()
     assert r.pending() == 0
+
+
+def test_a_second_sigterm_ends_a_supervisor_and_its_children_at_once(
+    redis_server: RedisServer,
+) -> None:
+    env, r = _env(redis_server)
+    sup = Proc(
+        env, "worker", APP, "--log-format", "json", *LOG_LEVEL,
+        "--processes", "2", "--concurrency", "1", "--shutdown-timeout", "60",
+    )  # fmt: skip
+    try:
+        sup.wait_for(lambda line: line.startswith("bus worker:"), count=2)
+        _send(env, 2, 60, 0, "sync_job")  # one in each child
+        _wait(lambda: r.count("started") == 2, lambda: "".join(sup.lines))
+        first = time.monotonic()
+        sup.proc.send_signal(signal.SIGTERM)
+        sup.wait_for(lambda line: "worker.draining" in line, count=2)
+        time.sleep(max(0.0, first + SIGNAL_DEBOUNCE + 0.1 - time.monotonic()))
+        t0 = time.monotonic()
+        sup.proc.send_signal(signal.SIGTERM)
+        code = sup.finish(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        sup.kill()
+    log = "".join(sup.lines)
+    assert code == 143, log
+    assert elapsed < SLACK, f"exited {elapsed:.2f} s after the second SIGTERM:\n{log}"
+    assert _events(sup.lines, "worker.cancelling") == 2, log
+    assert _events(sup.lines, "supervisor.killing") == 0, log
+    assert r.pending() == 0, log
+    _runs_again(env, r, 0, 1)
+    assert r.runs(2) == [2, 2], r.dump()
