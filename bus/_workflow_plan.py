@@ -26,6 +26,7 @@ import attrs
 from bus._codec import Codec
 from bus._ids import TaskID
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
+from bus._options import resolve_eta
 
 __all__ = [
     "ENDED",
@@ -98,10 +99,14 @@ class StepPlan:
     position: str
 
     def build(self, values: Mapping[int, Any]) -> TaskMessage:
-        """The message to send, with the input (the previous result) first."""
+        """The message to send when the step becomes runnable, with the input (the
+        previous result) first; a ``delay`` option counts from now."""
+        message = self.message
+        if "delay" in message.labels:
+            message = attrs.evolve(message, eta=resolve_eta({"delay": message.labels["delay"]}))
         if self.input is None:
-            return self.message
-        return attrs.evolve(self.message, args=(evaluate(self.input, values), *self.message.args))
+            return message
+        return attrs.evolve(message, args=(evaluate(self.input, values), *message.args))
 
 
 @attrs.frozen

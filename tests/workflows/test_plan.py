@@ -151,3 +151,11 @@ def test_a_plan_survives_its_serialised_form() -> None:
 
 def test_evaluate_nested_outputs() -> None:
     assert evaluate([0, [1, 2]], {0: "a", 1: "b", 2: "c"}) == ["a", ["b", "c"]]
+
+
+def test_a_delay_counts_from_when_the_step_becomes_runnable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plan = compile_plan(add.s(1, 2) | add.s(1).set(delay=30), broker)
+    monkeypatch.setattr("time.time", lambda: 1_000_000.0)
+    assert plan.steps[1].build({0: 3}).eta == 1_000_030.0
