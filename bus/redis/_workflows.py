@@ -16,16 +16,16 @@ Redis Cluster holds them all):
 Besides, ``{prefix}:workflows`` is the set of running workflows (for ``inspect``),
 written beside the scripts, not by them.
 
-The transition (:data:`TRANSITION`) checks the state, stores the outcome, marks the
-step done and sends the steps it makes runnable, atomically. The messages it sends
-are built and signed here beforehand (Lua cannot sign): from a snapshot of the
-joins, the caller builds the message of every successor that this completion may
-make runnable; the script checks, before writing anything, that every successor
-that *is* runnable now came with its message, and answers ``retry`` otherwise (a
-sibling finished since the snapshot): the caller reads again. So the completion that
-finishes a chord's last header step sends its body, exactly once; a step that runs
-again (a worker killed after the transition and before its ack) finds ``o:<i>`` and
-sends nothing (``dup``).
+The transition (``TRANSITION``, bus/redis/_workflow_scripts.py) checks the state,
+stores the outcome, marks the step done and sends the steps it makes runnable,
+atomically. The messages it sends are built and signed here beforehand (Lua cannot
+sign): from a snapshot of the joins, the caller builds the message of every
+successor that this completion may make runnable; the script checks, before writing
+anything, that every successor that *is* runnable now came with its message, and
+answers ``retry`` otherwise (a sibling finished since the snapshot): the caller
+reads again. So the completion that finishes a chord's last header step sends its
+body, exactly once; a step that runs again (a worker killed after the transition and
+before its ack) finds ``o:<i>`` and sends nothing (``dup``).
 
 Redis Cluster: the script writes to the queues' streams, whose keys have their
 queue's hash tag, so on a cluster it would span slots. There the same script will
@@ -53,149 +53,14 @@ from bus._workflow_actor import workflow_event
 from bus._workflow_plan import Plan, StepPlan, step_of, step_state
 from bus.redis._client import Connection, Script
 from bus.redis._logic import SIG_VERSION, _mac, sign_entry
-from bus.redis._scripts import SEND_LUA
+from bus.redis._workflow_scripts import CANCEL, SNAPSHOT, START, TRANSITION
 
 if TYPE_CHECKING:
     from bus.redis._broker import RedisBroker
 
-__all__ = ["CANCEL", "START", "TRANSITION", "RedisWorkflowBackend"]
+__all__ = ["RedisWorkflowBackend"]
 
 log = get_logger("bus.redis")
-
-#: Records a workflow and sends its first steps, once (a repeated call finds the
-#: hash and sends nothing). KEYS: the hash, then a stream and a delayed set per first
-#: step. ARGV: plan, number of steps, maxlen, then per first step: index, data,
-#: signature, due (ms, 0: now). Returns 1, or 0 if it was recorded already.
-START = Script(
-    SEND_LUA
-    + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'plan', ARGV[1], 'state', 'running', 'n', ARGV[2])
-local maxlen = tonumber(ARGV[3])
-local k = 2
-for a = 4, #ARGV, 4 do
-  send(KEYS[k], KEYS[k + 1], tonumber(ARGV[a + 3]), ARGV[a + 1], ARGV[a + 2], maxlen)
-  redis.call('HSET', KEYS[1], 't:' .. ARGV[a], '1')
-  k = k + 2
-end
-return 1
-"""
-)
-
-#: Lua shared by the scripts that end a workflow: its keys expire after the result
-#: backend's TTL (the steps' outcomes are kept until the end), its joins go.
-END_LUA = """
-local function finish(h, done, first_join, last_join, ttl)
-  redis.call('PEXPIRE', h, ttl)
-  redis.call('PEXPIRE', done, ttl)
-  for j = first_join, last_join do redis.call('DEL', KEYS[j]) end
-end
-"""
-
-#: One step's completion. KEYS: hash, done set, on_error's stream and delayed set,
-#: every join set of the workflow (m of them), then a stream and a delayed set per
-#: successor of the step. ARGV: step, outcome, kind ('ok', 'fail', 'cancel'), number
-#: of steps, ttl (ms), the workflow's result if this call may end it (else ''),
-#: maxlen, on_error's data (or ''), its signature, its due, m, then per successor:
-#: its index, its join's position in KEYS (0: it waits for this step only), its
-#: number of deps, data ('' when the caller saw it not runnable yet), signature, due.
-#: Returns {'ok'}, {'ended', state, result}, {'dup', state, result}, {'late', state},
-#: {'retry'} (nothing written: read again), or {'unknown'}.
-TRANSITION = Script(
-    SEND_LUA
-    + END_LUA
-    + """
-local h, done = KEYS[1], KEYS[2]
-local i = ARGV[1]
-local state = redis.call('HGET', h, 'state')
-if not state then return {'unknown'} end
-if redis.call('HEXISTS', h, 'o:' .. i) == 1 then
-  return {'dup', state, redis.call('HGET', h, 'result') or ''}
-end
-if state ~= 'running' then
-  redis.call('HSET', h, 'o:' .. i, ARGV[2])
-  return {'late', state}
-end
-local m = tonumber(ARGV[11])
-local ttl = tonumber(ARGV[5])
-local maxlen = tonumber(ARGV[7])
-if ARGV[3] ~= 'ok' then
-  local ended = 'cancelled'
-  if ARGV[3] == 'fail' then ended = 'failed' end
-  redis.call('HSET', h, 'o:' .. i, ARGV[2], 'state', ended, 'result', ARGV[6])
-  redis.call('SADD', done, i)
-  if ended == 'failed' then
-    redis.call('HSET', h, 'failed', i)
-    if ARGV[8] ~= '' then send(KEYS[3], KEYS[4], tonumber(ARGV[10]), ARGV[8], ARGV[9], maxlen) end
-  end
-  finish(h, done, 5, 4 + m, ttl)
-  return {'ended', ended, ARGV[6]}
-end
--- Check first, write after: a successor runnable now must have come with its message.
-local runnable = {}
-local s = 0
-for a = 12, #ARGV, 6 do
-  s = s + 1
-  local join = tonumber(ARGV[a + 1])
-  local ready = true
-  if join > 0 then
-    local have = redis.call('SCARD', KEYS[join])
-    if redis.call('SISMEMBER', KEYS[join], i) == 0 then have = have + 1 end
-    ready = have >= tonumber(ARGV[a + 2])
-  end
-  if ready and ARGV[a + 3] == '' then return {'retry'} end
-  runnable[s] = ready
-end
-local ends = redis.call('SCARD', done) + 1 >= tonumber(ARGV[4])
-if ends and ARGV[6] == '' then return {'retry'} end
-redis.call('HSET', h, 'o:' .. i, ARGV[2])
-redis.call('SADD', done, i)
-s = 0
-for a = 12, #ARGV, 6 do
-  s = s + 1
-  local join = tonumber(ARGV[a + 1])
-  if join > 0 then redis.call('SADD', KEYS[join], i) end
-  if runnable[s] and redis.call('HSETNX', h, 't:' .. ARGV[a], '1') == 1 then
-    local k = 4 + m + 2 * s - 1
-    send(KEYS[k], KEYS[k + 1], tonumber(ARGV[a + 5]), ARGV[a + 3], ARGV[a + 4], maxlen)
-  end
-end
-if ends then
-  redis.call('HSET', h, 'state', 'succeeded', 'result', ARGV[6])
-  finish(h, done, 5, 4 + m, ttl)
-  return {'ended', 'succeeded', ARGV[6]}
-end
-return {'ok'}
-"""
-)
-
-#: Cancels a running workflow. KEYS: hash, done set, its join sets. ARGV: the
-#: workflow's result, ttl (ms), number of steps. Returns {1, steps sent and not
-#: finished...}, or {0} if it was not running.
-CANCEL = Script(
-    END_LUA
-    + """
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return {0} end
-redis.call('HSET', KEYS[1], 'state', 'cancelled', 'result', ARGV[1])
-local out = {1}
-for i = 0, tonumber(ARGV[3]) - 1 do
-  if redis.call('HEXISTS', KEYS[1], 't:' .. i) == 1 and
-     redis.call('HEXISTS', KEYS[1], 'o:' .. i) == 0 then
-    out[#out + 1] = i
-  end
-end
-finish(KEYS[1], KEYS[2], 3, #KEYS, tonumber(ARGV[2]))
-return out
-"""
-)
-
-#: One read of a transition's snapshot: whether the step is done already, the size of
-#: the done set and of each join. KEYS: done set, joins. ARGV: the step.
-SNAPSHOT = Script("""
-local out = {redis.call('SISMEMBER', KEYS[1], ARGV[1]), redis.call('SCARD', KEYS[1])}
-for k = 2, #KEYS do out[#out + 1] = redis.call('SCARD', KEYS[k]) end
-return out
-""")
 
 _KINDS = {TaskStatus.SUCCESS: "ok", TaskStatus.CANCELLED: "cancel"}
 _PLANS = 256
@@ -328,11 +193,13 @@ class RedisWorkflowBackend(WorkflowBackend):
             len(plan.steps),
             broker.settings.maxlen or 0,
         ]
-        for i in plan.first:
-            k, a = self._send_args(plan.steps[i].message)
+        first = [await self._prepare(plan.steps[i].message) for i in plan.first]
+        for i, message in zip(plan.first, first, strict=True):
+            k, a = self._send_args(message)
             keys += k
             args += [i, *a]
         await self._call(f"cannot send workflow {plan.workflow_id}", START, keys, args)
+        await self._sent(first)
         await self._execute("recording a workflow", "SADD", self.running_key(), plan.workflow_id)
         self._remember(plan)
         await workflow_event(broker, "started", plan.workflow_id)
@@ -394,13 +261,16 @@ class RedisWorkflowBackend(WorkflowBackend):
         wf_result = b""
         err_data: list[Any] = [b"", b"", 0]
         err_keys: list[Any] = [h, h]
+        on_error: TaskMessage | None = None
+        successors: list[TaskMessage] = []
         now = time.time()
         if kind == "fail":
             failed = plan.result("failed", {}, (index, result), now)
             wf_result = self._sign(h, b"result", codec.encode_result(failed))
             msg = plan.on_error_message(result)
             if msg is not None:
-                err_keys, err_data = self._send_args(msg)
+                on_error = await self._prepare(msg)
+                err_keys, err_data = self._send_args(on_error)
         elif kind == "cancel":
             wf_result = self._sign(h, b"result", codec.encode_result(plan.result("cancelled", {})))
         elif again:
@@ -440,7 +310,9 @@ class RedisWorkflowBackend(WorkflowBackend):
                     if got is None:  # done (the join says so) but missing or forged
                         raise RuntimeError(f"workflow {wid}: an outcome of step {s}'s input")
                     values.update(got)
-                    skeys, data = self._send_args(succ.build(values))
+                    message = await self._prepare(succ.build(values))
+                    successors.append(message)
+                    skeys, data = self._send_args(message)
                 keys += skeys
                 args += [s, join, need, *data]
         reply = await self._call(f"workflow {wid}: step {index}", TRANSITION, keys, args)
@@ -448,7 +320,28 @@ class RedisWorkflowBackend(WorkflowBackend):
             return None
         if _text(reply[0]) == "unknown":
             log.warning("workflow.unknown", workflow_id=wid)
+        if _text(reply[0]) in ("ok", "ended"):
+            # What the script sent: the successors it found runnable (those the
+            # snapshot foresaw, else it answers retry), on_error when it failed the
+            # workflow.
+            failing = on_error is not None and _text(reply[1]) == "failed"
+            await self._sent([*successors, *((on_error,) if failing else ())])
         return list(reply)
+
+    async def _prepare(self, message: TaskMessage) -> TaskMessage:
+        """A step's message through the middlewares' ``pre_send``, as a send's."""
+        hooks = self.broker.hooks
+        if "pre_send" in hooks.has:
+            message = await hooks.transform("pre_send", message)
+        return message
+
+    async def _sent(self, messages: list[TaskMessage]) -> None:
+        """Count what a script sent and run the middlewares' ``post_send``."""
+        self.broker.stats.sent += len(messages)
+        hooks = self.broker.hooks
+        if "post_send" in hooks.has:
+            for message in messages:
+                await hooks.run_all("post_send", message)
 
     async def _store_end(self, plan: Plan, blob: Any, state: str, *, fresh: bool) -> None:
         h = self.key(plan.workflow_id)

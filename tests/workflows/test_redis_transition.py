@@ -11,7 +11,8 @@ import trio
 
 import bus
 from bus._workflow import compile_plan
-from bus.redis._workflows import SNAPSHOT, RedisWorkflowBackend
+from bus.redis._workflow_scripts import SNAPSHOT
+from bus.redis._workflows import RedisWorkflowBackend
 from tests.redis.server import RedisServer
 from tests.workflows.wf_app import build
 
