@@ -61,3 +61,25 @@ async def test_a_stale_snapshot_is_retried_and_the_body_sent_once(
             assert sent.task_name == "wf.body" and sent.args == ([0, 1],)
             status = await backend.status(plan.workflow_id)
     assert [s.state for s in status.steps] == ["succeeded", "succeeded", "queued"]
+
+
+async def test_steps_go_through_the_send_middlewares(redis_server: RedisServer) -> None:
+    seen: list[tuple[str, int]] = []
+
+    class Sends(bus.Middleware):
+        def post_send(self, message: bus.TaskMessage) -> None:
+            seen.append((message.task_name, message.labels.get("workflow_step", -1)))
+
+    prefix = f"w{bus.TaskID.new()[-12:]}"
+    broker = build(redis_server.url, prefix, 2.0)
+    broker.with_middlewares(Sends())
+    step, boom, alert = (broker.find_task(n) for n in ("wf.step", "wf.boom", "wf.alert"))
+    assert step is not None and boom is not None and alert is not None
+    with trio.fail_after(10):
+        async with broker, trio.open_nursery() as nursery:
+            worker = await nursery.start(broker.run_worker, 4)
+            h = await bus.chain(step.si(1), step.si(2), boom.s(), on_error=alert.s()).kiq()
+            await h.wait_result(timeout=5)
+            worker.stop()
+    assert seen[:3] == [("wf.step", 0), ("wf.step", 1), ("wf.boom", 2)]
+    assert [name for name, _ in seen[3:]] == ["wf.alert"]
