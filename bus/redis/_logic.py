@@ -38,6 +38,7 @@ __all__ = [
     "sign_schedule",
     "signed_at",
     "split_member",
+    "too_old",
     "unique_holder",
     "unique_value",
 ]
@@ -271,6 +272,23 @@ def check_entry(
     if len(data) > max_bytes:
         return data[:1024], f"message of {len(data)} bytes exceeds max_message_bytes={max_bytes}"
     return data, None
+
+
+def too_old(
+    sig: bytes | None, eta: float | None, max_age: float, now: float | None = None
+) -> str | None:
+    """Why an entry signed with ``sig`` is too old to run (``None`` when it is not):
+    signed more than ``max_age`` seconds before ``now``, or before its ``eta`` (a
+    delayed message) when that is later. An entry without a signing time (no secret)
+    is never too old."""
+    when = signed_at(sig) if isinstance(sig, bytes) else None
+    if when is None:
+        return None
+    start = when if eta is None else max(when, eta)
+    age = (time.time() if now is None else now) - start
+    if age <= max_age:
+        return None
+    return f"message signed {age:.0f} s ago, more than max_message_age={max_age:g}"
 
 
 def sign_count(secret: bytes | None, stream: bytes, data: bytes, count: int) -> bytes:

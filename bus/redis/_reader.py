@@ -56,6 +56,7 @@ from bus.redis._client import (
     rerun_noscript,
 )
 from bus.redis._logic import (
+    F_SIG,
     Entry,
     Keys,
     check_entry,
@@ -63,6 +64,7 @@ from bus.redis._logic import (
     marker_ok,
     over_delivered,
     sign_count,
+    too_old,
     unique_value,
 )
 from bus.redis._pool import Lent, lend
@@ -629,7 +631,6 @@ class StreamReaderActor(actors.Actor):
                 settings.secret,
                 settings.max_message_bytes,
                 s.key,
-                max_age=settings.max_message_age,
             )
             message: TaskMessage | None = None
             if reason is None:
@@ -641,6 +642,10 @@ class StreamReaderActor(actors.Actor):
                     )
                 message, undecodable = decode_entry(codec, data)
                 reason = reason or undecodable
+                if reason is None and settings.max_message_age is not None and fields:
+                    # Signed (the time is in its signature) too long before it was due.
+                    eta = message.eta if message is not None else None
+                    reason = too_old(fields.get(F_SIG), eta, settings.max_message_age)
             if reason is not None:
                 dead.append((s, eid, data, reason, n, message))
                 continue

@@ -106,8 +106,8 @@ class RedisSettings:
     """Cap each stream (a queue's level) at about this many entries (``XADD MAXLEN ~``):
     when more wait, the oldest are dropped, so a flood of sends cannot fill Redis's
     memory (acknowledged entries are deleted anyway). The default, one million, holds
-    about 300 MB of typical ~150-byte messages (docs/redis.md has the measurement);
-    ``None``: no cap."""
+    about 210 MB of typical 180-byte messages (310 MB signed; measured, see
+    docs/redis.md); ``None``: no cap."""
     block: float = attrs.field(default=1.0, validator=_seconds)
     """Seconds a blocking read waits before reading again."""
     visibility_timeout: float = attrs.field(default=60.0, validator=_seconds)
@@ -159,12 +159,12 @@ class RedisSettings:
     """How often a task waiting for a ``max_running`` slot asks again (a slot given
     back by this process wakes it at once; one given back elsewhere is seen at the
     next ask)."""
-
     max_message_age: float | None = attrs.field(default=None, validator=_optional_seconds)
-    """With ``secret`` set: entries signed longer ago than this many seconds are
-    refused (dead-lettered, never run), so a captured entry cannot be replayed later.
-    ``None`` (the default): no limit (replays of what ran are dropped anyway). Set it
-    above the longest time a message may wait in the queue (and its ``eta`` delay)."""
+    """With ``secret`` set: entries signed more than this many seconds before they
+    are read (or before their ``eta``, for a delayed message) are refused
+    (dead-lettered, never run), so a captured entry cannot be replayed later. ``None``
+    (the default): no limit (a replay of an attempt that ran is dropped anyway). Set it
+    above the longest time a message may wait in the queue."""
     dead_letter_max_bytes: int | None = attrs.field(
         default=DEFAULT_DEAD_LETTER_BYTES, validator=_count(1, True)
     )

@@ -552,3 +552,16 @@ async def test_an_oversize_reply_is_refused_by_the_client(redis_server: RedisSer
 async def _swallow(conn: Connection) -> None:
     with contextlib.suppress(ConnectionLost):
         await conn.run()
+
+
+def test_the_age_of_a_delayed_message_counts_from_when_it_is_due() -> None:
+    from bus.redis._logic import too_old
+
+    stream = Keys("bus", "q").stream
+    sig = sign_entry(b"k" * 32, stream, b"data", now=1000.0)
+    assert too_old(sig, None, 60, now=1060.0) is None
+    assert "more than max_message_age=60" in (too_old(sig, None, 60, now=1061.0) or "")
+    # Sent at 1000 to run at 5000: fresh until 5060.
+    assert too_old(sig, 5000.0, 60, now=5059.0) is None
+    assert too_old(sig, 5000.0, 60, now=5061.0) is not None
+    assert too_old(b"", None, 60, now=1e12) is None  # unsigned: no time to judge
