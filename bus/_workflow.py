@@ -80,6 +80,8 @@ class _Node:
         workflow, nothing was sent."""
         broker = self._broker()
         plan = compile_plan(self, broker)
+        for step in plan.steps:
+            broker._encode(step.message)  # SendError now, not a step that never runs
         await broker.workflows.start(plan)
         return WorkflowHandle(plan.workflow_id, broker)
 

@@ -119,3 +119,20 @@ async def test_status_renders_a_tree_and_json() -> None:
     with pytest.raises(bus.ResultNotFound):
         async with broker:
             await broker.workflows.status(bus.TaskID.new())
+
+
+async def test_unencodable_arguments_fail_at_kiq_and_nothing_runs() -> None:
+    broker = bus.InMemoryBroker()
+    ran: list[object] = []
+
+    @broker.task(name="m.take")
+    async def take(x: object) -> None:
+        ran.append(x)
+
+    with trio.fail_after(5):
+        async with broker:
+            with pytest.raises(bus.SendError, match=r"m\.take"):
+                await (take.s(1) | take.si(object())).kiq()
+            await broker.wait_all()
+            assert await broker.workflows.running() == 0
+    assert ran == []
