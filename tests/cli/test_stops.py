@@ -2,7 +2,8 @@
 
 Each stop must exit 0, leave nothing pending in Redis and run nothing twice, whether
 the worker was idle, busy, or in the middle of a drain; the same for ``--processes 2``
-stopped by a signal to its whole process group.
+stopped by a signal to its whole process group. A stop while the worker still
+connects ends it at once (exit 0).
 """
 
 from __future__ import annotations
@@ -250,3 +251,20 @@ def test_fifty_sigterm_stops_of_a_worker(redis_server: RedisServer) -> None:
 
 def test_fifty_group_stops_of_two_worker_processes(redis_server: RedisServer) -> None:
     _stops(redis_server, 50, ("--concurrency", "2", "--processes", "2"), group_signal=True)
+
+
+def test_a_stop_while_the_worker_connects_ends_it_at_once() -> None:
+    # Nothing listens on port 1: the worker keeps trying to connect. Its first log
+    # line comes after the stop requests are watched.
+    env = {**os.environ, "BUS_TEST_URL": "redis://127.0.0.1:1", "BUS_TEST_PREFIX": "nowhere"}
+    w = Proc(env, "worker", APP, "--log-format", "json")
+    try:
+        w.wait_for(lambda line: True)
+        t0 = time.monotonic()
+        w.proc.send_signal(signal.SIGTERM)
+        code = w.finish(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        w.kill()
+    assert code == 0, "".join(w.lines)
+    assert elapsed < 2, f"exited {elapsed:.2f} s after SIGTERM:\n{''.join(w.lines)}"
