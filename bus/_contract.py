@@ -918,8 +918,3 @@ CHECKS: tuple[Callable[[BrokerFactory], Awaitable[None]], ...] = (
     check_rate_limit_spreads_starts_without_holding_a_runner,
     check_max_running_is_a_limit,
 )
-
-# The workflow checks (bus.testing.WORKFLOW_CHECKS) live beside, using the helpers above.
-from bus._workflow_contract import WORKFLOW_CHECK_FUNCS  # noqa: E402
-
-CHECKS += WORKFLOW_CHECK_FUNCS

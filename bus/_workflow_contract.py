@@ -1,7 +1,7 @@
 """The broker contract's workflow checks (``bus.testing.WORKFLOW_CHECKS``): chains,
 groups, chords, nesting, failure with ``on_error``, cancel and status, each step's
-successors sent once. Part of ``bus._contract.CHECKS`` (imported at the end of
-bus/_contract.py, whose helpers it uses: import it through that module)."""
+successors sent once. ``bus.testing.check_broker`` runs them after
+``bus._contract.CHECKS``, whose helpers they use."""
 
 from __future__ import annotations
 

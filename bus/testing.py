@@ -127,7 +127,10 @@ async def check_broker(factory: Callable[..., Broker], *, skip: Sequence[str] = 
 
     Cancellation: the run stops; nothing is left running.
     """
-    from bus._contract import CHECKS
+    from bus._contract import CHECKS as CORE_CHECKS
+    from bus._workflow_contract import WORKFLOW_CHECK_FUNCS
+
+    CHECKS = CORE_CHECKS + WORKFLOW_CHECK_FUNCS
 
     known = {check.__name__ for check in CHECKS}
     unknown = set(skip) - known

@@ -18,11 +18,15 @@ import pytest
 
 import bus
 import bus._contract
+import bus._workflow_contract
 import bus.testing
-from bus._contract import CHECKS
+from bus._contract import CHECKS as CORE_CHECKS
+from bus._workflow_contract import WORKFLOW_CHECK_FUNCS
 from tests.contract.conftest import FACTORIES, BrokerFactory, unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
+#: Every check check_broker runs: the core ones, then the workflow checks.
+CHECKS = CORE_CHECKS + WORKFLOW_CHECK_FUNCS
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=[c.__name__.removeprefix("check_") for c in CHECKS])
@@ -99,7 +103,7 @@ def test_check_broker_fails_a_broken_broker_under_python_O() -> None:
     assert "check_delay_is_honoured" in proc.stderr
 
 
-@pytest.mark.parametrize("module", [bus.testing, bus._contract])
+@pytest.mark.parametrize("module", [bus.testing, bus._contract, bus._workflow_contract])
 def test_the_checks_use_no_bare_assert(module: object) -> None:
     tree = ast.parse(inspect.getsource(module))  # type: ignore[arg-type]
     lines = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)]
