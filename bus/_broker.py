@@ -513,6 +513,8 @@ class Broker(abc.ABC):
     async def _with_workflows(self, info: BrokerInfo) -> BrokerInfo:
         """``info`` with ``workflows`` in its details: how many workflows run."""
         running = await self.workflows.running()
+        if not isinstance(info, BrokerInfo):  # a broker actor of before BrokerInfo: a dict
+            return {**info, "workflows": running}  # type: ignore[unreachable]
         return attrs.evolve(info, details={**info.details, "workflows": running})
 
     async def _ask(self, msg: object) -> Any:

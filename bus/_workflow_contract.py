@@ -178,8 +178,8 @@ async def check_workflow_cancel_stops_queued_and_running_steps(make_broker: Brok
                 sr = await broker.result_backend.wait_result(s.task_id, timeout=5)
                 _expect_equal(sr.status, bus.TaskStatus.CANCELLED, f"step {s.index}'s result")
     _expect(
-        before.count("running") >= 4 and set(before[:6]) <= {"running", "queued"},
-        "the running steps' states are 'running' (the queued ones 'queued' or 'running')",
+        set(before[:6]) <= {"running", "queued"},
+        "the sent steps' states are 'running' or 'queued' (where a broker cannot tell)",
         before,
     )
     _expect_equal(before[6], "pending", "the body's state before the cancel")

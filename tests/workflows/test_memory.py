@@ -136,3 +136,24 @@ async def test_unencodable_arguments_fail_at_kiq_and_nothing_runs() -> None:
             await broker.wait_all()
             assert await broker.workflows.running() == 0
     assert ran == []
+
+
+async def test_status_tells_running_from_queued_steps() -> None:
+    broker = bus.InMemoryBroker(concurrency=2)
+    two = trio.Event()
+    started: list[int] = []
+
+    @broker.task(name="m.hold")
+    async def hold(i: int) -> None:
+        started.append(i)
+        if len(started) == 2:
+            two.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(5):
+        async with broker:
+            h = await bus.chain(bus.group(hold.s(i) for i in range(4)), hold.si(9)).kiq()
+            await two.wait()
+            st = await h.status()
+            await h.cancel()
+    assert [s.state for s in st.steps] == ["running"] * 2 + ["queued"] * 2 + ["pending"]
