@@ -175,9 +175,9 @@ async def test_start_fails_within_connect_timeout(proxy: FaultProxy, mode: str) 
             assert await broker.inspect() is not None
 
 
-@pytest.mark.parametrize("how", ["proxy", "stop"])
+@pytest.mark.parametrize(("how", "length"), [("proxy", 0), ("stop", 0), ("proxy", 3), ("stop", 3)])
 async def test_tasks_finished_during_an_outage_run_once(
-    proxy: FaultProxy, redis_ctl: RedisControl, how: str
+    proxy: FaultProxy, redis_ctl: RedisControl, how: str, length: float
 ) -> None:
     """Tasks running when Redis goes away finish during the outage; their results and
     acks are written once it is back, and none of them runs again."""
@@ -209,6 +209,7 @@ async def test_tasks_finished_during_an_outage_run_once(
             finish.set()
             while len(runs) < 20:  # noqa: ASYNC110 (the tasks end in the worker's runners)
                 await trio.sleep(0.01)
+            await trio.sleep(length)  # the rest of the outage
             if how == "proxy":
                 proxy.heal()
             else:
@@ -239,3 +240,52 @@ async def test_every_connection_dropped(proxy: FaultProxy) -> None:
         pass
 
     await _through(bench, proxy.drop_all, noop, 0.3, none_may_fail=True)
+
+
+@pytest.mark.parametrize("state", ["running", "queued"])
+async def test_a_cancel_that_failed_in_a_blackhole_still_ends_its_task(
+    proxy: FaultProxy, state: str
+) -> None:
+    """``cancel()`` raises BrokerUnavailable in a blackhole (its command may still
+    reach Redis when the network heals); the task ends either way: CANCELLED, or run
+    once. Its waiter never waits for ever."""
+    gate = trio.Event()
+    started = trio.Event()
+    runs: list[int] = []
+    options: dict[str, Any] = {
+        "prefix": f"f{bus.TaskID.new()[-12:]}",
+        "queue": "q",
+        "send_timeout": 2,
+        "command_timeout": 2,
+    }
+    producer, worker = RedisBroker(proxy.url, **options), RedisBroker(proxy.url, **options)
+
+    async def hold(i: int) -> int:
+        if i == 0:
+            started.set()
+        await gate.wait()
+        runs.append(i)
+        return i
+
+    task = producer.register_task(hold, name="f.hold")
+    worker.register_task(hold, name="f.hold")
+    with trio.fail_after(40):
+        async with producer, trio.open_nursery() as nursery:
+            w = await nursery.start(worker.run_worker, 1)
+            first = await task.kiq(0)
+            await started.wait()
+            target = first if state == "running" else await task.kiq(1)
+            proxy.mode = "blackhole"
+            with pytest.raises(bus.BrokerUnavailable):
+                await target.cancel()
+            proxy.heal()
+            gate.set()
+            result = await target.wait_result(timeout=20)
+            other = await (await task.kiq(2)).wait_result(timeout=20)
+            assert other.return_value == 2
+            w.stop()
+    i = 0 if state == "running" else 1
+    if result.status is bus.TaskStatus.CANCELLED:
+        assert i not in runs
+    else:
+        assert result.return_value == i and runs.count(i) == 1
