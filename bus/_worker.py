@@ -43,6 +43,7 @@ from bus._protocol import (
     Unclaim,
     Unregister,
 )
+from bus._workflow_plan import ON_ERROR_LABEL, failed_step_args
 
 if TYPE_CHECKING:
     from bus._broker import Broker
@@ -367,6 +368,8 @@ class WorkerActor(actors.Actor):
                 message = r.message = await hooks.transform("pre_execute", message)
             if message.args:
                 args = thaw_args(message.args)
+                if message.labels and message.labels.get(ON_ERROR_LABEL):
+                    args = failed_step_args(args)  # on_error gets a TaskResult
             if message.kwargs:
                 kwargs = _thaw_kwargs(message.kwargs)
             if task.context_param is not None:

@@ -122,7 +122,7 @@ async def check_workflow_failure_skips_downstream_and_runs_on_error_once(
         raise ValueError(f"boom after {x}")
 
     @broker.task(name="contract.wf.alert")
-    async def alert(failed: dict[str, Any]) -> None:
+    async def alert(failed: bus.TaskResult[Any]) -> None:
         alerts.append(failed)
         alerted.set()
 
@@ -138,7 +138,13 @@ async def check_workflow_failure_skips_downstream_and_runs_on_error_once(
     _expect_equal(r.labels.get("failed_task"), "contract.wf.boom", "the failing step named")
     _expect_equal(ran, ["step1", "boom"], "the steps that ran")
     _expect_equal(len(alerts), 1, "on_error runs")
-    _expect_equal(alerts[0]["status"], "FAILURE", "on_error's argument's status")
+    _expect(isinstance(alerts[0], bus.TaskResult), "on_error gets a TaskResult", alerts[0])
+    _expect_equal(alerts[0].status, bus.TaskStatus.FAILURE, "on_error's argument's status")
+    _expect(
+        alerts[0].error is not None and "boom after 1" in alerts[0].error.message,
+        "on_error's argument is the failing step's result",
+        alerts[0],
+    )
     _expect_equal(
         [s.state for s in st.steps], ["succeeded", "failed", "skipped", "skipped"], "step states"
     )

@@ -134,7 +134,11 @@ class Plan:
         if not self.on_error_input:
             return self.on_error
         arg = result_dict(failed)
-        return attrs.evolve(self.on_error, args=(arg, *self.on_error.args))
+        return attrs.evolve(
+            self.on_error,
+            args=(arg, *self.on_error.args),
+            labels={**self.on_error.labels, ON_ERROR_LABEL: True},
+        )
 
     def result(
         self,
@@ -238,6 +242,22 @@ def result_dict(result: TaskResult[Any]) -> dict[str, Any]:
         "execution_time": result.execution_time,
         "labels": dict(result.labels),
     }
+
+
+#: The label of an ``on_error`` message whose first argument is the failing step's
+#: result: the worker turns that JSON value back into a :class:`TaskResult`.
+ON_ERROR_LABEL = "workflow_failed_result"
+
+
+def failed_step_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``args`` of an ``on_error`` call, the first one a :class:`TaskResult` again (left
+    as it is when it is not a result's JSON value)."""
+    if not args or not isinstance(args[0], Mapping):
+        return args
+    try:
+        return (task_result(args[0]), *args[1:])
+    except (KeyError, TypeError, ValueError):
+        return args
 
 
 def task_result(value: Mapping[str, Any]) -> TaskResult[Any]:

@@ -19,7 +19,7 @@ import bus
 
 broker = bus.InMemoryBroker(concurrency=4)
 DOCUMENTS = ["a b c", "d e", "f g h i", "j"]
-alerts: list[dict[str, Any]] = []
+alerts: list[bus.TaskResult[Any]] = []
 
 
 @broker.task(name="docs.count_words")
@@ -39,8 +39,8 @@ async def parse(text: str) -> int:
 
 
 @broker.task(name="docs.alert")
-async def alert(failed: dict[str, Any]) -> None:
-    alerts.append(failed)
+async def alert(failed: bus.TaskResult[Any]) -> None:
+    alerts.append(failed)  # the failing step's result
 
 
 crawling_started = trio.Event()
@@ -73,7 +73,7 @@ async def main() -> dict[str, Any]:
         print(f"the crawl: {cancelled.status.name}")
         print(status.render())
         await broker.wait_all()
-    print(f"alerts: {len(alerts)} ({alerts[0]['error']['type_name']})")
+    print(f"alerts: {len(alerts)} ({alerts[0].error.type_name if alerts[0].error else '-'})")
     return {
         "words": words.return_value,
         "failed": failed.status,

@@ -63,9 +63,11 @@ def build(
         raise ValueError(f"boom after {x}")
 
     @broker.task(name="wf.alert")
-    async def alert(failed: dict[str, Any], ctx: bus.Context = bus.CONTEXT) -> None:
+    async def alert(failed: bus.TaskResult[Any], ctx: bus.Context = bus.CONTEXT) -> None:
         client = cast(RedisBroker, ctx.broker).client
-        await client.execute("RPUSH", f"{prefix}:alerts", json.dumps(failed))
+        assert isinstance(failed, bus.TaskResult)  # on_error gets the failing step's result
+        error = {"message": failed.error.message if failed.error else None}
+        await client.execute("RPUSH", f"{prefix}:alerts", json.dumps({"error": error}))
 
     return broker
 
