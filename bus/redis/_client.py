@@ -47,6 +47,7 @@ from bus.redis._resp import (
     RedisTimeout,
     Reply,
     ReplyError,
+    ReplyTooLarge,
     _ProtocolError,
     encode,
     encode_many,
@@ -66,6 +67,7 @@ __all__ = [
     "RedisURL",
     "Reply",
     "ReplyError",
+    "ReplyTooLarge",
     "Script",
     "Stats",
     "is_noscript",
@@ -191,6 +193,7 @@ class _Base:
         #: ``max_reply_bytes`` the connection fails instead of buffering more.
         self._since_reply = 0
         self._max_reply = url.max_reply_bytes
+        self._too_large = False
         #: The socket's descriptor, read and written directly (``os.read``/``os.write``,
         #: POSIX) to save trips through the scheduler; None for TLS (its SSLStream).
         self._fd: int | None = (
@@ -207,7 +210,8 @@ class _Base:
         return self._error is not None
 
     def _lost(self) -> ConnectionLost:
-        exc = ConnectionLost(f"{self.url.redacted()}: {self._error}")
+        kind = ReplyTooLarge if self._too_large else ConnectionLost
+        exc = kind(f"{self.url.redacted()}: {self._error}")
         exc.__cause__ = self._cause
         return exc
 
@@ -261,6 +265,7 @@ class _Base:
                             await self._fail(f"protocol error: {exc}", exc)
                             break
                         if self._since_reply > self._max_reply:
+                            self._too_large = True
                             await self._fail(
                                 f"a reply larger than max_reply_bytes={self._max_reply} "
                                 "(a URL option); the connection was dropped"

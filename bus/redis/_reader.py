@@ -53,6 +53,7 @@ from bus.redis._client import (
     ConnectionLost,
     RedisError,
     ReplyError,
+    ReplyTooLarge,
     rerun_noscript,
 )
 from bus.redis._logic import (
@@ -73,6 +74,7 @@ from bus.redis._scripts import (
     REFRESH_SLOT,
     RELEASE,
     RELEASE_SLOT,
+    SWEEP_LARGE,
     TAKE_TOKEN,
     TOUCH,
     Handback,
@@ -149,6 +151,10 @@ class ReaderState:
         self.cancelled: dict[TaskID, None] = {}
         self.demand = trio.Event()
         self.leases = 0
+        #: At most this many entries per stream in one read (``None``: as many as
+        #: runners wait for): halved each time a read's reply was larger than the
+        #: client's ``max_reply_bytes``.
+        self.count_cap: int | None = None
 
     def wake(self) -> None:
         self.demand.set()
@@ -263,6 +269,7 @@ class StreamReaderActor(actors.Actor):
         if self._default_stream not in self.by_key:  # bare tags name it: know it anyway
             self.by_key[self._default_stream] = StreamRef(keys.stream, keys.queue, 0, keys)
         self.blocking: Connection | None = None
+        self._last_count = 1  # how many entries per stream the last read asked for
         self._read_scope: trio.CancelScope | None = None
         # Read and not handed to a runner yet: held by priority, or set aside for a
         # limit. ``_aside`` has both, by tag (for the heartbeat and the hand-back).
@@ -449,7 +456,42 @@ class StreamReaderActor(actors.Actor):
     async def _read_forever(self) -> None:
         with trio.CancelScope() as scope:
             self._read_scope = scope
-            await self._read_loop()
+            await self._sweep_large()
+            try:
+                await self._read_loop()
+            except ReplyTooLarge:
+                # Entries too large for one reply: the restart dead-letters those
+                # larger than a message may be, and reads fewer at once from now on.
+                state = self.state
+                state.count_cap = max(1, self._last_count // 2)
+                log.warning("redis.read_too_large", count=state.count_cap, actor=self.name)
+                raise
+
+    async def _sweep_large(self) -> None:
+        """Dead-letter the entries pending for this consumer that are larger than a
+        message may be (``max_message_bytes``, and some room for the other fields):
+        read, they would exceed the client's ``max_reply_bytes`` at every try."""
+        settings = self.settings
+        limit = settings.max_message_bytes + 4096
+        conn = await self._shared()
+        now = str(time.time())
+        caps = (settings.dead_letter_maxlen or 0, settings.dead_letter_max_bytes or 0)
+        commands: list[Command] = [
+            SWEEP_LARGE.command(
+                keys=[s.key, s.keys.dead, s.keys.dead_bytes],
+                args=[self.group, self.consumer, limit, *caps, s.queue, now],
+            )
+            for s in self.streams
+        ]
+        replies = await rerun_noscript(conn, commands, await conn.pipeline(commands))
+        moved = sum(r for r in replies if isinstance(r, int))
+        if moved:
+            log.error(
+                "task.dead_lettered",
+                entries=moved,
+                reason=f"larger than {limit} bytes (max_message_bytes and its fields)",
+                actor=self.name,
+            )
 
     async def _read_loop(self) -> None:
         state = self.state
@@ -466,6 +508,9 @@ class StreamReaderActor(actors.Actor):
                 continue
             if self.parking and await self._serve_parked():
                 continue
+            if state.count_cap is not None:
+                demand = min(demand, state.count_cap)
+            self._last_count = demand
             entries: list[_Raw] = []
             counted = False
             if own:

@@ -22,6 +22,7 @@ __all__ = [
     "RedisTimeout",
     "Reply",
     "ReplyError",
+    "ReplyTooLarge",
     "encode",
     "encode_many",
     "new_reader",
@@ -56,6 +57,12 @@ class ConnectionLost(RedisError, ConnectionError):
     reset or killed, a reply timed out and the connection was dropped, or it was
     closed by :meth:`aclose`. A command in flight when it broke fails with this, and
     every later command on that connection raises it at once."""
+
+
+class ReplyTooLarge(ConnectionLost):
+    """The connection was dropped because a reply was larger than the URL's
+    ``max_reply_bytes`` (the client does not buffer more): a :class:`ConnectionLost`,
+    so callers retry as after any loss; a reader can ask for fewer entries at once."""
 
 
 class RedisTimeout(RedisError, TimeoutError):

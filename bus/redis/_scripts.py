@@ -26,6 +26,7 @@ __all__ = [
     "RELEASE",
     "RELEASE_SLOT",
     "REQUEUE",
+    "SWEEP_LARGE",
     "REQUEUE_DEAD",
     "SEND_LUA",
     "TAKE_TOKEN",
@@ -288,6 +289,45 @@ if ARGV[3] ~= '' then args[#args + 1] = 's'; args[#args + 1] = ARGV[3] end
 local id = redis.call('XADD', unpack(args))
 redis.call('SET', KEYS[4], id, 'PX', ARGV[5])
 return 1
+"""
+)
+
+
+#: Dead-letters the entries pending for a consumer that are too large to read (their
+#: fields hold more than a byte limit): read in one reply they would exceed the
+#: client's ``max_reply_bytes`` again and again. The letter keeps the first KiB of the
+#: largest field. KEYS: stream, dead stream, its byte count. ARGV: group, consumer,
+#: limit (bytes), dead maxlen (0: none), dead byte cap (0: none), queue, time.
+#: Returns how many it moved.
+SWEEP_LARGE = Script(
+    TRIM_DEAD_LUA
+    + """
+local moved = 0
+local limit = tonumber(ARGV[3])
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1000, ARGV[2])
+for _, p in ipairs(pending) do
+  local id = p[1]
+  local e = redis.call('XRANGE', KEYS[1], id, id)
+  if e[1] then
+    local fields = e[1][2]
+    local size, big = 0, ''
+    for j = 1, #fields, 2 do
+      size = size + #fields[j] + #fields[j + 1]
+      if #fields[j + 1] > #big then big = fields[j + 1] end
+    end
+    if size > limit then
+      local added = redis.call('XADD', KEYS[2], '*',
+        'reason', 'entry of ' .. size .. ' bytes is larger than the ' .. limit .. ' a worker reads',
+        'data', string.sub(big, 1, 1024), 'id', id, 'queue', ARGV[6],
+        'deliveries', tostring(p[4]), 'time', ARGV[7], 'stream', KEYS[1])
+      trim_dead(KEYS[2], KEYS[3], added, tonumber(ARGV[4]), tonumber(ARGV[5]))
+      redis.call('XACK', KEYS[1], ARGV[1], id)
+      redis.call('XDEL', KEYS[1], id)
+      moved = moved + 1
+    end
+  end
+end
+return moved
 """
 )
 
