@@ -14,8 +14,6 @@ from tests.faults.control import RedisControl
 from tests.faults.proxy import FaultProxy
 from tests.redis.server import start_server
 
-pytestmark = pytest.mark.redis
-
 
 @pytest.fixture
 def redis_ctl(tmp_path: Path) -> Iterator[RedisControl]:
