@@ -57,6 +57,7 @@ from bus.redis._client import (
     rerun_noscript,
 )
 from bus.redis._logic import (
+    F_DATA,
     F_SIG,
     Entry,
     Keys,
@@ -261,8 +262,8 @@ class StreamReaderActor(actors.Actor):
         self.queues = queues or (keys.queue,)
         self.streams: list[StreamRef] = []
         for queue in self.queues:
-            qkeys = keys if queue == keys.queue else Keys(keys.prefix, queue)
-            for level in range(9, -1, -1):
+            qkeys = keys.of(queue)
+            for level in qkeys.levels:
                 self.streams.append(StreamRef(qkeys.level_stream(level), queue, level, qkeys))
         self.by_key = {s.key: s for s in self.streams}
         self._default_stream = keys.stream
@@ -369,7 +370,7 @@ class StreamReaderActor(actors.Actor):
         now, from the consumer groups."""
         conn = (await lend(self.conn_ref, timeout=2)).conn
         for queue in self.queues:
-            await conn.execute("ZREM", Keys(self.keys.prefix, queue).workers, self.consumer)
+            await conn.execute("ZREM", self.keys.of(queue).workers, self.consumer)
         for s in self.streams:
             pending = await conn.execute("XPENDING", s.key, self.group, "-", "+", 1, self.consumer)
             if not pending:
@@ -547,13 +548,20 @@ class StreamReaderActor(actors.Actor):
         )
         out: list[_Raw] = []
         seen: set[bytes] = set()
+        inflight, aside = self.state.inflight, self._aside
         for key, section in reply or ():
             found = _entries(section)
             s = self.by_key[key]
             if found:
                 seen.add(key)
                 own[key] = found[-1][0]
-                out += [(s, eid, fields) for eid, fields in found]
+                # Entries still held here (running, or finished with their ack not yet
+                # written: a restart after an outage) are not handed out again.
+                out += [
+                    (s, eid, fields)
+                    for eid, fields in found
+                    if (tag := self._tag(s, eid)) not in inflight and tag not in aside
+                ]
         for key in keys:
             if key not in seen:
                 del own[key]
@@ -664,6 +672,9 @@ class StreamReaderActor(actors.Actor):
             if tag in inflight or tag in aside:
                 continue  # runs or waits here already (re-read after a reconnect): not twice
             n = counts.get(tag, 1)
+            field = s.keys.data_field
+            if fields is not None and field != F_DATA and field in fields:
+                fields = {**fields, F_DATA: fields[field]}  # read as the message field
             if fields:
                 extra, ignored = count_of(fields, settings.secret, s.key)
                 n += extra
@@ -1003,7 +1014,7 @@ class StreamReaderActor(actors.Actor):
                 now = time.time()
                 presence: list[Command] = []
                 for queue in self.queues:
-                    workers = Keys(self.keys.prefix, queue).workers
+                    workers = self.keys.of(queue).workers
                     presence.append(("ZADD", workers, now, self.consumer))
                     # A worker that stopped beating (crashed) leaves the set.
                     presence.append(("ZREMRANGEBYSCORE", workers, "-inf", now - 3 * interval - 1))
@@ -1066,7 +1077,7 @@ class StreamReaderActor(actors.Actor):
         """Remove consumers of the groups that own nothing and are not alive."""
         alive: set[bytes] = set()
         for queue in self.queues:
-            live = await conn.execute("ZRANGE", Keys(self.keys.prefix, queue).workers, 0, -1)
+            live = await conn.execute("ZRANGE", self.keys.of(queue).workers, 0, -1)
             alive.update(live or ())
         idle_ms = 3 * interval * 1000
         for s in self.streams:
