@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
@@ -13,6 +14,12 @@ _getrandbits = random.getrandbits
 _time_ns = time.time_ns
 _VARIANT = 0x8000_0000_0000_0000  # the RFC 9562 variant bits, 10 in the top two
 _PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z")
+#: Any RFC 9562 UUID (versions 1 to 8), canonical or as 32 hex digits (taskiq's
+#: ``uuid4().hex``): what ``TaskID.parse(text, any_uuid=True)`` also accepts.
+_ANY_UUID = re.compile(
+    r"(?:[0-9a-f]{8}-[0-9a-f]{4}-[1-8][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+    r"|[0-9a-f]{12}[1-8][0-9a-f]{3}[89ab][0-9a-f]{15})\Z"
+)
 
 
 class TaskID(str):
@@ -53,8 +60,14 @@ class TaskID(str):
         return str.__new__(cls, TaskID._prefix + tail)
 
     @classmethod
-    def parse(cls, text: str) -> TaskID:
+    def parse(cls, text: str, *, any_uuid: bool = False) -> TaskID:
         """Validate ``text`` as a task id (lower- or upper-case UUIDv7).
+
+        ``any_uuid=True`` also accepts any other UUID (versions 1 to 8), in canonical
+        form or as 32 hex digits: the ids another system made, such as taskiq's
+        ``uuid4().hex`` (a codec of that system's wire format passes it; the bus's own
+        inputs stay UUIDv7 only). Such an id is kept as written (lower-cased), so its
+        keys are the other system's; it has no :attr:`timestamp`.
 
         Raises :class:`ValueError` naming the text when it is not one.
         """
@@ -63,8 +76,9 @@ class TaskID(str):
         if not isinstance(text, str):
             raise ValueError(f"a task id is a string, not {type(text).__name__}")
         low = text.lower()
-        if not _PATTERN.match(low):
-            raise ValueError(f"not a task id (a UUIDv7 such as {EXAMPLE}): {text[:80]!r}")
+        if not _PATTERN.match(low) and not (any_uuid and _ANY_UUID.match(low)):
+            what = "a UUID" if any_uuid else "a UUIDv7"
+            raise ValueError(f"not a task id ({what} such as {EXAMPLE}): {text[:80]!r}")
         return str.__new__(cls, low)
 
     def __repr__(self) -> str:
@@ -72,7 +86,10 @@ class TaskID(str):
 
     @property
     def timestamp(self) -> float:
-        """The Unix time (seconds) at which :meth:`new` made this id."""
+        """The Unix time (seconds) at which :meth:`new` made this id; NaN for an id
+        that is not a UUIDv7 (one parsed with ``any_uuid=True``)."""
+        if len(self) != 36 or self[14] != "7":
+            return math.nan
         return int(self[:8] + self[9:13], 16) / 1000.0
 
 

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import Mapping
+from typing import ClassVar
 
 import attrs
 
@@ -67,6 +68,21 @@ class Keys:
     prefix: str
     queue: str
 
+    #: The stream field that holds the encoded message (a subclass may name another:
+    #: taskiq's streams use ``data``). Every write of an entry uses it; a reader takes
+    #: it for ``d``.
+    data_field: ClassVar[bytes] = F_DATA
+    #: The priority levels a queue has a stream for, the most urgent first.
+    levels: ClassVar[tuple[int, ...]] = tuple(range(PRIORITY_LEVELS - 1, -1, -1))
+
+    def of(self, queue: str) -> Keys:
+        """The keys of ``queue``, named as these are (the same class and prefix)."""
+        return self if queue == self.queue else attrs.evolve(self, queue=queue)
+
+    def queue_of_stream(self, key: bytes) -> str | None:
+        """The queue whose stream (of any level) ``key`` is, ``None`` if none is."""
+        return queue_of_key(self.prefix, key)
+
     @property
     def base(self) -> str:
         return "{" + f"{self.prefix}:{self.queue}" + "}"
@@ -94,12 +110,12 @@ class Keys:
     @property
     def streams(self) -> tuple[bytes, ...]:
         """Every level's stream, the most urgent first."""
-        return tuple(self.level_stream(lv) for lv in range(PRIORITY_LEVELS - 1, -1, -1))
+        return tuple(self.level_stream(lv) for lv in self.levels)
 
     @property
     def delayeds(self) -> tuple[bytes, ...]:
         """Every level's delayed set, in the order of :attr:`streams`."""
-        return tuple(self.level_delayed(lv) for lv in range(PRIORITY_LEVELS - 1, -1, -1))
+        return tuple(self.level_delayed(lv) for lv in self.levels)
 
     @property
     def dead(self) -> bytes:

@@ -38,13 +38,14 @@ log = get_logger("bus.redis")
 
 #: Claims a tick and sends its message, and records it in the state hash.
 #: KEYS: claim, stream, delayed, state. ARGV: claim value, ttl (ms), due (ms, 0: now),
-#: data, signature, maxlen (0: none), schedule name, tick, missed ticks of the backlog.
-#: Returns 1 if this call claimed (and sent) it, else 0.
+#: data, signature, maxlen (0: none), schedule name, tick, missed ticks of the backlog,
+#: the message field (``Keys.data_field``). Returns 1 if this call claimed (and sent)
+#: it, else 0.
 FIRE_TICK = Script(
     SEND_LUA
     + """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
-send(KEYS[2], KEYS[3], tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6]))
+send(KEYS[2], KEYS[3], tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[10])
 local name = ARGV[7]
 redis.call('HSET', KEYS[4], name .. '\\31last', ARGV[8], name .. '\\31last_fire', ARGV[8])
 redis.call('HINCRBY', KEYS[4], name .. '\\31fires', 1)
@@ -158,7 +159,7 @@ class RedisScheduleBackend(ScheduleBackend):
         keys, settings = self.keys, self.settings
         # The task's queue and level: another queue's keys have another hash tag (one
         # Lua call then spans two slots, which a Redis Cluster would refuse).
-        target = keys if message.queue is None else Keys(keys.prefix, message.queue)
+        target = keys if message.queue is None else keys.of(message.queue)
         if len(data) > settings.max_message_bytes:
             log.error(
                 "schedule.message_too_large",
@@ -179,6 +180,7 @@ class RedisScheduleBackend(ScheduleBackend):
             spec.name,
             repr(tick),
             missed,
+            target.data_field,
         ]
         claim = keys.tick_claim(spec.name, _tick_ms(tick))
         level = message.priority

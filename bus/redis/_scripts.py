@@ -36,10 +36,12 @@ __all__ = [
 ]
 
 #: Lua shared by the scripts that send a message: ``send(stream, delayed, due, data,
-#: sig, maxlen)`` XADDs it to ``stream`` (``due`` 0) or ZADDs it to ``delayed`` at
-#: ``due`` (ms), as the broker's own sends do (fields ``d`` and, when signed, ``s``).
+#: sig, maxlen, field)`` XADDs it to ``stream`` (``due`` 0) or ZADDs it to ``delayed``
+#: at ``due`` (ms), as the broker's own sends do (fields ``d``, or ``field`` when given
+#: (``Keys.data_field``), and when signed ``s``).
 SEND_LUA = """
-local function send(stream, delayed, due, data, sig, maxlen)
+local function send(stream, delayed, due, data, sig, maxlen, field)
+  if not field or field == '' then field = 'd' end
   if due > 0 then
     redis.call('ZADD', delayed, due, sig .. '\\n' .. data)
     return
@@ -49,7 +51,7 @@ local function send(stream, delayed, due, data, sig, maxlen)
     args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
   end
   args[#args + 1] = '*'
-  args[#args + 1] = 'd'; args[#args + 1] = data
+  args[#args + 1] = field; args[#args + 1] = data
   if sig ~= '' then args[#args + 1] = 's'; args[#args + 1] = sig end
   redis.call('XADD', unpack(args))
 end
@@ -57,12 +59,14 @@ end
 
 #: Moves due members of delayed sets into their streams: KEYS are n delayed sets, then
 #: the n streams they feed (a queue's levels: delayed:pN feeds stream:pN).
-#: ARGV: now (ms), batch size (per set), maxlen (0: none).
+#: ARGV: now (ms), batch size (per set), maxlen (0: none), optionally the message
+#: field (``Keys.data_field``, default ``d``).
 #: Returns {moved, the earliest score left in any set or false}.
 PROMOTE = Script("""
 local n = #KEYS / 2
 local batch = tonumber(ARGV[2])
 local maxlen = tonumber(ARGV[3])
+local field = ARGV[4] or 'd'
 local moved = 0
 local nxt = false
 for i = 1, n do
@@ -76,10 +80,10 @@ for i = 1, n do
     local nl = string.find(member, '\\n', 1, true)
     if nl then
       local sig = string.sub(member, 1, nl - 1)
-      args[#args + 1] = 'd'; args[#args + 1] = string.sub(member, nl + 1)
+      args[#args + 1] = field; args[#args + 1] = string.sub(member, nl + 1)
       if sig ~= '' then args[#args + 1] = 's'; args[#args + 1] = sig end
     else
-      args[#args + 1] = 'd'; args[#args + 1] = member
+      args[#args + 1] = field; args[#args + 1] = member
     end
     redis.call('XADD', unpack(args))
     redis.call('ZREM', KEYS[i], member)
@@ -187,13 +191,15 @@ def handback_command(
 #: XADD to the target stream (due = 0) or ZADD to the delayed set, then XACK + XDEL
 #: of the old entry. KEYS: stream (of the entry), delayed, target stream (default: the
 #: entry's). ARGV: group, consumer, id, due (ms, 0: now), data, signature, maxlen
-#: (0: none). Returns 1, or 0 if not owned (any more).
+#: (0: none), optionally the message field (``Keys.data_field``). Returns 1, or 0 if
+#: not owned (any more).
 REQUEUE = Script(
     SEND_LUA
     + """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if not (p[1] and p[1][2] == ARGV[2]) then return 0 end
-send(KEYS[3] or KEYS[1], KEYS[2], tonumber(ARGV[4]), ARGV[5], ARGV[6], tonumber(ARGV[7]))
+send(KEYS[3] or KEYS[1], KEYS[2], tonumber(ARGV[4]), ARGV[5], ARGV[6], tonumber(ARGV[7]),
+     ARGV[8])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 return 1
@@ -267,8 +273,9 @@ return 1
 #: and lets that entry run its attempt (the claim, ``Keys.ran``, names it) unless the
 #: attempt is claimed by anything but this letter (it ran, or runs: the letter is a
 #: copy). KEYS: dead stream, its byte count, the stream, the claim. ARGV: letter id,
-#: data, signature, maxlen (0: none), claim ttl (ms), the letter's size. Returns 1, 0
-#: if the letter was gone, -1 if its attempt is claimed (the letter stays).
+#: data, signature, maxlen (0: none), claim ttl (ms), the letter's size, optionally the
+#: message field (``Keys.data_field``). Returns 1, 0 if the letter was gone, -1 if its
+#: attempt is claimed (the letter stays).
 REQUEUE_DEAD = Script(
     SEND_LUA
     + """
@@ -284,7 +291,7 @@ if maxlen > 0 then
   args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
 end
 args[#args + 1] = '*'
-args[#args + 1] = 'd'; args[#args + 1] = ARGV[2]
+args[#args + 1] = ARGV[7] or 'd'; args[#args + 1] = ARGV[2]
 if ARGV[3] ~= '' then args[#args + 1] = 's'; args[#args + 1] = ARGV[3] end
 local id = redis.call('XADD', unpack(args))
 redis.call('SET', KEYS[4], id, 'PX', ARGV[5])
@@ -363,7 +370,8 @@ def dead_command(
 #: SET key id NX PX ttl, then XADD to the stream (due = 0) or ZADD to the delayed set.
 #: KEYS: claim key, stream, delayed. ARGV: value (the task id, signed with a secret),
 #: ttl (ms), due (ms, 0: now), data, signature, maxlen (0: none), and optionally a
-#: value to replace (a forgery the producer found there). Returns the value holding
+#: value to replace (a forgery the producer found there; '' for none) and the message
+#: field (``Keys.data_field``). Returns the value holding
 #: the key: ARGV[1] when it was free or held that value (and the message was sent),
 #: else the holder's (and nothing was sent).
 CLAIM_SEND = Script(
@@ -371,10 +379,10 @@ CLAIM_SEND = Script(
     + """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local held = redis.call('GET', KEYS[1])
-  if held and held ~= ARGV[7] then return held end
+  if held and (ARGV[7] == nil or ARGV[7] == '' or held ~= ARGV[7]) then return held end
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
-send(KEYS[2], KEYS[3], tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6]))
+send(KEYS[2], KEYS[3], tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[8])
 return ARGV[1]
 """
 )
