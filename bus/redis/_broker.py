@@ -1152,7 +1152,7 @@ class RedisBroker(Broker):
         conn_ref = self._conn_ref
         if conn_ref is None:
             raise RuntimeError("the Redis broker is not running")
-        return _ops.Client(conn_ref, self.settings.command_timeout)
+        return _ops.Client(conn_ref, self.settings.command_timeout, self.url)
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """The oldest ``limit`` dead letters, as dicts: ``id`` (dead-letter entry id),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import trio
@@ -16,9 +16,10 @@ import trio
 import actors
 from actors._log import get_logger
 from bus._codec import Codec, DecodeError
+from bus._errors import BrokerUnavailable
 from bus._message import TaskMessage
 from bus._protocol import BrokerInfo, QueueInfo, WorkerInfo
-from bus.redis._client import Arg, Connection
+from bus.redis._client import Arg, Connection, RedisError, ReplyError
 from bus.redis._logic import F_DATA, F_SIG, Keys, check_entry, queue_of_key, sign_entry
 from bus.redis._pool import with_connection
 from bus.redis._scripts import REQUEUE_DEAD
@@ -331,24 +332,35 @@ async def purge_dead(conn: Connection, keys: Keys) -> int:
 class Client:
     """A small Redis client on the process's shared connection, for tasks and tools:
     ``await client.execute("INCR", key)``; ``await client.pipeline([...])``. Each call
-    is retried while Redis is unreachable, for up to ``timeout`` seconds."""
+    is retried on the next connection while Redis is unreachable, for up to ``timeout``
+    seconds (``None``: as long as it takes), then raises :class:`bus.BrokerUnavailable`
+    (an error reply of Redis is raised as it is)."""
 
-    def __init__(self, conn_ref: actors.ActorRef, timeout: float | None) -> None:
+    def __init__(self, conn_ref: actors.ActorRef, timeout: float | None, url: str = "") -> None:
         self._conn_ref = conn_ref
         self._timeout = timeout
+        self._url = url
+
+    async def _run(self, what: str, fn: Callable[[Connection], Awaitable[Any]]) -> Any:
+        start = trio.current_time()
+        deadline = math.inf if self._timeout is None else start + self._timeout
+        try:
+            with trio.fail_at(deadline):
+                return await with_connection(self._conn_ref, fn, deadline=deadline, what=what)
+        except ReplyError:
+            raise
+        except (RedisError, trio.TooSlowError) as exc:
+            raise BrokerUnavailable(
+                what,
+                url=self._url,
+                waited=round(trio.current_time() - start, 3),
+                cause=str(exc) or "no answer in time",
+            ) from None
 
     async def execute(self, *args: Arg) -> Any:
-        return await with_connection(
-            self._conn_ref,
-            lambda conn: conn.execute(*args),
-            deadline=math.inf if self._timeout is None else trio.current_time() + self._timeout,
-            what=str(args[0]) if args else "command",
-        )
+        what = str(args[0]) if args else "command"
+        return await self._run(what, lambda conn: conn.execute(*args))
 
     async def pipeline(self, commands: list[tuple[Arg, ...]]) -> list[Any]:
-        return await with_connection(
-            self._conn_ref,
-            lambda conn: conn.pipeline(commands),
-            deadline=math.inf if self._timeout is None else trio.current_time() + self._timeout,
-            what="pipeline",
-        )
+        replies: list[Any] = await self._run("pipeline", lambda conn: conn.pipeline(commands))
+        return replies

@@ -44,7 +44,7 @@ from actors._log import get_logger
 from bus._codec import Codec, DecodeError
 from bus._ids import TaskID
 from bus._limits import Parking, TaskLimits, bucket_args, limit_redis_key, running_redis_key
-from bus._message import TaskMessage
+from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
 from bus._protocol import ChannelLease, Delivery, Lease
 from bus._ready import Consumer, ReadyQueues
 from bus.redis._client import (
@@ -813,7 +813,15 @@ class StreamReaderActor(actors.Actor):
         return d.message is not None and d.message.task_id in self.state.cancelled
 
     async def _drop(self, conn: Connection, deliveries: list[Delivery]) -> None:
-        """Acknowledge and delete entries that must not run (cancelled)."""
+        """Acknowledge and delete entries that must not run (cancelled). Their CANCELLED
+        result is stored first unless one is (the canceller stores it too, but its write
+        may have failed while its marker got through): a dropped task always ends."""
+        for d in deliveries:
+            if d.message is not None:
+                tid = d.message.task_id
+                err = RemoteError("bus.Cancelled", "cancelled before it started")
+                result: TaskResult[Any] = TaskResult(tid, TaskStatus.CANCELLED, None, err, 0.0, {})
+                await self.results.set_result_if_absent(tid, result)
         commands: list[Command] = []
         for stream, eids in self._by_stream([d.tag for d in deliveries]).items():
             commands += [("XACK", stream, self.group, eid) for eid in eids]
@@ -955,7 +963,6 @@ class StreamReaderActor(actors.Actor):
         conn: Connection,
         dead: list[tuple[StreamRef, bytes, bytes, str, int, TaskMessage | None]],
     ) -> None:
-        from bus._message import RemoteError, TaskResult, TaskStatus
 
         settings = self.settings
         now = str(time.time())
