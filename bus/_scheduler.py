@@ -156,7 +156,10 @@ class SchedulerActor(actors.Actor):
             try:
                 wait = await self._round()
             except Exception as exc:  # a lost connection: the next round tries again
-                log.warning("scheduler.round_failed", error=repr(exc), actor=self.name)
+                # Redis away is said once by its connection; anything else is worth a line.
+                (log.debug if isinstance(exc, ConnectionError | TimeoutError) else log.warning)(
+                    "scheduler.round_failed", error=repr(exc), actor=self.name
+                )
                 wait = 1.0
             with trio.move_on_after(max(0.0, wait)):
                 await self._wake.wait()

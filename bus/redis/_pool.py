@@ -44,8 +44,10 @@ __all__ = [
 
 log = get_logger("bus.redis")
 
-#: Reconnect backoff of every Redis actor: 50 ms doubling to 2 s, with jitter.
-BACKOFF = actors.Backoff(initial=0.05, factor=2.0, cap=2.0, jitter=0.5)
+#: Reconnect backoff of every Redis actor: 50 ms doubling to 0.5 s, with jitter. The
+#: cap is short so that work resumes within a second of Redis answering again; a
+#: failed attempt against a server that is down costs next to nothing.
+BACKOFF = actors.Backoff(initial=0.05, factor=2.0, cap=0.5, jitter=0.5)
 
 T = TypeVar("T")
 
