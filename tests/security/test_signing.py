@@ -605,3 +605,34 @@ async def test_entries_too_large_for_a_reply_do_not_stall_the_queue(
     assert [r.return_value for r in results] == [15_000] * 16
     assert "is larger than the" in letter["reason"] and len(letter["data"]) == 1024
     assert _events(logs, "redis.read_too_large")
+
+
+async def test_a_signed_task_interrupted_by_a_stop_runs_again_with_its_count(
+    make_broker: Callable[..., RedisBroker],
+) -> None:
+    """The hand-back at a stop moves the claim of the attempt to the copy (it is no
+    replay) and signs its delivery count (it is not ignored)."""
+    broker = make_broker()
+    started: list[int] = []
+    block = trio.Event()
+
+    @broker.task(name="x.slow")
+    async def slow() -> str:
+        started.append(1)
+        if len(started) == 1:
+            await block.wait()  # interrupted by the stop
+        return "done"
+
+    with trio.fail_after(20), structlog.testing.capture_logs() as logs:
+        async with broker:
+            h = await slow.kiq()
+            async with _worker(broker) as worker:
+                await _until(lambda: _true(len(started) == 1))
+                assert await worker.drain(0.05) == 1  # handed back for another worker
+            [copy] = await _entries(broker, broker.keys.stream)
+            assert copy[b"n"] == b"1" and copy[b"c"]
+            async with _worker(broker):
+                result = await h.wait_result(timeout=10)
+    assert result.return_value == "done" and len(started) == 2
+    assert not _events(logs, "task.replay_dropped")
+    assert not _events(logs, "task.count_refused")
