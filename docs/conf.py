@@ -8,7 +8,6 @@ CI builds with ``-W -n --keep-going``: every warning and every unresolved refere
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 import re
 import sys
@@ -114,22 +113,6 @@ PUBLIC_MODULES = [
     for page in sorted(REFERENCE.glob("*.md"))
     if (match := re.search(r"^\.\. automodule:: ([\w.]+)$", page.read_text(), re.M))
 ]
-
-
-def _exists(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-# bus.interop.taskiq (issue 21) is being written beside this: its reference page is
-# ready and stays out of the build (and of the reference's toctree) until the module
-# exists. Once it has landed, delete this block.
-if not _exists("bus.interop.taskiq"):
-    exclude_patterns.append("reference/bus.interop.taskiq.md")
-    PUBLIC_MODULES.remove("bus.interop.taskiq")
-    suppress_warnings = ["toc.excluded"]
 
 
 def _public_names() -> dict[str, str]:
