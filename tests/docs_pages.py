@@ -27,6 +27,7 @@ RUN_BY = {
     "actors.md": "tests/actors/test_docs.py",
     "redis.md": "tests/redis/test_docs.py",
     "redis-client.md": "tests/redisclient/test_docs.py",
+    "taskiq.md": "tests/interop/test_docs.py",
 }
 
 BLOCK = re.compile(r"(<!-- pytest -->\n)?```python\n(.*?)```", re.DOTALL)
