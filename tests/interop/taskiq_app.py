@@ -4,7 +4,9 @@ tests.interop.taskiq_app:broker`` runs it; ``python -m tests.interop.taskiq_app`
 is a taskiq producer that sends the cases and prints what taskiq's ``wait_result``
 read, as JSON.
 
-Environment: BUS_TEST_URL, TASKIQ_TEST_QUEUE (the stream).
+Its worker dead-letters what it cannot run (``dead_letter_unknown_tasks``).
+
+Environment: BUS_TEST_URL, TASKIQ_TEST_QUEUE (the stream), BUS_TEST_PREFIX.
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ from taskiq.kicker import AsyncKicker
 from taskiq.serializers import JSONSerializer
 from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker
 
+from bus.interop.taskiq import dead_letter_unknown_tasks
+
 CONTEXT = TaskiqDepends()  # taskiq's dependency marker for a task's Context
 URL = os.environ["BUS_TEST_URL"]
 QUEUE = os.environ["TASKIQ_TEST_QUEUE"]
 
-broker = (
+broker = dead_letter_unknown_tasks(
     RedisStreamBroker(URL, queue_name=QUEUE, xread_block=200)
     .with_result_backend(RedisAsyncResultBackend(URL, serializer=JSONSerializer()))
-    .with_middlewares(SimpleRetryMiddleware(default_retry_count=3))
+    .with_middlewares(SimpleRetryMiddleware(default_retry_count=3)),
+    prefix=os.environ.get("BUS_TEST_PREFIX", "bus"),
 )
 
 

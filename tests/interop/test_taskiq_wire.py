@@ -33,6 +33,15 @@ async def _lines_until(path: Path, needle: str) -> str:
         await trio.sleep(0.05)
 
 
+async def _letters(broker: TaskiqRedisBroker, n: int) -> list[dict[str, Any]]:
+    """The dead letters once there are ``n`` (the caller's deadline bounds it)."""
+    while True:
+        letters = await broker.dead_letters()
+        if len(letters) >= n:
+            return letters
+        await trio.sleep(0.05)
+
+
 async def _stop(proc: trio.Process) -> int:
     """SIGTERM the process group started for ``proc`` and wait for ``proc``."""
     with trio.move_on_after(20):
@@ -155,14 +164,21 @@ async def test_bus_producer_taskiq_worker(env: dict[str, str], tmp_path: Path) -
                 assert r.is_err and r.error is not None
                 assert r.error.type_name == "TimeoutError"
 
-                # taskiq's worker acknowledges a task it does not know and logs it; the
-                # entry stays in the stream (taskiq acknowledges, never deletes).
+                # A task taskiq's worker does not know: with dead_letter_unknown_tasks
+                # it is dead-lettered with a reason, where the bus keeps its letters.
                 h = await nobody.kiq(7)
-                text = await _lines_until(log, 'task "interop:nobody" is not found')
-                assert "interop:nobody" in text
-                entries = await broker.client.execute("XRANGE", queue, "-", "+")
-                assert any(h.task_id.encode() in e[1][1] for e in entries)
+                letters = await _letters(broker, 1)
+                assert [(x["task_name"], x["task_id"]) for x in letters] == [
+                    ("interop:nobody", h.task_id)
+                ]
+                assert "unknown task 'interop:nobody'" in letters[0]["reason"]
+                assert "taskiq worker" in letters[0]["reason"]
                 assert not await broker.client.execute("XPENDING", queue, "taskiq", "-", "+", 10)
+                # Requeued, it is a message taskiq reads again (and dead-letters again).
+                report = await broker.requeue_dead()
+                assert [r["outcome"] for r in report] == ["requeued"]
+                again = await _letters(broker, 1)
+                assert again[0]["id"] != letters[0]["id"] and again[0]["task_id"] == h.task_id
             finally:
                 # taskiq's main process lingers after its worker stopped: stop that
                 # worker gracefully, then end the group.
