@@ -74,6 +74,9 @@ class Keys:
     data_field: ClassVar[bytes] = F_DATA
     #: The priority levels a queue has a stream for, the most urgent first.
     levels: ClassVar[tuple[int, ...]] = tuple(range(PRIORITY_LEVELS - 1, -1, -1))
+    #: Whether the queues of a prefix are found by their keys (``SCAN``) for
+    #: ``inspect`` (named otherwise, only the known queues are listed).
+    discoverable: ClassVar[bool] = True
 
     def of(self, queue: str) -> Keys:
         """The keys of ``queue``, named as these are (the same class and prefix)."""

@@ -133,7 +133,8 @@ async def inspect(
     three intervals), each with its pending count and heartbeat age. Under ``queues``,
     the same numbers (and ``by_priority``: queued per level) for every queue: the
     default one, those in ``known`` (the tasks' queues) and those found in Redis."""
-    names = list(dict.fromkeys([keys.queue, *known, *await find_queues(conn, keys.prefix)]))
+    found = await find_queues(conn, keys.prefix) if keys.discoverable else []
+    names = list(dict.fromkeys([keys.queue, *known, *found]))
     queues: dict[str, dict[str, Any]] = {}
     top: dict[str, Any] = {}
     workers: list[dict[str, Any]] = []

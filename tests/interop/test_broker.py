@@ -26,9 +26,8 @@ pytestmark = pytest.mark.redis
 def make(url: str, **options: Any) -> TaskiqRedisBroker:
     n = time.monotonic_ns()
     backend = TaskiqRedisResultBackend(url, prefix_str=f"r{n}", result_ex_time=600)
-    return TaskiqRedisBroker(
-        url, queue_name=f"tq{n}", prefix=f"p{n}", result_backend=backend, **options
-    )
+    options.setdefault("prefix", f"p{n}")
+    return TaskiqRedisBroker(url, queue_name=f"tq{n}", result_backend=backend, **options)
 
 
 async def fields_of(broker: TaskiqRedisBroker) -> list[list[bytes]]:
@@ -179,3 +178,23 @@ def test_settings_that_taskiq_cannot_share() -> None:
     keys = TaskiqKeys("bus", "taskiq")
     assert keys.stream == b"taskiq" and keys.streams == (b"taskiq",)
     assert keys.dead == b"{taskiq}:bus:dead" and keys.of("other").stream == b"other"
+
+
+async def test_inspect_lists_its_stream(redis_server: RedisServer) -> None:
+    plain = bus.redis.RedisBroker(redis_server.url, queue=f"plain{time.monotonic_ns()}")
+    broker = make(redis_server.url, prefix=plain.settings.prefix)
+
+    @plain.task(name="t:x")
+    async def x() -> None: ...
+
+    @broker.task(name="t:y")
+    async def y() -> None: ...
+
+    with trio.fail_after(30):
+        async with plain:
+            await x.kiq()
+        async with broker:
+            await y.kiq()
+            info = await broker.inspect()
+    assert list(info.queues) == [broker.queue_name]  # not the other broker's queue
+    assert info.queued == 1 and info.details["stream"] == broker.queue_name

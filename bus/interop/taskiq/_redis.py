@@ -45,6 +45,7 @@ class TaskiqKeys(Keys):
 
     data_field: ClassVar[bytes] = b"data"
     levels: ClassVar[tuple[int, ...]] = (0,)
+    discoverable: ClassVar[bool] = False  # a stream named as its queue has no pattern
 
     @property
     def base(self) -> str:
