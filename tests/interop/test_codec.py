@@ -187,3 +187,15 @@ def test_task_id_parse_stays_strict() -> None:
     for bad in ("order-42", hex_id[:-1], hex_id + "0", "0" * 32):
         with pytest.raises(ValueError, match="not a task id"):
             bus.TaskID.parse(bad, any_uuid=True)
+
+
+def test_public_surface_is_pinned() -> None:
+    import bus.interop.taskiq as interop
+
+    assert sorted(interop.__all__) == sorted(
+        [
+            "DEAD_LETTER_TASK", "LABEL_TYPES", "TaskiqCodec", "TaskiqKeys",
+            "TaskiqRedisBroker", "TaskiqRedisResultBackend", "dead_letter_unknown_tasks",
+        ]
+    )  # fmt: skip
+    assert isinstance(codec, bus.Codec)
