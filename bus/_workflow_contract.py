@@ -108,7 +108,7 @@ async def check_workflow_failure_skips_downstream_and_runs_on_error_once(
 ) -> None:
     broker = make_broker()
     ran: list[str] = []
-    alerts: list[dict[str, Any]] = []
+    alerts: list[bus.TaskResult[Any]] = []
     alerted = trio.Event()
 
     @broker.task(name="contract.wf.step")

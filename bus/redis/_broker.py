@@ -1143,7 +1143,6 @@ class RedisBroker(Broker):
 
     # ------------------------------------------------------------- operators
 
-
     @property
     def client(self) -> _ops.Client:
         """A small Redis client for your tasks and tools: ``await
