@@ -34,6 +34,7 @@ import trio
 import trio.lowlevel
 
 import actors
+import bus.redis._ops as _ops
 from actors._log import get_logger
 from bus._broker import Broker
 from bus._broker_actor import BrokerActor
@@ -59,7 +60,6 @@ from bus._protocol import (
 )
 from bus._results import ResultBackend
 from bus._supervision import BUG_RESTARTS
-from bus.redis import _ops
 from bus.redis._client import (
     Command,
     Connection,
