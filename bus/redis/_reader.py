@@ -43,7 +43,7 @@ import actors
 from actors._log import get_logger
 from bus._codec import Codec, DecodeError
 from bus._ids import TaskID
-from bus._limits import Parking, TaskLimits, bucket_args, limit_redis_key, running_redis_key
+from bus._limits import Parking, TaskLimits
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
 from bus._protocol import ChannelLease, Delivery, Lease
 from bus._ready import Consumer, ReadyQueues
@@ -56,6 +56,7 @@ from bus.redis._client import (
     ReplyTooLarge,
     rerun_noscript,
 )
+from bus.redis._limits import bucket_args, limit_redis_key, running_redis_key
 from bus.redis._logic import (
     F_DATA,
     F_SIG,

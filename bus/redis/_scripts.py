@@ -11,8 +11,13 @@ from collections.abc import Iterable
 
 import attrs
 
-from bus._limits import ACQUIRE_SLOT_LUA, REFRESH_SLOT_LUA, RELEASE_SLOT_LUA, TOKEN_BUCKET_LUA
 from bus.redis._client import Arg, Command, Script
+from bus.redis._limits import (
+    ACQUIRE_SLOT_LUA,
+    REFRESH_SLOT_LUA,
+    RELEASE_SLOT_LUA,
+    TOKEN_BUCKET_LUA,
+)
 from bus.redis._settings import DEFAULT_DEAD_LETTER_BYTES
 
 __all__ = [

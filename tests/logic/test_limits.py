@@ -10,20 +10,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bus._limits import (
-    ACQUIRE_SLOT_LUA,
-    REFRESH_SLOT_LUA,
-    RELEASE_SLOT_LUA,
-    TOKEN_BUCKET_LUA,
     Limit,
     Rate,
     RunningTable,
     TokenBucket,
-    bucket_args,
     limit,
-    limit_redis_key,
     parse_rate,
-    running_redis_key,
     task_limit,
+)
+from bus.redis._limits import (
+    ACQUIRE_SLOT_LUA,
+    REFRESH_SLOT_LUA,
+    RELEASE_SLOT_LUA,
+    TOKEN_BUCKET_LUA,
+    bucket_args,
+    limit_redis_key,
+    running_redis_key,
 )
 
 # --- rates ----------------------------------------------------------------------------
