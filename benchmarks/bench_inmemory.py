@@ -39,7 +39,9 @@ def _pct(values: list[float], p: float) -> float:
 async def _ours(n_tasks: int, n_rounds: int) -> dict[str, float]:
     import bus
 
-    broker = bus.InMemoryBroker(concurrency=100, max_queue=max(n_tasks, 1))
+    broker = bus.InMemoryBroker(
+        concurrency=100, max_queue=max(n_tasks, 1), max_stored_results=None
+    )  # every result kept, as taskiq's max_stored_results=-1
 
     @broker.task(name="noop")
     async def noop() -> None:

@@ -12,7 +12,6 @@ import contextlib
 import difflib
 import functools
 import importlib
-import inspect as _inspect
 import json
 import logging
 import math
@@ -524,14 +523,9 @@ def _check_call(broker: Broker, task_name: str, args: list[Any], kwargs: dict[st
     task = broker.find_task(task_name)
     assert task is not None
     try:
-        sig = _inspect.signature(task.func)
-    except (TypeError, ValueError):
-        return
-    params = [p for name, p in sig.parameters.items() if name != task.context_param]
-    try:
-        sig.replace(parameters=params).bind(*args, **kwargs)
+        task.check_call(tuple(args), kwargs)
     except TypeError as exc:
-        raise CLIError(f"wrong arguments for {task_name}: {exc}") from None
+        raise CLIError(f"wrong arguments for {exc}") from None
 
 
 async def send(

@@ -434,6 +434,55 @@ async def check_unencodable_arguments_fail_at_kiq(make_broker: BrokerFactory) ->
                 await takes.kiq(object())
 
 
+async def check_kiq_checks_arguments_at_the_sender(make_broker: BrokerFactory) -> None:
+    broker = make_broker()
+
+    @broker.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            with _raises(TypeError, match="'b'"):
+                await add.kiq(1)  # type: ignore[call-arg]
+            with _raises(TypeError, match="'c'"):
+                await add.kicker().kiq(1, 2, c=3)  # type: ignore[call-arg]
+            handle = await add.kiq(1, 2)
+            _expect_equal((await handle.wait_result(timeout=5)).return_value, 3, "1 + 2")
+
+
+async def check_store_result_false_stores_nothing(make_broker: BrokerFactory) -> None:
+    broker = make_broker(concurrency=1)
+    ran: list[str] = []
+
+    @broker.task(store_result=False)
+    async def fire(x: str) -> str:
+        ran.append(x)
+        return x
+
+    @broker.task
+    async def kept(x: str) -> str:
+        return x
+
+    with trio.fail_after(DEADLINE):
+        async with run_broker(broker):
+            quiet = await fire.kiq("a")
+            once = await kept.kicker().with_store_result(False).kiq("b")
+            # One at a time: when this result is in, the two before it are done.
+            last = await kept.kiq("c")
+            _expect_equal((await last.wait_result(timeout=5)).return_value, "c", "last result")
+            _expect_equal(ran, ["a"], "the tasks that ran")
+            for handle in (quiet, once):
+                with trio.fail_after(1), _raises(bus.ResultNotFound, match="store_result"):
+                    await handle.wait_result(timeout=5)
+                with _raises(bus.ResultNotFound):
+                    await broker.result_backend.get_result(handle.task_id)
+                _expect(
+                    not await broker.result_backend.is_ready(handle.task_id),
+                    "no result stored for a task with store_result=False",
+                )
+
+
 async def check_bad_messages_are_rejected_and_the_worker_goes_on(
     make_broker: BrokerFactory,
 ) -> None:
@@ -903,6 +952,8 @@ CHECKS: tuple[Callable[[BrokerFactory], Awaitable[None]], ...] = (
     check_middleware_hook_order,
     check_unknown_task_name_is_refused,
     check_unencodable_arguments_fail_at_kiq,
+    check_kiq_checks_arguments_at_the_sender,
+    check_store_result_false_stores_nothing,
     check_bad_messages_are_rejected_and_the_worker_goes_on,
     check_wait_result_timeout,
     check_gather_returns_results_in_order,

@@ -70,7 +70,7 @@ from bus._protocol import (
 )
 from bus._queue import DELAYED, TAKEN, QueueCore, holds_slot, task_id_of
 from bus._ready import Consumer, ReadyQueues
-from bus._results import InMemoryResultBackend, ResultBackend
+from bus._results import DEFAULT_MAX_STORED_RESULTS, InMemoryResultBackend, ResultBackend
 from bus._schedule import ScheduleSpec, claim_ttl
 from bus._scheduler import ScheduleBackend, TickState
 from bus._supervision import BUG_BACKOFF, BUG_RESTARTS
@@ -1119,7 +1119,8 @@ class InMemoryBroker(Broker):
     - ``concurrency``: at most this many tasks run at once (a real limit).
     - ``max_queue``: at most this many messages wait (queued or delayed); ``kiq`` waits
       for room beyond it, ``kiq_nowait`` raises :class:`QueueFull`. Retries never wait.
-    - ``max_stored_results`` / ``result_ttl``: bound the default result store.
+    - ``max_stored_results`` / ``result_ttl``: bound the default result store (by
+      default it keeps the newest 10,000 results; ``None``: no bound).
     - ``shutdown_timeout``: on leaving ``async with``, how long queued and running tasks
       get to finish before they are cancelled (and recorded as CANCELLED).
     - ``start_worker``: run a worker inside ``async with broker`` (the default; it runs
@@ -1140,7 +1141,7 @@ class InMemoryBroker(Broker):
         concurrency: int = 100,
         *,
         max_queue: int = 10_000,
-        max_stored_results: int | None = None,
+        max_stored_results: int | None = DEFAULT_MAX_STORED_RESULTS,
         result_ttl: float | None = None,
         shutdown_timeout: float = 30.0,
         result_backend: ResultBackend | None = None,

@@ -25,7 +25,9 @@ __all__ = [
     "is_queue_name",
 ]
 
-_KNOWN = frozenset({"timeout", "retries", "retry_backoff", "retry_backoff_max", "retry_on"})
+_KNOWN = frozenset(
+    {"timeout", "retries", "retry_backoff", "retry_backoff_max", "retry_on", "store_result"}
+)
 _SEND_ONLY = frozenset({"delay", "eta", "unique", "unique_ttl"})
 #: How long a unique key holds at most when its task never finishes (seconds).
 DEFAULT_UNIQUE_TTL = 3600.0
@@ -112,7 +114,8 @@ def _retry_on(value: Any) -> tuple[type[BaseException], ...]:
 @attrs.frozen
 class TaskOptions:
     """How a task runs. Set with decorator keywords; labels of the same name override
-    ``timeout``, ``retries``, ``retry_backoff`` and ``retry_backoff_max`` per call."""
+    ``timeout``, ``retries``, ``retry_backoff``, ``retry_backoff_max`` and
+    ``store_result`` per call."""
 
     timeout: float | None = None
     """Seconds an attempt may run before it is cancelled with status TIMEOUT (at most
@@ -127,6 +130,10 @@ class TaskOptions:
     """Upper bound of the retry delay (0 to :data:`MAX_RETRY_DELAY`, a day)."""
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     """Only failures that are instances of these types are retried."""
+    store_result: bool = True
+    """Whether the worker stores the task's result. ``False``: nothing is stored (on
+    Redis no SET and no PUBLISH), and ``wait_result`` / ``get_result`` on its handle
+    raise :class:`bus.ResultNotFound` at once. A workflow's steps store theirs anyway."""
 
     def __attrs_post_init__(self) -> None:
         _check_seconds("timeout", self.timeout, most=MAX_TIMEOUT)
@@ -138,6 +145,8 @@ class TaskOptions:
             "retry_backoff_max", self.retry_backoff_max, allow_zero=True, most=MAX_RETRY_DELAY
         )
         _retry_on(self.retry_on)
+        if not isinstance(self.store_result, bool):
+            raise TypeError(f"store_result must be True or False, not {_short(self.store_result)}")
 
     @classmethod
     def build(cls, options: dict[str, Any]) -> tuple[TaskOptions, dict[str, Any]]:
@@ -180,7 +189,8 @@ class TaskOptions:
 
 def check_labels(labels: Mapping[str, Any], *, options: bool = True) -> None:
     """Check the labels named like options (others are free-form): ``timeout``,
-    ``retries``, ``retry_backoff``, ``retry_backoff_max`` as the decorator keywords;
+    ``retries``, ``retry_backoff``, ``retry_backoff_max``, ``store_result`` as the
+    decorator keywords;
     ``delay`` (0 to :data:`MAX_DELAY`), ``eta`` (a finite Unix time), ``unique``,
     ``unique_ttl`` (up to :data:`MAX_UNIQUE_TTL`) and ``unique_key`` (a string of at
     most :data:`MAX_UNIQUE_KEY` characters). A ``retry_on`` label is ignored (exception

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 __all__ = [
+    "DEFAULT_MAX_STORED_RESULTS",
     "InMemoryResultBackend",
     "InmemoryResultBackend",
     "ResultBackend",
@@ -153,6 +154,11 @@ class ResultBackend(abc.ABC):
 
 
 # ----------------------------------------------------------------- the table
+
+
+#: How many results an in-memory store keeps by default: the newest 10,000 (a
+#: long-running program that never reads its results does not grow without bound).
+DEFAULT_MAX_STORED_RESULTS = 10_000
 
 
 class ResultTable:
@@ -375,7 +381,8 @@ class InMemoryResultBackend(ResultBackend):
     its table (no message, no scheduler pass); a miss asks the actor, and
     :meth:`wait_result` registers a ``Watch`` that the actor resolves the moment the
     result is stored (no polling). ``max_stored_results`` bounds memory by evicting the
-    oldest results (default: unlimited); ``ttl`` (seconds) expires them. A waiter on
+    oldest results (default :data:`DEFAULT_MAX_STORED_RESULTS`, 10,000; ``None``:
+    unlimited); ``ttl`` (seconds) expires them. A waiter on
     an evicted, expired or forgotten result gets :class:`ResultNotFound`, never a hang.
 
     Results pass through ``codec`` (JSON by default) as they would on a shared backend,
@@ -385,7 +392,7 @@ class InMemoryResultBackend(ResultBackend):
     def __init__(
         self,
         *,
-        max_stored_results: int | None = None,
+        max_stored_results: int | None = DEFAULT_MAX_STORED_RESULTS,
         ttl: float | None = None,
         codec: Codec | None = None,
     ) -> None:

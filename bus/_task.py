@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import typing
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 import trio
 
 from bus._context import Context
-from bus._errors import ResultTimeout, SendError
+from bus._errors import ResultNotFound, ResultTimeout, SendError
 from bus._ids import TaskID
 from bus._limits import Placement, TaskLimits
 from bus._message import TaskMessage, TaskResult
@@ -58,27 +59,38 @@ def _context_param(func: Callable[..., Any]) -> str | None:
 class TaskHandle(Generic[R]):
     """A sent task: ask for its result, wait for it, cancel it, read its progress."""
 
-    __slots__ = ("broker", "task_id")
+    __slots__ = ("_stores", "broker", "task_id")
 
-    def __init__(self, task_id: TaskID, broker: Broker) -> None:
+    def __init__(self, task_id: TaskID, broker: Broker, *, stores_result: bool = True) -> None:
         self.task_id = task_id
         self.broker = broker
+        self._stores = stores_result
+
+    def _check_stored(self) -> None:
+        if not self._stores:
+            raise ResultNotFound(
+                str(self.task_id), "the task stores no result (it was sent with store_result=False)"
+            )
 
     async def is_ready(self) -> bool:
         """Whether the final result is stored."""
         return await self.broker.result_backend.is_ready(self.task_id)
 
     async def get_result(self) -> TaskResult[R]:
-        """The stored result; raises :class:`ResultNotFound` when there is none (yet)."""
+        """The stored result; raises :class:`ResultNotFound` when there is none (yet),
+        at once for a task sent with ``store_result=False``."""
+        self._check_stored()
         return await self.broker.result_backend.get_result(self.task_id)
 
     async def wait_result(self, timeout: float | None = None) -> TaskResult[R]:
         """Wait for the final result: woken the moment it is stored (no polling).
 
         Raises :class:`ResultTimeout` after ``timeout`` seconds (the task keeps
-        running) and :class:`ResultNotFound` when the result is gone for good.
+        running) and :class:`ResultNotFound` when the result is gone for good, or at
+        once when the task was sent with ``store_result=False`` (none will be stored).
         Cancellation: only the wait is abandoned.
         """
+        self._check_stored()
         return await self.broker.result_backend.wait_result(self.task_id, timeout)
 
     async def cancel(self) -> None:
@@ -150,6 +162,13 @@ class Kicker(Generic[P, R]):
         else the broker's default queue). A bad name raises ``ValueError`` at once."""
         return self._with(queue=check_queue_name(name))
 
+    def with_store_result(self, store: bool) -> Kicker[P, R]:
+        """Whether this call's result is stored (the label ``store_result``); see the
+        task option ``store_result``."""
+        if not isinstance(store, bool):
+            raise TypeError(f"store_result must be True or False, not {store!r}")
+        return self.with_labels(store_result=store)
+
     def with_priority(self, n: int) -> Kicker[P, R]:
         """Send with priority ``n``: 0 (the default, least urgent) to 9 (most urgent).
         A worker takes the most urgent task first, with a bounded share for the lower
@@ -173,11 +192,13 @@ class Kicker(Generic[P, R]):
 
     async def kiq(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
         """Send the task; see :meth:`Task.kiq`."""
+        self._task.check_call(args, kwargs)
         msg = self._task._message(
             args, kwargs, self._labels, self._task_id, self._eta, self._queue, self._priority
         )
         tid = await self._task.broker.kick(msg)
-        return TaskHandle(tid, self._task.broker)
+        stores = self._labels.get("store_result", self._task.options.store_result)
+        return TaskHandle(tid, self._task.broker, stores_result=stores is not False)
 
 
 class Task(Generic[P, R]):
@@ -214,6 +235,36 @@ class Task(Generic[P, R]):
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
 
+    def check_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raise ``TypeError`` naming the parameter when ``args`` and ``kwargs`` do not
+        fit the function (its ``bus.Context`` parameter aside): what ``kiq`` checks
+        before it sends, so a wrong call fails here and not in a worker."""
+        sig = self._call_signature
+        if sig is None:
+            return
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            plain = sig.replace(
+                parameters=[p.replace(annotation=p.empty) for p in sig.parameters.values()],
+                return_annotation=sig.empty,
+            )
+            raise TypeError(f"{self.name}{plain}: {exc}") from None
+
+    @functools.cached_property
+    def _call_signature(self) -> inspect.Signature | None:
+        """The function's signature without its ``bus.Context`` parameter (``None``
+        when it has none Python can read, as for some builtins)."""
+        try:
+            sig = inspect.signature(self.func)
+        except (TypeError, ValueError):
+            return None
+        if self.context_param is None:
+            return sig
+        return sig.replace(
+            parameters=[p for n, p in sig.parameters.items() if n != self.context_param]
+        )
+
     def kicker(self) -> Kicker[P, R]:
         return Kicker(self)
 
@@ -235,13 +286,15 @@ class Task(Generic[P, R]):
     async def kiq(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
         """Send the task with these arguments and return its handle.
 
-        Raises :class:`SendError` when the arguments cannot be encoded or the broker is
+        Raises ``TypeError`` (naming the parameter) when the arguments do not fit the
+        function, and :class:`SendError` when they cannot be encoded or the broker is
         not running. Waits while the broker's queue is full (backpressure).
         Cancellation: if cancelled while waiting for room, nothing was sent.
         """
+        self.check_call(args, kwargs)
         msg = self._message(args, kwargs, None, None, None)
         tid = await self.broker.kick(msg)
-        return TaskHandle(tid, self.broker)
+        return TaskHandle(tid, self.broker, stores_result=self.options.store_result)
 
     async def kiq_many(
         self, calls: Iterable[tuple[tuple[Any, ...], dict[str, Any]] | tuple[Any, ...]]
@@ -264,14 +317,16 @@ class Task(Generic[P, R]):
                 args, kwargs = tuple(call), {}
             messages.append(self._message(args, kwargs, None, None, None))
         ids = await self.broker.kick_many(messages)
-        return [TaskHandle(tid, self.broker) for tid in ids]
+        stores = self.options.store_result
+        return [TaskHandle(tid, self.broker, stores_result=stores) for tid in ids]
 
     def kiq_nowait(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
         """Send without waiting, on brokers that can (the in-memory one); raises
         :class:`QueueFull` instead of waiting for room."""
+        self.check_call(args, kwargs)
         msg = self._message(args, kwargs, None, None, None)
         tid = self.broker.kick_nowait(msg)
-        return TaskHandle(tid, self.broker)
+        return TaskHandle(tid, self.broker, stores_result=self.options.store_result)
 
     def _message(
         self,

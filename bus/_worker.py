@@ -423,7 +423,8 @@ class WorkerActor(actors.Actor):
                 if message.labels and "unique_key" in message.labels:
                     await self._unclaim(delivery)
                 try:
-                    await self.broker.result_backend.set_result(tid, result)
+                    if options.store_result or "workflow" in message.labels:
+                        await self.broker.result_backend.set_result(tid, result)
                 except Exception:
                     self._log.exception(
                         "result.store_failed", task_id=tid, task_name=message.task_name
@@ -629,7 +630,9 @@ class WorkerActor(actors.Actor):
         assert decision.result is not None
         if message.labels and "unique_key" in message.labels:
             await self._unclaim(delivery)
-        if not await self._store(message, decision.result):
+        if (options.store_result or "workflow" in message.labels) and not await self._store(
+            message, decision.result
+        ):
             return  # not acked: a redelivering broker runs it again
         if message.labels and not await self._step_done(message, decision.result):
             return  # not acked: its transition runs again with the redelivery

@@ -13,7 +13,6 @@ bus/redis/_workflows.py).
 from __future__ import annotations
 
 import abc
-import inspect
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -263,14 +262,9 @@ class _Compiler:
 
 def check_arity(task: Task[Any, Any], sig: Signature, takes_input: bool, index: int) -> None:
     """Raise ``TypeError`` naming the step when its arguments do not fit its task."""
-    try:
-        params = inspect.signature(task.func)
-    except (TypeError, ValueError):
+    params = task._call_signature  # the one that kiq checks
+    if params is None:
         return
-    if task.context_param is not None:
-        params = params.replace(
-            parameters=[p for n, p in params.parameters.items() if n != task.context_param]
-        )
     args = (None, *sig.args) if takes_input else tuple(sig.args)
     try:
         params.bind(*args, **dict(sig.kwargs))
