@@ -497,9 +497,18 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
             return self._claim_command(message, data, claim, ttl_ms, replace)
         return self._enqueue_command(message, data)
 
+    def _acked(self, commands: list[Command]) -> list[Command]:
+        """``commands``, then the ``WAIT`` of ``min_replicas_ack`` if set (its reply
+        is the last; ``RedisBroker._submit`` takes it off)."""
+        if self.settings.min_replicas_ack:
+            commands.append(("WAIT", self.settings.min_replicas_ack, self.settings.wait_ms))
+        return commands
+
     @actors.handles(SendNow, inline=True)
     def send_now(self, msg: SendNow) -> Pending | None:
-        return self._submit_now([self._send_command(msg.message, msg.data, msg.replace)])
+        return self._submit_now(
+            self._acked([self._send_command(msg.message, msg.data, msg.replace)])
+        )
 
     def _releases(self, d: Delivery) -> list[Command]:
         """Freeing the unique key of a finished delivery, if it has one."""
@@ -512,7 +521,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
 
     @actors.handles(SendMany, inline=True)
     def send_many(self, msg: SendMany) -> Pending | None:
-        return self._submit_now([self._send_command(m, d) for m, d in msg.messages])
+        return self._submit_now(self._acked([self._send_command(m, d) for m, d in msg.messages]))
 
     @actors.handles(Send)
     def send(self, msg: Send) -> None:
@@ -1114,8 +1123,20 @@ class RedisBroker(Broker):
                 for reply in replies:
                     if isinstance(reply, ReplyError):
                         raise SendError(f"{what}: Redis refused it: {reply.message}")
+                if self.settings.min_replicas_ack:
+                    replies, acked = replies[:-1], replies[-1]
+                    self._check_acked(acked, what)
                 return replies
             raise self._unavailable(what, start, cause, written)
+
+    def _check_acked(self, acked: Any, what: str) -> None:
+        wanted = self.settings.min_replicas_ack
+        if not isinstance(acked, int) or acked < wanted:
+            raise SendError(
+                f"{what}: Redis has it, but only {acked} of the {wanted} replicas that "
+                f"min_replicas_ack asks for confirmed it within "
+                f"{self.settings.wait_ms / 1000:g} s: a failover could lose it (it may run)"
+            )
 
     async def kick_many(self, messages: Sequence[TaskMessage]) -> list[TaskID]:
         """Send many messages in pipelines (one write per 500): the fast path for bulk

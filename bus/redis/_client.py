@@ -17,6 +17,9 @@ Blocking commands (``BLPOP``, ``XREADGROUP ... BLOCK``) hold up every command qu
 behind them on the same connection (replies come back in order): give blocking reads
 a connection of their own, and a per-call ``timeout=`` longer than the block.
 
+Sentinel (``redis+sentinel://``): the connect step asks the sentinels for the master
+and checks its ``ROLE`` (see ``_sentinel``); a ``READONLY`` reply drops the connection.
+
 Cluster seam (not implemented): every key of one bus queue shares a hash tag
 ``{queue}``, so a queue lives in one slot and one connection serves it. A cluster
 mode would intercept ``MOVED``/``ASK`` error replies where :meth:`Connection._feed`
@@ -53,6 +56,7 @@ from bus.redis._resp import (
     encode_many,
     new_reader,
 )
+from bus.redis._sentinel import master_of
 from bus.redis._url import RedisURL
 
 __all__ = [
@@ -114,7 +118,25 @@ def _setup_commands(url: RedisURL, name: str | None) -> list[Command]:
 async def _open(
     url: RedisURL, name: str | None, ssl_context: ssl.SSLContext | None
 ) -> tuple[trio.abc.Stream, trio.SocketStream]:
-    """Connect, do TLS and AUTH/SELECT/CLIENT SETNAME; return (stream, raw socket)."""
+    """Connect, do TLS and AUTH/SELECT/CLIENT SETNAME; return (stream, raw socket).
+
+    A sentinel URL connects to the master the sentinels name, and checks with ``ROLE``
+    that it is one (a failover under way: :class:`ConnectionLost`, try again)."""
+    if url.is_sentinel:
+        host, port = await master_of(url, _open_one)
+        return await _open_one(url.node(host, port), name, ssl_context, master=True)
+    if url.is_cluster:
+        raise ReplyError(
+            f"ERR {url.redacted()}: Redis Cluster routing is not built yet in this client "
+            "(issue 20); use a redis:// or redis+sentinel:// URL"
+        )
+    return await _open_one(url, name, ssl_context)
+
+
+async def _open_one(
+    url: RedisURL, name: str | None, ssl_context: ssl.SSLContext | None, *, master: bool = False
+) -> tuple[trio.abc.Stream, trio.SocketStream]:
+    """:func:`_open` for one server; ``master``: check that it is one (``ROLE``)."""
     where = url.redacted()
     transport: trio.SocketStream | None = None
     try:
@@ -130,6 +152,8 @@ async def _open(
                 await tls.do_handshake()
                 stream = tls
             commands = _setup_commands(url, name)
+            if master:
+                commands.append(("ROLE",))
             if commands:
                 data, count = encode_many(commands)
                 await stream.send_all(data)
@@ -146,6 +170,12 @@ async def _open(
                     if isinstance(reply, ReplyError):
                         what = "AUTH" if command[0] == "AUTH" else " ".join(map(str, command))
                         raise ReplyError(f"{reply.message} (while connecting: {what})")
+                role = replies[-1] if master else [b"master"]
+                if not isinstance(role, list) or not role or role[0] != b"master":
+                    said = role[0] if isinstance(role, list) and role else role
+                    raise ConnectionLost(
+                        f"{where} is not a master (ROLE: {said!r:.40}): a failover is under way"
+                    )
             return stream, transport
     except BaseException as exc:
         if transport is not None:
@@ -159,6 +189,10 @@ async def _open(
         if isinstance(exc, (*_STREAM_ERRORS, _ProtocolError)):
             raise ConnectionLost(f"could not connect to {where}: {exc}") from exc
         raise
+
+
+class _Demoted(Exception):
+    """A sentinel's master answered as a replica (``READONLY``): drop the connection."""
 
 
 def _as_url(url: str | RedisURL) -> RedisURL:
@@ -264,6 +298,9 @@ class _Base:
                         except _ProtocolError as exc:
                             await self._fail(f"protocol error: {exc}", exc)
                             break
+                        except _Demoted as exc:
+                            await self._fail(str(exc))
+                            break
                         if self._since_reply > self._max_reply:
                             self._too_large = True
                             await self._fail(
@@ -334,6 +371,12 @@ class _Base:
             if self._read_scope is not None:
                 self._read_scope.cancel()
         await trio.aclose_forcefully(self._transport)
+
+    async def drop(self, why: str) -> None:
+        """Break the connection as if it were lost: :meth:`run` raises
+        :class:`ConnectionLost` saying ``why`` (its supervisor connects again), and
+        every command in flight gets it."""
+        await self._fail(why)
 
     async def aclose(self) -> None:
         """Close now. Commands still in flight fail with :class:`ConnectionLost`
@@ -497,6 +540,10 @@ class Connection(_Base):
         self._written = 0
         self._flushers: trio.lowlevel.ParkingLot | None = None
         self.stats = Stats()
+        #: A sentinel's master that answers READONLY was demoted: drop the connection
+        #: (every command in flight gets ConnectionLost) so that the next one goes to
+        #: the new master. Nothing is written to a replica.
+        self._drop_on_readonly = url.is_sentinel
 
     @classmethod
     async def connect(
@@ -628,6 +675,12 @@ class Connection(_Base):
             got = True
             if not waiting:
                 raise _ProtocolError(f"a reply that no command waits for: {reply!r:.200}")
+            if (
+                self._drop_on_readonly
+                and type(reply) is ReplyError
+                and reply.code in ("READONLY", "MASTERDOWN")
+            ):
+                raise _Demoted(f"the master is a replica now ({reply.message}): a failover")
             pending = waiting[0]
             replies = pending._replies
             replies.append(reply)

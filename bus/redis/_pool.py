@@ -25,6 +25,7 @@ import trio.lowlevel
 import actors
 from actors._log import get_logger
 from bus.redis._client import Connection, ConnectionLost, PubSub, RedisError
+from bus.redis._failover import Switched, SwitchWatch
 from bus.redis._resp import RedisTimeout, ReplyError, _ProtocolError
 from bus.redis._url import RedisURL
 
@@ -279,6 +280,23 @@ class ConnectionActor(actors.Actor):
         )
         if self.listeners.by_channel:  # restarted: the subscription comes back too
             await self._subscription_ref()
+        if url.is_sentinel:  # hear of a failover at once
+            await self.spawn(
+                lambda: SwitchWatch(url, me),
+                name="switch-watch",
+                on_failure=actors.RESTART,
+                max_restarts=None,
+                backoff=BACKOFF,
+            )
+
+    @actors.handles(Switched)
+    async def switched(self, msg: Switched) -> None:
+        """The sentinels moved the master: drop the connection (its link connects
+        again, to the new master)."""
+        lent = self.lent
+        log.warning("redis.failover", url=self.url.redacted(), master=f"{msg.host}:{msg.port}")
+        if lent is not None and not lent.lost.is_set():
+            await lent.conn.drop("the sentinels switched the master (+switch-master)")
 
     @actors.handles(_Linked)
     def linked(self, msg: _Linked) -> None:
@@ -342,7 +360,11 @@ _URL_NUMBERS: dict[RedisURL, int] = {}
 
 
 def _actor_name(url: RedisURL) -> str:
-    where = url.path if url.path is not None else f"{url.host}:{url.port}"
+    if url.mode is not None:
+        seeds = ",".join(f"{host}:{port}" for host, port in url.seeds)
+        where = f"{url.mode} {seeds}/{url.service}" if url.service else f"{url.mode} {seeds}"
+    else:
+        where = url.path if url.path is not None else f"{url.host}:{url.port}"
     number = _URL_NUMBERS.setdefault(url, len(_URL_NUMBERS) + 1)
     return f"redis {where}/{url.db} #{number}"
 

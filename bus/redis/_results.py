@@ -274,7 +274,16 @@ class RedisResultBackend(ResultBackend):
         write_timeout: float = 300.0,
         command_timeout: float | None = 10.0,
         secret: bytes | str | None = None,
+        min_replicas_ack: int = 0,
     ) -> None:
+        if (
+            isinstance(min_replicas_ack, bool)
+            or not isinstance(min_replicas_ack, int)
+            or min_replicas_ack < 0
+        ):
+            raise ValueError(f"min_replicas_ack must be an integer >= 0, not {min_replicas_ack!r}")
+        #: A result is stored only once this many replicas have it (``WAIT``).
+        self.min_replicas_ack = min_replicas_ack
         if command_timeout is not None and (
             isinstance(command_timeout, bool)
             or not isinstance(command_timeout, int | float)
@@ -420,7 +429,26 @@ class RedisResultBackend(ResultBackend):
         """Store and announce ``result``; retried while Redis is unreachable, for up to
         ``write_timeout`` seconds (then ``ConnectionLost``)."""
         data = encode_result_checked(self.codec, task_id, result)
-        await self._write(self.store_commands(task_id, data, only_new=False), "storing a result")
+        commands = self.store_commands(task_id, data, only_new=False)
+        wanted = self.min_replicas_ack
+        if not wanted:
+            await self._write(commands, "storing a result")
+            return
+        # Stored only once enough replicas have it: else a failover could lose it.
+        # Stored again until then (within write_timeout): a SET that a failover lost
+        # is written to the new master.
+        wait_ms = max(1, int(1000 * min(self.command_timeout or 10.0, 10.0)))
+        deadline = trio.current_time() + self.write_timeout
+        while True:
+            replies = await self._write((*commands, ("WAIT", wanted, wait_ms)), "storing a result")
+            acked = replies[-1]
+            if isinstance(acked, int) and acked >= wanted:
+                return
+            if trio.current_time() >= deadline:
+                raise ConnectionLost(
+                    f"storing a result: only {acked} of the {wanted} replicas that "
+                    f"min_replicas_ack asks for confirmed it within {self.write_timeout:g} s"
+                )
 
     async def set_result_if_absent(self, task_id: TaskID, result: TaskResult[Any]) -> bool:
         data = encode_result_checked(self.codec, task_id, result)

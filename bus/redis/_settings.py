@@ -171,6 +171,18 @@ class RedisSettings:
     """Cap of the messages the dead-letter stream holds, in bytes (the oldest letters go
     first); ``None``: no byte cap (``dead_letter_maxlen`` still applies)."""
 
+    min_replicas_ack: int = attrs.field(default=0, validator=_count(0))
+    """A send (``kiq``, ``kick``, ``kick_many``) returns only once this many replicas
+    have it (``WAIT``, at most ``send_timeout`` or 10 s; fewer: :class:`bus.SendError`,
+    the task may still run), so that a failover loses no accepted send. 0 (the
+    default): Redis's asynchronous replication, where a send acknowledged just before
+    a failover can be lost. See docs/redis.md, "Cluster and Sentinel"."""
+
+    @property
+    def wait_ms(self) -> int:
+        """The ``WAIT`` timeout of ``min_replicas_ack``, in milliseconds."""
+        return max(1, int(1000 * min(self.send_timeout or 10.0, 10.0)))
+
     @property
     def heartbeat(self) -> float:
         return self.heartbeat_interval or self.visibility_timeout / 3

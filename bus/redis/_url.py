@@ -6,6 +6,14 @@ Accepted forms::
     rediss://...                  (the same, over TLS)
     unix://[[username]:password@]path/to/socket[?db=N&...]
     unix:///absolute/path/to/socket?db=2
+    redis+cluster://[[username]:password@]host:port[,host:port...][?option=value&...]
+    redis+sentinel://[[username]:password@]host:port[,host:port...]/service_name[/db][?...]
+    rediss+cluster://..., rediss+sentinel://...   (the same, over TLS)
+
+A cluster URL names seed nodes (any reachable master or replica of the cluster; db 0
+only); a sentinel URL names the sentinels (default port 26379) and the name of the
+master they monitor. The user and password are those of the Redis nodes (the
+sentinels are asked without them).
 
 Options: ``db`` (also as the path ``/3`` for redis/rediss), ``connect_timeout`` and
 ``command_timeout`` (seconds, floats > 0, ``inf`` allowed), ``max_reply_bytes`` (the
@@ -34,7 +42,18 @@ DEFAULT_COMMAND_TIMEOUT = 30.0
 #: The largest reply the client buffers (a larger one is a connection error).
 DEFAULT_MAX_REPLY_BYTES = 256 * 1024 * 1024
 
-_SCHEMES = ("redis", "rediss", "unix")
+_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+cluster",
+    "rediss+cluster",
+    "redis+sentinel",
+    "rediss+sentinel",
+)
+_SCHEME_LIST = "redis://, rediss://, unix://, redis+cluster://, redis+sentinel:// (or rediss+...)"
+#: The port of a seed written without one.
+_DEFAULT_PORTS = {"cluster": 6379, "sentinel": 26379}
 _CERT_REQS = ("required", "optional", "none")
 _OPTIONS = (
     "db",
@@ -81,6 +100,69 @@ def _db(value: str, where: str) -> int:
     return int(value)
 
 
+def _options(
+    query: list[tuple[str, str]], scheme: str, where: str, fields: dict[str, object], db: int | None
+) -> int | None:
+    """Check the query options into ``fields``; return the db number (``db`` is the
+    one the path gave, if any)."""
+    seen: set[str] = set()
+    for name, value in query:
+        if name not in _OPTIONS:
+            raise ValueError(f"unknown option {name!r} in {where} (known: {', '.join(_OPTIONS)})")
+        if name in seen:
+            raise ValueError(f"option {name!r} given twice in {where}")
+        seen.add(name)
+        if name == "db":
+            query_db = _db(value, where)
+            if db is not None and db != query_db:
+                raise ValueError(f"two different db numbers in {where}")
+            db = query_db
+        elif name in ("connect_timeout", "command_timeout"):
+            fields[name] = _seconds(name, value, where)
+        elif name == "max_reply_bytes":
+            if not value.isdigit() or len(value) > 15 or int(value) < 1024:
+                raise ValueError(
+                    f"max_reply_bytes must be an integer >= 1024, not {value!r} in {where}"
+                )
+            fields[name] = int(value)
+        else:
+            if not scheme.startswith("rediss"):
+                raise ValueError(f"{name} is only for rediss:// URLs: {where}")
+            if name == "ssl_cert_reqs" and value not in _CERT_REQS:
+                raise ValueError(
+                    f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}, "
+                    f"not {value!r} in {where}"
+                )
+            if not value:
+                raise ValueError(f"{name} is empty in {where}")
+            fields[name] = value
+    return db
+
+
+def _seed(text: str, default_port: int, where: str) -> tuple[str, int]:
+    """``host[:port]`` or ``[v6]:port`` of a seed list."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad host {text!r} in {where}")
+        port_text = rest[1:] if rest else ""
+    else:
+        host, colon, port_text = text.partition(":")
+        if colon and not port_text:
+            raise ValueError(f"bad port in {where}: empty")
+    if not host:
+        raise ValueError(f"an empty host in the host list of {where}")
+    if not port_text:
+        return unquote(host), default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port in {where}: {port_text!r}")
+    return unquote(host), int(port_text)
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 @attrs.frozen(repr=True)
 class RedisURL:
     """A parsed Redis URL. Build one with :meth:`parse`; ``str()`` and ``repr()`` never
@@ -100,10 +182,93 @@ class RedisURL:
     max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
     ssl_cert_reqs: str = "required"
     ssl_ca_certs: str | None = None
+    #: ``"cluster"`` or ``"sentinel"`` for those URLs (``None``: one server).
+    mode: str | None = None
+    #: The cluster's seed nodes or the sentinels, in the URL's order (``host``/``port``
+    #: are the first of them).
+    seeds: tuple[tuple[str, int], ...] = ()
+    #: The name of the master the sentinels monitor (``redis+sentinel://`` only).
+    service: str | None = None
 
     @property
     def scheme(self) -> str:
-        return "unix" if self.path is not None else "rediss" if self.tls else "redis"
+        if self.path is not None:
+            return "unix"
+        base = "rediss" if self.tls else "redis"
+        return f"{base}+{self.mode}" if self.mode else base
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.mode == "cluster"
+
+    @property
+    def is_sentinel(self) -> bool:
+        return self.mode == "sentinel"
+
+    def node(self, host: str, port: int) -> RedisURL:
+        """This URL's credentials and options for one server at ``host:port`` (a
+        cluster node, the master a sentinel named)."""
+        return attrs.evolve(self, host=host, port=port, mode=None, seeds=(), service=None)
+
+    @classmethod
+    def _parse_many(cls, text: str, scheme: str, where: str) -> RedisURL:
+        """A cluster or sentinel URL: a list of ``host:port``, then the path."""
+        base, _, mode = scheme.partition("+")
+        rest = text.partition("://")[2]
+        rest, hash_, _ = rest.partition("#")
+        if hash_:
+            raise ValueError(f"a Redis URL has no #fragment: {where}")
+        rest, _, query_text = rest.partition("?")
+        userinfo, at, rest = rest.rpartition("@")
+        if "@" in query_text or (at and ("/" in userinfo or "?" in userinfo)):
+            raise ValueError(
+                f"a password with '/', '?', '#' or '@' in it must be percent-encoded "
+                f"(urllib.parse.quote(password, safe='')): {where}"
+            )
+        hostlist, slash, path = rest.partition("/")
+        try:
+            query = parse_qsl(query_text, keep_blank_values=True, strict_parsing=bool(query_text))
+        except ValueError:
+            raise ValueError(f"malformed query string in {where}") from None
+        fields: dict[str, object] = {"tls": base == "rediss", "mode": mode}
+        if at:
+            user, colon, secret = userinfo.partition(":")
+            fields["username"] = username = unquote(user) or None
+            fields["password"] = password = unquote(secret) if colon and secret else None
+            if username is not None and password is None:
+                raise ValueError(f"a username needs a password (user:password@) in {where}")
+        if not hostlist:
+            raise ValueError(f"a {scheme}:// URL needs at least one host:port: {where}")
+        seeds = tuple(_seed(item, _DEFAULT_PORTS[mode], where) for item in hostlist.split(","))
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"a host:port given twice in {where}")
+        fields["seeds"] = seeds
+        fields["host"], fields["port"] = seeds[0]
+        db: int | None = None
+        segments = [unquote(p) for p in path.split("/")] if slash else []
+        if segments and segments[-1] == "":
+            segments.pop()  # a trailing slash
+        if mode == "sentinel":
+            if not segments or not segments[0]:
+                raise ValueError(
+                    f"a sentinel URL needs the name of the master: "
+                    f"{scheme}://host:port/service_name[/db] ({where})"
+                )
+            fields["service"] = segments[0]
+            if len(segments) > 2:
+                raise ValueError(f"a sentinel URL's path is /service_name[/db]: {where}")
+            if len(segments) == 2:
+                db = _db(segments[1], where)
+        elif segments:
+            if len(segments) > 1:
+                raise ValueError(f"a cluster URL's path is at most /0: {where}")
+            db = _db(segments[0], where)
+        db = _options(query, scheme, where, fields, db)
+        if mode == "cluster" and db:
+            raise ValueError(f"a Redis Cluster has db 0 only, not {db} in {where}")
+        if db is not None:
+            fields["db"] = db
+        return cls(**fields)  # type: ignore[arg-type]
 
     @classmethod
     def parse(cls, text: str) -> RedisURL:
@@ -112,12 +277,12 @@ class RedisURL:
         where = _mask(text)
         scheme, sep, _ = text.partition("://")
         if not sep:
-            raise ValueError(f"a Redis URL needs a scheme (redis://, rediss://, unix://): {where}")
+            raise ValueError(f"a Redis URL needs a scheme ({_SCHEME_LIST}): {where}")
         if scheme.lower() not in _SCHEMES:
-            raise ValueError(
-                f"unknown scheme {scheme!r} in {where} (expected redis://, rediss:// or unix://)"
-            )
+            raise ValueError(f"unknown scheme {scheme!r} in {where} (expected {_SCHEME_LIST})")
         scheme = scheme.lower()
+        if "+" in scheme:
+            return cls._parse_many(text, scheme, where)
         parts = urlsplit(text)
         if "@" in parts.path + parts.query + parts.fragment:
             # An '@' the parser did not see as the end of the user info: a password
@@ -168,39 +333,7 @@ class RedisURL:
             if db_path:
                 db = _db(db_path, where)
 
-        seen: set[str] = set()
-        for name, value in query:
-            if name not in _OPTIONS:
-                raise ValueError(
-                    f"unknown option {name!r} in {where} (known: {', '.join(_OPTIONS)})"
-                )
-            if name in seen:
-                raise ValueError(f"option {name!r} given twice in {where}")
-            seen.add(name)
-            if name == "db":
-                query_db = _db(value, where)
-                if db is not None and db != query_db:
-                    raise ValueError(f"two different db numbers in {where}")
-                db = query_db
-            elif name in ("connect_timeout", "command_timeout"):
-                fields[name] = _seconds(name, value, where)
-            elif name == "max_reply_bytes":
-                if not value.isdigit() or len(value) > 15 or int(value) < 1024:
-                    raise ValueError(
-                        f"max_reply_bytes must be an integer >= 1024, not {value!r} in {where}"
-                    )
-                fields[name] = int(value)
-            else:
-                if scheme != "rediss":
-                    raise ValueError(f"{name} is only for rediss:// URLs: {where}")
-                if name == "ssl_cert_reqs" and value not in _CERT_REQS:
-                    raise ValueError(
-                        f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}, "
-                        f"not {value!r} in {where}"
-                    )
-                if not value:
-                    raise ValueError(f"{name} is empty in {where}")
-                fields[name] = value
+        db = _options(query, scheme, where, fields, db)
         if db is not None:
             fields["db"] = db
         return cls(**fields)  # type: ignore[arg-type]
@@ -215,9 +348,14 @@ class RedisURL:
             location = quote(self.path)
             if self.db:
                 options["db"] = str(self.db)
+        elif self.mode is not None:
+            hosts = ",".join(f"{_host(host)}:{port}" for host, port in self.seeds)
+            if self.mode == "sentinel":
+                location = f"{hosts}/{quote(self.service or '', safe='')}/{self.db}"
+            else:
+                location = hosts
         else:
-            host = f"[{self.host}]" if ":" in self.host else self.host
-            location = f"{host}:{self.port}/{self.db}"
+            location = f"{_host(self.host)}:{self.port}/{self.db}"
         if self.connect_timeout != DEFAULT_CONNECT_TIMEOUT:
             options["connect_timeout"] = repr(self.connect_timeout)
         if self.command_timeout != DEFAULT_COMMAND_TIMEOUT:
