@@ -125,11 +125,14 @@ async def _open(
     if url.is_sentinel:
         host, port = await master_of(url, _open_one)
         return await _open_one(url.node(host, port), name, ssl_context, master=True)
-    if url.is_cluster:
-        raise ReplyError(
-            f"ERR {url.redacted()}: Redis Cluster routing is not built yet in this client "
-            "(issue 20); use a redis:// or redis+sentinel:// URL"
-        )
+    if url.is_cluster:  # one node (a subscriber: a cluster broadcasts PUBLISH)
+        failures: list[str] = []
+        for host, port in url.seeds:
+            try:
+                return await _open_one(url.node(host, port), name, ssl_context)
+            except (RedisError, OSError) as exc:
+                failures.append(f"{host}:{port}: {exc}")
+        raise ConnectionLost(f"no seed of {url.redacted()} answered: {'; '.join(failures)}")
     return await _open_one(url, name, ssl_context)
 
 
@@ -560,8 +563,13 @@ class Connection(_Base):
         :class:`RedisTimeout` after ``connect_timeout``, :class:`ReplyError` if AUTH or
         SELECT was refused, ValueError for a malformed URL. ``ssl_context`` overrides
         the one made from the URL's ``ssl_*`` options (``rediss://`` only).
-        Cancellation: nothing is left open."""
+        Cancellation: nothing is left open. A ``redis+cluster://`` URL gives a
+        :class:`~bus.redis._cluster.ClusterConnection`."""
         url = _as_url(url)
+        if url.is_cluster:
+            from bus.redis._cluster import ClusterConnection  # it imports this module
+
+            return await ClusterConnection.connect(url, name=name, ssl_context=ssl_context)
         stream, transport = await _open(url, name, ssl_context)
         return cls(stream, transport, url, name)
 

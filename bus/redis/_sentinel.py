@@ -29,7 +29,7 @@ from bus.redis._resp import (
 )
 from bus.redis._url import RedisURL
 
-__all__ = ["UnknownService", "master_of", "sentinel_url"]
+__all__ = ["UnknownService", "ask_once", "master_of", "sentinel_url"]
 
 #: Opens a stream to one server as the client does (TLS, AUTH): ``_client._open``.
 _Streams = tuple[trio.abc.Stream, trio.SocketStream]
@@ -56,7 +56,8 @@ def sentinel_url(url: RedisURL, host: str, port: int) -> RedisURL:
     )
 
 
-async def _ask(url: RedisURL, opener: Opener, *command: str) -> Reply:
+async def ask_once(url: RedisURL, opener: Opener, *command: str) -> Reply:
+    """One command on a connection of its own (opened by ``opener``), then closed."""
     stream, transport = await opener(url, None, None)
     try:
         with trio.fail_after(url.command_timeout):
@@ -91,7 +92,7 @@ async def master_of(url: RedisURL, opener: Opener) -> tuple[str, int]:
     for host, port in url.seeds:
         where = f"{host}:{port}"
         try:
-            reply = await _ask(
+            reply = await ask_once(
                 sentinel_url(url, host, port),
                 opener,
                 "SENTINEL",

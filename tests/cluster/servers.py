@@ -3,6 +3,8 @@ plain subprocesses and sockets, like ``tests.redis.server``)."""
 
 from __future__ import annotations
 
+import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -10,10 +12,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import attrs
+import pytest
 
 from tests.redis.server import RedisServer, _binary, free_port, start_server
 
-__all__ = ["SentinelSetup", "command", "start_sentinels", "wait_until"]
+__all__ = [
+    "ClusterSetup",
+    "SentinelSetup",
+    "command",
+    "start_cluster",
+    "start_sentinels",
+    "wait_until",
+]
 
 SERVICE = "busmaster"
 
@@ -149,3 +159,75 @@ def _field(reply: bytes, name: bytes) -> bytes | None:
         if line == name and i + 2 < len(lines):
             return lines[i + 2]
     return None
+
+
+@attrs.define
+class ClusterSetup:
+    """Three masters and three replicas on 127.0.0.1."""
+
+    nodes: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:3])
+
+    def masters(self) -> list[int]:
+        """The ports of the masters now (from the first node that answers)."""
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            try:
+                reply = command(node.port, "CLUSTER", "NODES")
+            except OSError:
+                continue
+            ports = []
+            for line in reply.decode(errors="replace").splitlines():
+                fields = line.split()
+                if len(fields) > 2 and "master" in fields[2] and "fail" not in fields[2]:
+                    ports.append(int(fields[1].split("@")[0].rsplit(":", 1)[1]))
+            return sorted(ports)
+        return []
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop(signal.SIGKILL)
+
+
+def start_cluster(directory: Path) -> ClusterSetup:
+    """Six ``redis-server --cluster-enabled yes`` and ``redis-cli --cluster create
+    --cluster-replicas 1``; returns once every node says the cluster is ok."""
+    nodes: list[RedisServer] = []
+    setup = ClusterSetup(nodes)
+    try:
+        for i in range(6):
+            (directory / f"n{i}").mkdir()
+            nodes.append(
+                start_server(
+                    directory / f"n{i}",
+                    extra_args=(
+                        "--cluster-enabled", "yes",
+                        "--cluster-config-file", "nodes.conf",
+                        "--cluster-node-timeout", "1000",
+                        "--repl-diskless-sync-delay", "0",
+                        # The bus port (else port + 10000, past 65535 for a high port).
+                        "--cluster-port", str(free_port()),
+                    ),
+                )
+            )  # fmt: skip
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            pytest.skip("redis-cli is not installed")
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+             "--cluster-replicas", "1", "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+        )  # fmt: skip
+        for node in nodes:
+            wait_until(
+                lambda node=node: b"cluster_state:ok" in command(node.port, "CLUSTER", "INFO"),  # type: ignore[misc]
+                f"node {node.port} sees the cluster ok",
+            )
+    except BaseException:
+        setup.stop()
+        raise
+    return setup

@@ -1,0 +1,133 @@
+"""The client and the bus on a real Redis Cluster (3 masters, 3 replicas)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+import trio
+
+import bus
+from bus.redis import RedisBroker
+from bus.redis._client import Connection, Script, open_connection
+from bus.redis._cluster import ClusterConnection, key_slot
+from tests.cluster.servers import ClusterSetup
+from tests.redis.server import RedisServer, free_port
+from tests.redis.support import make_redis_broker
+
+
+def test_key_slots_match_redis() -> None:
+    # Values from the Redis Cluster specification and CLUSTER KEYSLOT.
+    assert key_slot(b"123456789") == 12739
+    assert key_slot("foo") == 12182
+    assert key_slot("{user1000}.following") == key_slot("{user1000}.followers")
+
+
+def _queues_on_every_master(conn: ClusterConnection, prefix: str) -> list[str]:
+    """Queue names whose hash tag ``{prefix:queue}`` lands on each master."""
+    found: dict[tuple[str, int], str] = {}
+    for i in range(1000):
+        name = f"q{i}"
+        addr = conn._addr(key_slot(f"{{{prefix}:{name}}}"))
+        found.setdefault(addr, name)
+        if len(found) == len(conn._nodes):
+            break
+    return list(found.values())
+
+
+async def test_commands_route_to_the_node_of_their_slot(cluster: ClusterSetup) -> None:
+    tag = uuid.uuid4().hex[:8]
+    keys = [f"{tag}:{i}" for i in range(30)]  # no hash tag: spread over the masters
+    with trio.fail_after(10):
+        async with open_connection(cluster.url) as conn:
+            assert isinstance(conn, ClusterConnection)
+            assert len(conn._nodes) == 3
+            for tricky in ("foo{}{bar}", "foo{{bar}}zap", "{a}b", "x{y", "{bus:q}:s", "é{"):
+                assert await conn.execute("CLUSTER", "KEYSLOT", tricky) == key_slot(tricky)
+            for k in keys:
+                assert await conn.execute("SET", k, k) == b"OK"
+            assert await conn.execute("MGET", *keys) == [k.encode() for k in keys]
+            replies = await conn.pipeline([("GET", k) for k in keys] + [("PING",)])
+            assert replies == [k.encode() for k in keys] + [b"PONG"]
+            pending = conn.submit([("INCR", f"{k}:n") for k in keys])
+            await conn.flush()
+            assert await pending.wait() == [1] * len(keys)
+            found = await conn.execute("SCAN", 0, "MATCH", f"{tag}:*:n", "COUNT", 100)
+            assert sorted(found[1]) == sorted(f"{k}:n".encode() for k in keys)
+            script = Script("return redis.call('GET', KEYS[1])")
+            await script.load(conn)
+            assert await script.run(conn, keys=[keys[5]]) == keys[5].encode()
+            assert await conn.execute("EXISTS", *keys) == len(keys)
+            assert await conn.execute("DEL", *keys) == len(keys)
+
+
+async def test_moved_updates_the_map(cluster: ClusterSetup) -> None:
+    """A command sent to the wrong node (a stale map) is answered MOVED, and runs
+    where the slot lives."""
+    with trio.fail_after(10):
+        async with open_connection(cluster.url) as conn:
+            assert isinstance(conn, ClusterConnection)
+            key = f"moved:{uuid.uuid4().hex}"
+            slot = key_slot(key)
+            right = conn._slots[slot]
+            conn._slots[slot] = next(a for a in conn._nodes if a != right)
+            assert await conn.execute("SET", key, "1") == b"OK"
+            assert conn._slots[slot] == right
+            conn._slots[slot] = next(a for a in conn._nodes if a != right)
+            assert await conn.pipeline([("GET", key)]) == [b"1"]
+
+
+async def test_a_broker_on_a_cluster_runs_queues_on_every_master(
+    cluster: ClusterSetup,
+) -> None:
+    """Queues whose hash tags land on all three masters, one worker reading all of
+    them (a blocking read per node), results and a delayed task."""
+    prefix = f"t{bus.TaskID.new()[-12:]}"
+    async with open_connection(cluster.url) as conn:
+        assert isinstance(conn, ClusterConnection)
+        queues = _queues_on_every_master(conn, prefix)
+    assert len(queues) == 3
+    broker = make_redis_broker(cluster.url, prefix=prefix, delay_poll_interval=0.05)
+
+    @broker.task(name="c.add")
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    with trio.fail_after(30):
+        async with broker, trio.open_nursery() as nursery:
+            worker = await nursery.start(
+                lambda task_status: broker.run_worker(4, queues=queues, task_status=task_status)
+            )
+            handles: list[bus.TaskHandle[Any]] = []
+            for i in range(30):
+                kicker = add.kicker().with_queue(queues[i % 3])
+                handles.append(await kicker.kiq(i, 1))
+            later = add.kicker().with_queue(queues[0]).with_labels(delay=0.2)
+            handles.append(await later.kiq(1, 1))
+            results = await bus.gather(*handles, timeout=20)
+            assert [r.return_value for r in results] == [i + 1 for i in range(30)] + [2]
+            worker.stop()
+
+
+async def test_a_cluster_url_at_one_server_is_one_clear_error(redis_server: RedisServer) -> None:
+    broker = RedisBroker(f"redis+cluster://127.0.0.1:{redis_server.port}", connect_timeout=None)
+    with trio.fail_after(10), pytest.raises(bus.BrokerUnavailable, match="not a cluster node"):
+        async with broker:
+            pass
+
+
+async def test_all_seeds_down_is_one_clear_error() -> None:
+    ports = [free_port(), free_port()]
+    broker = RedisBroker(
+        f"redis+cluster://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}", connect_timeout=1
+    )
+    with trio.fail_after(10), pytest.raises(bus.BrokerUnavailable) as info:
+        async with broker:
+            pass
+    text = str(info.value)
+    assert "no seed" in text and all(str(port) in text for port in ports)
+
+
+def test_connection_is_the_type() -> None:
+    assert issubclass(ClusterConnection, Connection)
