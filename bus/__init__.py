@@ -29,6 +29,7 @@ from bus._limits import Limit, limit
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
 from bus._middleware import Middleware
 from bus._options import TaskOptions
+from bus._process import run_worker_process
 from bus._results import InMemoryResultBackend, InmemoryResultBackend, ResultBackend
 from bus._schedule import Cron, Every, ScheduleSpec, cron, every
 from bus._scheduler import ScheduleInfo, TickState
@@ -112,4 +113,5 @@ __all__ = [
     "gather",
     "group",
     "limit",
+    "run_worker_process",
 ]

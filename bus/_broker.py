@@ -9,6 +9,7 @@ import functools
 import inspect
 import math
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, overload
 
@@ -245,6 +246,15 @@ class Broker(abc.ABC):
             raise TypeError(f"a task must be callable, not {func!r}")
         if name is None:
             name = f"{getattr(func, '__module__', '?')}:{getattr(func, '__qualname__', func)}"
+            if name.startswith("__main__:") and self.distributed:
+                warnings.warn(
+                    f"task {name!r} is named after the script that declares it: a worker "
+                    "that imports the module under its own name does not know it, and "
+                    f"dead-letters it as an unknown task. Name it: "
+                    f"@broker.task(name={name.removeprefix('__main__:')!r})",
+                    UserWarning,
+                    stacklevel=3,
+                )
         if not isinstance(name, str) or not name:
             raise ValueError("a task name must be a non-empty string")
         if name in self.tasks and self.tasks[name].func is not func:
@@ -525,24 +535,39 @@ class Broker(abc.ABC):
         except actors.ActorStopped:
             raise BrokerClosed("the broker is not running or shutting down") from None
 
-    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The oldest ``limit`` dead letters, each a dict with at least ``id``,
-        ``reason`` and ``task_name`` (``None`` when the entry could not be decoded)."""
+    async def dead_letters(
+        self, limit: int = 100, *, queue: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The oldest ``limit`` dead letters of ``queue`` (default: the broker's default
+        queue), each a dict with at least ``id``, ``reason`` and ``task_name``
+        (``None`` when the entry could not be decoded)."""
         raise NotImplementedError(f"{type(self).__name__} keeps no dead-letter store")
 
-    async def requeue_dead_letters(self, limit: int = 100) -> int:
-        """Send up to ``limit`` dead letters back to the queue; returns how many."""
+    async def requeue_dead_letters(
+        self,
+        limit: int = 100,
+        *,
+        reason: str | None = None,
+        task: str | None = None,
+        queue: str | None = None,
+    ) -> int:
+        """Send up to ``limit`` dead letters of ``queue`` back to it; returns how many."""
         raise NotImplementedError(f"{type(self).__name__} keeps no dead-letter store")
 
     async def requeue_dead(
-        self, limit: int = 100, *, reason: str | None = None, task: str | None = None
+        self,
+        limit: int = 100,
+        *,
+        reason: str | None = None,
+        task: str | None = None,
+        queue: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Requeue dead letters and report, per letter, ``{"id", "task_name", "reason",
-        "outcome"}`` (``"requeued"`` or ``"skipped: <why>"``)."""
+        """Requeue dead letters of ``queue`` and report, per letter, ``{"id",
+        "task_name", "reason", "outcome"}`` (``"requeued"`` or ``"skipped: <why>"``)."""
         raise NotImplementedError(f"{type(self).__name__} keeps no dead-letter store")
 
-    async def purge_dead_letters(self) -> int:
-        """Delete every dead letter; returns how many there were."""
+    async def purge_dead_letters(self, *, queue: str | None = None) -> int:
+        """Delete every dead letter of ``queue``; returns how many there were."""
         raise NotImplementedError(f"{type(self).__name__} keeps no dead-letter store")
 
     # -------------------------------------------------------------------- lifecycle

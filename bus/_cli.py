@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import difflib
+import errno
 import functools
 import importlib
 import json
@@ -19,37 +19,33 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+import traceback
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
+import attrs
 import structlog
 import trio
 
 import actors
 from actors._supervision import RestartLimiter
 from bus._broker import Broker, plain_error
-from bus._errors import BusError, ResultTimeout
-from bus._message import TaskResult, TaskStatus
+from bus._errors import BusError, ResultNotFound, ResultTimeout
+from bus._ids import TaskID
+from bus._message import TaskMessage, TaskResult, TaskStatus
+from bus._middleware import Middleware
 from bus._options import is_queue_name
+from bus._process import FORCE_GRACE, forced_exit_code, run_worker
+from bus._process import SIGNAL_DEBOUNCE as SIGNAL_DEBOUNCE
+from bus._process import _stop_requests as _stop_requests
 from bus._workflow_cli import add_workflows_parser
 from bus._workflow_cli import parse_id as parse_workflow_id
 from bus._workflow_cli import show as show_workflow
 
-if TYPE_CHECKING:
-    from bus._worker import Worker
-
 __all__ = ["main"]
 
-#: Two SIGTERMs closer than this are one stop request: systemd's control-group kill
-#: and the supervisor's forward of it reach a child together. (SIGINT, from a person
-#: at a terminal, always counts: Ctrl-C twice cancels.)
-SIGNAL_DEBOUNCE = 1.0
 #: After the shutdown timeout, how long the supervisor waits before SIGKILL.
 KILL_GRACE = 10.0
-#: After a second stop request, how long a worker may take to cancel what runs and hand
-#: it back before its process ends regardless (``forced_exit_code``).
-FORCE_GRACE = 1.0
 
 
 class CLIError(Exception):
@@ -76,6 +72,12 @@ def load_broker(spec: str) -> Broker:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise CLIError(f"expected MODULE:BROKER (e.g. myapp.tasks:broker), got {spec!r}")
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        dotted = module_name.removesuffix(".py").strip("./").replace("/", ".")
+        raise CLIError(
+            f"{spec!r} names a file: give its module's dotted path instead, "
+            f"e.g. {dotted}:{attr} (run from the folder that holds {dotted.split('.')[0]!r})"
+        )
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -83,41 +85,88 @@ def load_broker(spec: str) -> Broker:
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
             raise CLIError(f"no module named {module_name!r} (looked in {os.getcwd()})") from None
-        raise CLIError(f"importing {module_name!r} failed: {exc}") from None
+        raise CLIError(f"importing {module_name!r} failed: {exc}{_where_raised(exc)}") from None
     except ImportError as exc:
-        raise CLIError(f"importing {module_name!r} failed: {exc}") from None
+        raise CLIError(f"importing {module_name!r} failed: {exc}{_where_raised(exc)}") from None
     except Exception as exc:
-        raise CLIError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+        raise CLIError(
+            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}{_where_raised(exc)}"
+        ) from None
     obj: Any = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise CLIError(f"module {module_name!r} has no attribute {attr!r}") from None
+            raise CLIError(
+                f"module {module_name!r} has no attribute {attr!r}{_brokers_hint(module)}"
+            ) from None
     if not isinstance(obj, Broker):
-        raise CLIError(f"{spec} is a {type(obj).__name__}, not a bus broker")
+        kind = type(obj).__name__
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        raise CLIError(f"{spec} is {article} {kind}, not a bus broker{_brokers_hint(module)}")
     return obj
 
 
-def configure_logging(fmt: str | None, level: str) -> None:
-    """Console on a terminal, JSON lines otherwise (or as ``fmt`` says). Each event is
-    one write of one line, so lines of several processes never interleave."""
+def _where_raised(exc: BaseException) -> str:
+    """`` (at FILE, line N)``: where the import failed, the innermost frame outside
+    the import machinery (or the file and line of a SyntaxError)."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" (at {_shown_path(exc.filename)}, line {exc.lineno})"
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if "importlib" not in f.filename and f.filename != __file__
+    ]
+    if not frames:
+        return ""
+    return f" (at {_shown_path(frames[-1].filename)}, line {frames[-1].lineno})"
+
+
+def _shown_path(filename: str) -> str:
+    try:
+        return os.path.relpath(filename)
+    except ValueError:
+        return filename
+
+
+def _brokers_hint(module: Any) -> str:
+    """``; did you mean MODULE:NAME?`` for the brokers the module holds."""
+    names = sorted(k for k, v in vars(module).items() if isinstance(v, Broker))
+    if not names:
+        return ""
+    return "; did you mean " + " or ".join(f"{module.__name__}:{n}" for n in names) + "?"
+
+
+#: The format ``configure_logging`` chose ("console" or "json"): the start-up lines of
+#: ``bus worker`` and ``bus dashboard`` follow it too.
+_log_format = "console"
+
+
+def configure_logging(fmt: str | None, level: str) -> str:
+    """Console on a terminal, JSON lines otherwise (or as ``fmt`` says); return the
+    format chosen. The bus's structlog events and every stdlib ``logging`` record (a
+    task's ``logging.info``, a library's warning) go through the same renderer to
+    stderr, filtered at ``level``. Each event is one write of one line, so lines of
+    several processes never interleave."""
+    global _log_format
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise CLIError(f"unknown log level {level!r} (debug, info, warning, error)")
     tty = sys.stderr.isatty()
     if fmt is None:
         fmt = "console" if tty else "json"
+    _log_format = fmt
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=tty)
         if fmt == "console"
         else structlog.processors.JSONRenderer()
     )
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            timestamper,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -125,6 +174,65 @@ def configure_logging(fmt: str | None, level: str) -> None:
         logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+    # The standard library's logging: rendered like the events above.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.contextvars.merge_contextvars,
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                timestamper,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    logging.captureWarnings(True)  # a warning too is a line in this format
+    return fmt
+
+
+def _announce(text: str, event: str, **fields: Any) -> None:
+    """A start-up line (``bus worker: ...``), shown at every log level: plain text in
+    the console format, one JSON object (``event``, ``banner``: the text, and
+    ``fields``) in the JSON format."""
+    if _log_format == "json":
+        import datetime as dt
+
+        now = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+        line = json.dumps(
+            {"event": event, "banner": text, **fields, "level": "info", "timestamp": now},
+            default=str,
+        )
+    else:
+        line = text
+    print(line, file=sys.stderr, flush=True)
+
+
+class _LogSuccesses(Middleware):
+    """``bus worker --log-tasks``: a ``task.succeeded`` line (info) for each task that
+    succeeds (failures are logged anyway, as warnings)."""
+
+    def __init__(self) -> None:
+        self.log = structlog.get_logger("bus.worker")
+
+    def post_execute(self, message: TaskMessage, result: TaskResult[Any]) -> None:
+        if result.status is TaskStatus.SUCCESS:
+            self.log.info(
+                "task.succeeded",
+                task_id=str(message.task_id),
+                task_name=message.task_name,
+                attempt=message.attempt,
+                execution_time=round(result.execution_time, 6),
+            )
 
 
 def _in_process_only(broker: Broker, command: str) -> None:
@@ -137,138 +245,7 @@ def _in_process_only(broker: Broker, command: str) -> None:
         )
 
 
-def _where(broker: Broker) -> str:
-    return " ".join(f"{k}={v}" for k, v in broker.describe().items())
-
-
 # ---------------------------------------------------------------------- worker
-
-
-async def _stop_requests(
-    signals: AsyncIterator[int], window: float = SIGNAL_DEBOUNCE
-) -> AsyncIterator[int]:
-    """The distinct stop requests among the signals: a SIGTERM within ``window``
-    seconds of the previous request is the same request."""
-    last = -math.inf
-    async for signum in signals:
-        now = trio.current_time()
-        if signum != signal.SIGTERM or now - last >= window:
-            last = now
-            yield signum
-
-
-async def run_worker(
-    broker: Broker,
-    concurrency: int | None,
-    shutdown_timeout: float,
-    queues: Sequence[str] = (),
-    scheduler: bool = True,
-) -> int:
-    """Run a worker until SIGINT/SIGTERM and return the exit status.
-
-    The first stop request drains: intake stops, running tasks get
-    ``shutdown_timeout`` seconds, what still runs then is interrupted and handed back
-    (a sync task is abandoned in its thread), the last acks are written, and the
-    status is 0. A second request ends the process at once with ``128 + signal``
-    (:func:`forced_exit_code`). A request before the worker has started ends the
-    start (0). ``queues``: the queues it consumes (none: the broker's default queue)."""
-    log = structlog.get_logger("bus.cli")
-    stop = trio.Event()  # the first stop request
-    ready = trio.Event()  # the worker started, or its start ended
-    serving = trio.CancelScope()  # the worker, while it starts
-    watching = trio.CancelScope()  # the stop requests, until the drain is done
-    forced = 0
-    timer: threading.Timer | None = None
-    worker: Worker | None = None
-
-    class Started:
-        def started(self, value: Worker | None = None) -> None:
-            nonlocal worker
-            worker = value
-            ready.set()
-
-    async def serve() -> None:
-        try:
-            with serving:
-                await broker.run_worker(
-                    concurrency, queues=queues or None, scheduler=scheduler, task_status=Started()
-                )
-        finally:
-            ready.set()
-
-    async def watch(requests: AsyncIterator[int]) -> None:
-        nonlocal forced, timer
-        with watching:
-            async for signum in requests:
-                name = signal.Signals(signum).name
-                if not stop.is_set():
-                    stop.set()
-                    if worker is None:
-                        serving.cancel()  # still starting: nothing to drain
-                    else:
-                        log.info("worker.draining", signal=name, timeout=shutdown_timeout)
-                    continue
-                forced = forced_exit_code(signum)
-                log.warning("worker.cancelling", signal=name, exit_code=forced)
-                # Running tasks are cancelled (sync ones abandoned in their threads) and
-                # handed back; should that not be done within FORCE_GRACE, the process
-                # ends anyway.
-                timer = _exit_later(forced, FORCE_GRACE)
-                if worker is not None:
-                    worker.stop()  # then run_worker leaves `async with broker` cleanly
-                else:
-                    serving.cancel()
-                return
-
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as receiver:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch, _stop_requests(receiver))
-            nursery.start_soon(serve)
-            await ready.wait()
-            if worker is not None and not stop.is_set():
-                where = _where(broker)
-                print(
-                    f"bus worker: {type(broker).__name__} {where + ' ' if where else ''}"
-                    f"pid={os.getpid()} concurrency={worker.concurrency} "
-                    f"tasks={', '.join(sorted(broker.tasks))}"
-                    + (f" queues={','.join(queues)}" if queues else ""),
-                    file=sys.stderr,
-                    flush=True,
-                )
-            if worker is not None:
-                await stop.wait()
-                interrupted = await worker.drain(shutdown_timeout)
-                if interrupted:
-                    log.warning("worker.interrupted", tasks=interrupted)
-                worker.stop()
-            watching.cancel()
-            # run_worker now leaves `async with broker` cleanly: its last acks are
-            # written and what is unfinished is handed back before the connection closes.
-    if timer is not None:
-        timer.cancel()  # ended in time
-    log.info("worker.exited", **({"exit_code": forced} if forced else {}))
-    return forced
-
-
-def forced_exit_code(signum: int) -> int:
-    """The exit status of a worker that a second stop request ended: 128 + the signal's
-    number (130 after Ctrl-C, 143 after SIGTERM), as a shell reports a signal."""
-    return 128 + signum
-
-
-def _exit_later(code: int, delay: float) -> threading.Timer:
-    """End the process with ``code`` in ``delay`` seconds, whatever it is doing then,
-    unless the timer is cancelled first (a daemon thread: it never holds the process)."""
-
-    def end() -> None:
-        with contextlib.suppress(Exception):
-            sys.stderr.flush()
-        os._exit(code)
-
-    timer = threading.Timer(delay, end)
-    timer.daemon = True
-    timer.start()
-    return timer
 
 
 def _child_args(argv: Sequence[str]) -> list[str]:
@@ -477,13 +454,19 @@ def _run_worker_with_metrics(broker: Broker, worker_args: tuple[Any, ...], addre
         registry = mw.registry
 
     async def main() -> int:
-        listeners = await trio.open_tcp_listeners(port, host=host)  # OSError: exit 1
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise CLIError(
+                f"--metrics-port: cannot listen on {host}:{port}: {_os_reason(exc)}", 1
+            ) from None
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(
                 functools.partial(serve_metrics, registry, listeners=listeners)
             )
             shown = f"[{host}]" if ":" in host else host
-            print(f"bus worker: metrics at http://{shown}:{bound}/metrics", file=sys.stderr)
+            url = f"http://{shown}:{bound}/metrics"
+            _announce(f"bus worker: metrics at {url}", "worker.metrics", url=url)
             code = await run_worker(broker, *worker_args)
             nursery.cancel_scope.cancel()
         return code
@@ -513,7 +496,9 @@ def _result_json(result: TaskResult[Any]) -> str:
 
 def _unknown_task(broker: Broker, name: str) -> CLIError:
     known = sorted(broker.tasks)
-    close = difflib.get_close_matches(name, known, n=1)
+    # `add` for `jobs:add` or `jobs.add`: the name without its module.
+    close = [k for k in known if k.rsplit(":", 1)[-1].rsplit(".", 1)[-1] == name]
+    close = close or difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return CLIError(f"unknown task {name!r}{hint}; registered tasks: {', '.join(known) or 'none'}")
 
@@ -528,6 +513,30 @@ def _check_call(broker: Broker, task_name: str, args: list[Any], kwargs: dict[st
         raise CLIError(f"wrong arguments for {exc}") from None
 
 
+@attrs.frozen
+class _Placement:
+    """``bus send --queue --delay --label``."""
+
+    queue: str | None = None
+    delay: float | None = None
+    labels: dict[str, Any] = attrs.field(factory=dict)
+
+
+def _labels(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs: VALUE as JSON when it parses (``n=3``, ``on=true``), else as
+    the text it is (``team=ops``)."""
+    labels: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--label takes KEY=VALUE, not {item!r}")
+        try:
+            labels[key] = json.loads(text)
+        except json.JSONDecodeError:
+            labels[key] = text
+    return labels
+
+
 async def send(
     broker: Broker,
     task_name: str,
@@ -535,15 +544,27 @@ async def send(
     kwargs: dict[str, Any],
     wait: bool,
     timeout: float | None,
+    placement: _Placement | None = None,
 ) -> int:
     task = broker.find_task(task_name)
     if task is None:
         raise _unknown_task(broker, task_name)
     _check_call(broker, task_name, args, kwargs)
+    placement = placement or _Placement()
+    kicker = task.kicker()
+    try:
+        if placement.labels:
+            kicker = kicker.with_labels(**placement.labels)
+        if placement.queue is not None:
+            kicker = kicker.with_queue(placement.queue)
+        if placement.delay:
+            kicker = kicker.with_delay(placement.delay)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
     # --timeout bounds everything: reaching the broker, sending, and the wait.
     with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
         async with broker:
-            handle = await task.kiq(*args, **kwargs)
+            handle = await kicker.kiq(*args, **kwargs)
             if not wait:
                 print(handle.task_id)
                 return 0
@@ -557,6 +578,23 @@ async def send(
     return 0 if result.status is TaskStatus.SUCCESS else 1
 
 
+async def result(broker: Broker, task_id: TaskID, wait: bool, timeout: float | None) -> int:
+    """``bus result ID``: print the stored result as JSON (exit 0); none: exit 1."""
+    with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+        async with broker:
+            try:
+                if wait:
+                    found = await broker.result_backend.wait_result(task_id)
+                else:
+                    found = await broker.result_backend.get_result(task_id)
+            except ResultNotFound as exc:
+                raise CLIError(str(exc), 1) from None
+    if scope.cancelled_caught:
+        raise CLIError(f"no result for {task_id} within {timeout}s (--timeout)", 1)
+    print(_result_json(found))
+    return 0
+
+
 def _json_arg(text: str, what: str, kind: type) -> Any:
     try:
         value = json.loads(text)
@@ -564,7 +602,12 @@ def _json_arg(text: str, what: str, kind: type) -> Any:
         raise CLIError(f"--{what} is not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(value, kind):
         want = "a JSON array" if kind is list else "a JSON object"
-        raise CLIError(f"--{what} must be {want}, got {type(value).__name__}")
+        hint = ""
+        if what == "args" and isinstance(value, dict):
+            hint = f"; keyword arguments go in --kwargs {json.dumps(value)!r}"
+        elif what == "kwargs" and isinstance(value, list):
+            hint = f"; positional arguments go in --args {json.dumps(value)!r}"
+        raise CLIError(f"--{what} must be {want}, got {type(value).__name__}{hint}")
     return value
 
 
@@ -688,10 +731,11 @@ async def dead(
     as_json: bool,
     reason: str | None,
     task: str | None,
+    queue: str | None = None,
 ) -> int:
     async with broker:
         if action == "list":
-            letters = await broker.dead_letters(limit)
+            letters = await broker.dead_letters(limit, queue=queue)
             if reason is not None:
                 letters = [d for d in letters if reason in str(d.get("reason", ""))]
             if task is not None:
@@ -704,7 +748,7 @@ async def dead(
                 for d in letters:
                     print(f"{d.get('id')}  {d.get('task_name') or '?':<30} {d.get('reason')}")
         elif action == "requeue":
-            report = await broker.requeue_dead(limit, reason=reason, task=task)
+            report = await broker.requeue_dead(limit, reason=reason, task=task, queue=queue)
             if as_json:
                 print(json.dumps(report, indent=2, default=str))
             else:
@@ -713,7 +757,7 @@ async def dead(
                 n = sum(1 for r in report if r["outcome"] == "requeued")
                 print(f"requeued {n} dead letter(s)")
         else:
-            n = await broker.purge_dead_letters()
+            n = await broker.purge_dead_letters(queue=queue)
             print(f"purged {n} dead letter(s)")
     return 0
 
@@ -793,13 +837,29 @@ def _dashboard_main(broker: Broker, args: argparse.Namespace) -> int:
                 mode = "actions allowed" if args.allow_actions else "read-only"
                 if token is not None:
                     mode += ", token required"
-                print(f"bus dashboard: {urls[0]}/ ({mode})", file=sys.stderr, flush=True)
+                _announce(
+                    f"bus dashboard: {urls[0]}/ ({mode})", "dashboard.ready", url=f"{urls[0]}/"
+                )
         return 0
 
     try:
         return trio.run(main)
-    except BaseExceptionGroup as group:
-        raise plain_error(group) from None
+    except (OSError, BaseExceptionGroup) as exc:
+        error = plain_error(exc)
+        if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+            raise CLIError(
+                f"cannot listen on {args.host}:{args.port}: {_os_reason(error)} "
+                "(choose another --port, or 0 for any free one)",
+                1,
+            ) from None
+        raise error from None
+
+
+def _os_reason(exc: OSError) -> str:
+    """``address already in use``: an OSError's reason without ``[Errno 98]``."""
+    if exc.errno == errno.EADDRINUSE:
+        return "the address is already in use (another process listens there)"
+    return (exc.strerror or str(exc)).lower()
 
 
 # ------------------------------------------------------------------------ main
@@ -866,8 +926,19 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not run a scheduler beside the worker (periodic tasks)",
     )
-    w.add_argument("--log-format", choices=["console", "json"], default=None)
-    w.add_argument("--log-level", default="info")
+    w.add_argument(
+        "--log-format",
+        choices=["console", "json"],
+        default=None,
+        help="console on a terminal, json otherwise (the default); every line of the run, "
+        "the tasks' own logging included, is in this format",
+    )
+    w.add_argument("--log-level", default="info", help="debug, info (default), warning, error")
+    w.add_argument(
+        "--log-tasks",
+        action="store_true",
+        help="log a task.succeeded line (info) for each task that succeeds",
+    )
     _add_metrics_option(w)
 
     sc = sub.add_parser("schedules", help="list the periodic tasks and their ticks")
@@ -881,11 +952,29 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("task", metavar="TASK")
     s.add_argument("--args", default="[]", help="positional arguments as a JSON array")
     s.add_argument("--kwargs", default="{}", help="keyword arguments as a JSON object")
+    s.add_argument("--queue", default=None, metavar="NAME", help="send to this queue")
+    s.add_argument(
+        "--delay", type=float, default=None, metavar="S", help="start no sooner than S seconds"
+    )
+    s.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label (repeatable); VALUE is read as JSON when it is JSON, else as text",
+    )
     s.add_argument("--wait", action="store_true", help="wait for the result and print it")
     s.add_argument(
         "--timeout", type=float, default=None, help="give up after S seconds (all of it)"
     )
     s.add_argument("--log-level", default="error")
+
+    r = sub.add_parser("result", help="print the stored result of a task (exit 1 if none)")
+    r.add_argument("broker", metavar="MODULE:BROKER")
+    r.add_argument("task_id", metavar="TASK_ID")
+    r.add_argument("--wait", action="store_true", help="wait for the result if not stored yet")
+    r.add_argument("--timeout", type=float, default=None, help="with --wait: give up after S s")
+    r.add_argument("--log-level", default="error")
 
     i = sub.add_parser("inspect", help="queue length, pending, delayed, dead letters, workers")
     i.add_argument("broker", metavar="MODULE:BROKER")
@@ -898,6 +987,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=100)
     d.add_argument("--reason", default=None, help="only letters whose reason contains TEXT")
     d.add_argument("--task", default=None, help="only letters of this task")
+    d.add_argument(
+        "--queue", default=None, metavar="NAME", help="the dead letters of this queue "
+        "(default: the broker's default queue)",
+    )  # fmt: skip
     d.add_argument("--json", action="store_true")
     d.add_argument("--log-level", default="error")
     _add_dashboard_parser(sub)
@@ -938,7 +1031,7 @@ def _report(exc: Exception, args: argparse.Namespace) -> int:
 
 def _main(args: argparse.Namespace, args_list: list[str]) -> int:
     try:
-        configure_logging(getattr(args, "log_format", None), args.log_level)
+        fmt = configure_logging(getattr(args, "log_format", None), args.log_level)
         broker = load_broker(args.broker)
         if args.command == "worker":
             _in_process_only(broker, "worker")
@@ -956,10 +1049,20 @@ def _main(args: argparse.Namespace, args_list: list[str]) -> int:
             if args.metrics_port is not None:
                 _metrics_address(args.metrics_port)  # bad input fails here, not in each child
             if args.processes > 1:
-                return supervise(args_list, args.processes, timeout, args.kill_grace)
+                # The children log in the supervisor's format (their stderr is a pipe).
+                child = [*args_list, "--log-format", fmt] if args.log_format is None else args_list
+                return supervise(child, args.processes, timeout, args.kill_grace)
+            if args.log_tasks:
+                broker.with_middlewares(_LogSuccesses())
             if args.connect_timeout is not None:
                 broker.connect_timeout = args.connect_timeout
-            worker_args = (args.concurrency, timeout, args.queue or (), not args.no_scheduler)
+            worker_args = (
+                args.concurrency,
+                timeout,
+                args.queue or (),
+                not args.no_scheduler,
+                _announce,
+            )
             if args.metrics_port is not None:
                 return _run_worker_with_metrics(broker, worker_args, args.metrics_port)
             return trio.run(run_worker, broker, *worker_args)
@@ -967,22 +1070,37 @@ def _main(args: argparse.Namespace, args_list: list[str]) -> int:
             call_args = _json_arg(args.args, "args", list)
             call_kwargs = _json_arg(args.kwargs, "kwargs", dict)
             _positive(args.timeout, "--timeout")
+            _positive(args.delay, "--delay", zero=True)
+            if args.queue is not None and not is_queue_name(args.queue):
+                raise CLIError(f"--queue {args.queue!r} is not a queue name")
+            placement = _Placement(args.queue, args.delay, _labels(args.label))
             return trio.run(
-                send, broker, args.task, call_args, call_kwargs, args.wait, args.timeout
+                send, broker, args.task, call_args, call_kwargs, args.wait, args.timeout, placement
             )
+        if args.command == "result":
+            _in_process_only(broker, "result")
+            _positive(args.timeout, "--timeout")
+            try:
+                task_id = TaskID.parse(args.task_id)
+            except ValueError as exc:
+                raise CLIError(f"{args.task_id!r} is not a task id: {exc}") from None
+            return trio.run(result, broker, task_id, args.wait, args.timeout)
         if args.command == "dashboard":
             return _dashboard_main(broker, args)
         if args.command == "inspect":
             _in_process_only(broker, "inspect")
             return trio.run(inspect, broker, args.json)
         if args.command == "schedules":
-            _in_process_only(broker, "schedules")
             return trio.run(schedules, broker, args.json)
         if args.command == "workflows":
             _in_process_only(broker, "workflows")
             return trio.run(show_workflow, broker, parse_workflow_id(args), args.json)
         _in_process_only(broker, "dead")
-        return trio.run(dead, broker, args.action, args.limit, args.json, args.reason, args.task)
+        if args.queue is not None and not is_queue_name(args.queue):
+            raise CLIError(f"--queue {args.queue!r} is not a queue name")
+        return trio.run(
+            dead, broker, args.action, args.limit, args.json, args.reason, args.task, args.queue
+        )
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

@@ -141,9 +141,12 @@ class CancelUnstarted:
 
 @attrs.frozen
 class DeadLetters:
-    """Ask: the oldest ``limit`` dead letters."""
+    """Ask: the oldest ``limit`` dead letters (of ``queue`` when given: those whose
+    message names it, or names none when it is ``default``)."""
 
     limit: int = 100
+    queue: str | None = None
+    default: str = "default"
 
 
 @attrs.frozen
@@ -1052,12 +1055,19 @@ class InMemoryBrokerActor(BrokerActor):
 
     @actors.handles(DeadLetters)
     def dead_letters(self, msg: DeadLetters) -> list[dict[str, Any]]:
-        out = []
-        for i, (reason, data) in enumerate(list(self.core.dead)[: msg.limit]):
+        out: list[dict[str, Any]] = []
+        for i, (reason, data) in enumerate(list(self.core.dead)):
+            if len(out) >= msg.limit:
+                break
             try:
-                name: str | None = self.codec.decode_message(data).task_name
+                message = self.codec.decode_message(data)
             except DecodeError:
-                name = None
+                message = None
+            if msg.queue is not None and (
+                message is None or (message.queue or msg.default) != msg.queue
+            ):
+                continue
+            name = message.task_name if message is not None else None
             out.append({"id": i, "reason": reason, "task_name": name, "data": data})
         return out
 
@@ -1349,12 +1359,17 @@ class InMemoryBroker(Broker):
         slots = self._slots
         return 0 if slots is None else self.max_queue - slots.value
 
-    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The oldest of the last 1,000 rejected messages (this process only)."""
-        letters: list[dict[str, Any]] = await self.ref.ask(DeadLetters(limit))
+    async def dead_letters(
+        self, limit: int = 100, *, queue: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The oldest of the last 1,000 rejected messages (this process only); of
+        ``queue`` only, when given."""
+        letters: list[dict[str, Any]] = await self.ref.ask(DeadLetters(limit, queue, self.queue))
         return letters
 
-    async def purge_dead_letters(self) -> int:
+    async def purge_dead_letters(self, *, queue: str | None = None) -> int:
+        if queue is not None:
+            raise NotImplementedError("InMemoryBroker purges the dead letters of every queue")
         n: int = await self.ref.ask(PurgeDeadLetters())
         return n
 

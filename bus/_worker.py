@@ -337,7 +337,13 @@ class WorkerActor(actors.Actor):
                 return
         task = broker.tasks.get(message.task_name)
         if task is None:
-            await self._reject(delivery, f"unknown task {message.task_name!r}", message)
+            why = f"unknown task {message.task_name!r}"
+            if message.task_name.startswith("__main__:"):
+                why += (
+                    " (a task declared in a script run as __main__ is named after it: "
+                    "give it a name, @broker.task(name=...))"
+                )
+            await self._reject(delivery, why, message)
             return
         tid = message.task_id
         labels = message.labels

@@ -3,11 +3,16 @@
 Start Redis 7+, then in one shell ``python examples/redis_worker.py`` and in another
 ``python examples/redis_producer.py``. Settings come from the environment:
 ``BUS_REDIS_URL`` (default ``redis://127.0.0.1:6379``) and ``BUS_REDIS_QUEUE``.
+
+Ctrl-C (or SIGTERM) drains: running tasks get the shutdown timeout to finish, what
+still runs then goes back to the queue, and the process exits 0. A second one ends
+it at once. ``bus worker redis_worker:broker`` runs the same worker.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import trio
 
@@ -34,9 +39,17 @@ async def report(day: str, ctx: bus.Context = bus.CONTEXT) -> str:
     return f"report for {day} (attempt {ctx.attempt})"
 
 
-def main() -> None:
-    trio.run(broker.run_worker, 16)  # until Ctrl+C
+@broker.task(name="examples.pause")
+async def pause(seconds: float, ctx: bus.Context = bus.CONTEXT) -> float:
+    await ctx.set_progress({"step": "pausing"})
+    await trio.sleep(seconds)  # pretend to wait for a slow service
+    return seconds
+
+
+def main() -> int:
+    # Until SIGINT or SIGTERM; the first drains, a second ends at once.
+    return bus.run_worker_process(broker, 16)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,6 +25,7 @@ NOT_PAGES = ("_build", "_templates", "_static")
 # page -> the test module that runs its python blocks (relative to the repository).
 RUN_BY = {
     "actors.md": "tests/actors/test_docs.py",
+    "quickstart.md": "tests/redis/test_docs.py",
     "redis.md": "tests/redis/test_docs.py",
     "redis-client.md": "tests/redisclient/test_docs.py",
     "taskiq.md": "tests/interop/test_docs.py",

@@ -1174,32 +1174,49 @@ class RedisBroker(Broker):
             raise RuntimeError("the Redis broker is not running")
         return _ops.Client(conn_ref, self.settings.command_timeout, self.url)
 
-    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The oldest ``limit`` dead letters, as dicts: ``id`` (dead-letter entry id),
-        ``reason``, ``task_name`` and ``task_id`` (``None`` when undecodable), ``entry``
-        (the original stream id), ``deliveries``, ``time`` (Unix) and ``data`` (bytes)."""
-        keys, codec = self.keys, self.codec
+    def _dead_keys(self, queue: str | None) -> Keys:
+        """The keys of ``queue`` (``None``: the broker's default queue)."""
+        return self.keys if queue is None else self.keys.of(check_queue_name(queue))
+
+    async def dead_letters(
+        self, limit: int = 100, *, queue: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The oldest ``limit`` dead letters of ``queue`` (default: the broker's queue),
+        as dicts: ``id`` (dead-letter entry id), ``reason``, ``task_name`` and
+        ``task_id`` (``None`` when undecodable), ``entry`` (the original stream id),
+        ``deliveries``, ``time`` (Unix) and ``data`` (bytes)."""
+        keys, codec = self._dead_keys(queue), self.codec
         return await self._connection_call(
             "cannot read the dead letters", lambda conn: _ops.dead_letters(conn, keys, codec, limit)
         )
 
     async def requeue_dead_letters(
-        self, limit: int = 100, *, reason: str | None = None, task: str | None = None
+        self,
+        limit: int = 100,
+        *,
+        reason: str | None = None,
+        task: str | None = None,
+        queue: str | None = None,
     ) -> int:
-        """Send up to ``limit`` of the oldest dead letters (matching ``reason`` and
-        ``task`` when given) back to the queue; returns how many were requeued. See
-        :meth:`requeue_dead` for why a letter is not."""
-        report = await self.requeue_dead(limit, reason=reason, task=task)
+        """Send up to ``limit`` of the oldest dead letters of ``queue`` (matching
+        ``reason`` and ``task`` when given) back to that queue; returns how many were
+        requeued. See :meth:`requeue_dead` for why a letter is not."""
+        report = await self.requeue_dead(limit, reason=reason, task=task, queue=queue)
         return sum(1 for r in report if r["outcome"] == "requeued")
 
     async def requeue_dead(
-        self, limit: int = 100, *, reason: str | None = None, task: str | None = None
+        self,
+        limit: int = 100,
+        *,
+        reason: str | None = None,
+        task: str | None = None,
+        queue: str | None = None,
     ) -> list[dict[str, Any]]:
         """Requeue dead letters and say, for each one looked at, what happened:
         ``{"id", "task_name", "reason", "outcome"}`` with outcome ``"requeued"`` or
         ``"skipped: <why>"`` (a letter dead-lettered for its signature is never
         re-signed; an undecodable one cannot run)."""
-        keys, settings, codec = self.keys, self.settings, self.codec
+        keys, settings, codec = self._dead_keys(queue), self.settings, self.codec
         return await self._connection_call(
             "cannot requeue dead letters",
             lambda conn: _ops.requeue_dead(
@@ -1212,9 +1229,10 @@ class RedisBroker(Broker):
         ttl = getattr(self.result_backend, "ttl", None)
         return float(ttl) if isinstance(ttl, int | float) and 0 < ttl < math.inf else 86_400.0
 
-    async def purge_dead_letters(self) -> int:
-        """Delete the dead-letter stream; returns how many entries it held."""
-        keys = self.keys
+    async def purge_dead_letters(self, *, queue: str | None = None) -> int:
+        """Delete the dead-letter stream of ``queue`` (default: the broker's queue);
+        returns how many entries it held."""
+        keys = self._dead_keys(queue)
         return await self._connection_call(
             "cannot purge dead letters", lambda conn: _ops.purge_dead(conn, keys)
         )

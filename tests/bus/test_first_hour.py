@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
 import pytest
 import trio
 
 import bus
 from bus._results import DEFAULT_MAX_STORED_RESULTS
+from tests.docs_pages import DOCS, blocks, pages
 
 
 def test_the_in_memory_result_store_is_bounded_by_default() -> None:
@@ -50,3 +56,64 @@ def test_store_result_is_a_bool() -> None:
 
     with pytest.raises(TypeError, match="store_result"):
         good.kicker().with_store_result("no")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------ logging, docs, extras
+
+ROOT = Path(__file__).resolve().parents[2]
+
+UNCONFIGURED = """
+import trio
+import bus
+
+broker = bus.InMemoryBroker()
+
+
+@broker.task(name="boom")
+async def boom() -> None:
+    raise ValueError("no")
+
+
+async def main() -> None:
+    async with broker:
+        await (await boom.kiq()).wait_result(timeout=5)
+    print("done")
+
+
+trio.run(main)
+"""
+
+
+def test_unconfigured_logs_go_to_stderr_warnings_only_as_the_quickstart_says() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", UNCONFIGURED], cwd=ROOT, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "done\n"  # nothing of the bus on stdout
+    assert "task.failed" in proc.stderr and "[warning" in proc.stderr
+    assert "worker.started" not in proc.stderr  # an info event: dropped
+    quickstart = (DOCS / "quickstart.md").read_text()
+    assert "go to standard error, one line each" in quickstart
+    assert "info and debug events (such as `worker.started`) are dropped" in quickstart
+
+
+def test_a_block_that_uses_trio_testing_imports_it() -> None:
+    for page in pages():
+        for i, (_, code) in enumerate(blocks(page)):
+            if "trio.testing." in code:
+                assert "import trio.testing" in code, f"{page} block {i}"
+
+
+def test_the_extras_hold_what_the_docs_import() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    observability = (DOCS / "observability.md").read_text()
+    assert "from opentelemetry.sdk" in observability
+    assert any(d.startswith("opentelemetry-sdk==") for d in extras["tracing"])
+    assert "import httpx" in observability
+    assert any(d.startswith("httpx==") for d in extras["dashboard"])
+    # Pinned as in dev.
+    for extra in ("tracing", "dashboard"):
+        assert set(extras[extra]) <= set(extras["dev"]), extra

@@ -226,6 +226,8 @@ def test_public_surface_is_pinned() -> None:
             # workflows (issue 19)
             "Chain", "Group", "Signature", "StepStatus", "WorkflowHandle", "WorkflowStatus",
             "chain", "chord", "group",
+            # a worker process that drains on signals (issue 21)
+            "run_worker_process",
         ]
     )  # fmt: skip
     for name in bus.__all__:

@@ -47,7 +47,7 @@ class Worker:
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.wait_for(lambda line: line.startswith("bus worker:") or "supervisor" in line)
+        self.wait_for(lambda line: "bus worker:" in line or "supervisor" in line)
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -108,10 +108,7 @@ def wait_until(pred: object, timeout: float = 20) -> None:
 def test_worker_runs_what_send_wait_sends(env: dict[str, str], workers: list[Worker]) -> None:
     w = Worker(env, "--concurrency", "4")
     workers.append(w)
-    assert (
-        "tasks=add, flaky, sleep, stubborn"
-        in w.wait_for(lambda line: line.startswith("bus worker:"))[0]
-    )
+    assert "tasks=add, flaky, sleep, stubborn" in w.wait_for(lambda line: "bus worker:" in line)[0]
     proc = bus(env, "send", APP, "add", "--args", "[20, 22]", "--wait", "--timeout", "20")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["return_value"] == 42
@@ -159,12 +156,12 @@ def test_processes_restarts_a_killed_child(env: dict[str, str], workers: list[Wo
         return "supervisor.started" in line
 
     pids = [json.loads(line)["pid"] for line in sup.wait_for(started, count=2)]
-    sup.wait_for(lambda line: line.startswith("bus worker:"), count=2)
+    sup.wait_for(lambda line: "bus worker:" in line, count=2)
     os.kill(pids[0], signal.SIGKILL)
     lines = sup.wait_for(started, count=3)
     new_pid = json.loads(lines[2])["pid"]
     assert new_pid not in pids
-    sup.wait_for(lambda line: line.startswith("bus worker:"), count=3)
+    sup.wait_for(lambda line: "bus worker:" in line, count=3)
     proc = bus(env, "send", APP, "add", "--args", "[1, 2]", "--wait", "--timeout", "20")
     assert json.loads(proc.stdout)["return_value"] == 3
     sup.proc.send_signal(signal.SIGTERM)

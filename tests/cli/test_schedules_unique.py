@@ -52,7 +52,7 @@ def test_three_schedulers_fire_each_tick_once_even_when_one_is_killed(
     workers = [Proc(env, "worker", APP, "--log-format", "json") for _ in range(3)]
     try:
         for w in workers:
-            w.wait_for(lambda line: line.startswith("bus worker:"))
+            w.wait_for(lambda line: "bus worker:" in line)
         # Counted ticks, not slept seconds: a few fire, a scheduler dies, more fire.
         _wait(lambda: len(beats()) >= 4, lambda: f"beats: {beats()}", timeout=30)
         os.killpg(workers[0].proc.pid, signal.SIGKILL)  # a scheduler dies midway
@@ -82,7 +82,7 @@ def test_a_schedule_added_at_run_time_from_a_producer_fires_on_the_workers(
     workers = [Proc(env, "worker", APP, "--log-format", "json") for _ in range(2)]
     try:
         for w in workers:
-            w.wait_for(lambda line: line.startswith("bus worker:"))
+            w.wait_for(lambda line: "bus worker:" in line)
         added = _app(env, "schedule", "nightly", "0.5")
         assert added.returncode == 0, added.stderr
         deadline = time.monotonic() + 20
@@ -115,7 +115,7 @@ def test_a_hundred_sends_of_a_unique_job_from_four_processes_run_it_once(
     r = Redis(redis_server, env["BUS_TEST_PREFIX"])
     worker = Proc(env, "worker", APP, "--log-format", "json", "--no-scheduler")
     try:
-        worker.wait_for(lambda line: line.startswith("bus worker:"))
+        worker.wait_for(lambda line: "bus worker:" in line)
         senders = [
             subprocess.Popen(
                 [sys.executable, "-m", "tests.cli.sched_app", "unique", "25"],

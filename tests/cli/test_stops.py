@@ -192,7 +192,7 @@ def _stops(
         first = sent
         w = Proc(env, "worker", APP, "--log-format", "json", *LOG_LEVEL, *worker_args)
         try:
-            w.wait_for(lambda line: line.startswith("bus worker:"), count=workers)
+            w.wait_for(lambda line: "bus worker:" in line, count=workers)
             if mode == "busy":
                 # Tasks running when the signal comes: they finish within the drain.
                 started = r.count("started")
@@ -231,7 +231,7 @@ def _stops(
     # Whatever was still queued runs now, each task exactly once.
     final = Proc(env, "worker", APP, "--log-format", "json")
     try:
-        final.wait_for(lambda line: line.startswith("bus worker:"))
+        final.wait_for(lambda line: "bus worker:" in line)
         _wait(
             lambda: r.runs(sent) == [1] * sent,
             lambda: _lost(r, r.runs(sent), history, final.lines),

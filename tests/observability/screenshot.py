@@ -30,7 +30,7 @@ async def scene(url: str, broker: bus.Broker) -> bytes:
     env = bus_env(url, "demo")
     args = ["worker", "tests.observability.demo_app:broker", "--processes", "2"]
     async with run_bus(env, *args, "--log-level", "error") as workers:
-        await workers.wait_for(r"^bus worker:", count=2)
+        await workers.wait_for(r"bus worker:", count=2)
         async with broker, trio.open_nursery() as nursery:
             urls = await nursery.start(
                 lambda task_status: serve(
