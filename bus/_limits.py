@@ -48,9 +48,9 @@ Concurrency limits
 ``max_running=5`` lets at most 5 tasks of one key run at once, across processes. A
 running task holds a *lease* on a slot, which expires unless the task's worker
 refreshes it, so a slot held by a dead worker comes back after ``lease_ttl``.
-:class:`RunningTable` is the in-memory table; :data:`ACQUIRE_SLOT_LUA`,
-:data:`REFRESH_SLOT_LUA` and :data:`RELEASE_SLOT_LUA` do the same on a Redis sorted set
-of tokens scored by the expiry time (ms) of their lease. Expired leases are dropped by
+:class:`RunningTable` is the in-memory table; the scripts of ``bus/redis/_limits.py``
+do the same on a Redis sorted set of tokens scored by the expiry time (ms) of their
+lease. Expired leases are dropped by
 the next acquire or refresh of their key.
 """
 
