@@ -31,7 +31,7 @@ default burst is 1: starts are spread evenly, one every ``per / count`` seconds,
 second holds at most ``rate + 1`` of them (``"100/s"`` never exceeds 101 starts in a
 second; with ``burst=100`` it may start 100 at once, and up to 200 in one second).
 
-:class:`TokenBucket` is the bucket in memory; :data:`TOKEN_BUCKET_LUA` is the same
+:class:`TokenBucket` is the bucket in memory; ``TOKEN_BUCKET_LUA`` (bus/redis/_limits.py) is the same
 bucket in Redis, atomic, with all its state on the server.
 
 *Time in Redis.* The scripts read the server's clock (``TIME``) unless ARGV[1] passes
