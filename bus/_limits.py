@@ -31,8 +31,9 @@ default burst is 1: starts are spread evenly, one every ``per / count`` seconds,
 second holds at most ``rate + 1`` of them (``"100/s"`` never exceeds 101 starts in a
 second; with ``burst=100`` it may start 100 at once, and up to 200 in one second).
 
-:class:`TokenBucket` is the bucket in memory; ``TOKEN_BUCKET_LUA`` (bus/redis/_limits.py) is the same
-bucket in Redis, atomic, with all its state on the server.
+:class:`TokenBucket` is the bucket in memory; ``TOKEN_BUCKET_LUA`` (in
+bus/redis/_limits.py) is the same bucket in Redis, atomic, with all its state on the
+server.
 
 *Time in Redis.* The scripts read the server's clock (``TIME``) unless ARGV[1] passes
 a time: every worker host then refills a shared bucket and expires shared leases by
