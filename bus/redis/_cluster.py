@@ -8,7 +8,8 @@ runs on a cluster unchanged:
 
 - each command goes to the master of its key's slot (``{hash tags}`` honoured); a
   command without a key (``PING``, ``INFO``, ``PUBLISH``: a cluster broadcasts it) to
-  any master; ``WAIT`` to the node of the command before it; ``SCRIPT LOAD`` to every
+  any master; ``WAIT`` in a batch to every node the batch wrote to before it (its reply:
+  the fewest replicas any of them confirmed); ``SCRIPT LOAD`` to every
   master; ``SCAN`` scans every master;
 - a pipeline or a ``submit`` batch is split by node (one write per node) and its replies
   put back in order; ``MGET``, ``DEL``, ``EXISTS``, ``UNLINK``, ``TOUCH`` whose keys span
@@ -216,6 +217,8 @@ class _ClusterPending(Pending):
         self.commands = commands
         self.parts: list[tuple[list[int], Pending]] = []
         self.later: list[int] = []
+        #: A WAIT's index -> the nodes the batch wrote to before it.
+        self.waits: dict[int, list[Addr]] = {}
         self.result: list[Reply] | None = None
 
     @property
@@ -241,7 +244,10 @@ class _ClusterPending(Pending):
         ]
         for i in sorted(again):
             try:
-                replies[i] = await self.cluster.execute(*self.commands[i])
+                if i in self.waits:  # the fewest replicas any written node confirmed
+                    replies[i] = await self.cluster.wait_on(self.waits[i], self.commands[i])
+                else:
+                    replies[i] = await self.cluster.execute(*self.commands[i])
             except ReplyError as exc:
                 replies[i] = exc
         self.result = replies
@@ -566,6 +572,11 @@ class ClusterConnection(Connection):
                     break
         return [b"0", keys]
 
+    async def wait_on(self, nodes: list[Addr], command: Command) -> Reply:
+        """``WAIT`` on each of ``nodes``: the fewest replicas that confirmed."""
+        counts = [await (await self._node(addr)).execute(*command) for addr in nodes]
+        return min(c if isinstance(c, int) else 0 for c in counts)
+
     async def pipeline(
         self, commands: Iterable[Command], *, timeout: float | None = None
     ) -> list[Reply]:
@@ -587,12 +598,15 @@ class ClusterConnection(Connection):
         batch = list(commands)
         pending = _ClusterPending(self, batch)
         groups: dict[Addr, list[int]] = {}
-        previous: Addr | None = None
+        written: list[Addr] = []
         for i, command in enumerate(batch):
             name = _name(command)
-            if name == "WAIT" and previous is not None:
-                addr = previous
-            elif name in ("SCRIPT", "SCAN") or _spans_slots(command):
+            if name == "WAIT":
+                # On every node written to before it, once their replies are in.
+                pending.waits[i] = list(written) or [self._addr(None)]
+                pending.later.append(i)
+                continue
+            if name in ("SCRIPT", "SCAN") or _spans_slots(command):
                 pending.later.append(i)
                 continue
             else:
@@ -600,7 +614,8 @@ class ClusterConnection(Connection):
                 if addr not in self._nodes:
                     pending.later.append(i)
                     continue
-            previous = addr
+            if name not in _NO_KEY and addr not in written:
+                written.append(addr)
             groups.setdefault(addr, []).append(i)
         for addr, indexes in groups.items():
             part = self._nodes[addr].submit([batch[i] for i in indexes], timeout=timeout)

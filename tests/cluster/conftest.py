@@ -31,3 +31,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSetup]:
         yield setup
     finally:
         setup.stop()
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[ClusterSetup]:
+    """A cluster of this test's own (to kill a master of)."""
+    setup = start_cluster(tmp_path)
+    try:
+        yield setup
+    finally:
+        setup.stop()
