@@ -550,8 +550,10 @@ class Broker(abc.ABC):
         reason: str | None = None,
         task: str | None = None,
         queue: str | None = None,
+        reset_attempts: bool = False,
     ) -> int:
-        """Send up to ``limit`` dead letters of ``queue`` back to it; returns how many."""
+        """Send up to ``limit`` dead letters of ``queue`` back to it; returns how many.
+        ``reset_attempts``: a task that failed for good gets its retries again."""
         raise NotImplementedError(f"{type(self).__name__} keeps no dead-letter store")
 
     async def requeue_dead(
@@ -561,6 +563,7 @@ class Broker(abc.ABC):
         reason: str | None = None,
         task: str | None = None,
         queue: str | None = None,
+        reset_attempts: bool = False,
     ) -> list[dict[str, Any]]:
         """Requeue dead letters of ``queue`` and report, per letter, ``{"id",
         "task_name", "reason", "outcome"}`` (``"requeued"`` or ``"skipped: <why>"``)."""

@@ -732,7 +732,10 @@ async def dead(
     reason: str | None,
     task: str | None,
     queue: str | None = None,
+    reset_attempts: bool = False,
 ) -> int:
+    if reset_attempts and action != "requeue":
+        raise CLIError("--reset-attempts goes with requeue")
     async with broker:
         if action == "list":
             letters = await broker.dead_letters(limit, queue=queue)
@@ -748,7 +751,9 @@ async def dead(
                 for d in letters:
                     print(f"{d.get('id')}  {d.get('task_name') or '?':<30} {d.get('reason')}")
         elif action == "requeue":
-            report = await broker.requeue_dead(limit, reason=reason, task=task, queue=queue)
+            report = await broker.requeue_dead(
+                limit, reason=reason, task=task, queue=queue, reset_attempts=reset_attempts
+            )
             if as_json:
                 print(json.dumps(report, indent=2, default=str))
             else:
@@ -991,6 +996,11 @@ def _parser() -> argparse.ArgumentParser:
         "--queue", default=None, metavar="NAME", help="the dead letters of this queue "
         "(default: the broker's default queue)",
     )  # fmt: skip
+    d.add_argument(
+        "--reset-attempts",
+        action="store_true",
+        help="requeue: a task that failed for good gets its retries again",
+    )
     d.add_argument("--json", action="store_true")
     d.add_argument("--log-level", default="error")
     _add_dashboard_parser(sub)
@@ -1099,7 +1109,15 @@ def _main(args: argparse.Namespace, args_list: list[str]) -> int:
         if args.queue is not None and not is_queue_name(args.queue):
             raise CLIError(f"--queue {args.queue!r} is not a queue name")
         return trio.run(
-            dead, broker, args.action, args.limit, args.json, args.reason, args.task, args.queue
+            dead,
+            broker,
+            args.action,
+            args.limit,
+            args.json,
+            args.reason,
+            args.task,
+            args.queue,
+            args.reset_attempts,
         )
     except KeyboardInterrupt:
         return 130

@@ -1174,6 +1174,11 @@ class RedisBroker(Broker):
             raise RuntimeError("the Redis broker is not running")
         return _ops.Client(conn_ref, self.settings.command_timeout, self.url)
 
+    def _registered_retries(self, message: TaskMessage) -> int:
+        """The retries of the task ``message`` names, as registered here (0: unknown)."""
+        task = self.tasks.get(message.task_name)
+        return 0 if task is None else task.options.retries
+
     def _dead_keys(self, queue: str | None) -> Keys:
         """The keys of ``queue`` (``None``: the broker's default queue)."""
         return self.keys if queue is None else self.keys.of(check_queue_name(queue))
@@ -1197,11 +1202,15 @@ class RedisBroker(Broker):
         reason: str | None = None,
         task: str | None = None,
         queue: str | None = None,
+        reset_attempts: bool = False,
     ) -> int:
         """Send up to ``limit`` of the oldest dead letters of ``queue`` (matching
         ``reason`` and ``task`` when given) back to that queue; returns how many were
-        requeued. See :meth:`requeue_dead` for why a letter is not."""
-        report = await self.requeue_dead(limit, reason=reason, task=task, queue=queue)
+        requeued. See :meth:`requeue_dead` for why a letter is not, and for
+        ``reset_attempts``."""
+        report = await self.requeue_dead(
+            limit, reason=reason, task=task, queue=queue, reset_attempts=reset_attempts
+        )
         return sum(1 for r in report if r["outcome"] == "requeued")
 
     async def requeue_dead(
@@ -1211,16 +1220,24 @@ class RedisBroker(Broker):
         reason: str | None = None,
         task: str | None = None,
         queue: str | None = None,
+        reset_attempts: bool = False,
     ) -> list[dict[str, Any]]:
         """Requeue dead letters and say, for each one looked at, what happened:
         ``{"id", "task_name", "reason", "outcome"}`` with outcome ``"requeued"`` or
         ``"skipped: <why>"`` (a letter dead-lettered for its signature is never
-        re-signed; an undecodable one cannot run)."""
+        re-signed; an undecodable one cannot run).
+
+        A letter runs the attempt it was dead-lettered at once more: a task that
+        failed for good has no retries left. ``reset_attempts=True`` gives it its
+        ``retries`` (as registered here; none for a task this broker does not know)
+        again: its message gets the label ``retries`` (its attempt - 1 + those) and
+        is signed again; attempt numbers go on, so each still runs at most once."""
         keys, settings, codec = self._dead_keys(queue), self.settings, self.codec
+        retries_for = self._registered_retries if reset_attempts else None
         return await self._connection_call(
             "cannot requeue dead letters",
             lambda conn: _ops.requeue_dead(
-                conn, keys, settings, codec, limit, reason, task, self._claim_ttl()
+                conn, keys, settings, codec, limit, reason, task, self._claim_ttl(), retries_for
             ),
         )
 

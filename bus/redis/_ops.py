@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import attrs
 import trio
 
 import actors
@@ -18,6 +19,7 @@ from actors._log import get_logger
 from bus._codec import Codec, DecodeError
 from bus._errors import BrokerUnavailable
 from bus._message import TaskMessage
+from bus._options import MAX_RETRIES
 from bus._protocol import BrokerInfo, QueueInfo, WorkerInfo
 from bus.redis._client import Arg, Connection, RedisError, ReplyError
 from bus.redis._logic import F_DATA, F_SIG, Keys, check_entry, queue_of_key, sign_entry
@@ -248,9 +250,15 @@ async def requeue_dead(
     reason: str | None,
     task: str | None,
     claim_ttl: float = 86_400.0,
+    retries_for: Callable[[TaskMessage], int] | None = None,
 ) -> list[dict[str, Any]]:
     """Requeue the oldest ``limit`` dead letters that match ``reason`` (a substring)
     and ``task`` (a task name); say for each letter looked at what happened.
+
+    ``retries_for`` (``reset_attempts``): the letter's task gets that many retries
+    again after the attempt it runs. Its attempt number goes on (a (task id,
+    attempt) still runs at most once): the message is sent with the label
+    ``retries`` = its attempt - 1 + that many, and signed again.
 
     A letter goes back to the stream it came from. Its message is checked as a worker
     checks it, with the signature it was sent with (kept in the letter): with a
@@ -278,12 +286,14 @@ async def requeue_dead(
             else:
                 stream, claim = checked
                 data = letter["data"]
+                if retries_for is not None:
+                    data = _with_retries(codec, data, retries_for)
                 done = await REQUEUE_DEAD.run(
                     conn,
                     keys=[keys.dead, keys.dead_bytes, stream, claim],
                     args=[entry[0], data, sign_entry(settings.secret, stream, data),
-                          settings.maxlen or 0, max(1, int(claim_ttl * 1000)), len(data),
-                          keys.data_field],
+                          settings.maxlen or 0, max(1, int(claim_ttl * 1000)),
+                          len(letter["data"]), keys.data_field],
                 )  # fmt: skip
                 if done == -1:
                     outcome = "skipped: its attempt ran or is claimed by another entry"
@@ -300,6 +310,14 @@ async def requeue_dead(
             }
         )
     return report
+
+
+def _with_retries(codec: Codec, data: bytes, retries_for: Callable[[TaskMessage], int]) -> bytes:
+    """The message of ``data`` (checked already) with the retries it gets again."""
+    message = codec.decode_message(data)
+    retries = min(MAX_RETRIES, message.attempt - 1 + max(0, retries_for(message)))
+    labels = {**message.labels, "retries": retries}
+    return codec.encode_message(attrs.evolve(message, labels=labels))
 
 
 def _requeue_check(

@@ -31,3 +31,8 @@ async def chatty(n: int) -> int:
 @broker.task(name="labelled")
 async def labelled(ctx: bus.Context = bus.CONTEXT) -> dict[str, object]:
     return {k: v for k, v in ctx.labels.items() if k in ("team", "n")}
+
+
+@broker.task(name="fragile", retries=1, retry_backoff=0)
+async def fragile() -> None:
+    raise RuntimeError("the service is down")
