@@ -42,7 +42,7 @@ from bus.redis import RedisBroker
 
 broker = RedisBroker(sys.argv[1], queue="quiet")
 
-@broker.task
+@broker.task(name="add")  # unnamed, it would be __main__:add (a warning says so)
 async def add(a: int, b: int) -> int:
     return a + b
 
