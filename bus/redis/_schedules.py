@@ -25,6 +25,7 @@ from bus._message import TaskMessage
 from bus._schedule import ScheduleSpec, claim_ttl
 from bus._scheduler import ScheduleBackend, TickState
 from bus.redis._client import Connection, Script
+from bus.redis._cluster import key_slot
 from bus.redis._logic import Keys, check_schedule, sign_entry, sign_schedule
 from bus.redis._pool import lend, with_connection
 from bus.redis._scripts import SEND_LUA
@@ -53,6 +54,30 @@ if tonumber(ARGV[9]) > 0 then redis.call('HINCRBY', KEYS[4], name .. '\\31misses
 return 1
 """
 )
+
+#: On a Redis Cluster, a tick whose task goes to another queue (another hash tag, so
+#: another slot): the claim, in the target queue's slot, and the send, atomically ...
+#: KEYS: claim, stream, delayed. ARGV: claim value, ttl (ms), due, data, sig, maxlen,
+#: data field.
+FIRE_SEND = Script(
+    SEND_LUA
+    + """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+send(KEYS[2], KEYS[3], tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7])
+return 1
+"""
+)
+
+#: ... then, by the one that sent it, the schedule's state in its own slot (a crash in
+#: between loses a count, never a tick: a scheduler that reads the older state finds
+#: the tick claimed). KEYS: state. ARGV: schedule name, tick, missed.
+FIRE_STATE = Script("""
+local name = ARGV[1]
+redis.call('HSET', KEYS[1], name .. '\\31last', ARGV[2], name .. '\\31last_fire', ARGV[2])
+redis.call('HINCRBY', KEYS[1], name .. '\\31fires', 1)
+if tonumber(ARGV[3]) > 0 then redis.call('HINCRBY', KEYS[1], name .. '\\31misses', ARGV[3]) end
+return 1
+""")
 
 #: Claims a skipped tick and counts the missed ticks, once.
 #: KEYS: claim, state. ARGV: claim value, ttl (ms), schedule name, tick, missed.
@@ -184,6 +209,22 @@ class RedisScheduleBackend(ScheduleBackend):
         ]
         claim = keys.tick_claim(spec.name, _tick_ms(tick))
         level = message.priority
+        stream = target.level_stream(level)
+        if settings.url.is_cluster and key_slot(stream) != key_slot(claim):
+            # One script over two slots is refused by a cluster: claim and send in
+            # the target's slot, then count in the schedule's.
+            conn = await self._conn()
+            claim = target.tick_claim(spec.name, _tick_ms(tick))
+            sent = await FIRE_SEND.run(
+                conn,
+                keys=[claim, stream, target.level_delayed(level)],
+                args=[*args[:6], target.data_field],
+            )
+            if sent:
+                await FIRE_STATE.run(
+                    conn, keys=[keys.schedule_state()], args=[spec.name, repr(tick), missed]
+                )
+            return bool(sent)
         done = await FIRE_TICK.run(
             await self._conn(),
             keys=[

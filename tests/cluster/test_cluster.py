@@ -131,3 +131,43 @@ async def test_all_seeds_down_is_one_clear_error() -> None:
 
 def test_connection_is_the_type() -> None:
     assert issubclass(ClusterConnection, Connection)
+
+
+async def test_a_schedule_of_a_task_on_another_queue_fires_each_tick_once(
+    cluster: ClusterSetup,
+) -> None:
+    """The tick's claim and send are in the target queue's slot, its count in the
+    schedule's: two schedulers, one send per tick."""
+    prefix = f"t{bus.TaskID.new()[-12:]}"
+    async with open_connection(cluster.url) as conn:
+        assert isinstance(conn, ClusterConnection)
+        other = next(
+            f"o{i}"
+            for i in range(1000)
+            if conn._addr(key_slot(f"{{{prefix}:o{i}}}")) != conn._addr(key_slot(f"{{{prefix}:q}}"))
+        )
+    ticks: list[float] = []
+    brokers = [make_redis_broker(cluster.url, prefix=prefix) for _ in range(2)]
+    for b in brokers:
+
+        @b.task(name="c.tick", queue=other, schedule=bus.every(0.2))
+        async def tick(ctx: bus.Context = bus.CONTEXT) -> None:
+            ticks.append(ctx.labels["tick"])
+
+    with trio.fail_after(20):
+        async with brokers[0], brokers[1], trio.open_nursery() as nursery:
+            workers = [
+                await nursery.start(
+                    lambda task_status, b=b: b.run_worker(
+                        2, queues=[other], task_status=task_status
+                    )
+                )
+                for b in brokers
+            ]
+            while len(ticks) < 5:  # noqa: ASYNC110 (a clock, not an event)
+                await trio.sleep(0.05)
+            infos = {i.spec.name: i for i in await brokers[0].schedules()}
+            assert infos["c.tick"].state.fires >= 5
+            for w in workers:
+                w.stop()
+    assert len(set(ticks)) == len(ticks)
