@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import subprocess
 import sys
 import tomllib
@@ -117,3 +119,68 @@ def test_the_extras_hold_what_the_docs_import() -> None:
     # Pinned as in dev.
     for extra in ("tracing", "dashboard"):
         assert set(extras[extra]) <= set(extras["dev"]), extra
+
+
+#: What a docs block may import beyond the core, and what installs it: an extra of
+#: ours (``trio-bus[EXTRA]``) or a package of its own (``pip install ... NAME``).
+NEEDS = {
+    "bus.redis": ("extra", "redis"),
+    "bus.interop.taskiq": ("extra", "redis"),
+    "bus.metrics": ("extra", "metrics"),
+    "bus.tracing": ("extra", "tracing"),
+    "bus.dashboard": ("extra", "dashboard"),
+    "prometheus_client": ("extra", "metrics"),
+    "opentelemetry.sdk": ("extra", "tracing"),
+    "opentelemetry": ("extra", "tracing"),
+    "httpx": ("extra", "dashboard"),
+    "starlette": ("extra", "dashboard"),
+    "taskiq_redis": ("package", "taskiq-redis"),
+    "taskiq": ("package", "taskiq"),
+}
+CORE = {"bus", "actors", "trio", "attrs", "structlog", "cronsim", "pytest", "tasks"}
+
+
+def _imports(code: str) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+@pytest.mark.parametrize("page", pages())
+def test_a_page_names_the_extras_its_blocks_need(page: str) -> None:
+    """Each page's blocks run with the core and what the page says to install: every
+    import outside the core and the standard library is installed by an extra the page
+    names (``trio-bus[redis]``), or a package it names (``pip install ... taskiq``)."""
+    text = (DOCS / page).read_text()
+    named: set[str] = set()
+    for m in re.finditer(r"trio-bus\[([a-z,\- ]+)\]", text):
+        named |= {e.strip() for e in m.group(1).split(",")}
+    installs = " ".join(re.findall(r"pip install [^`\n]*", text))
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    for _, code in blocks(page):
+        for module in sorted(_imports(code)):
+            top = module.split(".")[0]
+            if top in sys.stdlib_module_names or (top in CORE and not module.startswith("bus.")):
+                continue
+            need = next(
+                (NEEDS[k] for k in NEEDS if module == k or module.startswith(k + ".")), None
+            )
+            if need is None:
+                assert top in CORE, f"{page}: what installs {module}?"
+                continue
+            kind, name = need
+            if kind == "extra":
+                assert name in named, f"{page} imports {module}: name trio-bus[{name}]"
+                dist = {"opentelemetry.sdk": "opentelemetry-sdk", "httpx": "httpx"}.get(
+                    module.split(".trace")[0]
+                )
+                if dist is not None:
+                    assert any(d.startswith(dist + "==") for d in extras[name]), module
+            else:
+                assert name in installs.split(), f"{page} imports {module}: say pip install {name}"
