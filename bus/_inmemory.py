@@ -151,7 +151,11 @@ class DeadLetters:
 
 @attrs.frozen
 class PurgeDeadLetters:
-    """Ask: drop every dead letter; the answer is how many there were."""
+    """Ask: drop every dead letter (of ``queue`` when given, as :class:`DeadLetters`
+    chooses them); the answer is how many there were."""
+
+    queue: str | None = None
+    default: str = "default"
 
 
 @attrs.frozen
@@ -1060,7 +1064,7 @@ class InMemoryBrokerActor(BrokerActor):
             if len(out) >= msg.limit:
                 break
             try:
-                message = self.codec.decode_message(data)
+                message: TaskMessage | None = self.codec.decode_message(data)
             except DecodeError:
                 message = None
             if msg.queue is not None and (
@@ -1074,8 +1078,25 @@ class InMemoryBrokerActor(BrokerActor):
     @actors.handles(PurgeDeadLetters)
     def purge_dead_letters(self, msg: PurgeDeadLetters) -> int:
         n = len(self.core.dead)
+        if msg.queue is None:
+            self.core.dead.clear()
+            return n
+        kept = [
+            (reason, data)
+            for reason, data in self.core.dead
+            if self._queue_of(data, msg.default) != msg.queue
+        ]
         self.core.dead.clear()
-        return n
+        self.core.dead.extend(kept)
+        return n - len(kept)
+
+    def _queue_of(self, data: bytes, default: str) -> str | None:
+        """The queue of a dead letter's message (``None``: undecodable)."""
+        try:
+            message = self.codec.decode_message(data)
+        except DecodeError:
+            return None
+        return message.queue or default
 
 
 def _faithful(message: TaskMessage) -> bool:
@@ -1368,9 +1389,8 @@ class InMemoryBroker(Broker):
         return letters
 
     async def purge_dead_letters(self, *, queue: str | None = None) -> int:
-        if queue is not None:
-            raise NotImplementedError("InMemoryBroker purges the dead letters of every queue")
-        n: int = await self.ref.ask(PurgeDeadLetters())
+        """Drop the dead letters (of ``queue`` only, when given); returns how many."""
+        n: int = await self.ref.ask(PurgeDeadLetters(queue, self.queue))
         return n
 
     # -------------------------------------------------------------- lifecycle

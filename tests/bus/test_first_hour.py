@@ -184,3 +184,27 @@ def test_a_page_names_the_extras_its_blocks_need(page: str) -> None:
                     assert any(d.startswith(dist + "==") for d in extras[name]), module
             else:
                 assert name in installs.split(), f"{page} imports {module}: say pip install {name}"
+
+
+async def test_in_memory_dead_letters_by_queue() -> None:
+    broker = bus.InMemoryBroker()
+
+    @broker.task(name="two", queue="other")
+    async def two(a: int, b: int) -> int:
+        return a + b
+
+    @broker.task(name="one")
+    async def one(a: int) -> int:
+        return a
+
+    with trio.fail_after(5):
+        async with broker:
+            # Arguments that do not fit (sent as they are, past kiq's check): rejected.
+            await broker.kick(two.kicker().message(1))  # type: ignore[call-arg]
+            await broker.kick(one.kicker().message(1, 2))  # type: ignore[call-arg]
+            await broker.wait_all()
+            assert [d["task_name"] for d in await broker.dead_letters(queue="other")] == ["two"]
+            assert [d["task_name"] for d in await broker.dead_letters(queue="default")] == ["one"]
+            assert len(await broker.dead_letters()) == 2
+            assert await broker.purge_dead_letters(queue="other") == 1
+            assert [d["task_name"] for d in await broker.dead_letters()] == ["one"]
