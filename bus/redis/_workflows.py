@@ -28,13 +28,13 @@ body, exactly once; a step that runs again (a worker killed after the transition
 before its ack) finds ``o:<i>`` and sends nothing (``dup``).
 
 Redis Cluster: the script writes to the queues' streams, whose keys have their
-queue's hash tag, so on a cluster it would span slots. There the same script will
-XADD what it sends to an outbox stream in the workflow's slot
-(``{prefix:wf:<id>}:outbox``, each entry carrying its dedupe id
-``<workflow id>:<step>``), and a forwarder moves each entry to its queue's stream
-with ``SET {prefix:queue}:fwd:<dedupe id> NX`` first (in the queue's slot, so a
-forward repeated after a crash is dropped), then XDELs it from the outbox. A single
-Redis has no slots, so it sends directly; nothing else changes.
+queue's hash tag, so on a cluster it would span slots. There the same scripts send
+to the workflow's outbox in its own slot (``{prefix:wf:<id>}:outbox`` and
+``:outbox:delayed``), and whoever ran the script forwards each entry to its queue
+with ``SET {prefix:queue}:fwd:<task id> NX`` first (in the queue's slot, so a
+forward repeated after a crash is dropped), then deletes it from the outbox (see
+bus/redis/_outbox.py). A single Redis has no slots, so it sends directly; nothing
+else changes.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from bus._workflow_actor import workflow_event
 from bus._workflow_plan import Plan, StepPlan, step_of, step_state
 from bus.redis._client import Connection, Script
 from bus.redis._logic import SIG_VERSION, _mac, sign_entry
+from bus.redis._outbox import forward, outbox_keys
 from bus.redis._workflow_scripts import CANCEL, SNAPSHOT, START, TRANSITION
 
 if TYPE_CHECKING:
@@ -129,22 +130,37 @@ class RedisWorkflowBackend(WorkflowBackend):
 
         return await self.broker._connection_call(what, run)
 
+    async def _forward(self, h: bytes) -> None:
+        """On a Redis Cluster: move what the scripts put in the workflow's outbox."""
+        if not self.broker.settings.url.is_cluster:
+            return
+        ttl_ms = self._ttl_ms()
+
+        async def run(conn: Connection) -> Any:
+            return await forward(conn, self.broker, h, ttl_ms)
+
+        await self.broker._connection_call("forwarding a workflow's sends", run)
+
     async def _execute(self, what: str, *command: Any) -> Any:
         async def run(conn: Connection) -> Any:
             return await conn.execute(*command)
 
         return await self.broker._connection_call(what, run)
 
-    def _send_args(self, message: TaskMessage) -> tuple[list[bytes], list[Any]]:
+    def _send_args(self, message: TaskMessage, h: bytes) -> tuple[list[bytes], list[Any]]:
         """The keys (stream, delayed set) and the data, signature and due time of a
-        message sent as the broker's own sends are."""
+        message sent as the broker's own sends are; on a Redis Cluster the keys are
+        the outbox of the workflow ``h`` (see bus/redis/_outbox.py)."""
         broker = self.broker
         target = broker.keys_of_queue(message.queue)
         stream = target.level_stream(message.priority)
         data = broker._encode(message)
         eta = message.eta
         due = int(eta * 1000) if eta is not None and eta > time.time() else 0
-        return [stream, target.level_delayed(message.priority)], [
+        keys = [stream, target.level_delayed(message.priority)]
+        if broker.settings.url.is_cluster:
+            keys = outbox_keys(h)
+        return keys, [
             data,
             sign_entry(broker.settings.secret, stream, data),
             due,
@@ -195,10 +211,11 @@ class RedisWorkflowBackend(WorkflowBackend):
         ]
         first = [await self._prepare(plan.steps[i].message) for i in plan.first]
         for i, message in zip(plan.first, first, strict=True):
-            k, a = self._send_args(message)
+            k, a = self._send_args(message, h)
             keys += k
             args += [i, *a]
         await self._call(f"cannot send workflow {plan.workflow_id}", START, keys, args)
+        await self._forward(h)
         await self._sent(first)
         await self._execute("recording a workflow", "SADD", self.running_key(), plan.workflow_id)
         self._remember(plan)
@@ -270,7 +287,7 @@ class RedisWorkflowBackend(WorkflowBackend):
             msg = plan.on_error_message(result)
             if msg is not None:
                 on_error = await self._prepare(msg)
-                err_keys, err_data = self._send_args(on_error)
+                err_keys, err_data = self._send_args(on_error, h)
         elif kind == "cancel":
             wf_result = self._sign(h, b"result", codec.encode_result(plan.result("cancelled", {})))
         elif again:
@@ -312,10 +329,12 @@ class RedisWorkflowBackend(WorkflowBackend):
                     values.update(got)
                     message = await self._prepare(succ.build(values))
                     successors.append(message)
-                    skeys, data = self._send_args(message)
+                    skeys, data = self._send_args(message, h)
                 keys += skeys
                 args += [s, join, need, *data]
         reply = await self._call(f"workflow {wid}: step {index}", TRANSITION, keys, args)
+        if _text(reply[0]) in ("ok", "ended", "dup"):
+            await self._forward(h)
         if _text(reply[0]) == "retry":
             return None
         if _text(reply[0]) == "unknown":
@@ -349,8 +368,10 @@ class RedisWorkflowBackend(WorkflowBackend):
         if data is None:
             return
         result = self.broker.codec.decode_result(data)
-        await self.broker.result_backend.set_result(plan.workflow_id, result)
+        # Not running any more before the result wakes its waiters (on a cluster the
+        # two are on different nodes: in the other order a waiter could count it).
         await self._execute("recording a workflow", "SREM", self.running_key(), plan.workflow_id)
+        await self.broker.result_backend.set_result(plan.workflow_id, result)
         if fresh:
             await workflow_event(self.broker, state, plan.workflow_id)
 

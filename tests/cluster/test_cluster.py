@@ -171,3 +171,49 @@ async def test_a_schedule_of_a_task_on_another_queue_fires_each_tick_once(
             for w in workers:
                 w.stop()
     assert len(set(ticks)) == len(ticks)
+
+
+async def test_a_workflow_outbox_left_behind_is_forwarded_once(
+    cluster: ClusterSetup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A producer that died after the workflow's first script and before forwarding
+    leaves the first step in the outbox: a later forward (two at once, even) sends it
+    once, and the outbox is gone."""
+    from bus.redis import _outbox, _workflows
+
+    prefix = f"t{bus.TaskID.new()[-12:]}"
+    broker = make_redis_broker(cluster.url, prefix=prefix)
+
+    @broker.task(name="c.double")
+    async def double(x: int) -> int:
+        return 2 * x
+
+    async def no_forward(self: Any, h: bytes) -> None:
+        pass
+
+    with trio.fail_after(20):
+        async with broker:
+            monkeypatch.setattr(_workflows.RedisWorkflowBackend, "_forward", no_forward)
+            handle = await bus.chain(double.s(21), double.s()).kiq()
+            monkeypatch.undo()
+            h = broker.workflows.key(handle.workflow_id)
+            stream = broker.keys.level_stream(0)
+            async with open_connection(cluster.url) as conn:
+                assert await conn.execute("XLEN", h + b":outbox") == 1
+                assert await conn.execute("XLEN", stream) == 0
+                sent = [0, 0]
+
+                async def go(n: int) -> None:
+                    sent[n] = await _outbox.forward(conn, broker, h, 60_000)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(go, 0)
+                    nursery.start_soon(go, 1)
+                assert sorted(sent) == [0, 1]
+                assert await conn.execute("XLEN", stream) == 1
+                assert await conn.execute("EXISTS", h + b":outbox") == 0
+            async with trio.open_nursery() as nursery:
+                worker = await nursery.start(broker.run_worker, 2)
+                result = await handle.wait_result(timeout=10)
+                worker.stop()
+    assert result.return_value == 84
