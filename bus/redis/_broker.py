@@ -242,10 +242,13 @@ class _Reader:
 
 @attrs.define
 class _Writes:
-    """The broker actor's writes that must outlive one instance of it (a restart
-    after a bug loses no ack or send that was accepted): the batch being gathered."""
+    """What the broker actor owns that must outlive one instance of it (a restart after
+    a bug loses no ack or send that was accepted, and runs nothing again): the batch of
+    writes being gathered, and its readers' states (their in-flight entries, and the
+    channel the workers' leases take from), by the queues they read."""
 
     batch: _Batch = attrs.Factory(lambda: _Batch())
+    readers: dict[tuple[str, ...], _Reader] = attrs.Factory(dict)
 
 
 @attrs.define
@@ -290,7 +293,8 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         self._stream = keys.stream  # the default queue's level 0: bare tags
         self._keys: dict[str, Keys] = {keys.queue: keys}
         #: A reader per set of queues consumed here.
-        self._readers: dict[tuple[str, ...], _Reader] = {}
+        #: A reader per set of queues consumed here (kept across restarts).
+        self._readers: dict[tuple[str, ...], _Reader] = self._writes.readers
         self._listening: set[bytes] = set()
         self._cancels = ReaderState()  # only its table of cancelled ids is used
         self._mover: actors.ActorRef | None = None
@@ -318,6 +322,11 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
             max_restarts=None,
             backoff=BACKOFF,
         )
+        # Restarted after a bug: the readers (children) went with the old instance;
+        # start them again on their states, so the workers' leases go on and nothing
+        # held here is handed out twice.
+        for queues_read, kept in list(self._readers.items()):
+            await self._start_reader(queues_read, kept.state, kept.index)
 
     async def connected(self, lent: Lent) -> None:
         # Load the scripts the inline sends use (a server restart forgets them).
@@ -538,35 +547,41 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         found = self._readers.get(queues)
         if found is None or not found.ref.is_alive:
             if found is not None:
-                state = found.state
+                state, n = found.state, found.index
             else:
-                state = ReaderState()
+                state, n = ReaderState(), len(self._readers)
                 # A copy: the reader owns its table, told of each cancel (Cancelled).
                 state.cancelled = dict(self._cancels.cancelled)
-            n = len(self._readers) if found is None else found.index
-            # The first reader is this process's consumer; another set of queues
-            # read here gets a consumer of its own (each hands back what it owns).
-            consumer = self.settings.consumer if n == 0 else f"{self.settings.consumer}-{n}"
-            settings, keys, codec, conn_ref = self.settings, self.keys, self.codec, self.conn_ref
-            results, tasks = self.results, self.tasks
-            reader = await self.spawn(
-                lambda: StreamReaderActor(
-                    settings, keys, codec, conn_ref, results, state, queues, tasks, consumer
-                ),
-                name="reader" if n == 0 else f"reader-{n}",
-                on_failure=actors.RESTART,
-                max_restarts=None,
-                backoff=BACKOFF,
-                mailbox_size=math.inf,
-            )
-            self._readers[queues] = _Reader(reader, state, consumer.encode(), n)
-            for queue in queues:
-                self._wake_mover(queue)
-            self.nursery.start_soon(self._listen_for_cancels, queues)
+            reader = await self._start_reader(queues, state, n)
         else:
             reader = found.ref
         lease: Lease = await reader.ask(Lend(msg.max_messages))
         return lease
+
+    async def _start_reader(
+        self, queues: tuple[str, ...], state: ReaderState, n: int
+    ) -> actors.ActorRef:
+        """Spawn the reader of ``queues`` on ``state``. The first reader is this
+        process's consumer; another set of queues read here gets a consumer of its own
+        (each hands back what it owns)."""
+        consumer = self.settings.consumer if n == 0 else f"{self.settings.consumer}-{n}"
+        settings, keys, codec, conn_ref = self.settings, self.keys, self.codec, self.conn_ref
+        results, tasks = self.results, self.tasks
+        reader = await self.spawn(
+            lambda: StreamReaderActor(
+                settings, keys, codec, conn_ref, results, state, queues, tasks, consumer
+            ),
+            name="reader" if n == 0 else f"reader-{n}",
+            on_failure=actors.RESTART,
+            max_restarts=None,
+            backoff=BACKOFF,
+            mailbox_size=math.inf,
+        )
+        self._readers[queues] = _Reader(reader, state, consumer.encode(), n)
+        for queue in queues:
+            self._wake_mover(queue)
+        self.nursery.start_soon(self._listen_for_cancels, queues)
+        return reader
 
     def _queue_names(self) -> list[str]:
         """The queues this process knows: the default one, its tasks' queues, the
