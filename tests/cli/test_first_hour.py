@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import trio
 
 import bus as bus_module
@@ -216,6 +218,21 @@ def test_a_crash_loop_says_why_in_the_chosen_format(env: dict[str, str]) -> None
     assert "crashed more than 5 times" in last["reason"] and last["level"] == "error"
 
 
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """``main`` configures logging for the process: undo it after the test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        structlog.reset_defaults()
+        logging.captureWarnings(False)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_logging")
 def test_supervised_children_log_in_the_supervisors_format(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
