@@ -91,6 +91,7 @@ from bus.redis._pool import (
     Subscribe,
     Unusable,
     UsesConnection,
+    is_transient,
     lend,
     shared_connection,
     subscription_of,
@@ -1135,6 +1136,12 @@ class RedisBroker(Broker):
                     continue
                 except actors.ActorStopped:
                     raise BrokerClosed(f"{what}: the broker is shutting down") from None
+                if any(is_transient(r) for r in replies):
+                    # Redis is loading its data (after a restart) or settling: nothing
+                    # was written; try again until the deadline.
+                    cause = next(r.message for r in replies if is_transient(r))
+                    await trio.sleep(0.1)
+                    continue
                 for reply in replies:
                     if isinstance(reply, ReplyError):
                         raise SendError(f"{what}: Redis refused it: {reply.message}")

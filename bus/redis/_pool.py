@@ -172,12 +172,21 @@ class Unusable(ConnectionLost):
     waits for the connection gets this at once, naming the cause."""
 
 
+#: Error replies of a server that will answer later (loading its data after a restart,
+#: running a long script, a cluster or replica settling): waited out like an outage.
+TRANSIENT_CODES = frozenset({"LOADING", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN"})
+
+
+def is_transient(reply: object) -> bool:
+    """Whether an error reply means "not now" rather than "no"."""
+    return isinstance(reply, ReplyError) and reply.code in TRANSIENT_CODES
+
+
 def is_fatal(exc: BaseException) -> bool:
     """Whether a failure to connect is one that retrying cannot fix."""
     if isinstance(exc, ReplyError):
         # A server still loading, busy, or full answers again later.
-        transient = ("LOADING", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN")
-        return exc.code not in transient and "max number of clients" not in exc.message
+        return not is_transient(exc) and "max number of clients" not in exc.message
     cause = exc.__cause__
     return isinstance(exc, ConnectionLost) and (
         isinstance(cause, (_ProtocolError, ssl.SSLCertVerificationError))
@@ -519,6 +528,13 @@ async def with_connection(
                 with trio.fail_after(max(left, 0.0)):
                     return await fn(lent.conn)
             return await fn(lent.conn)
+        except ReplyError as exc:
+            if not is_transient(exc):
+                raise
+            # Redis is loading its data (after a restart) or settling: not yet.
+            if trio.current_time() >= deadline:
+                raise ConnectionLost(f"{what}: {exc.message}") from exc
+            await trio.sleep(min(0.1, max(0.0, deadline - trio.current_time())))
         except Unusable as exc:
             raise Unusable(f"{what}: {exc}") from exc
         except (ConnectionLost, RedisTimeout, trio.TooSlowError) as exc:

@@ -122,3 +122,34 @@ async def test_sends_and_commands_are_bounded_and_recover(aof_server: RedisServe
     events = [e["event"] for e in logs]
     assert events.count("redis.unreachable") >= 1
     assert "redis.reachable" in events
+
+
+async def test_a_loading_redis_is_waited_out(redis_server: RedisServer) -> None:
+    """Redis answers LOADING while it reads its data after a restart: a call waits it
+    out (within its deadline) instead of failing."""
+    import actors
+    from bus.redis._client import Connection, ReplyError
+    from bus.redis._pool import shared_connection, with_connection
+    from bus.redis._url import RedisURL
+
+    calls: list[int] = []
+
+    async def fn(conn: Connection) -> object:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ReplyError("LOADING Redis is loading the dataset in memory")
+        return await conn.execute("PING")
+
+    with trio.fail_after(10):
+        async with actors.open_system() as system:
+            ref = await shared_connection(system, RedisURL.parse(redis_server.url))
+            deadline = trio.current_time() + 5
+            assert await with_connection(ref, fn, deadline=deadline, what="ping") == b"PONG"
+            calls.clear()
+
+            async def refused(conn: Connection) -> object:
+                raise ReplyError("WRONGTYPE Operation against a key holding the wrong kind")
+
+            with pytest.raises(ReplyError, match="WRONGTYPE"):  # a real "no" is not waited
+                await with_connection(ref, refused, deadline=deadline, what="x")
+    assert len(calls) == 0
