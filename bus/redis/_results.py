@@ -37,7 +37,14 @@ from bus._protocol import (
 )
 from bus._results import ResultBackend, encode_result_checked
 from bus._supervision import BUG_RESTARTS
-from bus.redis._client import Command, ConnectionLost, Pending, RedisError, ReplyError
+from bus.redis._client import (
+    Command,
+    ConnectionLost,
+    Pending,
+    RedisError,
+    RedisTimeout,
+    ReplyError,
+)
 from bus.redis._logic import open_result, seal_result
 from bus.redis._pool import (
     BACKOFF,
@@ -45,6 +52,7 @@ from bus.redis._pool import (
     Resubscribed,
     Subscribe,
     UsesConnection,
+    is_transient,
     shared_connection,
     subscription_of,
     wait_connected,
@@ -413,10 +421,16 @@ class RedisResultBackend(ResultBackend):
                 if pending is None:
                     raise ConnectionLost("not connected")
                 replies = await pending.wait()
-            except ConnectionLost as exc:
+            except (ConnectionLost, RedisTimeout) as exc:
                 left = deadline - trio.current_time()
                 if left <= 0 or not await wait_connected(self.ref, left):
                     raise ConnectionLost(f"{what}: {exc}") from exc
+                continue
+            if any(is_transient(r) for r in replies):
+                # Redis is loading its data (after a restart) or settling: not yet.
+                if trio.current_time() >= deadline:
+                    raise ConnectionLost(f"{what}: Redis is not ready")
+                await trio.sleep(0.1)
                 continue
             for reply in replies:
                 if isinstance(reply, ReplyError):
