@@ -239,7 +239,7 @@ class MemoryWorkflowBackend(WorkflowBackend):
         queued = tuple(s.task_id for s in st.steps if s.state == "queued")
         if not queued:
             return st
-        from bus._inmemory import TakenIds
+        from bus._memory_messages import TakenIds
 
         try:  # the in-memory broker actor knows which a worker took
             taken = set(await self.broker.ref.ask(TakenIds(queued)))
