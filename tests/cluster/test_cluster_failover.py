@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+import pytest
 import trio
 
 import bus
@@ -15,6 +16,8 @@ from bus.redis._client import open_connection
 from bus.redis._cluster import ClusterConnection, key_slot
 from tests.cluster.servers import ClusterSetup, wait_until
 from tests.redis.server import RedisServer
+
+pytestmark = pytest.mark.slow
 
 
 async def test_a_master_killed_under_load_loses_nothing_accepted(

@@ -46,6 +46,7 @@ async def test_a_broker_on_sentinel_runs_tasks(sentinels: SentinelSetup) -> None
             worker.stop()
 
 
+@pytest.mark.slow
 async def test_a_failover_under_load_loses_nothing_accepted(
     sentinels: SentinelSetup, tmp_path: Path
 ) -> None:
