@@ -123,8 +123,15 @@ async def _open(
     A sentinel URL connects to the master the sentinels name, and checks with ``ROLE``
     that it is one (a failover under way: :class:`ConnectionLost`, try again)."""
     if url.is_sentinel:
-        host, port = await master_of(url, _open_one)
-        return await _open_one(url.node(host, port), name, ssl_context, master=True)
+        # A sentinel that has not seen the failover yet names the old master (now a
+        # replica, refused by the ROLE check): ask the others.
+        tried: set[tuple[str, int]] = set()
+        while True:
+            address = await master_of(url, _open_one, frozenset(tried))
+            try:
+                return await _open_one(url.node(*address), name, ssl_context, master=True)
+            except _NotMaster:
+                tried.add(address)
     if url.is_cluster:  # one node (a subscriber: a cluster broadcasts PUBLISH)
         failures: list[str] = []
         for host, port in url.seeds:
@@ -176,7 +183,7 @@ async def _open_one(
                 role = replies[-1] if master else [b"master"]
                 if not isinstance(role, list) or not role or role[0] != b"master":
                     said = role[0] if isinstance(role, list) and role else role
-                    raise ConnectionLost(
+                    raise _NotMaster(
                         f"{where} is not a master (ROLE: {said!r:.40}): a failover is under way"
                     )
             return stream, transport
@@ -192,6 +199,10 @@ async def _open_one(
         if isinstance(exc, (*_STREAM_ERRORS, _ProtocolError)):
             raise ConnectionLost(f"could not connect to {where}: {exc}") from exc
         raise
+
+
+class _NotMaster(ConnectionLost):
+    """The server a sentinel named is not a master (``ROLE``): a failover under way."""
 
 
 class _Demoted(Exception):

@@ -80,9 +80,12 @@ async def ask_once(url: RedisURL, opener: Opener, *command: str) -> Reply:
         await trio.aclose_forcefully(transport)
 
 
-async def master_of(url: RedisURL, opener: Opener) -> tuple[str, int]:
+async def master_of(
+    url: RedisURL, opener: Opener, skip: frozenset[tuple[str, int]] = frozenset()
+) -> tuple[str, int]:
     """The address of the master that the sentinels of ``url`` name for its service,
-    from the first sentinel that knows it (in the URL's order).
+    from the first sentinel that knows it (in the URL's order), passing over the
+    addresses in ``skip`` (a stale sentinel's answer that turned out to be a replica).
 
     Raises :class:`UnknownService` if every sentinel answered and none knows the
     name, :class:`ConnectionLost` naming each sentinel's failure otherwise."""
@@ -108,9 +111,13 @@ async def master_of(url: RedisURL, opener: Opener) -> tuple[str, int]:
             failures.append(f"{where}: {reply.message}")
         elif isinstance(reply, list) and len(reply) == 2:
             try:
-                return bytes(reply[0]).decode(), int(reply[1])
+                address = bytes(reply[0]).decode(), int(reply[1])
             except (TypeError, ValueError, UnicodeDecodeError):
                 failures.append(f"{where}: a malformed answer {reply!r:.100}")
+                continue
+            if address not in skip:
+                return address
+            failures.append(f"{where}: names {address[0]}:{address[1]}, not a master")
         else:
             failures.append(f"{where}: a malformed answer {reply!r:.100}")
     if unknown and not failures:

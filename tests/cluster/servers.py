@@ -94,7 +94,7 @@ class SentinelSetup:
 
 def start_sentinels(directory: Path) -> SentinelSetup:
     """A master, its replica, and three sentinels watching it (quick failover:
-    down after 300 ms); returns once the sentinels know the replica and each other."""
+    down after 500 ms); returns once the sentinels know the replica and each other."""
     (directory / "m").mkdir()
     (directory / "r").mkdir()
     fast = ("--repl-diskless-sync-delay", "0")  # a replica syncs at once, not in 5 s
@@ -121,7 +121,7 @@ def start_sentinels(directory: Path) -> SentinelSetup:
         conf.write_text(
             f"port {port}\nbind 127.0.0.1\ndir {directory}\nsentinel myid {ids[port]}\n"
             f"sentinel monitor {SERVICE} 127.0.0.1 {master.port} 2\n"
-            f"sentinel down-after-milliseconds {SERVICE} 300\n"
+            f"sentinel down-after-milliseconds {SERVICE} 500\n"
             f"sentinel failover-timeout {SERVICE} 2000\n"
             f"sentinel parallel-syncs {SERVICE} 1\n"
             f"sentinel known-replica {SERVICE} 127.0.0.1 {replica.port}\n{others}"
