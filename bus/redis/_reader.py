@@ -349,6 +349,14 @@ class StreamReaderActor(actors.Actor):
                         ids = [p[0] for p in reply or () if isinstance(p, list) and p]
                         if not ids:
                             break
+                        unknown = [i for i in ids if (s.key, i) not in known]
+                        if unknown:
+                            # Read and claimed, but the stop came before it was held
+                            # here: find its attempt's claim, so it moves to the copy
+                            # (else the copy is taken for a replay, and never runs).
+                            claims = await self._claims_of(lent.conn, s, unknown)
+                            for i in unknown:
+                                known[s.key, i] = (None, claims.get(i))
                         entries = [
                             self._handback(s, i, i in started, *known.get((s.key, i), (None, None)))
                             for i in ids
@@ -358,6 +366,26 @@ class StreamReaderActor(actors.Actor):
                 await self._leave()
             except RedisError as exc:
                 log.warning("redis.stop_incomplete", error=str(exc), actor=self.name)
+
+    async def _claims_of(
+        self, conn: Connection, s: StreamRef, ids: list[bytes]
+    ) -> dict[bytes, bytes]:
+        """The claim keys (``Keys.ran``) of the attempts of entries ``ids`` of ``s``,
+        read from the entries themselves (those that cannot be decoded have none)."""
+        replies = await conn.pipeline([("XRANGE", s.key, i, i) for i in ids])
+        out: dict[bytes, bytes] = {}
+        field = s.keys.data_field
+        for eid, reply in zip(ids, replies, strict=True):
+            if isinstance(reply, ReplyError):
+                continue
+            for _, fields in _entries(reply):
+                data = (fields or {}).get(field) or (fields or {}).get(F_DATA)
+                if not isinstance(data, bytes):
+                    continue
+                message, _ = decode_entry(self.codec, data)
+                if message is not None:
+                    out[eid] = s.keys.ran(message.task_id, message.attempt)
+        return out
 
     def _forget_aside(self) -> list[Delivery]:
         self.held.remove_if(lambda d: True)

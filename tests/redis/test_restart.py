@@ -64,3 +64,51 @@ async def test_a_broker_actor_restart_runs_nothing_twice(
             worker.stop()
     assert [r.return_value for r in results] == list(range(12))
     assert runs == dict.fromkeys(range(12), 1)
+
+
+async def test_a_stop_that_meets_an_entry_read_but_not_held_moves_its_claim(
+    redis_server: RedisServer,
+) -> None:
+    """A reader stopped between claiming an entry's attempt and holding it hands the
+    entry back with its claim moved to the copy: the copy runs (it was taken for a
+    replay and dropped: a lost task in the stop loops)."""
+    from types import SimpleNamespace
+
+    from bus.redis._pool import lend
+    from bus.redis._reader import StreamReaderActor
+    from bus.redis._scripts import Handback, handback_command
+
+    broker = make_redis_broker(redis_server.url)
+    runs: list[int] = []
+
+    @broker.task(name="restart.once")
+    async def once(i: int) -> int:
+        runs.append(i)
+        return i
+
+    with trio.fail_after(20):
+        async with broker:
+            handle = await once.kiq(7)
+            client, keys, group = broker.client, broker.keys, broker.group
+            await client.execute("XGROUP", "CREATE", keys.stream, group, "0", "MKSTREAM")
+            reply = await client.execute(
+                "XREADGROUP", "GROUP", group, b"gone", "COUNT", 1, "STREAMS", keys.stream, ">"
+            )
+            eid = reply[0][1][0][0]
+            claim = keys.ran(handle.task_id, 1)
+            await client.execute("SET", claim, eid)  # claimed, then the stop came
+            assert broker._conn_ref is not None
+            conn = (await lend(broker._conn_ref)).conn
+            # What the stopping reader does for a pending entry it does not hold.
+            reader: Any = SimpleNamespace(codec=broker.codec)
+            stream: Any = SimpleNamespace(key=keys.stream, keys=keys)
+            claims = await StreamReaderActor._claims_of(reader, conn, stream, [eid])
+            assert claims == {eid: claim}
+            entry = Handback(eid, False, claim=claims[eid])
+            await client.execute(*handback_command(keys.stream, group, b"gone", 0, [entry]))
+            assert await client.execute("GET", claim) != eid  # the claim follows the copy
+            async with trio.open_nursery() as nursery:
+                worker = await nursery.start(broker.run_worker, 2)
+                assert (await handle.wait_result(timeout=10)).return_value == 7
+                worker.stop()
+    assert runs == [7]
