@@ -253,8 +253,11 @@ class RedisResultStoreActor(UsesConnection):
 class RedisResultBackend(ResultBackend):
     """Results in Redis, pushed to waiters through one pub/sub subscription per process.
 
-    - ``url``: a ``redis://``, ``rediss://`` or ``unix://`` URL (password and db
-      included); a malformed one raises ``ValueError`` here.
+    - ``url``: a ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://`` or
+      ``redis+cluster://`` URL (password and db included); a malformed one raises
+      ``ValueError`` here.
+    - ``min_replicas_ack``: a result store returns once this many replicas have it
+      (``WAIT``; stored again until then, within ``write_timeout``).
     - ``ttl``: seconds a result (and a progress report) is kept (``SET ... PX``).
     - ``prefix``: first part of every key and of the channel (default ``"bus"``).
     - ``codec``: how results are encoded (JSON by default; nothing is ever unpickled).

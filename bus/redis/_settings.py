@@ -91,7 +91,8 @@ class RedisSettings:
     builds one from its keyword arguments; pass ``settings=`` to share one."""
 
     url: RedisURL = attrs.field(default=RedisURL.parse("redis://127.0.0.1:6379"), converter=_url)
-    """Where Redis is: ``redis://``, ``rediss://`` (TLS) or ``unix://`` (see
+    """Where Redis is: ``redis://``, ``rediss://`` (TLS), ``unix://``,
+    ``redis+sentinel://`` or ``redis+cluster://`` (and ``rediss+...``; see
     :class:`~bus.redis._url.RedisURL`); a malformed URL raises ``ValueError`` here."""
     queue: str = attrs.field(default="bus", validator=_name)
     """The default queue: where a task without a ``queue`` goes, and what a worker
