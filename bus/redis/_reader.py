@@ -532,6 +532,7 @@ class StreamReaderActor(actors.Actor):
             demand = self._waiting()
             if state.leases == 0 and self._aside:
                 await self._give_back()  # no worker here any more: others may run them
+                continue  # runners may have come meanwhile: their wake-up is spent
             if demand == 0 or state.leases == 0:
                 state.demand = trio.Event()
                 await state.demand.wait()

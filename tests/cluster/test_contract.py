@@ -24,11 +24,8 @@ def make_broker(cluster: ClusterSetup) -> BrokerFactory:
     return make
 
 
-#: Checks that do not pass reliably on a cluster yet: about one run in ten, the entry
-#: handed back by the last drain is not read by the next worker within the check's
-#: 5 s (it stays in the stream, undelivered: nothing is lost, it is late). Seen only
-#: on a cluster; not understood yet.
-NOT_YET = {"check_a_drain_never_drops_a_delivery_it_meets"}
+#: Checks that do not pass on a cluster yet (none).
+NOT_YET: set[str] = set()
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=[c.__name__.removeprefix("check_") for c in CHECKS])
@@ -36,5 +33,5 @@ async def test_contract_on_a_cluster(
     check: Callable[[BrokerFactory], Awaitable[None]], make_broker: BrokerFactory
 ) -> None:
     if check.__name__ in NOT_YET:
-        pytest.skip("flaky on a cluster (see NOT_YET)")
+        pytest.skip("not yet on a cluster")
     await check(make_broker)
