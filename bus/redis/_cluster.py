@@ -103,7 +103,7 @@ def key_slot(key: Arg) -> int:
     for byte in part:
         crc = ((crc << 8) & 0xFFFF) ^ _TABLE[((crc >> 8) ^ byte) & 0xFF]
     slot = crc % SLOTS
-    if len(_SLOT_CACHE) > 100_000:
+    if len(_SLOT_CACHE) > 20_000:  # result keys are many and used once
         _SLOT_CACHE.clear()
     _SLOT_CACHE[data] = slot
     return slot
