@@ -25,11 +25,11 @@ from bus._message import TaskMessage
 from bus._schedule import ScheduleSpec, claim_ttl
 from bus._scheduler import ScheduleBackend, TickState
 from bus.redis._client import Connection, Script
-from bus.redis._cluster import key_slot
 from bus.redis._logic import Keys, check_schedule, sign_entry, sign_schedule
 from bus.redis._pool import lend, with_connection
 from bus.redis._scripts import SEND_LUA
 from bus.redis._settings import RedisSettings
+from bus.redis._slots import key_slot
 
 __all__ = ["RedisScheduleBackend"]
 
