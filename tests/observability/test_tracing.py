@@ -83,7 +83,9 @@ async def test_timeouts_rejections_and_unsent_messages_end_their_spans() -> None
     with trio.fail_after(5):
         async with broker:
             timed_out = await (await slow.kiq()).wait_result()
-            await (await one.kiq()).wait_result()  # type: ignore[call-arg]
+            # Arguments that do not fit, sent past the sender's check: rejected.
+            tid = await broker.kick(one.kicker().message())  # type: ignore[call-arg]
+            await bus.TaskHandle(tid, broker).wait_result()
             mw = broker.middlewares[0]
             assert isinstance(mw, OpenTelemetryMiddleware)
             mw.pre_send(one.kicker().message(1))  # as if the broker refused it next
