@@ -28,6 +28,17 @@ ROOT = Path(__file__).resolve().parents[2]
 CONCURRENCY = 8
 
 
+async def _reap_on_failure(procs: list[trio.Process]) -> None:
+    """Kill the worker processes if the test ends without stopping them (a failure):
+    none may outlive it."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+
+
 async def test_chaos_loses_nothing(aof_server: RedisServer, tmp_path: Path) -> None:
     seconds = float(os.environ.get("BUS_CHAOS_SECONDS", "60"))
     seed = int(os.environ.get("BUS_CHAOS_SEED", str(random.randrange(1 << 30))))
@@ -63,6 +74,7 @@ async def test_chaos_loses_nothing(aof_server: RedisServer, tmp_path: Path) -> N
             procs = [
                 await trio.lowlevel.open_process(worker(), env=env, cwd=ROOT) for _ in range(2)
             ]
+            nursery.start_soon(_reap_on_failure, procs)
             stop = trio.current_time() + seconds
 
             async def produce(first: int, step: int) -> None:
@@ -104,7 +116,12 @@ async def test_chaos_loses_nothing(aof_server: RedisServer, tmp_path: Path) -> N
                 inner.start_soon(produce, 1, 2)
                 inner.start_soon(chaos)
             print(f"chaos: outages (at s, for s) {outages}")
-            results = await bus.gather(*accepted.values(), timeout=180)
+            try:
+                results = await bus.gather(*accepted.values(), timeout=120)
+            except bus.ResultTimeout:
+                missing = [i for i, h in accepted.items() if not await h.is_ready()]
+                print(f"chaos: no result for {len(missing)} tasks, e.g. {missing[:10]}")
+                raise
             procs[1].send_signal(signal.SIGTERM)
             with trio.fail_after(30):
                 code = await procs[1].wait()
