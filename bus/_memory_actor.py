@@ -85,18 +85,6 @@ class Kept:
         self.unique = UniqueTable()
 
 
-def _kept(name: str) -> Any:
-    """An attribute of the actor that lives in its :class:`Kept`."""
-
-    def get(self: InMemoryBrokerActor) -> Any:
-        return getattr(self.kept, name)
-
-    def put(self: InMemoryBrokerActor, value: Any) -> None:
-        setattr(self.kept, name, value)
-
-    return property(get, put)
-
-
 class InMemoryBrokerActor(BrokerActor):
     """The in-memory broker actor. Its decisions are :class:`~bus._queue.QueueCore`'s
     (and, once queues, priorities or limits are in use, its :class:`_Dispatch`'s);
@@ -104,22 +92,6 @@ class InMemoryBrokerActor(BrokerActor):
 
     Spawned with RESTART: the queue lives in :class:`Kept`, which outlives an
     instance; a restarted instance takes it over and starts its timer again."""
-
-    #: The queue (see :class:`Kept`).
-    core: QueueCore = _kept("core")
-    #: The bound on waiting messages, lent to the facade (``Broker.kick`` takes a
-    #: place before it sends; a worker taking the delivery gives it back).
-    slots: trio.Semaphore = _kept("slots")
-    _send: trio.MemorySendChannel[Delivery] = _kept("_send")
-    _recv: trio.MemoryReceiveChannel[Delivery] = _kept("_recv")
-    #: The dispatch, once queues, priorities or limits are in use (else ``None``:
-    #: the channel serves).
-    fancy: _Dispatch | None = _kept("fancy")
-    _leases: list[_MemoryLease] = _kept("_leases")  # lent on the channel
-    _idle: list[trio.Event] = _kept("_idle")
-    closed: bool = _kept("closed")
-    #: Unique jobs' keys, held by the task ids that run them (released at the end).
-    unique: UniqueTable = _kept("unique")
 
     def __init__(
         self,
@@ -132,7 +104,24 @@ class InMemoryBrokerActor(BrokerActor):
         kept: Kept | None = None,
     ) -> None:
         super().__init__()
-        self.kept = kept if kept is not None else Kept(max_queue)
+        self.kept = kept = kept if kept is not None else Kept(max_queue)
+        # The queue's parts, read from Kept (the same objects; the hot path reads plain
+        # attributes). What is rebound later is written back to Kept where it is.
+        #: The queue (see :class:`Kept`).
+        self.core: QueueCore = kept.core
+        #: The bound on waiting messages, lent to the facade (``Broker.kick`` takes a
+        #: place before it sends; a worker taking the delivery gives it back).
+        self.slots: trio.Semaphore = kept.slots
+        self._send: trio.MemorySendChannel[Delivery] = kept._send
+        self._recv: trio.MemoryReceiveChannel[Delivery] = kept._recv
+        #: The dispatch, once queues, priorities or limits are in use (else ``None``:
+        #: the channel serves).
+        self.fancy: _Dispatch | None = kept.fancy
+        self._leases: list[_MemoryLease] = kept._leases  # lent on the channel
+        self._idle: list[trio.Event] = kept._idle
+        self.closed: bool = kept.closed
+        #: Unique jobs' keys, held by the task ids that run them (released at the end).
+        self.unique: UniqueTable = kept.unique
         self.codec = codec
         self.results = results
         self.schedules = schedules if schedules is not None else MemorySchedules()
@@ -162,7 +151,7 @@ class InMemoryBrokerActor(BrokerActor):
         fancy = self.fancy
         if fancy is not None:
             return fancy
-        fancy = self.fancy = _Dispatch(self)
+        fancy = self.fancy = self.kept.fancy = _Dispatch(self)
         while True:
             try:
                 d = self._recv.receive_nowait()
@@ -245,6 +234,7 @@ class InMemoryBrokerActor(BrokerActor):
 
     def _became_idle(self) -> None:
         idle, self._idle = self._idle, []
+        self.kept._idle = self._idle
         for ev in idle:
             ev.set()
 
@@ -361,7 +351,7 @@ class InMemoryBrokerActor(BrokerActor):
         if fancy is not None:
             return fancy.lease(queues, msg.consumer)
         lease = _MemoryLease(self._recv.clone(), self.core, self.slots, queues, msg.consumer)
-        self._leases = [held for held in self._leases if not held.closed]
+        self._leases = self.kept._leases = [held for held in self._leases if not held.closed]
         self._leases.append(lease)
         return lease
 
@@ -514,7 +504,7 @@ class InMemoryBrokerActor(BrokerActor):
 
     @actors.handles(CloseIntake)
     def close_intake(self, msg: CloseIntake) -> None:
-        self.closed = True
+        self.closed = self.kept.closed = True
         # Senders blocked on a full queue: wake them so they see BrokerClosed.
         while self.slots.statistics().tasks_waiting:
             self.slots.release()
