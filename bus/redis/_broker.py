@@ -325,8 +325,34 @@ class RedisBroker(Broker):
         at-least-once anyway).
 
         Cancellation: a write already made may still be stored."""
+        ref = self.ref
         start = trio.current_time()
-        deadline = _deadline(self.settings.send_timeout)
+        # The first try, the usual case: the connection bounds the wait for the reply
+        # (send_timeout), so no cancel scope is paid for on every send.
+        try:
+            pending: Pending | None = await ref.ask(ask)
+            if pending is not None:
+                replies = await pending.wait()
+                if not any(type(r) is ReplyError for r in replies):
+                    if self.settings.min_replicas_ack:
+                        replies, acked = replies[:-1], replies[-1]
+                        self._check_acked(acked, what)
+                    return replies
+                if not any(is_transient(r) for r in replies):  # Redis said no
+                    for reply in replies:
+                        if isinstance(reply, ReplyError):
+                            raise SendError(f"{what}: Redis refused it: {reply.message}")
+        except (ConnectionLost, RedisTimeout):
+            pass  # the careful way below, within the bound
+        except actors.ActorStopped:
+            raise BrokerClosed(f"{what}: the broker is shutting down") from None
+        return await self._submit_slowly(ask, what, start)
+
+    async def _submit_slowly(self, ask: object, what: str, start: float) -> list[Any]:
+        """:meth:`_submit` when the first try (made at ``start``) did not do: wait for
+        Redis, within ``send_timeout`` of ``start``."""
+        timeout = self.settings.send_timeout
+        deadline = math.inf if timeout is None else start + timeout
         conn_ref = self._conn_ref
         ref = self.ref
         assert conn_ref is not None
@@ -335,14 +361,14 @@ class RedisBroker(Broker):
         while True:
             with trio.move_on_at(deadline):
                 try:
-                    pending: Pending | None = await ref.ask(ask)
+                    pending = await ref.ask(ask)
                     if pending is None:
                         # No connection: wait for one, and for the broker actor's.
                         await lend(conn_ref)
                         await wait_connected(ref, math.inf)
                         continue
                     written = True
-                    replies = await pending.wait()
+                    replies: list[Any] = await pending.wait()
                 except Unusable as exc:
                     raise self._unavailable(what, start, exc, written) from None
                 except (ConnectionLost, RedisTimeout) as exc:

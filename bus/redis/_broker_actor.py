@@ -244,7 +244,9 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         if lent is None or lent.lost.is_set():
             return None
         try:
-            return lent.conn.submit(commands)
+            # Bounded by send_timeout on the connection itself (no reply in time drops
+            # it): the producer's first try needs no cancel scope of its own.
+            return lent.conn.submit(commands, timeout=self.settings.send_timeout)
         except ConnectionLost:
             return None
 
