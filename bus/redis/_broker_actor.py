@@ -165,6 +165,9 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         self.group = settings.group.encode()
         self.consumer = settings.consumer.encode()
         self._stream = keys.stream  # the default queue's level 0: bare tags
+        #: The start of an XADD to a queue's level, ready as bytes: (queue, level) ->
+        #: (XADD, stream, MAXLEN ~ n, *, data field).
+        self._xadd_heads: dict[tuple[str | None, int], tuple[bytes, ...]] = {}
         self._keys: dict[str, Keys] = {keys.queue: keys}
         #: A reader per set of queues consumed here.
         #: A reader per set of queues consumed here (kept across restarts).
@@ -326,20 +329,27 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
 
     def _enqueue_command(self, message: TaskMessage, data: bytes) -> Command:
         settings = self.settings
-        keys = self.keys if message.queue is None else self.keys_of(message.queue)
-        level = message.priority
-        sig = sign_entry(settings.secret, keys.level_stream(level), data)
+        queue, level = message.queue, message.priority
+        # The hot path: the stream key and the fixed arguments come ready as bytes.
+        head = self._xadd_heads.get((queue, level))
+        if head is None:
+            keys = self.keys if queue is None else self.keys_of(queue)
+            maxlen = settings.maxlen
+            head = self._xadd_heads[queue, level] = (
+                (b"XADD", keys.level_stream(level))
+                + ((b"MAXLEN", b"~", b"%d" % maxlen) if maxlen is not None else ())
+                + (b"*", keys.data_field)
+            )
+        secret = settings.secret
+        sig = b"" if secret is None else sign_entry(secret, head[1], data)
         eta = message.eta
         if eta is not None and eta > time.time():
-            self._wake_mover(message.queue)
+            keys = self.keys if queue is None else self.keys_of(queue)
+            self._wake_mover(queue)
             return ("ZADD", keys.level_delayed(level), int(eta * 1000), join_member(sig, data))
-        cmd: list[Any] = ["XADD", keys.level_stream(level) if level else keys.stream]
-        if settings.maxlen is not None:
-            cmd += ["MAXLEN", "~", settings.maxlen]
-        cmd += ["*", keys.data_field, data]
         if sig:
-            cmd += [F_SIG, sig]
-        return tuple(cmd)
+            return (*head, data, F_SIG, sig)
+        return (*head, data)
 
     def _data(self, msg: Send) -> bytes:
         return msg.data if msg.data is not None else self.codec.encode_message(msg.message)
