@@ -182,6 +182,7 @@ class Dashboard:
             Route("/static/dashboard.css", self._static(CSS, "text/css"), methods=["GET"]),
             Route("/api/overview", self._api(self._overview), methods=["GET"]),
             Route("/api/tasks/{task_id}", self._api(self._task), methods=["GET"]),
+            Route("/api/workflows/{workflow_id}", self._api(self._workflow), methods=["GET"]),
             Route("/api/dead", self._api(self._dead), methods=["GET"]),
             Route("/api/dead/requeue", self._api(self._requeue), methods=["POST"]),
             Route("/api/dead/purge", self._api(self._purge), methods=["POST"]),
@@ -305,6 +306,9 @@ class Dashboard:
 
     async def _task(self, request: Request) -> Response:
         return _json(await self.data.task(request.path_params["task_id"]))
+
+    async def _workflow(self, request: Request) -> Response:
+        return _json(await self.data.workflow(request.path_params["workflow_id"]))
 
     async def _dead(self, request: Request) -> Response:
         try:

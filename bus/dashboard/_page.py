@@ -4,7 +4,8 @@ in ``static/``, read once at import).
 The page carries the first overview as JSON (so it shows everything at once, even to a
 reader that runs no script), and the script polls ``api/overview`` every few seconds
 and redraws. Every value is put in the page as text (``textContent``); only the charts,
-drawn and escaped by the server, are inserted as SVG markup. No inline script or style:
+drawn and escaped by the server, are inserted as SVG markup (so is a workflow's graph,
+from ``api/workflows/ID``). No inline script or style:
 the Content Security Policy forbids both.
 """
 
@@ -56,6 +57,14 @@ def page(base: str, data: dict[str, Any], *, logout: bool = False) -> str:
 <section id="running-section">
   <h2>Running now <span id="running-count" class="count"></span></h2>
   <div class="scroll"><table id="running"></table></div>
+</section>
+<section id="workflows-section">
+  <h2>Workflows <span id="workflows-count" class="count"></span></h2>
+  <div class="scroll"><table id="workflows"></table></div>
+  <div id="workflow-view" hidden>
+    <h3 id="workflow-title"></h3>
+    <div id="workflow-graph" class="scroll"></div>
+  </div>
 </section>
 <section id="failures-section">
   <h2>Recent failures</h2>

@@ -3,6 +3,7 @@
   var $ = function (id) { return document.getElementById(id); };
   var data = JSON.parse($("bus-data").textContent);
   var pending = null;
+  var workflow = null;  // the id of the workflow drawn, redrawn on each refresh
 
   function el(tag, attrs) {
     var node = document.createElement(tag);
@@ -115,6 +116,19 @@
           el("td", {}, span(r.running_seconds)), el("td", { "data-field": "progress" }, progress(r.progress)));
       }), "nothing runs now");
 
+    var wfs = d.workflows || { running: null, items: [] };
+    $("workflows-count").textContent = "(" + shown(wfs.running) + " running)";
+    fill($("workflows"), ["Workflow", "First task", "State", "Steps", "By state"],
+      wfs.items.map(function (w) {
+        var by = Object.keys(w.step_states).map(function (k) { return w.step_states[k] + " " + k; });
+        return el("tr", { "data-workflow-id": w.workflow_id },
+          el("td", {}, el("code", { "class": "id", title: w.workflow_id + " (click to draw it)",
+            "data-workflow": w.workflow_id }, "\u2026" + w.workflow_id.slice(-12))),
+          el("td", {}, shown(w.first_task)),
+          el("td", { "class": "wf-" + w.state, "data-field": "state" }, w.state),
+          num("steps", w.steps), el("td", {}, by.join(", ")));
+      }), "no workflow lately");
+
     fill($("failures"), ["When", "Task", "Id", "Attempt", "Error", ""],
       d.failures.map(function (f) {
         var error = el("details", {}, el("summary", { "class": "error" }, f.error_type + ": " + f.error),
@@ -153,7 +167,27 @@
     }), dead.supported ? "no dead letter" : "this broker keeps no dead letters");
   }
 
+  function draw(id) {
+    workflow = id;
+    return fetch("api/workflows/" + encodeURIComponent(id), { headers: { Accept: "application/json" }, cache: "no-store" })
+      .then(function (r) { return r.json().then(function (body) { return [r, body]; }); })
+      .then(function (rb) {
+        $("workflow-view").hidden = false;
+        if (!rb[0].ok) {
+          $("workflow-title").textContent = "workflow \u2026" + id.slice(-12) + ": " + (rb[1].error || rb[0].statusText);
+          $("workflow-graph").textContent = "";
+          return;
+        }
+        var w = rb[1];
+        $("workflow-title").textContent = "workflow " + w.workflow_id + ": " + w.state +
+          (w.failed_step === null ? "" : " (step " + w.failed_step + " failed)");
+        $("workflow-graph").innerHTML = w.graph;  // SVG drawn and escaped by the server
+      })
+      .catch(function (e) { $("workflow-title").textContent = "cannot draw the workflow: " + e.message; });
+  }
+
   function refresh() {
+    if (workflow) { draw(workflow); }
     return fetch("api/overview", { headers: { Accept: "application/json" }, cache: "no-store" })
       .then(function (r) { return r.json().then(function (body) { return [r, body]; }); })
       .then(function (rb) {
@@ -224,6 +258,11 @@
     lookup($("task-id").value.trim());
   });
   document.addEventListener("click", function (ev) {
+    var wf = ev.target && ev.target.getAttribute && ev.target.getAttribute("data-workflow");
+    if (wf) {
+      draw(wf);
+      return;
+    }
     var id = ev.target && ev.target.getAttribute && ev.target.getAttribute("data-id");
     if (id) {
       $("task-id").value = id;
