@@ -23,8 +23,8 @@ from bus._errors import ResultNotFound
 from bus._ids import TaskID
 from bus._observe import Sample, Samples, _queue_of, queue_readings, start_sampler
 from bus.activity import Activity, read_activity
-from bus.dashboard._graph import workflow_graph
 from bus.dashboard._svg import Series, line_chart
+from bus.dashboard._workflows import list_workflows, one_workflow
 
 if TYPE_CHECKING:
     from bus._broker import Broker
@@ -39,11 +39,6 @@ RUNNING_SHOWN = 200
 PROGRESS_LOOKUPS = 50
 DEAD_SHOWN = 50
 FAILURES_SHOWN = 50
-#: Workflows listed per overview (the newest first; each costs one status read), the
-#: running ones' ids read from the broker at most, and the ended ones remembered.
-WORKFLOWS_SHOWN = 20
-WORKFLOW_IDS_READ = 200
-WORKFLOWS_REMEMBERED = 50
 
 
 class ActionRefused(Exception):
@@ -376,75 +371,17 @@ class DashboardData:
 
     # -------------------------------------------------------------- workflows
 
-    async def _workflow_ids(self) -> list[TaskID]:
-        """The ids of workflows the broker holds, at most ``WORKFLOW_IDS_READ``: in
-        memory, the newest the workflow actor keeps (running and lately ended); on
-        Redis, one ``SSCAN`` of the set of running workflows (never a ``SCAN`` of
-        the keyspace)."""
-        backend: Any = self.broker.workflows
-        kept = getattr(backend, "kept", None)
-        runs = getattr(kept, "runs", None)
-        if isinstance(runs, dict):
-            return list(itertools.islice(reversed(runs), WORKFLOW_IDS_READ))
-        if hasattr(backend, "running_key") and hasattr(backend, "_execute"):
-            reply = await backend._execute(
-                "listing workflows", "SSCAN", backend.running_key(), 0, "COUNT", WORKFLOW_IDS_READ
-            )
-            ids = []
-            for raw in (reply[1] if reply else ())[:WORKFLOW_IDS_READ]:
-                try:
-                    ids.append(TaskID.parse(raw.decode() if isinstance(raw, bytes) else raw))
-                except (ValueError, UnicodeDecodeError):
-                    continue
-            return ids
-        return []
-
     async def _workflows(self, running: Any) -> dict[str, Any]:
-        """Running and recent workflows, the newest first: the ids the broker lists
-        now and those this dashboard saw before (until they expire), each with its
-        state and its steps counted by state."""
-        seen = self._workflows_seen
-        for wid in await self._workflow_ids():
-            seen[wid] = None
-        while len(seen) > WORKFLOWS_REMEMBERED:
-            seen.popitem(last=False)
-        items: list[dict[str, Any]] = []
-        for wid in sorted(seen, reverse=True)[:WORKFLOWS_SHOWN]:
-            try:
-                st = await self.broker.workflows.status(wid)
-            except ResultNotFound:
-                seen.pop(wid, None)  # expired (or never ours)
-                continue
-            counts = collections.Counter(s.state for s in st.steps)
-            items.append(
-                {
-                    "workflow_id": str(wid),
-                    "state": st.state,
-                    "steps": len(st.steps),
-                    "step_states": dict(sorted(counts.items())),
-                    "failed_step": st.failed_step,
-                    "first_task": st.steps[0].task_name if st.steps else None,
-                }
-            )
-        return {"running": running if isinstance(running, int) else None, "items": items}
+        return await list_workflows(self.broker, self._workflows_seen, running)
 
     async def workflow(self, workflow_id: str) -> dict[str, Any]:
-        """One workflow by id: its status (``WorkflowStatus.to_json()``) and its graph
-        as SVG; 404 for an unknown or expired one."""
+        """One workflow by id: its status and its graph (see ``_workflows``)."""
         try:
-            wid = TaskID.parse(workflow_id.strip())
+            return await one_workflow(self.broker, self._workflows_seen, workflow_id)
         except ValueError as exc:
             raise ActionRefused(400, str(exc)) from None
-        try:
-            st = await self.broker.workflows.status(wid)
         except ResultNotFound:
-            raise ActionRefused(404, f"no workflow {wid} (or it expired)") from None
-        out = st.to_json()
-        self._workflows_seen[wid] = None
-        while len(self._workflows_seen) > WORKFLOWS_REMEMBERED:
-            self._workflows_seen.popitem(last=False)
-        out["graph"] = workflow_graph(out)
-        return out
+            raise ActionRefused(404, f"no workflow {workflow_id.strip()} (or it expired)") from None
 
     # ----------------------------------------------------------------- charts
 
