@@ -23,6 +23,7 @@ same objects. Every public call is recorded (:class:`Call`) with its outcome and
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 from collections import Counter, defaultdict
@@ -345,7 +346,13 @@ class Bench:
         await self.call("dead_letters", self.command_bound, self.producer.dead_letters, 10)
 
     async def op_requeue(self) -> None:
-        await self.call("requeue", self.command_bound, self.producer.requeue_dead_letters, 1)
+        # Only the letters this operation is about (the unknown task's): requeueing
+        # the letters of the other operations would run their tasks again on purpose.
+        await self.call(
+            "requeue",
+            self.command_bound,
+            functools.partial(self.producer.requeue_dead_letters, 1, task="f.ghost"),
+        )
 
     async def op_schedule(self) -> None:
         name = self.token("sched")
