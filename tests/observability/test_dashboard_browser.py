@@ -65,6 +65,12 @@ async def test_the_page_shows_the_queue_a_worker_and_a_dead_letter_and_requeues_
                 await page.type("#token", "not-the-token")
                 await page.click("#login button")
                 await page.wait_for("!!document.getElementById('login-error')")
+                # The form of the refusal, with an empty field (what was typed before
+                # must not be typed into: that would be a wrong token again).
+                await page.wait_for(
+                    "document.getElementById('token') && "
+                    "document.getElementById('token').value === ''"
+                )
                 await page.type("#token", TOKEN)
                 await page.click("#login button")
                 await page.wait_for("!!document.getElementById('bus-data')")
