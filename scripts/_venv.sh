@@ -1,4 +1,4 @@
-# Sourced by the other scripts (set BUS_EXTRA to an extra's name first): make (or reuse) .venv and install the project into it.
+# Sourced by the other scripts (set BUS_EXTRA to an extra's name, or names joined by commas, first): make (or reuse) .venv and install the project into it.
 # Needs only python3 on the machine.
 set -eu
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

@@ -2,7 +2,9 @@
 # Everything CI checks: lint, format, types, the documentation site (warnings and broken
 # references fail), then the whole test suite.
 # The Redis tests start their own redis-server (installed here when missing and we may).
-BUS_EXTRA=dev
+# Installs the dev extra, or the extras BUS_EXTRA names (.ci/run: dev,bench, so that the
+# benchmarks' smoke tests run their peers too).
+BUS_EXTRA="${BUS_EXTRA:-dev}"
 . "$(dirname "$0")/_venv.sh"
 if ! command -v redis-server >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

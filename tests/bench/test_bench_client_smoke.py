@@ -1,37 +1,23 @@
-"""The Redis client benchmark runs end to end with a tiny count (no timing is asserted)."""
+"""The Redis client benchmark runs end to end with a tiny count (no timing is asserted),
+every client's code path included (``tests/bench/peers.py``: BUS_REQUIRE_PEERS)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "bench_client.py"
+from tests.bench.peers import need_redis_server, peer, run_benchmark
 
 pytestmark = pytest.mark.redis
 
 
 def test_bench_client_runs_and_prints_both_tables() -> None:
-    if shutil.which("redis-server") is None:
-        if os.environ.get("BUS_REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server is not installed, and BUS_REQUIRE_REDIS=1 requires it")
-        pytest.skip("redis-server is not installed (set BUS_REQUIRE_REDIS=1 to fail instead)")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--count", "64", "--repeat", "1", "--inflight", "8"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        check=False,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
-    assert "sequential GET (us/command)" in proc.stdout, out
-    assert "8 in flight on one connection" in proc.stdout, out
-    for client in ("ours (trio)", "bare trio + hiredis", "redis-py (sync)", "coredis (trio)"):
-        assert client in proc.stdout, out
+    need_redis_server()
+    if not peer("redis"):
+        pytest.skip("redis-py (the harness's own client and a peer) is not installed")
+    coredis = peer("coredis")
+    out = run_benchmark("bench_client.py", "--count", "64", "--repeat", "1", "--inflight", "8")
+    assert "sequential GET (us/command)" in out, out
+    assert "8 in flight on one connection" in out, out
+    for client in ("ours (trio)", "bare trio + hiredis", "redis-py (sync)"):
+        assert client in out, out
+    assert ("coredis (trio)" in out) == coredis, out

@@ -1,53 +1,42 @@
-"""The Redis benchmark runs end to end with tiny sizes (no timing is asserted)."""
+"""The Redis benchmark runs end to end with tiny sizes (no timing is asserted), every
+peer's code path and the chart included (``tests/bench/peers.py``: BUS_REQUIRE_PEERS)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "bench_redis.py"
+from tests.bench.peers import need_redis_server, peer, run_benchmark
 
 pytestmark = pytest.mark.redis
 
 
-def _libs() -> str:
-    """Ours always; a peer only when it is installed (it is then fast enough here)."""
-    libs = ["trio-bus"]
-    if importlib.util.find_spec("streaq") is not None:
-        libs.append("streaq")
-    return ",".join(libs)
-
-
 def test_bench_redis_runs_and_prints_the_table(tmp_path: Path) -> None:
-    if shutil.which("redis-server") is None:
-        if os.environ.get("BUS_REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server is not installed, and BUS_REQUIRE_REDIS=1 requires it")
-        pytest.skip("redis-server is not installed (set BUS_REQUIRE_REDIS=1 to fail instead)")
+    need_redis_server()
+    if not peer("redis"):
+        pytest.skip("redis-py (the harness's own client) is not installed")
+    peers = {"streaq": peer("streaq"), "taskiq": peer("taskiq", "taskiq_redis")}
+    matplotlib = peer("matplotlib")
     chart = tmp_path / "chart.png"
-    args = ["--tasks", "200", "--rounds", "10", "--repeat", "1", "--only", _libs()]
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--chart", str(chart)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        check=False,
+    out = run_benchmark(
+        "bench_redis.py",
+        *("--tasks", "100", "--rounds", "3", "--repeat", "1"),
+        *("--only", "trio-bus,streaq,taskiq", "--chart", str(chart)),
+        timeout=90,
     )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
-    assert "enqueue, sequential (tasks/s)" in proc.stdout, out
-    assert "processing, 1 worker process (tasks/s)" in proc.stdout, out
-    assert "round trip p50, normal wait (ms)" in proc.stdout, out
-    assert "enqueue, 32 in flight (tasks/s)" in proc.stdout, out
-    assert "targets (issue #10):" in proc.stdout, out
-    if importlib.util.find_spec("matplotlib") is not None:
+    assert "enqueue, sequential (tasks/s)" in out, out
+    assert "processing, 1 worker process (tasks/s)" in out, out
+    assert "round trip p50, normal wait (ms)" in out, out
+    assert "enqueue, 32 in flight (tasks/s)" in out, out
+    assert "targets (issue #10):" in out, out
+    for name, installed in peers.items():
+        if installed:
+            assert f"ratio trio-bus/{name}: enqueue seq" in out, out
+            assert "rt p50 vs poll" in out.split(f"ratio trio-bus/{name}:")[1], out
+        else:
+            assert f"{name} is not installed" in out, out
+    if matplotlib:
         assert chart.stat().st_size > 0
     else:
-        assert "no chart drawn" in proc.stdout
+        assert "no chart drawn" in out
