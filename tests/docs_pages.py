@@ -3,10 +3,13 @@
 Every Markdown page under docs/ is a page of the site (``tests/test_docs_site.py`` checks
 that each is reachable from the index). Every ``python`` block of a page is run:
 
-- by ``tests/bus/test_docs.py``, in the test process, unless the page is in ``RUN_BY``;
+- by ``tests/bus/test_docs.py``, unless the page is in ``RUN_BY``: in a subprocess a page
+  in which only what the page names is installed (``tests/docs_extras.py`` says how a page
+  names an extra of ours or a package, and how the rest is hidden);
 - by the test module that ``RUN_BY`` names, for a page whose blocks need something that
   run does not have (a ``redis-server`` of the tests' own) or belong to another package's
-  tests (the actor runtime's).
+  tests (the actor runtime's); ``tests/test_docs_extras.py`` then runs their imports with
+  only what the page names.
 
 A block marked ``<!-- pytest -->`` on the line before it is a pytest test module.
 """
