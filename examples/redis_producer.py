@@ -1,7 +1,7 @@
 """A Redis producer: sends tasks to the worker of ``redis_worker.py`` and prints results.
 
 It imports the task declarations from ``redis_worker.py`` (producer and worker must
-agree on task names); it runs no task itself.
+agree on task names); it runs no task itself. Needs the extra ``trio-bus[redis]``.
 """
 
 from __future__ import annotations

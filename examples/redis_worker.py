@@ -7,6 +7,7 @@ Start Redis 7+, then in one shell ``python examples/redis_worker.py`` and in ano
 Ctrl-C (or SIGTERM) drains: running tasks get the shutdown timeout to finish, what
 still runs then goes back to the queue, and the process exits 0. A second one ends
 it at once. ``bus worker redis_worker:broker`` runs the same worker.
+Needs the extra ``trio-bus[redis]``.
 """
 
 from __future__ import annotations

@@ -176,14 +176,21 @@ def env_for(text: str, *, has_pytest_blocks: bool = False) -> dict[str, str]:
 
 
 def run_blocks(
-    text: str, blocks: list[tuple[str, str]], tmp: Path, *, imports_only: bool = False
+    text: str,
+    blocks: list[tuple[str, str]],
+    tmp: Path,
+    *,
+    imports_only: bool = False,
+    path: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run these blocks (name, code) of a page with its text in a subprocess that has only
-    what the text names (``imports_only``: only their import statements)."""
+    what the text names (``imports_only``: only their import statements; ``path``: where
+    the modules they import of their own are)."""
     spec = tmp / "blocks.json"
     spec.write_text(json.dumps(blocks))
+    options = (["--imports"] if imports_only else []) + ([str(path)] if path else [])
     return subprocess.run(
-        [sys.executable, str(RUN_BLOCKS), str(spec), *(["--imports"] if imports_only else [])],
+        [sys.executable, str(RUN_BLOCKS), str(spec), *options],
         cwd=tmp,
         env=env_for(text),
         capture_output=True,

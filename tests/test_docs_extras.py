@@ -1,7 +1,8 @@
 """The check that a docs page's blocks run with only what the page names
 (``tests/docs_extras.py``): it fails a page that uses an extra it does not name, and the
-pages whose blocks run elsewhere (``RUN_BY``: a Redis server of the tests' own) import
-what they use with only what they name."""
+pages whose blocks run elsewhere (``RUN_BY``: a Redis server of the tests' own) and the
+examples (run by their own tests, some of them servers) import what they use with only
+what they name (an example names what it needs in its text, as a page does)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.docs_extras import allowed, hidden, named, run_blocks
-from tests.docs_pages import DOCS, RUN_BY, blocks
+from tests.docs_pages import DOCS, ROOT, RUN_BY, blocks
+
+EXAMPLES = sorted(path.name for path in (ROOT / "examples").glob("*.py"))
 
 TRACES = """\
 import opentelemetry.sdk.trace
@@ -65,4 +68,13 @@ def test_pages_run_elsewhere_import_only_what_they_name(page: str, tmp_path: Pat
     run with only what the page names."""
     code = [(f"{DOCS / page}:block{i}", c) for i, (_, c) in enumerate(blocks(page))]
     done = run_blocks((DOCS / page).read_text(), code, tmp_path, imports_only=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_examples_import_only_what_they_name(example: str, tmp_path: Path) -> None:
+    """An example's modules of its own (``redis_producer.py`` imports ``redis_worker``)
+    run as they are imported; the rest of the example is run by its own test."""
+    text = (ROOT / "examples" / example).read_text()
+    done = run_blocks(text, [(example, text)], tmp_path, imports_only=True, path=ROOT / "examples")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -1,6 +1,7 @@
 """Runs a docs page's program blocks, each on its own, in this process; or with ``--imports``
-only their import statements. Usage: ``run_blocks.py BLOCKS.json [--imports]``, the file
-holding ``[[name, code], ...]``. Prints each failure's traceback and exits 1 if any failed."""
+only their import statements. Usage: ``run_blocks.py BLOCKS.json [--imports] [DIR]``, the
+file holding ``[[name, code], ...]``, DIR a folder to import the blocks' own modules from.
+Prints each failure's traceback and exits 1 if any failed."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def main() -> int:
     with open(sys.argv[1]) as f:
         blocks: list[tuple[str, str]] = json.load(f)
     imports_only = "--imports" in sys.argv[2:]
+    sys.path[0:1] = [a for a in sys.argv[2:] if a != "--imports"]  # not this script's folder
     # The page's own files: blocks whose first line is ``# NAME.py``.
     local = {
         first[2:-3]
