@@ -160,7 +160,7 @@ class ActorRef:
         if fn is not None and cell.mailbox.receiver_waiting and not cell.inline_busy:
             await trio.lowlevel.checkpoint_if_cancelled()
             if cell.mailbox.receiver_waiting and not cell.inline_busy:
-                cell.run_inline(fn, msg)
+                self.tell_nowait(msg)  # runs the handler inline, here and now
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return
         try:
@@ -171,11 +171,20 @@ class ActorRef:
     def tell_nowait(self, msg: object) -> None:
         """Put ``msg`` in the mailbox now, or raise ``MailboxFull`` (or ``ActorStopped``)."""
         cell = self._cell
-        if cell.inline:
-            fn = cell.inline.get(type(msg))
-            if fn is not None and cell.mailbox.receiver_waiting and not cell.inline_busy:
-                # Idle actor: run the handler here and now (see handles(inline=True)).
-                cell.run_inline(fn, msg)
+        inline = cell.inline
+        if inline:
+            fn = inline.get(type(msg))
+            # Idle actor (parked in receive, so its mailbox is empty, and in no inline
+            # handler): run the handler here and now (see handles(inline=True)). Every
+            # send, store and ack of the bus comes here: no call more than needed.
+            if fn is not None and cell.mailbox._receiver is not None and not cell.inline_busy:
+                cell.inline_busy = True
+                try:
+                    fn(cell.instance, msg)
+                except Exception as exc:
+                    cell.inline_failed(exc, msg)
+                finally:
+                    cell.inline_busy = False
                 return
         try:
             self._send.send_nowait(msg)
@@ -203,7 +212,7 @@ class ActorRef:
         cell = self._cell
         if cell.inline:
             fn = cell.inline.get(type(msg))
-            if fn is not None and cell.mailbox.receiver_waiting and not cell.inline_busy:
+            if fn is not None and cell.mailbox._receiver is not None and not cell.inline_busy:
                 await trio.lowlevel.checkpoint_if_cancelled()
                 cell.inline_busy = True
                 try:
@@ -336,20 +345,13 @@ class Cell:
 
     # -- control ------------------------------------------------------------
 
-    def run_inline(self, fn: Callable[[Any, Any], Any], msg: object) -> None:
-        """Run an inline handler now, in the caller's task (the actor is idle)."""
-        self.inline_busy = True
-        try:
-            fn(self.instance, msg)
-        except Exception as exc:
-            if isinstance(exc, self.instance.replied_errors):
-                self.log.warning(
-                    "actor.told_error", error=str(exc), message_type=type(msg).__name__
-                )
-            else:
-                self.fail_inline(exc)
-        finally:
-            self.inline_busy = False
+    def inline_failed(self, exc: Exception, msg: object) -> None:
+        """An inline handler of a told ``msg`` raised ``exc``: a replied error is logged,
+        anything else is a failure of the actor (:meth:`fail_inline`)."""
+        if isinstance(exc, self.instance.replied_errors):
+            self.log.warning("actor.told_error", error=str(exc), message_type=type(msg).__name__)
+        else:
+            self.fail_inline(exc)
 
     def fail_inline(self, exc: Exception) -> None:
         """An inline handler raised: a failure of the actor, which its own task
