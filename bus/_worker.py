@@ -364,8 +364,10 @@ class WorkerActor(actors.Actor):
             self.running[tid] = r
         token = _current.set(Context(message, broker))
         t0 = r.started = time.perf_counter()
-        if options.timeout is not None:
-            r.scope.deadline = trio.current_time() + options.timeout
+        timeout = options.timeout
+        timed = timeout is not None
+        if timeout is not None:
+            r.scope.deadline = trio.current_time() + timeout
         args: tuple[Any, ...] = ()
         kwargs: dict[str, Any] = {}
         calling = False
@@ -402,7 +404,10 @@ class WorkerActor(actors.Actor):
             status, error = TaskStatus.FAILURE, exc
         except Exception as exc:
             status, error = TaskStatus.FAILURE, exc
-        if r.scope.cancel_called:
+        # Only a cancel request (which sets ``r.reason``) or the deadline cancels the
+        # runner's scope while a task runs: a plain task skips the check, which reads
+        # the clock.
+        if (r.reason or timed) and r.scope.cancel_called:
             # Cancelled while it ran, but it returned anyway: it swallowed Cancelled,
             # or it ended in the scheduler pass that cancelled it (a thread's result
             # already on its way). After a cancel request or the timeout its outcome
@@ -414,7 +419,7 @@ class WorkerActor(actors.Actor):
                 r.finished = (value, error)
             await trio.lowlevel.checkpoint()  # raises Cancelled here
         # From here on a cancel request or the deadline no longer concerns this task.
-        if r.scope.deadline != math.inf:
+        if timed:
             r.scope.deadline = math.inf
         self._unrun(tid, r)
         r.message = r.delivery = None
@@ -423,22 +428,31 @@ class WorkerActor(actors.Actor):
             if status is TaskStatus.SUCCESS and not hooks.has:
                 # The common case, without the decision machinery: store, then ack.
                 stats.succeeded += 1
+                labels = message.labels
                 result: TaskResult[Any] = TaskResult(
-                    tid, status, value, None, time.perf_counter() - t0, message.labels
+                    tid, status, value, None, time.perf_counter() - t0, labels
                 )
-                if message.labels and "unique_key" in message.labels:
+                if labels and "unique_key" in labels:
                     await self._unclaim(delivery)
                 try:
-                    if options.store_result or "workflow" in message.labels:
-                        await self.broker.result_backend.set_result(tid, result)
+                    if options.store_result or "workflow" in labels:
+                        await broker.result_backend.set_result(tid, result)
                 except Exception:
                     self._log.exception(
                         "result.store_failed", task_id=tid, task_name=message.task_name
                     )
                 else:
-                    if "workflow" in message.labels and not await self._step_done(message, result):
+                    if (
+                        labels
+                        and "workflow" in labels
+                        and not await self._step_done(message, result)
+                    ):
                         return  # not acked: its transition runs again with the redelivery
-                    self._ack(delivery, tid)
+                    try:
+                        self._broker_ref.tell_nowait(Ack(delivery))  # type: ignore[union-attr]
+                    except (actors.MailboxFull, actors.ActorStopped):
+                        # The careful way: a task of the worker's own tells it, or it is logged.
+                        self._ack(delivery, tid)
             else:
                 await self._finish(message, delivery, options, status, value, error, t0)
         finally:
