@@ -283,7 +283,11 @@ class InMemoryBroker(Broker):
         if self.hooks.has:
             return await super().kick(message)
         self._check_send(message)
-        data = self._data(message)
+        codec = self.codec  # self._data, unrolled
+        if type(codec) is JSONCodec and codec.encodes_trivially(message):
+            data = None
+        else:
+            data = self._encode(message)
         await trio.lowlevel.checkpoint_if_cancelled()  # before a place is taken
         slots = self._slots
         assert slots is not None

@@ -154,9 +154,8 @@ class QueueCore:
             del by_id[tid]
         return not state
 
-    def finish(self, d: Delivery) -> bool:
-        """``d`` is done (acked); True when nothing is pending any more."""
-        return self._drop(d)
+    #: ``finish(d)``: ``d`` is done (acked); True when nothing is pending any more.
+    finish = _drop
 
     def dead_letter(self, d: Delivery, reason: str) -> bool:
         """``d`` is rejected with ``reason``: kept as a dead letter; True when idle."""

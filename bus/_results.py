@@ -333,7 +333,7 @@ class ResultStoreActor(actors.Actor):
 
     @actors.handles(StoreResult, inline=True)
     def store(self, msg: StoreResult) -> None:
-        self.table.store(msg.task_id, msg.result, self._now())
+        self.table.store(msg.task_id, msg.result, trio.current_time() if self._timed else 0.0)
 
     @actors.handles(GetResult)
     def get(self, msg: GetResult) -> TaskResult[Any] | None:
@@ -453,7 +453,8 @@ class InMemoryResultBackend(ResultBackend):
     async def set_result(self, task_id: TaskID, result: TaskResult[Any]) -> None:
         """Store ``result`` (passed through the codec). Does not wait and does not yield
         to the scheduler: every later read, from any task, sees the result."""
-        if result.error is not None or not value_faithful(result.return_value):
+        value = result.return_value
+        if result.error is not None or (value is not None and not value_faithful(value)):
             result = through_codec(self.codec, task_id, result)
         ref = self._ref
         if ref is None:
