@@ -3,6 +3,7 @@
     .venv/bin/pip install -e '.[redis,bench]'     # hiredis; streaQ, taskiq, matplotlib
     .venv/bin/python benchmarks/bench_redis.py [--tasks 20000] [--rounds 200] [--repeat 3]
         [--only trio-bus,streaq,taskiq] [--chart docs/benchmarks-redis.png] [--cpu N]
+    .venv/bin/python benchmarks/bench_redis.py --against REV [--tasks ...] [--cpu N]
 
 Starts its own redis-server (127.0.0.1, a free port, no persistence) and measures, on
 the same no-op task, for each library:
@@ -16,6 +17,9 @@ the same no-op task, for each library:
   * the worker process's peak RSS (VmHWM) after all of the above.
 Repetitions alternate the libraries; medians, spread (min-max) and our ratio to each
 peer are printed, and a chart is written. A missing peer is said so and skipped.
+``--against REV`` measures ours at this checkout against ours at REV instead of the
+peers: REV is checked out in a temporary git worktree, and each repetition runs this
+script once on each checkout's code (``PYTHONPATH``, alternately, in fresh processes).
 streaQ runs on Trio (its ``anyio_backend="trio"``), taskiq on asyncio.
 """
 
@@ -26,6 +30,7 @@ import asyncio
 import contextlib
 import gc
 import importlib.metadata
+import json
 import os
 import platform
 import statistics
@@ -728,6 +733,59 @@ def _worker_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_checkout(path: Path, args: argparse.Namespace) -> dict[str, float]:
+    """One repetition of ours on the code of the checkout at ``path``, in a fresh process
+    of this script (its worker process inherits the ``PYTHONPATH``)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", "trio-bus", "--_samples"]
+    cmd += ["--repeat", "1", "--tasks", str(args.tasks), "--rounds", str(args.rounds)]
+    if args.cpu is not None:
+        cmd += ["--cpu", str(args.cpu)]
+    paths = [str(path), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{path}: exit {done.returncode}\n{done.stdout}{done.stderr}")
+    sample: dict[str, float] = json.loads(done.stdout.splitlines()[-1])["trio-bus"][0]
+    return sample
+
+
+def _against(args: argparse.Namespace) -> int:
+    """Ours at this checkout ("trio-bus") against ours at ``--against REV`` ("rev SHA")."""
+    binary = redis_server_binary()
+    if binary is None:
+        print("redis-server is not installed (not on PATH): nothing to measure")
+        return 2
+    git = ["git", "-C", str(ROOT)]
+    rev = subprocess.run(
+        [*git, "rev-parse", "--short", args.against], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    name = f"rev {rev}"
+    samples: dict[str, list[dict[str, float]]] = {"trio-bus": [], name: []}
+    with tempfile.TemporaryDirectory(prefix="bench-rev-") as tmp:
+        rev_dir = Path(tmp) / "rev"
+        subprocess.run(
+            [*git, "worktree", "add", "--detach", str(rev_dir), rev],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            for rep in range(args.repeat):
+                order = [("trio-bus", ROOT), (name, rev_dir)][:: -1 if rep % 2 else 1]
+                for lib, path in order:
+                    t = time.perf_counter()
+                    print(f"[{rep + 1}/{args.repeat}] {lib} ...", end=" ", flush=True)
+                    samples[lib].append(_run_checkout(path, args))
+                    print(f"{time.perf_counter() - t:.1f} s", flush=True)
+        finally:
+            subprocess.run([*git, "worktree", "remove", "--force", str(rev_dir)], check=False)
+    LIBRARIES[name] = LIBRARIES["trio-bus"]  # the same harness code, the other checkout's bus
+    lines = report({n: _summary(s) for n, s in samples.items()}, args, redis_server_version(binary))
+    if "targets (issue #10):" in lines:  # against peers only
+        lines = lines[: lines.index("targets (issue #10):")]
+    print("\n" + "\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--tasks", type=int, default=20_000)
@@ -741,6 +799,10 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="pin everything (this process, redis-server, the worker processes) to this core",
     )
+    ap.add_argument(
+        "--against", metavar="REV", help="ours at this git revision instead of the peers"
+    )
+    ap.add_argument("--_samples", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_worker", choices=LIBS, help=argparse.SUPPRESS)
     ap.add_argument("--queue", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -748,6 +810,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args._worker:
         return _worker_main(args)
+    if args.against:
+        return _against(args)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})  # redis-server and the workers inherit it
 
@@ -795,6 +859,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
 
+    if args._samples:  # for --against: the one repetition's figures, read by the parent
+        print(json.dumps(samples))
+        return 1 if failed else 0
     summ = {n: _summary(s) for n, s in samples.items() if s}
     print()
     lines = report(summ, args, redis_server_version(binary))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench.peers import need_redis_server, peer, run_benchmark
+from tests.bench.peers import BENCHMARKS, need_redis_server, peer, run_benchmark
 
 pytestmark = pytest.mark.redis
 
@@ -40,3 +40,18 @@ def test_bench_redis_runs_and_prints_the_table(tmp_path: Path) -> None:
         assert chart.stat().st_size > 0
     else:
         assert "no chart drawn" in out
+
+
+def test_bench_redis_against_a_revision() -> None:
+    """``--against REV``: ours at this checkout and at REV (here HEAD, in a worktree)."""
+    need_redis_server()
+    if not peer("redis"):
+        pytest.skip("redis-py (the harness's own client) is not installed")
+    if not (BENCHMARKS.parent / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = run_benchmark(
+        "bench_redis.py", "--against", "HEAD", "--tasks", "100", "--rounds", "3", "--repeat", "1"
+    )
+    assert "processing, 1 worker process (tasks/s)" in out, out
+    assert "ratio trio-bus/rev " in out, out
+    assert "targets (issue #10)" not in out, out
