@@ -690,17 +690,21 @@ def attribute_minus(
     return out
 
 
-def cpu_by_path(d: Counters, paths: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """commandstats usec of each name, split over the paths that call it by calls."""
-    out = dict.fromkeys(PATHS, 0.0)
-    for name, usec in d.usec.items():
-        shares = {p: paths[p]["calls"].get(name, 0) for p in PATHS}
+def by_path(values: dict[str, int], paths: dict[str, dict[str, Any]]) -> dict[str, Counter[str]]:
+    """Per path, the part of each command name's figure (calls, usec of the direct run)
+    that is the path's: split by the calls the proxy saw of that name on each path. A
+    name the proxy did not see (a command run inside a script) is "other"."""
+    out: dict[str, Counter[str]] = {p: Counter() for p in PATHS}
+    for name, value in values.items():
+        base = name.split("|", 1)[0]  # commandstats names subcommands "xgroup|create"
+        shares = {p: paths[p]["calls"].get(base, 0) for p in PATHS}
         total = sum(shares.values())
         if not total:
-            out["other"] += usec
+            out["other"][name] += value
             continue
         for p, c in shares.items():
-            out[p] += usec * c / total
+            if c:
+                out[p][name] += value * c / total
     return out
 
 
@@ -727,33 +731,41 @@ def replay_script(records: list[Record]) -> tuple[bytes, int]:
     return b"".join(parts), count
 
 
-def saturate(port: int, probe: Probe, script: bytes, count: int, conns: int) -> dict[str, Any]:
-    """``conns`` connections, each in its own database, send the whole script at once
-    and read every reply: the server runs flat out."""
-    import hiredis
+END = b"bench-capacity-end"
 
-    errors: Counter[str] = Counter()
+
+def _errors(probe: Probe) -> Counter[str]:
+    """Error replies the server sent so far, by their first word (INFO errorstats)."""
+    out: Counter[str] = Counter()
+    for line in probe.command("INFO", "errorstats").decode().splitlines():
+        if line.startswith("errorstat_"):
+            kind, fields = line[10:].split(":", 1)
+            out[kind] = int(fields.split("=", 1)[1])
+    return out
+
+
+def saturate(port: int, probe: Probe, script: bytes, conns: int) -> dict[str, Any]:
+    """``conns`` connections, each in its own database, send the whole script at once
+    and read the replies as they come (unparsed: the last is an ``ECHO`` of a marker),
+    so that the server runs flat out."""
     probe.command("FLUSHALL")
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(conns)]
+    end = b"$%d\r\n%s\r\n" % (len(END), END)
 
-    def reader(s: socket.socket, expect: int) -> None:
-        r = hiredis.Reader(notEnoughData=Ellipsis)
-        got = 0
-        while got < expect:
+    def reader(s: socket.socket) -> None:
+        tail = b""
+        while not tail.endswith(end):
             data = s.recv(1 << 20)
             if not data:
                 raise ConnectionError("redis-server closed a replay connection")
-            r.feed(data)
-            while (v := r.gets()) is not Ellipsis:
-                got += 1
-                if isinstance(v, hiredis.ReplyError):
-                    errors[str(v).split(" ", 1)[0]] += 1
+            tail = (tail + data)[-len(end) :]
 
+    errors = _errors(probe)
     before = probe.snapshot()
     threads = []
     for i, s in enumerate(socks):
-        blob = encode("SELECT", i + 1) + script
-        threads.append(threading.Thread(target=reader, args=(s, count + 1)))
+        blob = encode("SELECT", i + 1) + script + encode("ECHO", END)
+        threads.append(threading.Thread(target=reader, args=(s,)))
         threads.append(threading.Thread(target=s.sendall, args=(blob,)))
     t0 = time.perf_counter()
     for t in threads:
@@ -762,6 +774,7 @@ def saturate(port: int, probe: Probe, script: bytes, count: int, conns: int) -> 
         t.join()
     wall = time.perf_counter() - t0
     after = probe.snapshot()
+    errors = _errors(probe) - errors
     for s in socks:
         s.close()
     probe.command("FLUSHALL")
@@ -825,8 +838,11 @@ def build(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
             file=sys.stderr,
             flush=True,
         )
-        script, count = replay_script(window)
-        sat = saturate(server.port, probe, script, count, args.connections)
+        script, _ = replay_script(window)
+        # Three rounds; the one that kept Redis busiest (the least disturbed) counts.
+        rounds = [saturate(server.port, probe, script, args.connections) for _ in range(3)]
+        sat = max(rounds, key=lambda r: r["redis_busy"])
+        sat["rounds_cpu_us_per_command"] = [r["redis_cpu_us_per_command"] for r in rounds]
         sat["tasks"] = n * args.connections
         sat["redis_cpu_us_per_task"] = sat["redis_cpu_s"] * 1e6 / sat["tasks"]
         sat["tasks_per_s"] = sat["tasks"] / sat["wall_s"]
@@ -854,18 +870,23 @@ def _results(
     send, run = direct["send"], direct["run"]
     both = send + run
 
-    usec = cpu_by_path(both, paths)
+    usec, calls = by_path(both.usec, paths), by_path(both.calls, paths)
     table = {
         p: {
-            "commands": paths[p]["commands"] / n,
+            "commands": sum(calls[p].values()) / n,
             "bytes_in": paths[p]["bytes_in"] / n,
             "bytes_out": paths[p]["bytes_out"] / n,
-            "commandstats_us": usec[p] / n,
-            "calls": {k: v / n for k, v in sorted(paths[p]["calls"].items())},
+            "commandstats_us": sum(usec[p].values()) / n,
+            "calls": {k: v / n for k, v in sorted(calls[p].items())},
+            "proxied_calls": {k: v / n for k, v in sorted(paths[p]["calls"].items())},
         }
         for p in PATHS
     }
-    proxied = {k: sum(r[k] for r in table.values()) for k in ("commands", "bytes_in", "bytes_out")}
+    proxied = {
+        "commands": sum(paths[p]["commands"] for p in PATHS) / n,
+        "bytes_in": sum(paths[p]["bytes_in"] for p in PATHS) / n,
+        "bytes_out": sum(paths[p]["bytes_out"] for p in PATHS) / n,
+    }
     cpu_task = both.cpu / n
     bytes_task = max(both.net_in, both.net_out) / n
     model = {
@@ -939,6 +960,11 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), load average {load} at start"
 
 
+def _per_read(phase: dict[str, Any]) -> str:
+    reads = phase["calls"].get("xreadgroup", 0)
+    return f"{1 / reads:.1f}" if reads else "-"
+
+
 def report(res: dict[str, Any]) -> list[str]:
     n = res["tasks"]
     lines = [
@@ -946,8 +972,10 @@ def report(res: dict[str, Any]) -> list[str]:
         f"commit {res['commit']}; {n} no-op tasks, 1 worker process (concurrency "
         f"{res['concurrency']}), kiq {INFLIGHT} in flight, every result waited for",
         "",
-        "per task, by path (send and run phases; commands and bytes through the recording "
-        "proxy, Redis usec from commandstats of the direct run):",
+        "per task, by path (the send and run phases): commands and Redis usec from the "
+        "commandstats of the direct run,",
+        "each command name split over the paths by the calls the proxy saw; bytes in (to "
+        "Redis) and out (from it) through the proxy",
         f"{'path':<13}{'cmds':>7}{'bytes in':>10}{'bytes out':>11}{'usec':>8}  commands",
     ]
     for p, row in res["paths"].items():
@@ -959,20 +987,26 @@ def report(res: dict[str, Any]) -> list[str]:
     tot = res["paths_total_proxied"]
     sr = res["send_and_run"]
     lines.append(
-        f"{'total':<13}{tot['commands']:>7.3f}{tot['bytes_in']:>10.1f}"
+        f"{'total':<13}{sr['commands']:>7.3f}{tot['bytes_in']:>10.1f}"
         f"{tot['bytes_out']:>11.1f}{sr['commandstats_us']:>8.2f}"
+    )
+    lines.append(
+        f"(through the proxy: {tot['commands']:.3f} commands a task, "
+        f"{_per_read(res['proxied_phases']['run'])} tasks a read, straight "
+        f"{_per_read(res['phases']['run'])}; commands a script runs are counted by Redis, "
+        "not seen by the proxy)"
     )
     lines.append("")
     lines.append("per task, by phase (INFO counters of the direct run):")
     lines.append(
         f"{'phase':<13}{'cmds':>7}{'bytes in':>10}{'bytes out':>11}{'cmdstat us':>11}"
-        f"{'Redis CPU us':>13}{'wall s':>8}"
+        f"{'Redis CPU us':>13}"
     )
     for name in ("send", "run"):
         ph = res["phases"][name]
         lines.append(
             f"{name:<13}{ph['commands']:>7.3f}{ph['bytes_in']:>10.1f}{ph['bytes_out']:>11.1f}"
-            f"{ph['commandstats_us']:>11.2f}{ph['redis_cpu_us']:>13.2f}{ph['wall_s']:>8.2f}"
+            f"{ph['commandstats_us']:>11.2f}{ph['redis_cpu_us']:>13.2f}"
         )
     lines.append(
         f"{'send + run':<13}{sr['commands']:>7.3f}{sr['bytes_in']:>10.1f}{sr['bytes_out']:>11.1f}"
