@@ -314,7 +314,8 @@ class InMemoryBrokerActor(BrokerActor):
             and message.queue is None
             and not message.priority
         ):  # the hot path: one queue, one level, no limits
-            d = Delivery(data, (message.task_id, counted, _unique_of(message)), shared)
+            unique = _unique_of(message) if message.labels else None
+            d = Delivery(data, (message.task_id, counted, unique), shared)
             if self.core.send(d, 0.0, 0.0):
                 self._send.send_nowait(d)
             return

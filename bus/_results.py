@@ -180,7 +180,10 @@ class ResultTable:
         self.max_stored = max_stored
         self.ttl = ttl
         # A plain dict keeps store order too (and is faster than an OrderedDict).
-        self.results: dict[TaskID, tuple[float, TaskResult[Any]]] = {}
+        self.results: dict[TaskID, TaskResult[Any]] = {}
+        # When each was stored, in the same order (kept only with a ttl: without one,
+        # a result costs no more than its entry).
+        self.stored_at: dict[TaskID, float] = {}
         self.progress: dict[TaskID, Any] = {}
         self.watchers: dict[TaskID, list[Watcher]] = {}
         self.gone: collections.OrderedDict[TaskID, str] = collections.OrderedDict()
@@ -192,7 +195,11 @@ class ResultTable:
         results = self.results
         if task_id in results:
             del results[task_id]  # re-stored: it moves to the end
-        results[task_id] = (now, result)
+        results[task_id] = result
+        if self.ttl is not None:
+            stored_at = self.stored_at
+            stored_at.pop(task_id, None)
+            stored_at[task_id] = now
         if self.progress:
             self.progress.pop(task_id, None)
         if self.gone:
@@ -206,6 +213,7 @@ class ResultTable:
             while len(results) > self.max_stored:
                 old = next(iter(results))
                 del results[old]
+                self.stored_at.pop(old, None)
                 self.evicted += 1
                 self._forget(old, "result was evicted (max_stored_results)")
         if self.ttl is not None:
@@ -214,20 +222,20 @@ class ResultTable:
     def expire(self, now: float) -> None:
         if self.ttl is None:
             return
-        results = self.results
+        stored_at = self.stored_at
         limit = now - self.ttl
-        while results:
-            tid, (stored_at, _) = next(iter(results.items()))
-            if stored_at > limit:
+        while stored_at:
+            tid, at = next(iter(stored_at.items()))
+            if at > limit:
                 break
-            del results[tid]
+            del stored_at[tid]
+            del self.results[tid]
             self._forget(tid, "result expired (ttl)")
 
     def get(self, task_id: TaskID, now: float) -> TaskResult[Any] | None:
         if self.ttl is not None:
             self.expire(now)
-        entry = self.results.get(task_id)
-        return None if entry is None else entry[1]
+        return self.results.get(task_id)
 
     def watch(self, task_id: TaskID, watcher: Watcher, now: float) -> None:
         """Resolve ``watcher`` now if the result is stored or gone, else keep it."""
@@ -251,6 +259,7 @@ class ResultTable:
 
     def forget(self, task_id: TaskID) -> None:
         self.progress.pop(task_id, None)
+        self.stored_at.pop(task_id, None)
         if self.results.pop(task_id, None) is not None:
             self._forget(task_id, "result was forgotten")
 
@@ -280,13 +289,16 @@ class ResultView:
     _table: ResultTable
 
     def get(self, task_id: TaskID, now: float | None = None) -> TaskResult[Any] | None:
-        entry = self._table.results.get(task_id)
-        if entry is None:
+        table = self._table
+        found = table.results.get(task_id)
+        ttl = table.ttl
+        if (
+            found is not None
+            and ttl is not None
+            and table.stored_at[task_id] <= (trio.current_time() if now is None else now) - ttl
+        ):
             return None
-        ttl = self._table.ttl
-        if ttl is not None and entry[0] <= (trio.current_time() if now is None else now) - ttl:
-            return None
-        return entry[1]
+        return found
 
     def gone_reason(self, task_id: TaskID) -> str | None:
         return self._table.gone.get(task_id)
