@@ -3,14 +3,24 @@
 
     .venv/bin/pip install -e '.[bench]'     # taskiq, benchmark-only
     .venv/bin/python benchmarks/bench_inmemory.py [--tasks 20000] [--rounds 2000]
+    .venv/bin/python benchmarks/bench_inmemory.py --concurrency 100,1000
+    .venv/bin/python benchmarks/bench_inmemory.py --alloc
     .venv/bin/python benchmarks/bench_inmemory.py --against HEAD~1
 
-Measures, on the same no-op task:
+Measures, on the same no-op task, at each concurrency of ``--concurrency`` (the
+worker's limit; taskiq's ``max_async_tasks``; default 100 and 1000):
   * throughput: N tasks sent, then all results awaited (tasks/s);
   * round trip: sequential kiq -> wait_result, p50 and p99 (microseconds).
 Each library runs in a fresh process, the libraries alternate, and the medians are
-printed with our ratio to each peer. ``--against`` checks REV out in a temporary git
-worktree and runs the same code against it. taskiq is skipped (said so) when missing.
+printed with our ratio to each peer, at each concurrency. ``--against`` checks REV
+out in a temporary git worktree and runs the same code against it. taskiq is skipped
+(said so) when missing.
+
+``--alloc`` measures memory instead, with ``tracemalloc`` (one process per library,
+``--alloc-tasks`` tasks, 10,000 by default): the blocks and bytes held per task while
+it is in flight (sent, not yet run: the message, its delivery, its handle), kept per
+task once it finished (its stored result, the handles dropped), and the peak of the
+burst per task (sent, then all awaited: what the run needed at most).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +47,16 @@ def _pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(len(values) * p))]
 
 
-async def _ours(n_tasks: int, n_rounds: int) -> dict[str, float]:
+def _our_broker(concurrency: int, n_tasks: int) -> Any:
     import bus
 
-    broker = bus.InMemoryBroker(
-        concurrency=100, max_queue=max(n_tasks, 1), max_stored_results=None
+    return bus.InMemoryBroker(
+        concurrency=concurrency, max_queue=max(n_tasks, 1), max_stored_results=None
     )  # every result kept, as taskiq's max_stored_results=-1
+
+
+async def _ours(n_tasks: int, n_rounds: int, concurrency: int) -> dict[str, float]:
+    broker = _our_broker(concurrency, n_tasks)
 
     @broker.task(name="noop")
     async def noop() -> None:
@@ -64,11 +79,15 @@ async def _ours(n_tasks: int, n_rounds: int) -> dict[str, float]:
     return {"throughput": throughput, "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99)}
 
 
-async def _taskiq(n_tasks: int, n_rounds: int) -> dict[str, float]:
+def _taskiq_broker(concurrency: int) -> Any:
     from taskiq import InMemoryBroker  # type: ignore[import-not-found]
 
     # Its default keeps only 100 results (older waiters would hang): keep them all.
-    broker = InMemoryBroker(max_stored_results=-1, max_async_tasks=100)
+    return InMemoryBroker(max_stored_results=-1, max_async_tasks=concurrency)
+
+
+async def _taskiq(n_tasks: int, n_rounds: int, concurrency: int) -> dict[str, float]:
+    broker = _taskiq_broker(concurrency)
 
     @broker.task(task_name="noop")  # type: ignore[untyped-decorator]
     async def noop() -> None:
@@ -94,25 +113,96 @@ async def _taskiq(n_tasks: int, n_rounds: int) -> dict[str, float]:
     return {"throughput": throughput, "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99)}
 
 
-def _child(which: str, n_tasks: int, n_rounds: int) -> None:
+def _held() -> tuple[int, int]:
+    """(blocks, bytes) traced now, the snapshot's own memory aside."""
+    snapshot = tracemalloc.take_snapshot()
+    traces = snapshot.traces
+    return len(traces), sum(t.size for t in traces)
+
+
+async def _alloc(kiq: Any, wait: Any, n: int) -> dict[str, float]:
+    """Per task: held in flight (sent, not run), kept once finished, and the peak of
+    the burst. ``kiq()`` sends one no-op task and returns its handle (without yielding
+    to the event loop: neither library's send does), ``wait(h)`` awaits its result."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = _held()
+        tracemalloc.reset_peak()
+        handles = [await kiq() for _ in range(n)]
+        sent = _held()
+        for h in handles:
+            await wait(h)
+        peak = tracemalloc.get_traced_memory()[1]
+        del handles, h
+        gc.collect()
+        kept = _held()
+    finally:
+        tracemalloc.stop()
+    return {
+        "flight_blocks": (sent[0] - base[0]) / n,
+        "flight_bytes": (sent[1] - base[1]) / n,
+        "kept_blocks": (kept[0] - base[0]) / n,
+        "kept_bytes": (kept[1] - base[1]) / n,
+        "peak_bytes": (peak - base[1]) / n,
+    }
+
+
+async def _ours_alloc(n: int, concurrency: int) -> dict[str, float]:
+    broker = _our_broker(concurrency, n)
+
+    @broker.task(name="noop")
+    async def noop() -> None:
+        return None
+
+    async with broker:
+        for _ in range(200):  # warm up
+            await (await noop.kiq()).wait_result()
+        return await _alloc(noop.kiq, lambda h: h.wait_result(), n)
+
+
+async def _taskiq_alloc(n: int, concurrency: int) -> dict[str, float]:
+    broker = _taskiq_broker(concurrency)
+
+    @broker.task(task_name="noop")  # type: ignore[untyped-decorator]
+    async def noop() -> None:
+        return None
+
+    await broker.startup()
+    try:
+        for _ in range(200):
+            await (await noop.kiq()).wait_result(check_interval=0)
+        return await _alloc(noop.kiq, lambda h: h.wait_result(check_interval=0), n)
+    finally:
+        await broker.shutdown()
+
+
+def _child(which: str, n_tasks: int, n_rounds: int, concurrency: int, alloc: bool) -> None:
     """Run one measurement in this process and print it as JSON."""
     if which == "taskiq":
-        out = asyncio.run(_taskiq(n_tasks, n_rounds))
+        coro = _taskiq_alloc(n_tasks, concurrency) if alloc else None
+        out = asyncio.run(coro or _taskiq(n_tasks, n_rounds, concurrency))
     else:
         import trio
 
-        out = trio.run(_ours, n_tasks, n_rounds)
+        if alloc:
+            out = trio.run(_ours_alloc, n_tasks, concurrency)
+        else:
+            out = trio.run(_ours, n_tasks, n_rounds, concurrency)
     print(json.dumps(out))
 
 
-def _run(which: str, path: Path, n_tasks: int, n_rounds: int) -> dict[str, float]:
+def _run(
+    which: str, path: Path, n_tasks: int, n_rounds: int, concurrency: int, alloc: bool = False
+) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(path))
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); "
-        "import bench_inmemory as b; b._child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))"
+        "import sys; sys.path.insert(0, sys.argv[1]); import bench_inmemory as b; "
+        "b._child(sys.argv[2], *map(int, sys.argv[3:6]), sys.argv[6] == '1')"
     )
+    argv = [str(ROOT / "benchmarks"), which, str(n_tasks), str(n_rounds), str(concurrency)]
     out = subprocess.run(
-        [sys.executable, "-c", code, str(ROOT / "benchmarks"), which, str(n_tasks), str(n_rounds)],
+        [sys.executable, "-c", code, *argv, "1" if alloc else "0"],
         env=env,
         cwd=path,
         check=True,
@@ -123,12 +213,52 @@ def _run(which: str, path: Path, n_tasks: int, n_rounds: int) -> dict[str, float
     return result
 
 
+def _concurrencies(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of numbers: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"concurrencies are whole numbers >= 1: {text!r}")
+    return values
+
+
+def _print_alloc(runners: dict[str, tuple[str, Path]], n: int, concurrency: int) -> None:
+    import trio
+
+    print(
+        f"python {sys.version.split()[0]}, trio {trio.__version__}, tracemalloc, {n} tasks, "
+        f"concurrency {concurrency}, one process per library; per task:"
+    )
+    print(
+        f"{'library':<14} {'in flight':>9} {'bytes':>7} {'kept':>6} {'bytes':>7} {'peak bytes':>11}"
+    )
+    for name, (which, path) in runners.items():
+        m = _run(which, path, n, 0, concurrency, alloc=True)
+        print(
+            f"{name:<14} {m['flight_blocks']:>9.2f} {m['flight_bytes']:>7.0f} "
+            f"{m['kept_blocks']:>6.2f} {m['kept_bytes']:>7.0f} {m['peak_bytes']:>11.0f}"
+        )
+    print("(blocks, then bytes; in flight: sent, not yet run; kept: finished, handles dropped)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=2_000)
     ap.add_argument("--repeat", type=int, default=5, help="runs per library; medians shown")
     ap.add_argument("--against", metavar="REV", help="also measure this git revision")
+    ap.add_argument(
+        "--concurrency",
+        type=_concurrencies,
+        default=[100, 1000],
+        metavar="N[,N...]",
+        help="the worker's concurrency (taskiq: max_async_tasks), each measured; default 100,1000",
+    )
+    ap.add_argument(
+        "--alloc", action="store_true", help="measure allocations per task (tracemalloc) instead"
+    )
+    ap.add_argument("--alloc-tasks", type=int, default=10_000, help="tasks of the --alloc burst")
     args = ap.parse_args(argv)
 
     runners: dict[str, tuple[str, Path]] = {"trio-bus": ("ours", ROOT)}
@@ -155,11 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         runners["taskiq"] = ("taskiq", ROOT)
 
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
     try:
-        for _ in range(args.repeat):  # alternate libraries
-            for name, (which, path) in runners.items():
-                samples[name].append(_run(which, path, args.tasks, args.rounds))
+        for concurrency in args.concurrency:
+            if args.alloc:
+                _print_alloc(runners, args.alloc_tasks, concurrency)
+            else:
+                _measure(runners, args, concurrency)
     finally:
         if tmp is not None:
             subprocess.run(
@@ -168,15 +299,25 @@ def main(argv: list[str] | None = None) -> int:
                 capture_output=True,
             )
             tmp.cleanup()
+    return 0
 
+
+def _measure(runners: dict[str, tuple[str, Path]], args: Any, concurrency: int) -> None:
+    """Throughput and round trips at one concurrency: the libraries alternate,
+    ``args.repeat`` runs each; the medians and our ratios are printed."""
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
+    for _ in range(args.repeat):  # alternate libraries
+        for name, (which, path) in runners.items():
+            samples[name].append(_run(which, path, args.tasks, args.rounds, concurrency))
     med: dict[str, dict[str, Any]] = {}
     for name, runs in samples.items():
         med[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     import trio
 
     print(
-        f"python {sys.version.split()[0]}, trio {trio.__version__}, {args.tasks} tasks, "
-        f"{args.rounds} round trips, median of {args.repeat}, one process per run"
+        f"python {sys.version.split()[0]}, trio {trio.__version__}, concurrency {concurrency}, "
+        f"{args.tasks} tasks, {args.rounds} round trips, median of {args.repeat}, "
+        "one process per run"
     )
     print(f"{'library':<14} {'throughput/s':>14} {'rt p50 us':>10} {'rt p99 us':>10}")
     for name, m in med.items():
@@ -188,10 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == "trio-bus":
             continue
         print(
-            f"ratio trio-bus/{name}: throughput {o['throughput'] / t['throughput']:.2f}x, "
+            f"ratio trio-bus/{name} at concurrency {concurrency}: "
+            f"throughput {o['throughput'] / t['throughput']:.2f}x, "
             f"p50 {t['p50'] / o['p50']:.2f}x faster"
         )
-    return 0
+    print()
 
 
 if __name__ == "__main__":
