@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import json
 import os
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +49,17 @@ def _pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(len(values) * p))]
 
 
-def _our_broker(concurrency: int, n_tasks: int) -> Any:
+#: A measurement: given ``kiq()`` (sends one no-op task and returns its handle) and
+#: ``wait(handle)`` (awaits its result), it returns its figures.
+Measure = Callable[[Any, Any], Awaitable[dict[str, float]]]
+
+
+async def _with_ours(concurrency: int, n_tasks: int, measure: Measure) -> dict[str, float]:
     import bus
 
-    return bus.InMemoryBroker(
+    broker = bus.InMemoryBroker(
         concurrency=concurrency, max_queue=max(n_tasks, 1), max_stored_results=None
     )  # every result kept, as taskiq's max_stored_results=-1
-
-
-async def _ours(n_tasks: int, n_rounds: int, concurrency: int) -> dict[str, float]:
-    broker = _our_broker(concurrency, n_tasks)
 
     @broker.task(name="noop")
     async def noop() -> None:
@@ -65,29 +68,14 @@ async def _ours(n_tasks: int, n_rounds: int, concurrency: int) -> dict[str, floa
     async with broker:
         for _ in range(200):  # warm up
             await (await noop.kiq()).wait_result()
-        gc.collect()
-        t0 = time.perf_counter()
-        handles = [await noop.kiq() for _ in range(n_tasks)]
-        for h in handles:
-            await h.wait_result()
-        throughput = n_tasks / (time.perf_counter() - t0)
-        lat = []
-        for _ in range(n_rounds):
-            t = time.perf_counter()
-            await (await noop.kiq()).wait_result()
-            lat.append(time.perf_counter() - t)
-    return {"throughput": throughput, "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99)}
+        return await measure(noop.kiq, lambda h: h.wait_result())
 
 
-def _taskiq_broker(concurrency: int) -> Any:
+async def _with_taskiq(concurrency: int, n_tasks: int, measure: Measure) -> dict[str, float]:
     from taskiq import InMemoryBroker  # type: ignore[import-not-found]
 
     # Its default keeps only 100 results (older waiters would hang): keep them all.
-    return InMemoryBroker(max_stored_results=-1, max_async_tasks=concurrency)
-
-
-async def _taskiq(n_tasks: int, n_rounds: int, concurrency: int) -> dict[str, float]:
-    broker = _taskiq_broker(concurrency)
+    broker = InMemoryBroker(max_stored_results=-1, max_async_tasks=concurrency)
 
     @broker.task(task_name="noop")  # type: ignore[untyped-decorator]
     async def noop() -> None:
@@ -95,21 +83,26 @@ async def _taskiq(n_tasks: int, n_rounds: int, concurrency: int) -> dict[str, fl
 
     await broker.startup()
     try:
-        for _ in range(200):
+        for _ in range(200):  # warm up
             await (await noop.kiq()).wait_result(check_interval=0)
-        gc.collect()
-        t0 = time.perf_counter()
-        handles = [await noop.kiq() for _ in range(n_tasks)]
-        for h in handles:
-            await h.wait_result(check_interval=0)
-        throughput = n_tasks / (time.perf_counter() - t0)
-        lat = []
-        for _ in range(n_rounds):
-            t = time.perf_counter()
-            await (await noop.kiq()).wait_result(check_interval=0)
-            lat.append(time.perf_counter() - t)
+        return await measure(noop.kiq, lambda h: h.wait_result(check_interval=0))
     finally:
         await broker.shutdown()
+
+
+async def _speed(kiq: Any, wait: Any, n_tasks: int, n_rounds: int) -> dict[str, float]:
+    """Throughput of a burst (all sent, then all awaited) and sequential round trips."""
+    gc.collect()
+    t0 = time.perf_counter()
+    handles = [await kiq() for _ in range(n_tasks)]
+    for h in handles:
+        await wait(h)
+    throughput = n_tasks / (time.perf_counter() - t0)
+    lat = []
+    for _ in range(n_rounds):
+        t = time.perf_counter()
+        await wait(await kiq())
+        lat.append(time.perf_counter() - t)
     return {"throughput": throughput, "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99)}
 
 
@@ -148,47 +141,19 @@ async def _alloc(kiq: Any, wait: Any, n: int) -> dict[str, float]:
     }
 
 
-async def _ours_alloc(n: int, concurrency: int) -> dict[str, float]:
-    broker = _our_broker(concurrency, n)
-
-    @broker.task(name="noop")
-    async def noop() -> None:
-        return None
-
-    async with broker:
-        for _ in range(200):  # warm up
-            await (await noop.kiq()).wait_result()
-        return await _alloc(noop.kiq, lambda h: h.wait_result(), n)
-
-
-async def _taskiq_alloc(n: int, concurrency: int) -> dict[str, float]:
-    broker = _taskiq_broker(concurrency)
-
-    @broker.task(task_name="noop")  # type: ignore[untyped-decorator]
-    async def noop() -> None:
-        return None
-
-    await broker.startup()
-    try:
-        for _ in range(200):
-            await (await noop.kiq()).wait_result(check_interval=0)
-        return await _alloc(noop.kiq, lambda h: h.wait_result(check_interval=0), n)
-    finally:
-        await broker.shutdown()
-
-
 def _child(which: str, n_tasks: int, n_rounds: int, concurrency: int, alloc: bool) -> None:
     """Run one measurement in this process and print it as JSON."""
+    measure: Measure
+    if alloc:
+        measure = functools.partial(_alloc, n=n_tasks)
+    else:
+        measure = functools.partial(_speed, n_tasks=n_tasks, n_rounds=n_rounds)
     if which == "taskiq":
-        coro = _taskiq_alloc(n_tasks, concurrency) if alloc else None
-        out = asyncio.run(coro or _taskiq(n_tasks, n_rounds, concurrency))
+        out = asyncio.run(_with_taskiq(concurrency, n_tasks, measure))
     else:
         import trio
 
-        if alloc:
-            out = trio.run(_ours_alloc, n_tasks, concurrency)
-        else:
-            out = trio.run(_ours, n_tasks, n_rounds, concurrency)
+        out = trio.run(_with_ours, concurrency, n_tasks, measure)
     print(json.dumps(out))
 
 
