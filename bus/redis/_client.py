@@ -3,7 +3,8 @@
 - :class:`Connection`: one socket (TCP, TLS or unix), RESP2. Commands are written
   straight from the calling task; concurrent callers are coalesced into one socket
   write (automatic pipelining); one reader task per connection hands the replies back
-  in FIFO order. :meth:`Connection.pipeline`, :meth:`Connection.transaction`, and the
+  in FIFO order, except that a caller alone in flight reads its own reply (the reader
+  steps aside meanwhile). :meth:`Connection.pipeline`, :meth:`Connection.transaction`, and the
   non-waiting :meth:`Connection.submit` + :meth:`Connection.flush` for actors.
 - :class:`Script`: Lua by EVALSHA, falling back to EVAL on ``NOSCRIPT``.
 - :class:`PubSub`: a dedicated subscriber connection; ``subscribe`` returns once Redis
@@ -270,8 +271,9 @@ class _Base:
             raise RuntimeError(f"{self!r}: its run() reader is not running (start it first)")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The reader: hands each reply to its command. Start it in the owner's
-        nursery (``await nursery.start(conn.run)``); it reports started at once.
+        """The reader: hands each reply to its command, and watches the socket while
+        nothing is in flight. Start it in the owner's nursery
+        (``await nursery.start(conn.run)``); it reports started at once.
 
         Returns after :meth:`aclose`. Raises :class:`ConnectionLost` when the
         connection broke (EOF, reset, killed, a protocol error, a command timed out),
@@ -301,26 +303,11 @@ class _Base:
                         except _STREAM_ERRORS as exc:
                             await self._fail(f"connection lost: {exc}", exc)
                             break
-                        if not data:
-                            await self._fail("the server closed the connection")
-                            break
-                        self._parser.feed(data)  # type: ignore[arg-type]  # any buffer works
-                        self._since_reply += len(data)
-                        try:
-                            if self._feed():
-                                await self._deliver()
-                        except _ProtocolError as exc:
-                            await self._fail(f"protocol error: {exc}", exc)
-                            break
-                        except _Demoted as exc:
-                            await self._fail(str(exc))
-                            break
-                        if self._since_reply > self._max_reply:
-                            self._too_large = True
-                            await self._fail(
-                                f"a reply larger than max_reply_bytes={self._max_reply} "
-                                "(a URL option); the connection was dropped"
-                            )
+                        got = self._absorb(data)
+                        if got is True:
+                            await self._deliver()
+                        elif got is not False:
+                            await self._fail(*got)
                             break
                 if scope.cancelled_caught and not self.is_closed:
                     await self._expire()
@@ -334,28 +321,47 @@ class _Base:
             raise self._lost()
 
     async def _receive(self) -> bytes | bytearray:
-        """The next bytes from the server. On a plain socket (TCP / unix) with nothing
-        in flight, wait until it is readable before reading (a read now would only
-        fail, and a failed read costs more in Trio than the wait); with replies due,
-        yield once and read, as ``receive_some`` does. TLS: ``receive_some``."""
+        """The next bytes from the server (a subscriber's reader; a command connection
+        has its own). On a plain socket (TCP / unix), wait until it is readable before
+        reading (a read now would only fail, and a failed read costs more in Trio than
+        the wait). TLS: ``receive_some``."""
         fd = self._fd
         if fd is None:
             return await self._stream.receive_some(_READ_SIZE)
-        if self._idle():
-            await trio.lowlevel.wait_readable(fd)
-        else:
-            await trio.lowlevel.checkpoint()
         while True:
+            # trio.lowlevel.wait_readable + os.read: one trip through the scheduler per
+            # read where receive_some makes two (a checkpoint after a successful recv).
+            await trio.lowlevel.wait_readable(fd)
             if self._error is not None:
                 # Closed while this task was being woken: its number may be reused.
                 raise trio.ClosedResourceError("the connection was closed")
             try:
                 return os.read(fd, _READ_SIZE)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
+                continue
 
-    def _idle(self) -> bool:
-        return True
+    def _absorb(self, data: bytes | bytearray) -> bool | tuple[str, BaseException | None]:
+        """Parse ``data`` and route the replies (:meth:`_feed`). Returns whether
+        :meth:`_deliver` has work, or why the connection must fail (and the cause):
+        EOF (no data), a protocol error, a demoted master, a reply past
+        ``max_reply_bytes``."""
+        if not data:
+            return "the server closed the connection", None
+        self._parser.feed(data)  # type: ignore[arg-type]  # any buffer works
+        self._since_reply += len(data)
+        try:
+            deliver = self._feed()
+        except _ProtocolError as exc:
+            return f"protocol error: {exc}", exc
+        except _Demoted as exc:
+            return str(exc), None
+        if self._since_reply > self._max_reply:
+            self._too_large = True
+            return (
+                f"a reply larger than max_reply_bytes={self._max_reply} "
+                "(a URL option); the connection was dropped"
+            ), None
+        return deliver
 
     def _feed(self) -> bool:  # pragma: no cover - overridden
         """Route the parsed replies; True if :meth:`_deliver` has work."""
@@ -478,6 +484,9 @@ class Stats:
     commands: int = 0
     #: Socket writes: fewer than ``commands`` when calls were coalesced.
     writes: int = 0
+    #: Calls (``execute``, ``pipeline``, ``Pending.wait``) whose caller read its own
+    #: reply, being the only one waiting (caller-read mode, plain sockets only).
+    own_reads: int = 0
 
 
 class Pending:
@@ -532,8 +541,17 @@ class Connection(_Base):
     buffer; if no write is in progress the caller writes the buffer itself (shielded,
     bounded by ``command_timeout``), otherwise the task writing now picks it up in its
     next round, or hands that round to the owner of the newest queued command (so no
-    caller writes for others for long). Then the caller parks until the reader
-    reschedules it with its reply. Replies come back in command order.
+    caller writes for others for long). Then, when its command is the only one in
+    flight (sequential use) on a plain socket, the caller reads its reply itself
+    while the reader steps aside (caller-read mode: no second task between the reply
+    and the caller), and wakes the reader when it has its reply; otherwise it parks
+    until the reader reschedules it with its reply. Replies come back in command
+    order. Whoever reads routes every reply to its command, so callers arriving while
+    one reads its own reply get theirs from it or from the reader.
+
+    The reader (:meth:`run`) watches the socket whenever no caller reads, so a
+    connection dropped while idle ends :meth:`run` with :class:`ConnectionLost` at
+    once, without waiting for the next command.
 
     Timeouts: the reply of the oldest command in flight must arrive within its
     timeout (``command_timeout`` of the URL, or the call's ``timeout=``), else that
@@ -558,6 +576,16 @@ class Connection(_Base):
         #: (every command in flight gets ConnectionLost) so that the next one goes to
         #: the new master. Nothing is written to a replica.
         self._drop_on_readonly = url.is_sentinel
+        #: Caller-read mode (plain sockets): the one command in flight whose caller
+        #: reads its own reply from the socket, while the reader steps aside.
+        self._owner: Pending | None = None
+        #: The reader, parked aside while a caller reads (None when not parked).
+        self._aside: trio.lowlevel.Task | None = None
+        #: The cancel scope of the reader's wait for readability while nothing is in
+        #: flight: a caller cancels it to take the socket (None when not waiting).
+        self._watch: trio.CancelScope | None = None
+        #: True while the reader waits for replies due to others (not to be taken).
+        self._reading = False
 
     @classmethod
     async def connect(
@@ -652,10 +680,137 @@ class Connection(_Base):
                 await self._flush(first and len(self._waiting) > 1)
                 continue
             first = False
-            if pending._task is not None:
+            if pending._task is not None or self._owner is pending:
                 raise RuntimeError("another task is already waiting for these replies")
+            waiting = self._waiting
+            if (
+                self._owner is None
+                and len(waiting) == 1
+                and waiting[0] is pending
+                and self._fd is not None
+                and not self._reading
+            ):
+                await self._read_own(pending)
+                continue
+            # trio.lowlevel: one parked task per command, woken by the reader with its
+            # reply (cheaper than an Event per command).
             pending._task = trio.lowlevel.current_task()
             await trio.lowlevel.wait_task_rescheduled(pending._abort)
+
+    async def _read_own(self, pending: Pending) -> None:
+        """Caller-read mode: ``pending`` is the only command in flight (written) and
+        the socket is plain, so its caller reads the reply itself, without waking the
+        reader and then being woken by it. The reader steps aside (see
+        :meth:`_receive`) and is woken again once this returns, so that a connection
+        dropped while idle is still noticed at once.
+
+        Replies to commands queued meanwhile by other tasks are handed out as the
+        reader does; theirs that have not arrived yet are left to the reader. Returns
+        when ``pending`` is done, or the connection failed (its error is set).
+
+        Cancellation: raises Cancelled with the reply not (or partly) read; the bytes
+        read so far stay in the parser and the command stays in flight, so the reader
+        reads the rest of its reply (and discards it): no half-read reply is left for
+        the next command."""
+        fd = self._fd
+        assert fd is not None
+        self._owner = pending
+        self.stats.own_reads += 1
+        watch = self._watch
+        if watch is not None:
+            # Trio lets one task at a time wait for an fd to be readable: cancelling
+            # the reader's wait runs its abort now, so the fd is free at once.
+            watch.cancel()
+        try:
+            while not pending.done:
+                # trio.lowlevel.wait_readable + os.read, as the reader does (see there).
+                await trio.lowlevel.wait_readable(fd)
+                if self._error is not None:
+                    break  # closed meanwhile: the number may be reused
+                try:
+                    got = self._absorb(os.read(fd, _READ_SIZE))
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    got = f"connection lost: {exc}", exc
+                if type(got) is tuple:
+                    await self._fail(*got)
+                    break
+        except trio.ClosedResourceError:
+            pass  # closed by another task (_fail, aclose): pending has its error
+        finally:
+            self._owner = None
+            aside = self._aside
+            if aside is not None:
+                self._aside = None
+                trio.lowlevel.reschedule(aside)
+        if not pending.done:  # pragma: no cover - a failure sets every error
+            pending._error = self._lost()
+
+    async def _receive(self) -> bytes | bytearray:
+        """The reader's next bytes from the server. On a plain socket (TCP / unix):
+        with nothing in flight, wait until it is readable before reading (a read now
+        would only fail, and a failed read costs more in Trio than the wait; this
+        wait is what notices a connection dropped while idle); with replies due,
+        yield once and read, as ``receive_some`` does. While a caller reads its own
+        reply (:meth:`_read_own`) the reader parks, and comes back when it is done.
+        TLS: ``receive_some``.
+
+        Cancellation (the read deadline, :meth:`_fail`, the owner's nursery): raises
+        Cancelled; nothing was read then."""
+        fd = self._fd
+        if fd is None:
+            return await self._stream.receive_some(_READ_SIZE)
+        if self._waiting:
+            await trio.lowlevel.checkpoint()
+        else:
+            await self._watch_idle(fd)
+        while True:
+            if self._owner is not None:
+                await self._step_aside()
+                if not self._waiting:
+                    await self._watch_idle(fd)
+                continue
+            if self._error is not None:
+                # Closed while this task was being woken: its number may be reused.
+                raise trio.ClosedResourceError("the connection was closed")
+            try:
+                return os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                pass
+            if not self._waiting:
+                await self._watch_idle(fd)
+                continue
+            self._reading = True
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            finally:
+                self._reading = False
+
+    async def _watch_idle(self, fd: int) -> None:
+        """Wait until the socket is readable, nothing being in flight: a reply nobody
+        asked for, EOF or an error, or a caller taking the socket (it cancels this
+        wait; see :meth:`_read_own`)."""
+        with trio.CancelScope() as scope:
+            self._watch = scope
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            finally:
+                self._watch = None
+
+    async def _step_aside(self) -> None:
+        """Park while a caller reads its own reply; woken by it when it is done
+        (:meth:`_read_own`). Cancellation (the read deadline, :meth:`_fail`): raises
+        Cancelled, and the caller keeps reading."""
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            self._aside = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        # trio.lowlevel: park this task (no Event or ParkingLot per command); the
+        # caller in _read_own reschedules it, and the read deadline still cancels it.
+        self._aside = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     async def flush(self) -> None:
         """Return once everything queued so far (by :meth:`submit` or anyone) was
@@ -713,9 +868,6 @@ class Connection(_Base):
             self._since_reply = self._parser.len()  # the next reply's start (< 1 KiB more)
         return False
 
-    def _idle(self) -> bool:
-        return not self._waiting
-
     def _next_deadline(self) -> float:
         return min((pending._deadline for pending in self._waiting), default=_INF)
 
@@ -758,9 +910,10 @@ class Connection(_Base):
 
         Cancellation: if already cancelled when called, nothing is sent. Once
         queued, the command is written whole (the write is shielded, bounded by
-        ``command_timeout``); if cancelled while waiting for the reply, the command
-        still runs on the server and its reply is read and discarded by the reader.
-        Other callers on the connection are not affected."""
+        ``command_timeout``); if cancelled while waiting for the reply (also while
+        reading it itself, in caller-read mode, with part of it read), the command
+        still runs on the server and the reader reads the rest of its reply and
+        discards it. Other callers on the connection are not affected."""
         await trio.lowlevel.checkpoint_if_cancelled()
         pending = Pending(self, 1)
         self._enqueue(encode(args), pending, timeout)

@@ -8,7 +8,7 @@ restart) get a private one, started with ``tests.redis.server.start_server``.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -67,3 +67,17 @@ async def wait_blocked(watcher: Connection, count: int = 1) -> None:
 async def all_parked() -> None:
     """Every task is blocked (our callers parked, the reader waiting for data)."""
     await trio.testing.wait_all_tasks_blocked()
+
+
+async def one_peer(
+    behaviour: Callable[[trio.SocketStream], Awaitable[None]],
+    task_status: trio.TaskStatus[int],
+) -> None:
+    """A one-connection TCP peer on a free port (started: the port) that talks as
+    ``behaviour(stream)`` says: a misbehaving or scripted server."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with listeners[0]:
+        task_status.started(listeners[0].socket.getsockname()[1])
+        stream = await listeners[0].accept()
+        async with stream:
+            await behaviour(stream)

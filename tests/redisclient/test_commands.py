@@ -299,26 +299,46 @@ async def test_per_call_timeout_overrides_command_timeout(url: str, key: str) ->
 
 @attrs.define(eq=False)
 class Steps(trio.abc.Instrument):
-    """Counts scheduler task steps: a cost that does not depend on the machine."""
+    """Counts scheduler task steps (a cost that does not depend on the machine), those
+    of ``watched``, and how often ``watched`` was woken by the run loop itself (the
+    socket it waits on), not rescheduled by another task."""
 
+    watched: trio.lowlevel.Task | None = None
     steps: int = 0
+    mine: int = 0
+    woken_by_io: int = 0
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self.steps += 1
+        self.mine += task is self.watched
+
+    def task_scheduled(self, task: trio.lowlevel.Task) -> None:
+        if task is self.watched:
+            try:
+                trio.lowlevel.current_task()  # another task woke it
+            except RuntimeError:
+                self.woken_by_io += 1  # the I/O manager did, outside any task
 
 
 async def test_scheduler_steps_per_command(conn: Connection) -> None:
     with trio.fail_after(10):
         await conn.execute("PING")
-        sequential = Steps()
+        sequential = Steps(trio.lowlevel.current_task())
         trio.lowlevel.add_instrument(sequential)
         try:
             for _ in range(200):
                 await conn.execute("GET", "x")
         finally:
             trio.lowlevel.remove_instrument(sequential)
-        # One step of the caller (write, park) and one of the reader (read, wake it).
+        # Caller-read mode: one step of the caller per command (woken by the socket
+        # with its reply: it reads it, returns, writes the next command and waits),
+        # and one of the reader (woken when the caller had its reply: it finds the
+        # next command's caller reading and parks again), while the server works.
         assert sequential.steps <= 2 * 200 + 10, sequential.steps
+        assert sequential.mine <= 200 + 5, sequential.mine
+        # Woken by the socket, not by the reader: no task between the reply and its
+        # caller (before caller-read mode: the reader's step).
+        assert sequential.woken_by_io >= 200, sequential.woken_by_io
 
         async def loop() -> None:
             for _ in range(50):

@@ -16,7 +16,7 @@ from bus.redis._client import (
     open_connection,
 )
 from tests.redis.server import RedisServer
-from tests.redisclient.conftest import all_parked, wait_blocked
+from tests.redisclient.conftest import all_parked, one_peer, wait_blocked
 
 pytestmark = pytest.mark.redis
 
@@ -136,14 +136,13 @@ async def _fake_server(
     behaviour: Callable[[trio.SocketStream], Awaitable[None]],
     task_status: trio.TaskStatus[int],
 ) -> None:
-    """A one-connection TCP peer that misbehaves as told."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    async with listeners[0]:
-        task_status.started(listeners[0].socket.getsockname()[1])
-        stream = await listeners[0].accept()
-        async with stream:
-            await stream.receive_some(65536)
-            await behaviour(stream)
+    """A one-connection TCP peer that misbehaves as told once it got a command."""
+
+    async def after_a_command(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await behaviour(stream)
+
+    await one_peer(after_a_command, task_status)
 
 
 @pytest.mark.parametrize(

@@ -114,6 +114,7 @@ async def test_tls_with_a_trustme_certificate(tls_server: tuple[RedisServer, int
                 await ps.subscribe("c")
                 assert await conn.execute("PUBLISH", "c", "over tls") == 1
                 assert await ps.__anext__() == (b"c", b"over tls")
+            assert conn.stats.own_reads == 0  # TLS: the reader hands every reply over
 
 
 async def test_tls_with_an_ssl_context_and_a_refused_certificate(
@@ -147,6 +148,7 @@ async def test_unix_socket(tmp_path: Path) -> None:
                 info = (await conn.execute("CLIENT", "INFO")).decode()
                 assert " db=2 " in f" {info} " and "name=over-unix" in info
                 assert await conn.pipeline([("GET", "k"), ("DBSIZE",)]) == [b"v", 1]
+                assert conn.stats.own_reads == 3  # a plain socket: caller-read mode
     finally:
         server.stop()
 

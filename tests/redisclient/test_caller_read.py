@@ -1,0 +1,336 @@
+"""Caller-read mode: a caller alone in flight reads its own reply, the reader steps aside.
+
+Each test first checks that the mode was used (``stats.own_reads``), then forces one of
+the things the reader task still guarantees: a connection dropped while idle ends
+``run`` at once, a caller cancelled half-way through its reply leaves no half-read
+reply behind, callers arriving meanwhile get their own replies, timeouts fire.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import hiredis
+import pytest
+import trio
+import trio.testing
+
+from bus.redis._client import Connection, ConnectionLost, RedisTimeout, open_connection
+from tests.redis.server import RedisServer
+from tests.redisclient.conftest import all_parked, one_peer, wait_blocked
+
+pytestmark = pytest.mark.redis
+
+_MORE = object()
+
+
+class Supervised:
+    """``conn.run`` in a nursery, recording how it ended (a supervisor in miniature)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.ended = trio.Event()
+        self.lost: ConnectionLost | None = None
+
+    async def run(self, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await self.conn.run(task_status=task_status)
+        except ConnectionLost as exc:
+            self.lost = exc
+        finally:
+            self.ended.set()
+
+
+# ---------------------------------------------------------------- dropped while idle
+
+
+@pytest.mark.parametrize("how", ["client-kill", "server-killed"])
+async def test_a_drop_while_idle_after_caller_reads_ends_run_without_a_command(
+    own_server: RedisServer, how: str
+) -> None:
+    with trio.fail_after(10):
+        conn = await Connection.connect(own_server.url)
+        watcher = Supervised(conn)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher.run)
+            my_id = await conn.execute("CLIENT", "ID")
+            for i in range(20):
+                assert await conn.execute("ECHO", i) == str(i).encode()
+            assert conn.stats.own_reads == 21  # every one read by its caller
+            if how == "client-kill":
+                async with open_connection(own_server.url) as other:
+                    assert await other.execute("CLIENT", "KILL", "ID", my_id) == 1
+            else:
+                own_server.stop(signal.SIGKILL)
+            await watcher.ended.wait()  # no command is sent on conn: the reader saw it
+        assert isinstance(watcher.lost, ConnectionLost)
+        assert "closed the connection" in str(watcher.lost) or "lost" in str(watcher.lost)
+        with pytest.raises(ConnectionLost):
+            await conn.execute("PING")
+
+
+async def _scripted_peer(
+    script: Callable[[trio.SocketStream, Callable[[], Awaitable[list[bytes]]]], Awaitable[None]],
+    task_status: trio.TaskStatus[int],
+) -> None:
+    """A one-connection RESP peer: ``script(stream, next_command)`` answers as told."""
+    parser = hiredis.Reader(notEnoughData=_MORE)
+
+    async def scripted(stream: trio.SocketStream) -> None:
+        async def next_command() -> list[bytes]:
+            while (command := parser.gets()) is _MORE:
+                data = await stream.receive_some(65536)
+                assert data, "the client closed the connection"
+                parser.feed(data)
+            assert isinstance(command, list)
+            return command
+
+        await script(stream, next_command)
+
+    await one_peer(scripted, task_status)
+
+
+async def test_eof_right_behind_a_reply_the_caller_read_ends_run() -> None:
+    """The server answers and closes at once: the EOF can sit behind the reply the
+    caller read itself. The reader comes back and sees it, no command needed."""
+
+    async def answer_then_close(
+        stream: trio.SocketStream, next_command: Callable[[], Awaitable[list[bytes]]]
+    ) -> None:
+        assert await next_command() == [b"PING"]
+        await stream.send_all(b"+PONG\r\n")
+        assert await next_command() == [b"PING"]
+        await stream.send_all(b"+PONG\r\n")  # and the connection closes right behind it
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(_scripted_peer, answer_then_close)
+            conn = await Connection.connect(f"redis://127.0.0.1:{port}")
+            watcher = Supervised(conn)
+            await nursery.start(watcher.run)
+            assert await conn.execute("PING") == b"PONG"
+            assert await conn.execute("PING") == b"PONG"
+            assert conn.stats.own_reads == 2
+            await watcher.ended.wait()
+        assert watcher.lost is not None and "closed the connection" in str(watcher.lost)
+
+
+# ---------------------------------------------------------------- cancelled half-way
+
+
+async def test_a_caller_cancelled_between_parts_of_its_reply_leaves_no_half_reply() -> None:
+    """The reply to a GET arrives in two parts; its caller, reading it itself, is
+    cancelled after the first. The next commands get their own replies."""
+    rest = trio.Event()
+
+    async def split_reply(
+        stream: trio.SocketStream, next_command: Callable[[], Awaitable[list[bytes]]]
+    ) -> None:
+        assert await next_command() == [b"GET", b"k"]
+        await stream.send_all(b"$10\r\nhello")
+        await rest.wait()
+        await stream.send_all(b"world\r\n")
+        assert await next_command() == [b"ECHO", b"next"]
+        await stream.send_all(b"$4\r\nnext\r\n")
+        assert await next_command() == [b"ECHO", b"alone"]
+        await stream.send_all(b"$5\r\nalone\r\n")
+        await trio.sleep_forever()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(_scripted_peer, split_reply)
+            async with open_connection(f"redis://127.0.0.1:{port}") as conn:
+                outcome: list[object] = []
+                getter = trio.CancelScope()
+
+                async def get() -> None:
+                    with getter:
+                        outcome.append(await conn.execute("GET", "k"))
+                    outcome.append("cancelled")
+
+                nursery.start_soon(get)
+                await all_parked()  # the caller read "hello" and waits for the rest
+                assert conn.stats.own_reads == 1
+                assert conn._parser.len() == len(b"$10\r\nhello")  # half a reply, parsed
+                getter.cancel()
+                await all_parked()
+                assert outcome == ["cancelled"]
+
+                async def echo_next() -> None:
+                    outcome.append(await conn.execute("ECHO", "next"))
+
+                nursery.start_soon(echo_next)  # queued behind the cancelled GET
+                await all_parked()
+                rest.set()  # the rest of the GET's reply, then ECHO's
+                await all_parked()
+                assert outcome == ["cancelled", b"next"]
+                assert await conn.execute("ECHO", "alone") == b"alone"
+                assert conn.stats.own_reads == 2  # alone again: read by its caller
+            nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _slow_proxy(
+    target_port: int, hold_after: int
+) -> AsyncIterator[tuple[int, trio.Event, trio.Event]]:
+    """A TCP proxy to ``target_port`` that passes the first ``hold_after`` bytes from
+    the server, sets ``held``, then holds the rest until ``release`` is set."""
+    release = trio.Event()
+    held = trio.Event()
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def pump(src: trio.SocketStream, dst: trio.SocketStream, hold: bool) -> None:
+        passed = 0
+        while data := await src.receive_some(65536):
+            if hold and passed + len(data) > hold_after and not release.is_set():
+                cut = max(0, hold_after - passed)
+                await dst.send_all(data[:cut])
+                passed += cut
+                held.set()
+                await release.wait()
+                data = data[cut:]
+            await dst.send_all(data)
+            passed += len(data)
+
+    async def serve(task_status: trio.TaskStatus[None]) -> None:
+        async with listeners[0]:
+            task_status.started()
+            client = await listeners[0].accept()
+            server = await trio.open_tcp_stream("127.0.0.1", target_port)
+            async with client, server, trio.open_nursery() as pumps:
+                pumps.start_soon(pump, client, server, False)
+                pumps.start_soon(pump, server, client, True)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve)
+        yield listeners[0].socket.getsockname()[1], held, release
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_big_get_cancelled_while_its_caller_reads_it(
+    redis_server: RedisServer, other: Connection, key: str
+) -> None:
+    """A real server and a 4 MB value behind a proxy that delays the second half: the
+    caller, reading its own reply, is cancelled in the middle of it."""
+    value = os.urandom(4 * 1024 * 1024)
+    with trio.fail_after(20):
+        await other.execute("SET", key, value)
+        proxy = _slow_proxy(redis_server.port, hold_after=len(value) // 2)
+        async with (
+            proxy as (port, held, release),
+            open_connection(f"redis://127.0.0.1:{port}") as conn,
+        ):
+            getter = trio.CancelScope()
+            outcome: list[object] = []
+
+            async def get() -> None:
+                with getter:
+                    outcome.append(await conn.execute("GET", key))
+                outcome.append("cancelled")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(get)
+                await held.wait()  # half the value sent to our socket, the rest held
+                await all_parked()  # and read by its caller
+                assert conn.stats.own_reads == 1
+                assert conn._parser.len() >= len(value) // 2
+                getter.cancel()
+            await all_parked()
+            assert outcome == ["cancelled"]
+            release.set()
+            assert await conn.execute("ECHO", "after") == b"after"
+            assert await conn.execute("STRLEN", key) == len(value)
+            assert await conn.execute("GET", key) == value
+            assert conn.stats.own_reads == 3  # STRLEN and GET alone again
+
+
+# ---------------------------------------------------------------- a mix, and timeouts
+
+
+async def test_callers_arriving_while_one_reads_its_own_reply(
+    conn: Connection, other: Connection, key: str
+) -> None:
+    replies: dict[str, object] = {}
+
+    async def call(name: str, *args: object) -> None:
+        replies[name] = await conn.execute(*args, timeout=float("inf"))  # type: ignore[arg-type]
+
+    with trio.fail_after(10):
+        before = conn.stats.own_reads
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, "pop", "BLPOP", key, 0)
+            await wait_blocked(other)  # the server holds it; its caller reads its reply
+            assert conn.stats.own_reads == before + 1
+            for word in ("b", "c", "d"):
+                nursery.start_soon(call, word, "ECHO", word)
+            await all_parked()  # b, c, d queued behind the BLPOP, parked
+            assert replies == {}
+            await other.execute("RPUSH", key, "x")
+        assert replies == {"pop": [key.encode(), b"x"], "b": b"b", "c": b"c", "d": b"d"}
+        assert conn.stats.own_reads == before + 1  # the others were handed theirs
+        assert await conn.execute("ECHO", "alone") == b"alone"
+        assert conn.stats.own_reads == before + 2
+
+        # The caller reading its own reply is cancelled; the one behind it still gets
+        # its reply (from the reader), the next sequential one reads its own again.
+        async with trio.open_nursery() as nursery:
+            popper = trio.CancelScope()
+
+            async def cancelled_pop() -> None:
+                with popper:
+                    await conn.execute("BLPOP", key, 0, timeout=float("inf"))
+
+            nursery.start_soon(cancelled_pop)
+            await wait_blocked(other)
+            nursery.start_soon(call, "e", "ECHO", "e")
+            await all_parked()
+            popper.cancel()
+            await all_parked()
+            await other.execute("RPUSH", key, "y")
+        assert replies["e"] == b"e"
+        assert await conn.execute("LLEN", key) == 0  # the cancelled BLPOP did pop it
+        assert conn.stats.own_reads == before + 4
+
+
+async def test_a_caller_reading_its_own_reply_times_out(url: str, key: str) -> None:
+    with trio.fail_after(10):
+        conn = await Connection.connect(url + "?command_timeout=0.3")
+        watcher = Supervised(conn)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher.run)
+            assert await conn.execute("PING") == b"PONG"
+            with pytest.raises(RedisTimeout):
+                await conn.execute("BLPOP", key, 5)  # the server answers after 5 s
+            assert conn.stats.own_reads == 2
+            await watcher.ended.wait()
+        assert watcher.lost is not None and "timeout" in str(watcher.lost)
+        with pytest.raises(ConnectionLost):
+            await conn.execute("PING")
+
+
+async def test_a_timeout_while_one_reads_its_own_reply_fails_those_behind(
+    url: str, other: Connection, key: str
+) -> None:
+    outcomes: dict[str, str] = {}
+
+    async def call(name: str, timeout: float | None, *args: object) -> None:
+        try:
+            await conn.execute(*args, timeout=timeout)  # type: ignore[arg-type]
+            outcomes[name] = "ok"
+        except RedisTimeout:
+            outcomes[name] = "timeout"
+        except ConnectionLost:
+            outcomes[name] = "lost"
+
+    with trio.fail_after(10):
+        async with open_connection(url) as conn:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call, "pop", 0.3, "BLPOP", key, 0)
+                await wait_blocked(other)
+                assert conn.stats.own_reads == 1
+                nursery.start_soon(call, "behind", None, "ECHO", "b")
+            assert outcomes == {"pop": "timeout", "behind": "lost"}
+            assert conn.is_closed
