@@ -94,9 +94,7 @@ async def _speed(kiq: Any, wait: Any, n_tasks: int, n_rounds: int) -> dict[str, 
     """Throughput of a burst (all sent, then all awaited) and sequential round trips."""
     gc.collect()
     t0 = time.perf_counter()
-    handles = [await kiq() for _ in range(n_tasks)]
-    for h in handles:
-        await wait(h)
+    await _burst(kiq, wait, n_tasks)
     throughput = n_tasks / (time.perf_counter() - t0)
     lat = []
     for _ in range(n_rounds):
@@ -113,13 +111,23 @@ def _held() -> tuple[int, int]:
     return len(traces), sum(t.size for t in traces)
 
 
-async def _alloc(kiq: Any, wait: Any, n: int) -> dict[str, float]:
+async def _burst(kiq: Any, wait: Any, n: int) -> None:
+    handles = [await kiq() for _ in range(n)]
+    for h in handles:
+        await wait(h)
+
+
+async def _alloc(kiq: Any, wait: Any, n: int, warm: int) -> dict[str, float]:
     """Per task: held in flight (sent, not run), kept once finished, and the peak of
     the burst. ``kiq()`` sends one no-op task and returns its handle (without yielding
-    to the event loop: neither library's send does), ``wait(h)`` awaits its result."""
+    to the event loop: neither library's send does), ``wait(h)`` awaits its result.
+    A first burst of ``warm`` tasks, traced, lets every runner run and park again, so
+    what each keeps while it waits is in the baseline and not counted per task."""
     gc.collect()
     tracemalloc.start()
     try:
+        await _burst(kiq, wait, warm)
+        gc.collect()
         base = _held()
         tracemalloc.reset_peak()
         handles = [await kiq() for _ in range(n)]
@@ -145,7 +153,7 @@ def _child(which: str, n_tasks: int, n_rounds: int, concurrency: int, alloc: boo
     """Run one measurement in this process and print it as JSON."""
     measure: Measure
     if alloc:
-        measure = functools.partial(_alloc, n=n_tasks)
+        measure = functools.partial(_alloc, n=n_tasks, warm=2 * concurrency)
     else:
         measure = functools.partial(_speed, n_tasks=n_tasks, n_rounds=n_rounds)
     if which == "taskiq":
