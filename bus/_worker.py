@@ -297,10 +297,12 @@ class WorkerActor(actors.Actor):
                     else:
                         streak = 0
                         d = await receive()
-                        if scope.cancel_called:
-                            # Intake stopped in the scheduler pass that handed this
-                            # runner ``d`` (it still looked idle): ``d`` has not
-                            # started, so it goes back to the broker unrun.
+                        if self._draining:
+                            # Intake stopped (and cancelled this idle runner's scope:
+                            # ``_stop_intake``, which reading the flag spares asking the
+                            # scope, which reads the clock) in the scheduler pass that
+                            # handed this runner ``d``: ``d`` has not started, so it
+                            # goes back to the broker unrun.
                             self._hand_back(d)
                             break
                     r.idle = False
