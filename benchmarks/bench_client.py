@@ -7,11 +7,14 @@ Starts its own redis-server (127.0.0.1, a free port, no persistence) and measure
 the same run, ``GET`` of a small key:
   * sequential: ``--count`` commands one after the other (microseconds per command),
     for our client (bus/redis/_client.py) on Trio, coredis on Trio, redis-py's
-    synchronous client, and a bare ``trio.open_tcp_stream`` + ``hiredis.Reader`` loop
-    (the floor: no client at all);
+    synchronous client, and two bare ``trio.open_tcp_stream`` + ``hiredis.Reader``
+    loops (no client at all): one task writing and reading (the floor, "bare trio +
+    hiredis"), and a second task reading and waking the caller ("bare, reader task",
+    the shape of a client whose reader hands every reply over);
   * in flight: ``--inflight`` tasks each sending ``--count / inflight`` commands on
     one shared connection (ours, coredis), microseconds per command of wall time.
-Repetitions alternate the clients; medians (min-max) and ratios to ours are printed.
+Repetitions alternate the clients; medians (min-max) and ratios to ours are printed,
+and the sequential ratio ours / bare one-task (issue #22 asks for at most 1.2x).
 
 Round trips depend on where the scheduler puts this process and redis-server: on a
 VM, waking an idle virtual CPU on the other core can cost tens of microseconds per
@@ -37,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _redis_server import RedisServer, redis_server_version  # noqa: E402
 
 KEY = "bench:key"
+OURS = "ours (trio)"
+BARE = "bare trio + hiredis"
 WARMUP = 200
 
 
@@ -118,20 +123,24 @@ def redispy_sequential(url: str, count: int) -> float:
         client.close()
 
 
+_MORE = object()
+_GET = b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(KEY), KEY.encode())
+
+
 async def bare_sequential(port: int, count: int) -> float:
+    """The floor: one task writes each command and reads its reply itself
+    (``send_all`` / ``receive_some``, ``hiredis.Reader``), no client at all."""
     import hiredis
 
-    more = object()
-    command = b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(KEY), KEY.encode())
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
-        reader = hiredis.Reader(notEnoughData=more)
+        reader = hiredis.Reader(notEnoughData=_MORE)
 
         async def one() -> None:
-            await stream.send_all(command)
+            await stream.send_all(_GET)
             while True:
                 reader.feed(await stream.receive_some(65536))
-                if reader.gets() is not more:
+                if reader.gets() is not _MORE:
                     return
 
         for _ in range(WARMUP):
@@ -140,6 +149,49 @@ async def bare_sequential(port: int, count: int) -> float:
         for _ in range(count):
             await one()
         return time.perf_counter() - t0
+
+
+async def bare_reader_task(port: int, count: int) -> float:
+    """The same wire, the shape of a client with a reader task: the caller writes and
+    parks; a second task reads the reply and wakes the caller (one more scheduler
+    pass between the reply and the caller than :func:`bare_sequential`)."""
+    import hiredis
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream, trio.open_nursery() as nursery:
+        parser = hiredis.Reader(notEnoughData=_MORE)
+        parked: list[trio.lowlevel.Task] = []  # the caller, while it waits
+        replies: list[object] = []
+
+        async def read() -> None:
+            while True:
+                parser.feed(await stream.receive_some(65536))
+                while (reply := parser.gets()) is not _MORE:
+                    replies.append(reply)
+                    if parked:
+                        # trio.lowlevel: wake the parked caller, as a client's reader does.
+                        trio.lowlevel.reschedule(parked.pop())
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            parked.clear()
+            return trio.lowlevel.Abort.SUCCEEDED  # interrupted: the run is over
+
+        async def one() -> None:
+            await stream.send_all(_GET)
+            if not replies:
+                parked.append(trio.lowlevel.current_task())
+                await trio.lowlevel.wait_task_rescheduled(abort)
+            replies.pop()
+
+        nursery.start_soon(read)
+        for _ in range(WARMUP):
+            await one()
+        t0 = time.perf_counter()
+        for _ in range(count):
+            await one()
+        elapsed = time.perf_counter() - t0
+        nursery.cancel_scope.cancel()
+    return elapsed
 
 
 def _available(module: str) -> bool:
@@ -166,14 +218,15 @@ def main() -> None:
 
         redis.Redis.from_url(server.url).set(KEY, b"x" * 16)
         runs: dict[str, Callable[[], float]] = {
-            "ours (trio)": lambda: trio.run(ours_sequential, server.url, count),
-            "bare trio + hiredis": lambda: trio.run(bare_sequential, server.port, count),
+            OURS: lambda: trio.run(ours_sequential, server.url, count),
+            BARE: lambda: trio.run(bare_sequential, server.port, count),
+            "bare, reader task": lambda: trio.run(bare_reader_task, server.port, count),
             "redis-py (sync)": lambda: redispy_sequential(server.url, count),
         }
         if _available("coredis"):
             runs["coredis (trio)"] = lambda: trio.run(coredis_sequential, server.url, count)
         inflight_runs: dict[str, Callable[[], float]] = {
-            "ours (trio)": lambda: trio.run(ours_inflight, server.url, count, inflight),
+            OURS: lambda: trio.run(ours_inflight, server.url, count, inflight),
         }
         if _available("coredis"):
             inflight_runs["coredis (trio)"] = lambda: trio.run(
@@ -194,11 +247,13 @@ def main() -> None:
         f"{count} commands x {options.repeat} repetitions, {pinned}"
     )
     _table("sequential GET (us/command)", seq)
+    goal = statistics.median(seq[OURS]) / statistics.median(seq[BARE])
+    print(f"  ours / bare one-task (issue #22 goal: <= 1.20x): {goal:.2f}x")
     _table(f"{inflight} in flight on one connection (us/command, wall)", par)
 
 
 def _table(title: str, results: dict[str, list[float]]) -> None:
-    ours = statistics.median(results["ours (trio)"])
+    ours = statistics.median(results[OURS])
     print(f"\n{title}")
     print(f"  {'client':<22}{'median':>9}{'min-max':>18}{'vs ours':>10}")
     for name, values in results.items():

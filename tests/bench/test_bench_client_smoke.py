@@ -3,6 +3,8 @@ every client's code path included (``tests/bench/peers.py``: BUS_REQUIRE_PEERS).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.bench.peers import need_redis_server, peer, run_benchmark
@@ -18,6 +20,8 @@ def test_bench_client_runs_and_prints_both_tables() -> None:
     out = run_benchmark("bench_client.py", "--count", "64", "--repeat", "1", "--inflight", "8")
     assert "sequential GET (us/command)" in out, out
     assert "8 in flight on one connection" in out, out
-    for client in ("ours (trio)", "bare trio + hiredis", "redis-py (sync)"):
+    for client in ("ours (trio)", "bare trio + hiredis", "bare, reader task", "redis-py (sync)"):
         assert client in out, out
+    # The issue #22 goal, read straight off the output.
+    assert re.search(r"ours / bare one-task \(issue #22 goal: <= 1\.20x\): \d+\.\d\dx", out), out
     assert ("coredis (trio)" in out) == coredis, out
