@@ -10,13 +10,12 @@ from tests.bench.peers import BENCHMARKS, peer, run_benchmark
 def test_bench_inmemory_runs_and_prints_the_ratios() -> None:
     taskiq = peer("taskiq")
     against = ["--against", "HEAD"] if (BENCHMARKS.parent / ".git").exists() else []
-    out = run_benchmark(
-        "bench_inmemory.py", "--tasks", "200", "--rounds", "20", "--repeat", "1", *against
-    )
+    args = ["--tasks", "200", "--rounds", "20", "--repeat", "1", "--concurrency", "100"]
+    out = run_benchmark("bench_inmemory.py", *args, *against)
     assert "200 tasks, 20 round trips" in out, out
     assert "\ntrio-bus " in out, out
     if taskiq:
-        assert "ratio trio-bus/taskiq: throughput" in out, out
+        assert "ratio trio-bus/taskiq" in out, out
     else:
         assert "taskiq is not installed" in out, out
     if against:
