@@ -298,12 +298,13 @@ class WorkerActor(actors.Actor):
                         streak = 0
                         d = await receive()
                         if self._draining:
-                            # Intake stopped (and cancelled this idle runner's scope:
-                            # ``_stop_intake``, which reading the flag spares asking the
-                            # scope, which reads the clock) in the scheduler pass that
-                            # handed this runner ``d``: ``d`` has not started, so it
-                            # goes back to the broker unrun.
-                            self._hand_back(d)
+                            # Intake stopped in the scheduler pass that handed this
+                            # runner ``d`` (``_stop_intake`` cancelled its scope: the
+                            # flag says so without asking the scope, which reads the
+                            # clock): ``d`` has not started, so it goes back unrun.
+                            # (mypy keeps the loop condition's narrowing across the
+                            # await; the flag changes meanwhile.)
+                            self._hand_back(d)  # type: ignore[unreachable]
                             break
                     r.idle = False
                     await process(d, r)
