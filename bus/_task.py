@@ -228,6 +228,11 @@ class Task(Generic[P, R]):
         #: Its rate and concurrency limits (``None``: it has none).
         self.limits: TaskLimits | None = placement.limits
         self.is_async = inspect.iscoroutinefunction(func)
+        # A broker that can send without a coroutine (the in-memory one) lends kiq its
+        # way: called after kiq's cancellation point; ``None`` from it: use ``kick``.
+        self._fast_kick: Callable[[TaskMessage], TaskID | None] | None = getattr(
+            broker, "_fast_kick", None
+        )
         self.context_param = _context_param(func)
         self.__name__ = getattr(func, "__name__", name)
         self.__doc__ = getattr(func, "__doc__", None)
@@ -333,7 +338,15 @@ class Task(Generic[P, R]):
                 TaskID.new(), self.name, args, kwargs, EMPTY, 1, None, self.queue, self.priority
             )
         broker = self.broker
-        return TaskHandle(await broker.kick(msg), broker, stores_result=self.options.store_result)
+        fast = self._fast_kick
+        if fast is not None:
+            await trio.lowlevel.checkpoint_if_cancelled()  # the send's, before it is sent
+            tid = fast(msg)
+            if tid is None:
+                tid = await broker.kick(msg)
+        else:
+            tid = await broker.kick(msg)
+        return TaskHandle(tid, broker, stores_result=self.options.store_result)
 
     async def kiq_many(
         self, calls: Iterable[tuple[tuple[Any, ...], dict[str, Any]] | tuple[Any, ...]]
