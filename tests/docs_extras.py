@@ -184,13 +184,13 @@ def run_blocks(
     path: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run these blocks (name, code) of a page with its text in a subprocess that has only
-    what the text names (``imports_only``: only their import statements; ``path``: where
-    the modules they import of their own are)."""
+    what the text names, warnings as errors (``imports_only``: only their import
+    statements; ``path``: where the modules they import of their own are)."""
     spec = tmp / "blocks.json"
     spec.write_text(json.dumps(blocks))
     options = (["--imports"] if imports_only else []) + ([str(path)] if path else [])
     return subprocess.run(
-        [sys.executable, str(RUN_BLOCKS), str(spec), *options],
+        [sys.executable, "-W", "error", str(RUN_BLOCKS), str(spec), *options],
         cwd=tmp,
         env=env_for(text),
         capture_output=True,
