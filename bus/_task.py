@@ -83,16 +83,24 @@ class TaskHandle(Generic[R]):
         self._check_stored()
         return await self.broker.result_backend.get_result(self.task_id)
 
-    async def wait_result(self, timeout: float | None = None) -> TaskResult[R]:
+    def wait_result(self, timeout: float | None = None) -> Coroutine[Any, Any, TaskResult[R]]:
         """Wait for the final result: woken the moment it is stored (no polling).
 
         Raises :class:`ResultTimeout` after ``timeout`` seconds (the task keeps
         running) and :class:`ResultNotFound` when the result is gone for good, or at
         once when the task was sent with ``store_result=False`` (none will be stored).
         Cancellation: only the wait is abandoned.
+
+        (A plain function that returns the backend's coroutine, to be awaited as
+        ``await handle.wait_result()``: one coroutine less on every wait.)
         """
+        if not self._stores:
+            return self._not_stored()  # raised when awaited, as from any coroutine
+        return self.broker.result_backend.wait_result(self.task_id, timeout)
+
+    async def _not_stored(self) -> TaskResult[R]:
         self._check_stored()
-        return await self.broker.result_backend.wait_result(self.task_id, timeout)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def cancel(self) -> None:
         """Cancel the task: a queued task never starts, a running one is cancelled at its
