@@ -15,6 +15,7 @@ from bus._broker_actor import BrokerActor
 from bus._codec import Codec, DecodeError
 from bus._frozen import json_faithful
 from bus._ids import TaskID
+from bus._make import maker
 from bus._memory_dispatch import _Dispatch, _MemoryLease, _unique_of
 from bus._memory_messages import (
     EVERY_QUEUE,
@@ -57,6 +58,8 @@ from bus._unique import UniqueTable
 __all__ = ["InMemoryBrokerActor", "Kept"]
 
 log = get_logger("bus")
+
+_make_delivery = maker(Delivery)  # Delivery(...), cheaper (see bus._make)
 
 
 # --------------------------------------------------------------------- the actor
@@ -315,7 +318,7 @@ class InMemoryBrokerActor(BrokerActor):
             and not message.priority
         ):  # the hot path: one queue, one level, no limits
             unique = _unique_of(message) if message.labels else None
-            d = Delivery(data, (message.task_id, counted, unique), shared)
+            d = _make_delivery(data, (message.task_id, counted, unique), shared, 1)
             if self.core.send(d, 0.0, 0.0):
                 self._send.send_nowait(d)
             return

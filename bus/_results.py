@@ -25,6 +25,7 @@ from bus._codec import Codec, JSONCodec
 from bus._errors import ResultNotFound, ResultTimeout
 from bus._frozen import value_faithful
 from bus._ids import TaskID
+from bus._make import maker
 from bus._message import RemoteError, TaskResult, TaskStatus
 from bus._protocol import (
     ForgetResult,
@@ -54,6 +55,7 @@ __all__ = [
 ]
 
 _CODEC_ERRORS = (TypeError, ValueError, OverflowError, RecursionError)
+_make_store = maker(StoreResult)  # StoreResult(...), cheaper (see bus._make)
 
 
 def encode_result_checked(codec: Codec, task_id: TaskID, result: TaskResult[Any]) -> bytes:
@@ -472,7 +474,7 @@ class InMemoryResultBackend(ResultBackend):
         if ref is None:
             _apply_offline(self._table, StoreResult(task_id, result))
             return
-        ref.tell_nowait(StoreResult(task_id, result))  # unbounded mailbox: never full
+        ref.tell_nowait(_make_store(task_id, result))  # unbounded mailbox: never full
 
     def get_result_nowait(self, task_id: TaskID) -> TaskResult[Any]:
         """The stored result, read from the view; :class:`ResultNotFound` otherwise

@@ -13,9 +13,10 @@ import trio
 
 from bus._context import Context
 from bus._errors import ResultNotFound, ResultTimeout, SendError
-from bus._frozen import EMPTY
+from bus._frozen import EMPTY, freeze_args, freeze_mapping
 from bus._ids import TaskID
 from bus._limits import Placement, TaskLimits
+from bus._make import maker
 from bus._message import TaskMessage, TaskResult
 from bus._options import (
     DEFAULT_UNIQUE_TTL,
@@ -35,6 +36,9 @@ __all__ = ["AsyncTask", "Kicker", "SyncTask", "Task", "TaskHandle", "gather"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+#: ``TaskMessage(...)`` with its converters' work done by the caller (see bus._make).
+_make_message = maker(TaskMessage, converted=True)
 
 
 def _context_param(func: Callable[..., Any]) -> str | None:
@@ -341,9 +345,17 @@ class Task(Generic[P, R]):
             self.check_call(args, kwargs)  # (the common call is judged by its count)
         if self.send_defaults:
             msg = self._message(args, kwargs, None, None, None)
-        else:  # the common message: no labels, no delay (positional: a third cheaper)
-            msg = TaskMessage(
-                TaskID.new(), self.name, args, kwargs, EMPTY, 1, None, self.queue, self.priority
+        else:  # the common message: no labels, no delay
+            msg = _make_message(
+                TaskID.new(),
+                self.name,
+                freeze_args(args),  # the converters' work, done here
+                freeze_mapping(kwargs) if kwargs else EMPTY,
+                EMPTY,
+                1,
+                None,
+                self.queue,
+                self.priority,
             )
         broker = self.broker
         fast = self._fast_kick
