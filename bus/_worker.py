@@ -27,6 +27,7 @@ from bus._codec import DecodeError
 from bus._context import Context, _current
 from bus._frozen import thaw, thaw_args
 from bus._ids import TaskID
+from bus._make import maker
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
 from bus._options import TaskOptions
 from bus._protocol import (
@@ -52,6 +53,10 @@ if TYPE_CHECKING:
 __all__ = ["Decision", "Worker", "WorkerActor", "decide"]
 
 log = get_logger("bus.worker")
+
+# TaskResult(...) and Ack(...) of the hot path, cheaper (see bus._make).
+_make_result = maker(TaskResult)
+_make_ack = maker(Ack)
 
 
 @attrs.frozen
@@ -432,7 +437,7 @@ class WorkerActor(actors.Actor):
                 # The common case, without the decision machinery: store, then ack.
                 stats.succeeded += 1
                 labels = message.labels
-                result: TaskResult[Any] = TaskResult(
+                result: TaskResult[Any] = _make_result(
                     tid, status, value, None, time.perf_counter() - t0, labels
                 )
                 if labels and "unique_key" in labels:
@@ -452,7 +457,7 @@ class WorkerActor(actors.Actor):
                     ):
                         return  # not acked: its transition runs again with the redelivery
                     try:
-                        self._broker_ref.tell_nowait(Ack(delivery))  # type: ignore[union-attr]
+                        self._broker_ref.tell_nowait(_make_ack(delivery))  # type: ignore[union-attr]
                     except (actors.MailboxFull, actors.ActorStopped):
                         # The careful way: a task of the worker's own tells it, or it is logged.
                         self._ack(delivery, tid)
