@@ -82,6 +82,8 @@ __all__ = [
 ]
 
 _READ_SIZE: Final = 65536
+#: At most this many replies handed over between two offers of caller-read mode.
+_MAX_SKIP: Final = 16
 _INF: Final = math.inf
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -581,11 +583,15 @@ class Connection(_Base):
         self._owner: Pending | None = None
         #: The reader, parked aside while a caller reads (None when not parked).
         self._aside: trio.lowlevel.Task | None = None
-        #: The cancel scope of the reader's wait for readability while nothing is in
-        #: flight: a caller cancels it to take the socket (None when not waiting).
-        self._watch: trio.CancelScope | None = None
-        #: True while the reader waits for replies due to others (not to be taken).
-        self._reading = False
+        #: True while the reader waits for the socket to be readable: a caller cannot
+        #: wait for it too then (Trio allows one reader per fd), and parks instead.
+        self._watching = False
+        #: The caller the reader just handed a reply to, until it ran (see _receive).
+        self._handed: trio.lowlevel.Task | None = None
+        #: Replies to hand over before the reader tries caller-read mode again, and
+        #: that number doubled after each try in vain (up to _MAX_SKIP).
+        self._skip = 0
+        self._backoff = 1
 
     @classmethod
     async def connect(
@@ -684,25 +690,34 @@ class Connection(_Base):
                 raise RuntimeError("another task is already waiting for these replies")
             waiting = self._waiting
             if (
-                self._owner is None
+                not self._watching
+                and self._owner is None
                 and len(waiting) == 1
                 and waiting[0] is pending
                 and self._fd is not None
-                and not self._reading
             ):
                 await self._read_own(pending)
                 continue
             # trio.lowlevel: one parked task per command, woken by the reader with its
             # reply (cheaper than an Event per command).
-            pending._task = trio.lowlevel.current_task()
+            task = pending._task = trio.lowlevel.current_task()
             await trio.lowlevel.wait_task_rescheduled(pending._abort)
+            if self._handed is task:
+                self._handed = None  # this caller ran (see _receive)
 
     async def _read_own(self, pending: Pending) -> None:
-        """Caller-read mode: ``pending`` is the only command in flight (written) and
-        the socket is plain, so its caller reads the reply itself, without waking the
-        reader and then being woken by it. The reader steps aside (see
-        :meth:`_receive`) and is woken again once this returns, so that a connection
-        dropped while idle is still noticed at once.
+        """Caller-read mode: ``pending`` is the only command in flight (written), the
+        socket is plain and the reader is not waiting on it (Trio allows one waiter
+        per fd), so its caller reads the reply itself, without waking the reader and
+        then being woken by it. The reader steps aside (see :meth:`_receive`) and is
+        woken again once this returns, so that a connection dropped while idle is
+        still noticed at once.
+
+        In a sequential loop the reader, woken when the caller had its reply, has not
+        run yet when the next command is written: the caller reads that reply too,
+        and so on. A command sent while the reader watches the idle socket is read by
+        the reader and handed over, as before (taking the socket from it means
+        cancelling its wait: measured, that costs more than the reader's pass).
 
         Replies to commands queued meanwhile by other tasks are handed out as the
         reader does; theirs that have not arrived yet are left to the reader. Returns
@@ -716,11 +731,6 @@ class Connection(_Base):
         assert fd is not None
         self._owner = pending
         self.stats.own_reads += 1
-        watch = self._watch
-        if watch is not None:
-            # Trio lets one task at a time wait for an fd to be readable: cancelling
-            # the reader's wait runs its abort now, so the fd is free at once.
-            watch.cancel()
         try:
             while not pending.done:
                 # trio.lowlevel.wait_readable + os.read, as the reader does (see there).
@@ -761,42 +771,56 @@ class Connection(_Base):
         fd = self._fd
         if fd is None:
             return await self._stream.receive_some(_READ_SIZE)
+        ready = False
         if self._waiting:
             await trio.lowlevel.checkpoint()
-        else:
-            await self._watch_idle(fd)
+            ready = True
+        elif self._handed is not None:
+            if self._skip:
+                self._skip -= 1
+                self._handed = None
+            else:
+                await self._offer()
         while True:
             if self._owner is not None:
                 await self._step_aside()
-                if not self._waiting:
-                    await self._watch_idle(fd)
+                ready = bool(self._waiting)
                 continue
-            if self._error is not None:
-                # Closed while this task was being woken: its number may be reused.
-                raise trio.ClosedResourceError("the connection was closed")
+            if ready:
+                if self._error is not None:
+                    # Closed while this task was being woken: its number may be reused.
+                    raise trio.ClosedResourceError("the connection was closed")
+                try:
+                    return os.read(fd, _READ_SIZE)
+                except BlockingIOError:
+                    pass
+            # Meanwhile callers do not read (Trio allows one waiter per fd). The wait
+            # with nothing in flight is what notices a connection dropped while idle.
+            self._watching = True
             try:
-                return os.read(fd, _READ_SIZE)
-            except BlockingIOError:
-                pass
-            if not self._waiting:
-                await self._watch_idle(fd)
-                continue
-            self._reading = True
-            try:
+                # trio.lowlevel.wait_readable + os.read: one trip through the
+                # scheduler per read where receive_some makes two.
                 await trio.lowlevel.wait_readable(fd)
             finally:
-                self._reading = False
+                self._watching = False
+            ready = True
 
-    async def _watch_idle(self, fd: int) -> None:
-        """Wait until the socket is readable, nothing being in flight: a reply nobody
-        asked for, EOF or an error, or a caller taking the socket (it cancels this
-        wait; see :meth:`_read_own`)."""
-        with trio.CancelScope() as scope:
-            self._watch = scope
-            try:
-                await trio.lowlevel.wait_readable(fd)
-            finally:
-                self._watch = None
+    async def _offer(self) -> None:
+        """The reader just handed a reply to a caller and nothing is in flight: let
+        that caller run first (yield until it did), so that if it sends its next
+        command at once, it finds the socket free and reads the reply itself
+        (caller-read mode, where a sequential loop then stays). A caller that does
+        not (it awaits something else first) makes the reader skip its next offers,
+        twice as many each time (up to ``_MAX_SKIP``): then it costs next to nothing."""
+        await trio.lowlevel.checkpoint()
+        if self._handed is not None:  # we ran first in that pass: it runs in this one
+            await trio.lowlevel.checkpoint()
+        self._handed = None
+        if self._owner is None:
+            self._skip = self._backoff
+            self._backoff = min(2 * self._backoff, _MAX_SKIP)
+        else:
+            self._backoff = 1
 
     async def _step_aside(self) -> None:
         """Park while a caller reads its own reply; woken by it when it is done
@@ -864,6 +888,7 @@ class Connection(_Base):
                 if task is not None:
                     pending._task = None
                     reschedule(task)
+                    self._handed = task
         if got:
             self._since_reply = self._parser.len()  # the next reply's start (< 1 KiB more)
         return False

@@ -81,3 +81,16 @@ async def one_peer(
         stream = await listeners[0].accept()
         async with stream:
             await behaviour(stream)
+
+
+async def caller_reads(conn: Connection) -> int:
+    """Send PINGs until one is read by its caller (caller-read mode: the reader was
+    not watching the socket, which depends on the scheduler's order, one chance in two
+    a command). The calling task's next command, sent before it awaits anything else,
+    is read by its caller too. Returns ``conn.stats.own_reads`` then."""
+    for _ in range(64):
+        before = conn.stats.own_reads
+        assert await conn.execute("PING") == b"PONG"
+        if conn.stats.own_reads > before:
+            return conn.stats.own_reads
+    raise AssertionError("no command was read by its caller in 64")

@@ -1,9 +1,10 @@
 """Caller-read mode: a caller alone in flight reads its own reply, the reader steps aside.
 
-Each test first checks that the mode was used (``stats.own_reads``), then forces one of
-the things the reader task still guarantees: a connection dropped while idle ends
-``run`` at once, a caller cancelled half-way through its reply leaves no half-read
-reply behind, callers arriving meanwhile get their own replies, timeouts fire.
+Each test enters the mode (``caller_reads``), checks that it was used
+(``stats.own_reads``), then forces one of the things the reader task still guarantees:
+a connection dropped while idle ends ``run`` at once, a caller cancelled half-way
+through its reply leaves no half-read reply behind, callers arriving meanwhile get
+their own replies, timeouts fire.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import trio.testing
 
 from bus.redis._client import Connection, ConnectionLost, RedisTimeout, open_connection
 from tests.redis.server import RedisServer
-from tests.redisclient.conftest import all_parked, one_peer, wait_blocked
+from tests.redisclient.conftest import all_parked, caller_reads, one_peer, wait_blocked
 
 pytestmark = pytest.mark.redis
 
@@ -57,9 +58,10 @@ async def test_a_drop_while_idle_after_caller_reads_ends_run_without_a_command(
         async with trio.open_nursery() as nursery:
             await nursery.start(watcher.run)
             my_id = await conn.execute("CLIENT", "ID")
+            mark = await caller_reads(conn)
             for i in range(20):
                 assert await conn.execute("ECHO", i) == str(i).encode()
-            assert conn.stats.own_reads == 21  # every one read by its caller
+            assert conn.stats.own_reads == mark + 20  # every one read by its caller
             if how == "client-kill":
                 async with open_connection(own_server.url) as other:
                     assert await other.execute("CLIENT", "KILL", "ID", my_id) == 1
@@ -76,17 +78,21 @@ async def _scripted_peer(
     script: Callable[[trio.SocketStream, Callable[[], Awaitable[list[bytes]]]], Awaitable[None]],
     task_status: trio.TaskStatus[int],
 ) -> None:
-    """A one-connection RESP peer: ``script(stream, next_command)`` answers as told."""
+    """A one-connection RESP peer: ``script(stream, next_command)`` answers as told;
+    ``next_command`` answers PINGs itself and returns the next other command."""
     parser = hiredis.Reader(notEnoughData=_MORE)
 
     async def scripted(stream: trio.SocketStream) -> None:
         async def next_command() -> list[bytes]:
-            while (command := parser.gets()) is _MORE:
-                data = await stream.receive_some(65536)
-                assert data, "the client closed the connection"
-                parser.feed(data)
-            assert isinstance(command, list)
-            return command
+            while True:
+                while (command := parser.gets()) is _MORE:
+                    data = await stream.receive_some(65536)
+                    assert data, "the client closed the connection"
+                    parser.feed(data)
+                assert isinstance(command, list)
+                if command != [b"PING"]:
+                    return command
+                await stream.send_all(b"+PONG\r\n")
 
         await script(stream, next_command)
 
@@ -100,10 +106,8 @@ async def test_eof_right_behind_a_reply_the_caller_read_ends_run() -> None:
     async def answer_then_close(
         stream: trio.SocketStream, next_command: Callable[[], Awaitable[list[bytes]]]
     ) -> None:
-        assert await next_command() == [b"PING"]
-        await stream.send_all(b"+PONG\r\n")
-        assert await next_command() == [b"PING"]
-        await stream.send_all(b"+PONG\r\n")  # and the connection closes right behind it
+        assert await next_command() == [b"ECHO", b"last"]
+        await stream.send_all(b"$4\r\nlast\r\n")  # and the connection closes behind it
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -111,9 +115,9 @@ async def test_eof_right_behind_a_reply_the_caller_read_ends_run() -> None:
             conn = await Connection.connect(f"redis://127.0.0.1:{port}")
             watcher = Supervised(conn)
             await nursery.start(watcher.run)
-            assert await conn.execute("PING") == b"PONG"
-            assert await conn.execute("PING") == b"PONG"
-            assert conn.stats.own_reads == 2
+            mark = await caller_reads(conn)
+            assert await conn.execute("ECHO", "last") == b"last"
+            assert conn.stats.own_reads == mark + 1
             await watcher.ended.wait()
         assert watcher.lost is not None and "closed the connection" in str(watcher.lost)
 
@@ -145,16 +149,19 @@ async def test_a_caller_cancelled_between_parts_of_its_reply_leaves_no_half_repl
             async with open_connection(f"redis://127.0.0.1:{port}") as conn:
                 outcome: list[object] = []
                 getter = trio.CancelScope()
+                marks: list[int] = []
 
                 async def get() -> None:
+                    marks.append(await caller_reads(conn))
                     with getter:
                         outcome.append(await conn.execute("GET", "k"))
                     outcome.append("cancelled")
 
                 nursery.start_soon(get)
                 await all_parked()  # the caller read "hello" and waits for the rest
-                assert conn.stats.own_reads == 1
-                assert conn._parser.len() == len(b"$10\r\nhello")  # half a reply, parsed
+                assert conn.stats.own_reads == marks[0] + 1
+                owner = conn._owner  # the GET, read by its caller: "hello" and no more
+                assert owner is not None and not owner.done
                 getter.cancel()
                 await all_parked()
                 assert outcome == ["cancelled"]
@@ -167,8 +174,9 @@ async def test_a_caller_cancelled_between_parts_of_its_reply_leaves_no_half_repl
                 rest.set()  # the rest of the GET's reply, then ECHO's
                 await all_parked()
                 assert outcome == ["cancelled", b"next"]
+                mark = await caller_reads(conn)
                 assert await conn.execute("ECHO", "alone") == b"alone"
-                assert conn.stats.own_reads == 2  # alone again: read by its caller
+                assert conn.stats.own_reads == mark + 1  # alone again: read by its caller
             nursery.cancel_scope.cancel()
 
 
@@ -225,8 +233,10 @@ async def test_a_big_get_cancelled_while_its_caller_reads_it(
         ):
             getter = trio.CancelScope()
             outcome: list[object] = []
+            marks: list[int] = []
 
             async def get() -> None:
+                marks.append(await caller_reads(conn))
                 with getter:
                     outcome.append(await conn.execute("GET", key))
                 outcome.append("cancelled")
@@ -235,16 +245,18 @@ async def test_a_big_get_cancelled_while_its_caller_reads_it(
                 nursery.start_soon(get)
                 await held.wait()  # half the value sent to our socket, the rest held
                 await all_parked()  # and read by its caller
-                assert conn.stats.own_reads == 1
-                assert conn._parser.len() >= len(value) // 2
+                assert conn.stats.own_reads == marks[0] + 1
+                owner = conn._owner  # the GET, half read by its caller
+                assert owner is not None and not owner.done
                 getter.cancel()
             await all_parked()
             assert outcome == ["cancelled"]
             release.set()
             assert await conn.execute("ECHO", "after") == b"after"
+            mark = await caller_reads(conn)
             assert await conn.execute("STRLEN", key) == len(value)
             assert await conn.execute("GET", key) == value
-            assert conn.stats.own_reads == 3  # STRLEN and GET alone again
+            assert conn.stats.own_reads == mark + 2  # alone again: read by their caller
 
 
 # ---------------------------------------------------------------- a mix, and timeouts
@@ -254,37 +266,44 @@ async def test_callers_arriving_while_one_reads_its_own_reply(
     conn: Connection, other: Connection, key: str
 ) -> None:
     replies: dict[str, object] = {}
+    marks: list[int] = []
 
     async def call(name: str, *args: object) -> None:
         replies[name] = await conn.execute(*args, timeout=float("inf"))  # type: ignore[arg-type]
 
+    async def pop_reading_itself() -> None:
+        marks.append(await caller_reads(conn))
+        replies["pop"] = await conn.execute("BLPOP", key, 0, timeout=float("inf"))
+
     with trio.fail_after(10):
-        before = conn.stats.own_reads
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(call, "pop", "BLPOP", key, 0)
+            nursery.start_soon(pop_reading_itself)
             await wait_blocked(other)  # the server holds it; its caller reads its reply
-            assert conn.stats.own_reads == before + 1
+            assert conn.stats.own_reads == marks[0] + 1
             for word in ("b", "c", "d"):
                 nursery.start_soon(call, word, "ECHO", word)
             await all_parked()  # b, c, d queued behind the BLPOP, parked
             assert replies == {}
             await other.execute("RPUSH", key, "x")
         assert replies == {"pop": [key.encode(), b"x"], "b": b"b", "c": b"c", "d": b"d"}
-        assert conn.stats.own_reads == before + 1  # the others were handed theirs
+        assert conn.stats.own_reads == marks[0] + 1  # the others were handed theirs
+        mark = await caller_reads(conn)
         assert await conn.execute("ECHO", "alone") == b"alone"
-        assert conn.stats.own_reads == before + 2
+        assert conn.stats.own_reads == mark + 1
 
         # The caller reading its own reply is cancelled; the one behind it still gets
-        # its reply (from the reader), the next sequential one reads its own again.
+        # its reply (from the reader).
         async with trio.open_nursery() as nursery:
             popper = trio.CancelScope()
 
             async def cancelled_pop() -> None:
+                marks.append(await caller_reads(conn))
                 with popper:
                     await conn.execute("BLPOP", key, 0, timeout=float("inf"))
 
             nursery.start_soon(cancelled_pop)
             await wait_blocked(other)
+            assert conn.stats.own_reads == marks[1] + 1
             nursery.start_soon(call, "e", "ECHO", "e")
             await all_parked()
             popper.cancel()
@@ -292,7 +311,6 @@ async def test_callers_arriving_while_one_reads_its_own_reply(
             await other.execute("RPUSH", key, "y")
         assert replies["e"] == b"e"
         assert await conn.execute("LLEN", key) == 0  # the cancelled BLPOP did pop it
-        assert conn.stats.own_reads == before + 4
 
 
 async def test_a_caller_reading_its_own_reply_times_out(url: str, key: str) -> None:
@@ -301,10 +319,10 @@ async def test_a_caller_reading_its_own_reply_times_out(url: str, key: str) -> N
         watcher = Supervised(conn)
         async with trio.open_nursery() as nursery:
             await nursery.start(watcher.run)
-            assert await conn.execute("PING") == b"PONG"
+            mark = await caller_reads(conn)
             with pytest.raises(RedisTimeout):
                 await conn.execute("BLPOP", key, 5)  # the server answers after 5 s
-            assert conn.stats.own_reads == 2
+            assert conn.stats.own_reads == mark + 1
             await watcher.ended.wait()
         assert watcher.lost is not None and "timeout" in str(watcher.lost)
         with pytest.raises(ConnectionLost):
@@ -315,9 +333,12 @@ async def test_a_timeout_while_one_reads_its_own_reply_fails_those_behind(
     url: str, other: Connection, key: str
 ) -> None:
     outcomes: dict[str, str] = {}
+    marks: list[int] = []
 
     async def call(name: str, timeout: float | None, *args: object) -> None:
         try:
+            if name == "pop":
+                marks.append(await caller_reads(conn))
             await conn.execute(*args, timeout=timeout)  # type: ignore[arg-type]
             outcomes[name] = "ok"
         except RedisTimeout:
@@ -330,7 +351,7 @@ async def test_a_timeout_while_one_reads_its_own_reply_fails_those_behind(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(call, "pop", 0.3, "BLPOP", key, 0)
                 await wait_blocked(other)
-                assert conn.stats.own_reads == 1
+                assert conn.stats.own_reads == marks[0] + 1
                 nursery.start_soon(call, "behind", None, "ECHO", "b")
             assert outcomes == {"pop": "timeout", "behind": "lost"}
             assert conn.is_closed

@@ -17,7 +17,7 @@ from bus.redis._client import (
     rerun_noscript,
 )
 from tests.redis.server import RedisServer
-from tests.redisclient.conftest import all_parked, wait_blocked
+from tests.redisclient.conftest import all_parked, caller_reads, wait_blocked
 
 pytestmark = pytest.mark.redis
 
@@ -322,7 +322,7 @@ class Steps(trio.abc.Instrument):
 
 async def test_scheduler_steps_per_command(conn: Connection) -> None:
     with trio.fail_after(10):
-        await conn.execute("PING")
+        await caller_reads(conn)  # sequential: the next command is read by its caller
         sequential = Steps(trio.lowlevel.current_task())
         trio.lowlevel.add_instrument(sequential)
         try:
