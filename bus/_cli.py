@@ -157,7 +157,7 @@ def configure_logging(fmt: str | None, level: str) -> str:
         fmt = "console" if tty else "json"
     _log_format = fmt
     renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=tty)
+        structlog.dev.ConsoleRenderer(colors=tty, exception_formatter=structlog.dev.plain_traceback)
         if fmt == "console"
         else structlog.processors.JSONRenderer()
     )
