@@ -54,6 +54,7 @@ from bus._memory_messages import (
     Upgrade,
     WatchIdle,
 )
+from bus._memory_room import Room
 from bus._message import TaskMessage
 from bus._middleware import Middleware
 from bus._options import check_queue_name
@@ -166,7 +167,7 @@ class InMemoryBroker(Broker):
         self.start_worker = bool(start_worker)
         #: The default queue: where a task without a ``queue`` goes.
         self.queue = queue
-        self._slots: trio.Semaphore | None = None
+        self._slots: Room | None = None
         self._core: QueueCore | None = None
         self._worker_done: trio.Event | None = None
         self._schedules = MemorySchedules()
@@ -249,7 +250,7 @@ class InMemoryBroker(Broker):
             return None
         return self._encode(message)
 
-    async def _wait_for_room(self, slots: trio.Semaphore) -> None:
+    async def _wait_for_room(self, slots: Room) -> None:
         await slots.acquire()
         if not self._running:
             slots.release()

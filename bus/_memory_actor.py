@@ -30,6 +30,7 @@ from bus._memory_messages import (
     Upgrade,
     WatchIdle,
 )
+from bus._memory_room import Room
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
 from bus._protocol import (
     Ack,
@@ -79,7 +80,7 @@ class Kept:
 
     def __init__(self, max_queue: int) -> None:
         self.core = QueueCore()
-        self.slots = trio.Semaphore(max_queue)
+        self.slots = Room(max_queue)
         self._send, self._recv = trio.open_memory_channel[Delivery](math.inf)
         self.fancy: _Dispatch | None = None
         self._leases: list[_MemoryLease] = []
@@ -114,7 +115,7 @@ class InMemoryBrokerActor(BrokerActor):
         self.core: QueueCore = kept.core
         #: The bound on waiting messages, lent to the facade (``Broker.kick`` takes a
         #: place before it sends; a worker taking the delivery gives it back).
-        self.slots: trio.Semaphore = kept.slots
+        self.slots: Room = kept.slots
         self._send: trio.MemorySendChannel[Delivery] = kept._send
         self._recv: trio.MemoryReceiveChannel[Delivery] = kept._recv
         #: The dispatch, once queues, priorities or limits are in use (else ``None``:
@@ -480,7 +481,7 @@ class InMemoryBrokerActor(BrokerActor):
                 for name, q in queues.items()
             },
             details={
-                "senders_waiting": self.slots.statistics().tasks_waiting,
+                "senders_waiting": self.slots.tasks_waiting,
                 "waiting_for_limits": 0 if fancy is None else len(fancy.parking),
             },
         )
@@ -510,7 +511,7 @@ class InMemoryBrokerActor(BrokerActor):
     def close_intake(self, msg: CloseIntake) -> None:
         self.closed = self.kept.closed = True
         # Senders blocked on a full queue: wake them so they see BrokerClosed.
-        while self.slots.statistics().tasks_waiting:
+        while self.slots.tasks_waiting:
             self.slots.release()
 
     @actors.handles(CancelUnstarted)

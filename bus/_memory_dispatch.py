@@ -13,6 +13,7 @@ import outcome
 import trio
 
 from bus._limits import LocalLimits, Parking, TaskLimits
+from bus._memory_room import Room
 from bus._message import TaskMessage
 from bus._protocol import (
     Delivery,
@@ -44,7 +45,7 @@ class _MemoryLease(Lease):
         self,
         recv: trio.MemoryReceiveChannel[Delivery],
         core: QueueCore,
-        slots: trio.Semaphore,
+        slots: Room,
         queues: tuple[str, ...] | None,
         consumer: str,
     ) -> None:
