@@ -19,7 +19,13 @@ import pytest
 import trio
 import trio.testing
 
-from bus.redis._client import Connection, ConnectionLost, RedisTimeout, open_connection
+from bus.redis._client import (
+    Connection,
+    ConnectionLost,
+    RedisTimeout,
+    ReplyTooLarge,
+    open_connection,
+)
 from tests.redis.server import RedisServer
 from tests.redisclient.conftest import all_parked, caller_reads, one_peer, wait_blocked
 
@@ -355,3 +361,20 @@ async def test_a_timeout_while_one_reads_its_own_reply_fails_those_behind(
                 nursery.start_soon(call, "behind", None, "ECHO", "b")
             assert outcomes == {"pop": "timeout", "behind": "lost"}
             assert conn.is_closed
+
+
+async def test_a_reply_past_max_reply_bytes_read_by_its_caller(
+    url: str, other: Connection, key: str
+) -> None:
+    with trio.fail_after(10):
+        await other.execute("SET", key, b"x" * 100_000)
+        conn = await Connection.connect(url + "?max_reply_bytes=4096")
+        watcher = Supervised(conn)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher.run)
+            mark = await caller_reads(conn)
+            with pytest.raises(ReplyTooLarge, match="max_reply_bytes=4096"):
+                await conn.execute("GET", key)
+            assert conn.stats.own_reads == mark + 1
+            await watcher.ended.wait()
+        assert isinstance(watcher.lost, ReplyTooLarge)
