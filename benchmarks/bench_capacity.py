@@ -21,7 +21,9 @@ end. Every figure is a difference of the server's own counters (``INFO stats``,
 2. Saturation: the commands recorded in the send and run phases, replayed at once on
    several connections (each in a database of its own, ``XADD *`` given the id it got,
    blocking reads made non-blocking), as fast as Redis takes them: the commands/s one
-   Redis process carries with this mix and its CPU per command and per task.
+   Redis process carries with this mix and its CPU per command and per task (three
+   rounds, the median CPU counts); then a round with more subscribers a channel (more
+   processes waiting for results): what each one more costs.
 3. The model: tasks/s one Redis core carries = 1 / (Redis CPU-seconds per task), at the
    batching of the real run and at saturation; and the bound a network link puts on it.
 4. The check: two worker processes and the producer (32 ``kiq`` in flight, waiting every
@@ -42,6 +44,7 @@ import platform
 import resource
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -376,9 +379,11 @@ class Proxy:
             async def up() -> None:
                 buf = bytearray()
                 while data := await client.receive_some(1 << 16):
-                    await server.send_all(data)
+                    # Recorded before it is passed on: a phase's mark, taken once Redis
+                    # has answered, then counts every command of the phase.
                     buf += data
                     self._requests(conn, buf, pending)
+                    await server.send_all(data)
                 nursery.cancel_scope.cancel()
 
             async def down() -> None:
@@ -711,9 +716,12 @@ def by_path(values: dict[str, int], paths: dict[str, dict[str, Any]]) -> dict[st
 # ------------------------------------------------------------------ saturation
 
 
-def replay_script(records: list[Record]) -> tuple[bytes, int]:
-    """The recorded commands as one pipelined blob (and its command count)."""
-    parts, count = [], 0
+Script = list[bytes | list[bytes]]  # encoded commands; a PUBLISH is left as its words
+
+
+def replay_script(records: list[Record]) -> Script:
+    """The recorded commands, ready to be sent again (see :func:`saturate`)."""
+    out: Script = []
     for r in records:
         if not r.args or r.args[0].upper() in _NOT_REPLAYED:
             continue
@@ -726,9 +734,23 @@ def replay_script(records: list[Record]) -> tuple[bytes, int]:
             if b"BLOCK" in upper:
                 i = upper.index(b"BLOCK")
                 del args[i : i + 2]
-        parts.append(encode(*args))
-        count += 1
-    return b"".join(parts), count
+        out.append(args if name == b"PUBLISH" else encode(*args))
+    return out
+
+
+def _blob(script: Script, i: int) -> tuple[bytes, set[bytes]]:
+    """Connection ``i``'s bytes (in database ``i``, its announcements on channels of its
+    own) and those channels."""
+    parts, channels = [encode("SELECT", i)], set()
+    for p in script:
+        if isinstance(p, bytes):
+            parts.append(p)
+        else:
+            channel = p[1] + b":%d" % i
+            channels.add(channel)
+            parts.append(encode(p[0], channel, *p[2:]))
+    parts.append(encode("ECHO", END))
+    return b"".join(parts), channels
 
 
 END = b"bench-capacity-end"
@@ -744,28 +766,45 @@ def _errors(probe: Probe) -> Counter[str]:
     return out
 
 
-def saturate(port: int, probe: Probe, script: bytes, conns: int) -> dict[str, Any]:
-    """``conns`` connections, each in its own database, send the whole script at once
-    and read the replies as they come (unparsed: the last is an ``ECHO`` of a marker),
-    so that the server runs flat out."""
-    probe.command("FLUSHALL")
-    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(conns)]
-    end = b"$%d\r\n%s\r\n" % (len(END), END)
-
-    def reader(s: socket.socket) -> None:
-        tail = b""
-        while not tail.endswith(end):
+def _drain(s: socket.socket, until: bytes | None = None) -> None:
+    """Read and drop what comes, until ``until`` ends it (or the socket is closed)."""
+    tail = b""
+    with contextlib.suppress(OSError):
+        while until is None or not tail.endswith(until):
             data = s.recv(1 << 20)
             if not data:
+                if until is None:
+                    return
                 raise ConnectionError("redis-server closed a replay connection")
-            tail = (tail + data)[-len(end) :]
+            if until is not None:
+                tail = (tail + data)[-len(until) :]
 
+
+def saturate(
+    port: int, probe: Probe, script: Script, conns: int, subscribers: int = 1
+) -> dict[str, Any]:
+    """``conns`` connections, each in a database of its own with ``subscribers`` of its
+    own (the run had one, the producer), send the whole script at once and read the
+    replies as they come (unparsed: the last is an ``ECHO`` of a marker), so that the
+    server runs flat out. Afterwards each database is checked: its stream is empty and
+    nothing is pending (the replay did the work, not errors)."""
+    probe.command("FLUSHALL")
+    blobs = [_blob(script, i + 1) for i in range(conns)]
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(conns)]
+    subs = [socket.create_connection(("127.0.0.1", port)) for _ in range(conns * subscribers)]
+    for sub, (_, channels) in zip(subs, blobs * subscribers, strict=True):
+        if channels:
+            sub.sendall(encode("SUBSCRIBE", *sorted(channels)))
+            _drain(sub, b":%d\r\n" % len(channels))
+    end = b"$%d\r\n%s\r\n" % (len(END), END)
+    draining = [threading.Thread(target=_drain, args=(sub,)) for sub in subs]
+    for t in draining:
+        t.start()
     errors = _errors(probe)
     before = probe.snapshot()
     threads = []
-    for i, s in enumerate(socks):
-        blob = encode("SELECT", i + 1) + script + encode("ECHO", END)
-        threads.append(threading.Thread(target=reader, args=(s,)))
+    for s, (blob, _) in zip(socks, blobs, strict=True):
+        threads.append(threading.Thread(target=_drain, args=(s, end)))
         threads.append(threading.Thread(target=s.sendall, args=(blob,)))
     t0 = time.perf_counter()
     for t in threads:
@@ -775,19 +814,31 @@ def saturate(port: int, probe: Probe, script: bytes, conns: int) -> dict[str, An
     wall = time.perf_counter() - t0
     after = probe.snapshot()
     errors = _errors(probe) - errors
-    for s in socks:
+    for s in socks + subs:
+        s.shutdown(socket.SHUT_RDWR)  # wakes a thread in recv(), as close() does not
         s.close()
+    for t in draining:
+        t.join()
+    left = 0
+    for i in range(conns):
+        probe.command("SELECT", i + 1)
+        left += sum(probe.command("XLEN", k) for k in probe.command("KEYS", "*:stream*"))
+    probe.command("SELECT", 0)
     probe.command("FLUSHALL")
     d = after - before
     return {
         "connections": conns,
+        "subscribers": subscribers,
         "commands": d.commands,
         "wall_s": wall,
         "commands_per_s": d.commands / wall,
         "redis_cpu_s": d.cpu,
         "redis_busy": d.cpu / wall,
         "redis_cpu_us_per_command": d.cpu * 1e6 / max(1, d.commands),
+        "bytes_in": d.net_in,
+        "bytes_out": d.net_out,
         "errors": dict(errors),
+        "entries_left": left,
     }
 
 
@@ -838,13 +889,27 @@ def build(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
             file=sys.stderr,
             flush=True,
         )
-        script, _ = replay_script(window)
+        script = replay_script(window)
         # Three rounds; the one that kept Redis busiest (the least disturbed) counts.
         rounds = [saturate(server.port, probe, script, args.connections) for _ in range(3)]
         sat = max(rounds, key=lambda r: r["redis_busy"])
         sat["rounds_cpu_us_per_command"] = [r["redis_cpu_us_per_command"] for r in rounds]
+        fan = saturate(server.port, probe, script, args.connections, args.fanout)
+        fan["redis_cpu_us_per_task"] = fan["redis_cpu_s"] * 1e6 / (n * args.connections)
+        sat["fanout"] = fan
         sat["tasks"] = n * args.connections
-        sat["redis_cpu_us_per_task"] = sat["redis_cpu_s"] * 1e6 / sat["tasks"]
+        base = statistics.median(r["redis_cpu_s"] for r in rounds) * 1e6 / sat["tasks"]
+        sat["median_cpu_us_per_task"] = base
+        extra = max(1, args.fanout - 1)
+        sat["per_extra_subscriber_us"] = (fan["redis_cpu_us_per_task"] - base) / extra
+        sat["per_extra_subscriber_bytes_out"] = (
+            (fan["bytes_out"] - statistics.median(r["bytes_out"] for r in rounds))
+            / sat["tasks"]
+            / extra
+        )
+        # The median round's CPU (the steady figure); the busiest round's wall rate.
+        sat["redis_cpu_us_per_task"] = base
+        sat["redis_cpu_us_per_command"] = statistics.median(sat["rounds_cpu_us_per_command"])
         sat["tasks_per_s"] = sat["tasks"] / sat["wall_s"]
         print(
             f"check: {args.workers} worker processes + the producer, {args.check_tasks} tasks ...",
@@ -1025,11 +1090,22 @@ def report(res: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"saturation: the {s['commands']:,} recorded commands of {s['tasks']:,} tasks replayed "
-        f"on {s['connections']} pipelined connections in {s['wall_s']:.2f} s:",
-        f"  {s['commands_per_s']:,.0f} commands/s, Redis busy {s['redis_busy']:.0%} of one core, "
-        f"{s['redis_cpu_us_per_command']:.2f} us CPU a command, "
-        f"{s['redis_cpu_us_per_task']:.1f} us a task ({s['tasks_per_s']:,.0f} tasks/s)"
-        + (f"; errors {s['errors']}" if s["errors"] else ""),
+        f"on {s['connections']} pipelined connections, three rounds:",
+        f"  Redis CPU (median round): {s['redis_cpu_us_per_command']:.2f} us a command, "
+        f"{s['redis_cpu_us_per_task']:.1f} us a task",
+        f"  by the wall clock (busiest round, {s['wall_s']:.2f} s): {s['commands_per_s']:,.0f} "
+        f"commands/s = {s['tasks_per_s']:,.0f} tasks/s, Redis busy {s['redis_busy']:.0%} of "
+        "one core"
+        + (f"; errors {s['errors']}" if s["errors"] else "")
+        + (f"; {s['entries_left']} entries left unacked" if s["entries_left"] else ""),
+        f"  one core's worth of this mix: {1e6 / s['redis_cpu_us_per_command']:,.0f} commands/s "
+        f"(1 / CPU a command); CPU a command in the three rounds: "
+        + ", ".join(f"{v:.2f}" for v in s["rounds_cpu_us_per_command"])
+        + " us",
+        f"  with {s['fanout']['subscribers']} subscribers a channel (processes waiting results): "
+        f"{s['fanout']['redis_cpu_us_per_task']:.1f} us a task; each subscribed process more "
+        f"costs {s['per_extra_subscriber_us']:.2f} us and "
+        f"{s['per_extra_subscriber_bytes_out']:.0f} B out a task",
     ]
     m = res["model"]
     links = ", ".join(f"{k}: {v:,.0f} tasks/s" for k, v in m["tasks_per_s_by_link"].items())
@@ -1066,6 +1142,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-tasks", type=int, default=20_000, help="tasks of the check run")
     ap.add_argument("--workers", type=int, default=2, help="worker processes of the check run")
     ap.add_argument("--connections", type=int, default=8, help="connections of the saturation")
+    ap.add_argument(
+        "--fanout", type=int, default=4, help="subscribers a channel in the fan-out round"
+    )
     ap.add_argument("--idle", type=float, default=3.0, help="seconds a worker idles (measured)")
     ap.add_argument(
         "--link-gbit",
