@@ -67,6 +67,7 @@ from bus.redis._pool import (
     Resubscribed,
     Subscribe,
     UsesConnection,
+    is_transient,
     lend,
     subscription_of,
     with_connection,
@@ -99,6 +100,9 @@ from bus.redis._mover import DelayedMoverActor, SendMany, SendNow, WakeMover
 __all__ = ["RedisBrokerActor", "_Writes", "_deadline"]
 
 log = get_logger("bus.redis")
+
+#: Seconds before writes Redis answered "not now" (LOADING, BUSY ...) are made again.
+_NOT_NOW_RETRY = 0.1
 
 
 # ----------------------------------------------------------- the broker actor
@@ -294,9 +298,24 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
             lent = self.lent
             if lent is not None and any(isinstance(r, ReplyError) for r in replies):
                 await rerun_noscript(lent.conn, batch.commands, replies)
+            retrying = trio.current_time() - since < self.settings.write_timeout
+            again: list[Command] = []
             for command, reply in zip(batch.commands, replies, strict=True):
-                if isinstance(reply, ReplyError):
+                if retrying and is_transient(reply):
+                    again.append(command)
+                elif isinstance(reply, ReplyError):
                     log.error("redis.write_refused", command=str(command[0]), error=reply.message)
+            if again:
+                # Redis said "not now" (LOADING: it is loading its data after a restart;
+                # BUSY ...): those writes were not made. Make them again soon; until
+                # then the readers keep the batch's entries (told they are done, they
+                # would read them again, still pending, and run them a second time).
+                log.debug("redis.write_retry", error="not now", commands=len(again))
+                await trio.sleep(_NOT_NOW_RETRY)
+                self._requeue_batch(_Batch(again, batch.done))
+                if self.lent is not None and not self.lent.lost.is_set():
+                    await self._write()
+                return
             for reader in self._readers.values():
                 # A reader stops before its broker's last writes: one that stops
                 # has forgotten what it owned, and needs no Done.
