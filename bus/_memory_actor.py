@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -16,6 +15,7 @@ from bus._codec import Codec, DecodeError
 from bus._frozen import json_faithful
 from bus._ids import TaskID
 from bus._make import maker
+from bus._memory_channel import ReadyChannel
 from bus._memory_dispatch import _Dispatch, _MemoryLease, _unique_of
 from bus._memory_messages import (
     EVERY_QUEUE,
@@ -76,12 +76,12 @@ class Kept:
     after a bug loses nothing that was accepted (queued, delayed, running, unique
     keys, the leases lent to workers)."""
 
-    __slots__ = ("_idle", "_leases", "_recv", "_send", "closed", "core", "fancy", "slots", "unique")
+    __slots__ = ("_channel", "_idle", "_leases", "closed", "core", "fancy", "slots", "unique")
 
     def __init__(self, max_queue: int) -> None:
         self.core = QueueCore()
         self.slots = Room(max_queue)
-        self._send, self._recv = trio.open_memory_channel[Delivery](math.inf)
+        self._channel = ReadyChannel()
         self.fancy: _Dispatch | None = None
         self._leases: list[_MemoryLease] = []
         self._idle: list[trio.Event] = []
@@ -116,8 +116,7 @@ class InMemoryBrokerActor(BrokerActor):
         #: The bound on waiting messages, lent to the facade (``Broker.kick`` takes a
         #: place before it sends; a worker taking the delivery gives it back).
         self.slots: Room = kept.slots
-        self._send: trio.MemorySendChannel[Delivery] = kept._send
-        self._recv: trio.MemoryReceiveChannel[Delivery] = kept._recv
+        self._channel: ReadyChannel = kept._channel  # lends receive ends to the leases
         #: The dispatch, once queues, priorities or limits are in use (else ``None``:
         #: the channel serves).
         self.fancy: _Dispatch | None = kept.fancy
@@ -143,7 +142,7 @@ class InMemoryBrokerActor(BrokerActor):
         await self.nursery.start(self._run_timer)
 
     async def on_stop(self) -> None:
-        self._send.close()  # leases end once what is buffered was taken
+        self._channel.close()  # leases end once what is buffered was taken
         if self.fancy is not None:
             self.fancy.close()
 
@@ -158,7 +157,7 @@ class InMemoryBrokerActor(BrokerActor):
         fancy = self.fancy = self.kept.fancy = _Dispatch(self)
         while True:
             try:
-                d = self._recv.receive_nowait()
+                d = self._channel.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
             fancy.ready.put(self.default_queue, 0, d)
@@ -166,7 +165,7 @@ class InMemoryBrokerActor(BrokerActor):
             if not lease.closed:
                 lease._fancy = fancy.lease(lease.queues, lease.consumer)
         self._leases.clear()
-        self._send.close()
+        self._channel.close()
         return fancy
 
     @actors.handles(Upgrade, inline=True)
@@ -177,7 +176,7 @@ class InMemoryBrokerActor(BrokerActor):
         """``d`` may start now."""
         fancy = self.fancy
         if fancy is None:
-            self._send.send_nowait(d)
+            self._channel.send_nowait(d)
         else:
             fancy.put(d)
 
@@ -321,7 +320,7 @@ class InMemoryBrokerActor(BrokerActor):
             unique = _unique_of(message) if message.labels else None
             d = _make_delivery(data, (message.task_id, counted, unique), shared, 1)
             if self.core.send(d, 0.0, 0.0):
-                self._send.send_nowait(d)
+                self._channel.send_nowait(d)
             return
         if self.fancy is None and (
             (message.queue is not None and message.queue != self.default_queue) or message.priority
@@ -355,7 +354,7 @@ class InMemoryBrokerActor(BrokerActor):
             fancy = self._upgrade()
         if fancy is not None:
             return fancy.lease(queues, msg.consumer)
-        lease = _MemoryLease(self._recv.clone(), self.core, self.slots, queues, msg.consumer)
+        lease = _MemoryLease(self._channel.clone(), self.core, self.slots, queues, msg.consumer)
         self._leases = self.kept._leases = [held for held in self._leases if not held.closed]
         self._leases.append(lease)
         return lease
@@ -524,7 +523,7 @@ class InMemoryBrokerActor(BrokerActor):
             waiting: list[Delivery] = []
             while True:  # what is still on the channel never starts
                 try:
-                    waiting.append(self._recv.receive_nowait())
+                    waiting.append(self._channel.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
             if self.fancy is not None:

@@ -13,6 +13,7 @@ import outcome
 import trio
 
 from bus._limits import LocalLimits, Parking, TaskLimits
+from bus._memory_channel import ReadyEnd
 from bus._memory_room import Room
 from bus._message import TaskMessage
 from bus._protocol import (
@@ -43,7 +44,7 @@ class _MemoryLease(Lease):
 
     def __init__(
         self,
-        recv: trio.MemoryReceiveChannel[Delivery],
+        recv: ReadyEnd,
         core: QueueCore,
         slots: Room,
         queues: tuple[str, ...] | None,
