@@ -1,7 +1,7 @@
 """Redis clients on one connection: ours against coredis, redis-py and the bare wire.
 
     .venv/bin/python benchmarks/bench_client.py [--count 5000] [--repeat 3]
-        [--inflight 32] [--cpu 0]
+        [--inflight 32] [--cpu 0] [--against REV]
 
 Starts its own redis-server (127.0.0.1, a free port, no persistence) and measures, in
 the same run, ``GET`` of a small key:
@@ -15,6 +15,9 @@ the same run, ``GET`` of a small key:
     one shared connection (ours, coredis), microseconds per command of wall time.
 Repetitions alternate the clients; medians (min-max) and ratios to ours are printed,
 and the sequential ratio ours / bare one-task (issue #22 asks for at most 1.2x).
+``--against REV`` adds to the sequential table our client as of git revision REV
+(checked out in a worktree under /tmp) and this tree's, each run in a process of its
+own every repetition, and prints their ratio.
 
 Round trips depend on where the scheduler puts this process and redis-server: on a
 VM, waking an idle virtual CPU on the other core can cost tens of microseconds per
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -194,6 +198,52 @@ async def bare_reader_task(port: int, count: int) -> float:
     return elapsed
 
 
+_AT_REV = """
+import sys, time, trio
+tree, url, count, warmup, key = sys.argv[1:]
+sys.path.insert(0, tree)
+from bus.redis._client import open_connection
+
+async def main():
+    async with open_connection(url) as conn:
+        for _ in range(int(warmup)):
+            await conn.execute("GET", key)
+        t0 = time.perf_counter()
+        for _ in range(int(count)):
+            await conn.execute("GET", key)
+        return time.perf_counter() - t0
+
+print(trio.run(main))
+"""
+
+
+def _worktree(rev: str) -> Path:
+    """A worktree of ``rev`` under /tmp (made once, reused)."""
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    path = Path("/tmp") / f"bench-client-{sha}"
+    if not path.exists():
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(path), sha],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+    return path
+
+
+def ours_at(tree: Path, url: str, count: int) -> float:
+    """:func:`ours_sequential` with the client of another checkout (a process of its own)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _AT_REV, str(tree), url, str(count), str(WARMUP), KEY],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return float(out.split()[-1])
+
+
 def _available(module: str) -> bool:
     try:
         __import__(module)
@@ -208,6 +258,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--inflight", type=int, default=32)
     parser.add_argument("--cpu", type=int, default=None, help="pin this and the server to it")
+    parser.add_argument("--against", metavar="REV", help="also our client at this git revision")
     options = parser.parse_args()
     count, inflight = options.count, options.inflight
     if options.cpu is not None:
@@ -225,6 +276,10 @@ def main() -> None:
         }
         if _available("coredis"):
             runs["coredis (trio)"] = lambda: trio.run(coredis_sequential, server.url, count)
+        if options.against:
+            tree = _worktree(options.against)
+            runs["ours, own process"] = lambda: ours_at(ROOT, server.url, count)
+            runs[f"ours at {options.against}"] = lambda: ours_at(tree, server.url, count)
         inflight_runs: dict[str, Callable[[], float]] = {
             OURS: lambda: trio.run(ours_inflight, server.url, count, inflight),
         }
@@ -249,6 +304,12 @@ def main() -> None:
     _table("sequential GET (us/command)", seq)
     goal = statistics.median(seq[OURS]) / statistics.median(seq[BARE])
     print(f"  ours / bare one-task (issue #22 goal: <= 1.20x): {goal:.2f}x")
+    if options.against:
+        now = statistics.median(seq["ours, own process"])
+        then = statistics.median(seq[f"ours at {options.against}"])
+        print(
+            f"  ours / ours at {options.against} (each in a process of its own): {now / then:.2f}x"
+        )
     _table(f"{inflight} in flight on one connection (us/command, wall)", par)
 
 

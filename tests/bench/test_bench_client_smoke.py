@@ -25,3 +25,15 @@ def test_bench_client_runs_and_prints_both_tables() -> None:
     # The issue #22 goal, read straight off the output.
     assert re.search(r"ours / bare one-task \(issue #22 goal: <= 1\.20x\): \d+\.\d\dx", out), out
     assert ("coredis (trio)" in out) == coredis, out
+
+
+def test_bench_client_against_a_revision() -> None:
+    """``--against REV``: our client at REV and this tree's, each in its own process."""
+    need_redis_server()
+    if not peer("redis"):
+        pytest.skip("redis-py (the harness's own client) is not installed")
+    out = run_benchmark(
+        "bench_client.py", "--count", "32", "--repeat", "1", "--inflight", "8", "--against", "HEAD"
+    )
+    assert "ours, own process" in out and "ours at HEAD" in out, out
+    assert re.search(r"ours / ours at HEAD \(each in a process of its own\): \d+\.\d\dx", out), out
