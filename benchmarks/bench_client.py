@@ -16,8 +16,8 @@ the same run, ``GET`` of a small key:
 Repetitions alternate the clients; medians (min-max) and ratios to ours are printed,
 and the sequential ratio ours / bare one-task (issue #22 asks for at most 1.2x).
 ``--against REV`` adds to the sequential table our client as of git revision REV
-(checked out in a worktree under /tmp) and this tree's, each run in a process of its
-own every repetition, and prints their ratio.
+(checked out in a worktree under /tmp, as bench_drain.py does) and this tree's, each
+run in a process of its own every repetition, and prints their ratio.
 
 Round trips depend on where the scheduler puts this process and redis-server: on a
 VM, waking an idle virtual CPU on the other core can cost tens of microseconds per
@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _redis_server import RedisServer, redis_server_version  # noqa: E402
+from bench_drain import _worktree  # noqa: E402  # the A/B benchmarks' worktree of a REV
 
 KEY = "bench:key"
 OURS = "ours (trio)"
@@ -215,22 +216,6 @@ async def main():
 
 print(trio.run(main))
 """
-
-
-def _worktree(rev: str) -> Path:
-    """A worktree of ``rev`` under /tmp (made once, reused)."""
-    sha = subprocess.run(
-        ["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    path = Path("/tmp") / f"bench-client-{sha}"
-    if not path.exists():
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", str(path), sha],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
-    return path
 
 
 def ours_at(tree: Path, url: str, count: int) -> float:
