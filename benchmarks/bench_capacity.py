@@ -627,7 +627,7 @@ async def phases(
     return out
 
 
-async def check(url: str, probe: Probe, m: int, workers_n: int) -> dict[str, float]:
+async def check(url: str, probe: Probe, m: int, workers_n: int) -> dict[str, Any]:
     """Two worker processes and the producer on ``m`` tasks."""
     broker, noop = _broker(url)
     stream = broker.keys.stream
@@ -657,6 +657,7 @@ async def check(url: str, probe: Probe, m: int, workers_n: int) -> dict[str, flo
         "commands_per_task": d.commands / m,
         "bytes_in_per_task": d.net_in / m,
         "bytes_out_per_task": d.net_out / m,
+        "calls_per_task": {k: v / m for k, v in sorted(d.calls.items())},
     }
 
 
@@ -1029,7 +1030,7 @@ def _machine() -> str:
 
 
 def _per_read(phase: dict[str, Any]) -> str:
-    reads = phase["calls"].get("xreadgroup", 0)
+    reads = phase.get("calls", phase.get("calls_per_task", {})).get("xreadgroup", 0)
     return f"{1 / reads:.1f}" if reads else "-"
 
 
@@ -1124,6 +1125,7 @@ def report(res: dict[str, Any]) -> list[str]:
     ]
     c = res["check"]
     used = c["workers_cpu_s"] + c["producer_cpu_s"] + c["redis_cpu_s"]
+    cpu_tasks = (c["workers_cpu_s"] + c["producer_cpu_s"]) * 1e6 / c["tasks"]
     lines += [
         "",
         f"check: {c['workers']} worker processes + the producer, {c['tasks']:,} tasks in "
@@ -1134,7 +1136,9 @@ def report(res: dict[str, Any]) -> list[str]:
         f"  workers CPU {c['workers_cpu_s']:.2f} s, producer CPU {c['producer_cpu_s']:.2f} s, "
         f"Redis {c['redis_cpu_s']:.2f} s: {used / c['wall_s']:.2f} of {os.cpu_count()} cores",
         f"  {c['commands_per_task']:.2f} commands, {c['bytes_in_per_task']:.0f} B in, "
-        f"{c['bytes_out_per_task']:.0f} B out a task",
+        f"{c['bytes_out_per_task']:.0f} B out a task, {_per_read(c)} tasks a read; the "
+        f"workers and the producer used {cpu_tasks:.0f} us of CPU a task, "
+        f"{cpu_tasks / c['redis_cpu_us_per_task']:.1f}x Redis's",
     ]
     return lines
 
