@@ -24,6 +24,7 @@ nothing.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import outcome
@@ -31,7 +32,21 @@ import trio
 
 from bus._protocol import Delivery
 
-__all__ = ["ReadyChannel", "ReadyEnd"]
+__all__ = ["ReadyChannel", "ReadyEnd", "park"]
+
+
+def park(table: MutableMapping[trio.lowlevel.Task, Any], value: Any) -> Callable[[Any], Any]:
+    """Enter the current task in ``table`` (waiting runners, task -> ``value``) and
+    return the abort function to wait with (``trio.lowlevel.wait_task_rescheduled``):
+    a cancelled wait leaves the table. Whoever hands the task a value removes it."""
+    task = trio.lowlevel.current_task()
+    table[task] = value
+
+    def abort(_: Any) -> trio.lowlevel.Abort:
+        table.pop(task, None)
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    return abort
 
 
 class ReadyChannel:
@@ -115,14 +130,7 @@ class ReadyEnd:
         channel = self._channel
         if channel.closed:
             raise trio.EndOfChannel
-        task = trio.lowlevel.current_task()
-        channel._parked[task] = self
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            channel._parked.pop(task, None)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        got: Delivery = await trio.lowlevel.wait_task_rescheduled(abort)
+        got: Delivery = await trio.lowlevel.wait_task_rescheduled(park(channel._parked, self))
         return got
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ import outcome
 import trio
 
 from bus._limits import LocalLimits, Parking, TaskLimits
-from bus._memory_channel import ReadyEnd
+from bus._memory_channel import ReadyEnd, park
 from bus._memory_room import Room
 from bus._message import TaskMessage
 from bus._protocol import (
@@ -150,14 +150,7 @@ class _FancyLease(Lease):
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return d
-        task = trio.lowlevel.current_task()
-        self.waiters[task] = None
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            self.waiters.pop(task, None)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        got: Delivery = await trio.lowlevel.wait_task_rescheduled(abort)
+        got: Delivery = await trio.lowlevel.wait_task_rescheduled(park(self.waiters, None))
         return got
 
     def fail_waiters(self, error: type[Exception]) -> None:
