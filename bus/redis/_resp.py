@@ -8,7 +8,7 @@ replies of ``EXEC``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeAlias
 
 import hiredis
@@ -102,8 +102,8 @@ def _bulk(arg: Arg) -> bytes:
     raise TypeError(f"a Redis argument must be bytes, str, int or float, not {type(arg).__name__}")
 
 
-def encode(args: Iterable[Arg]) -> bytes:
-    """One command as RESP (an array of bulk strings)."""
+def _encode(args: Iterable[Arg]) -> bytes:
+    """One command as RESP (an array of bulk strings), in Python."""
     parts = [b""]
     count = 0
     for arg in args:
@@ -117,6 +117,24 @@ def encode(args: Iterable[Arg]) -> bytes:
         raise ValueError("a Redis command needs at least its name")
     parts[0] = b"*%d\r\n" % count
     return b"".join(parts)
+
+
+#: hiredis's encoder (typed loosely here: it checks its arguments itself).
+_pack: Callable[[tuple[Any, ...]], bytes] = hiredis.pack_command
+
+
+def encode(args: Iterable[Arg]) -> bytes:
+    """One command as RESP (an array of bulk strings): by hiredis's ``pack_command``
+    (in C, about twice as fast) when it takes the arguments (bytes, str, int, float,
+    memoryview), else in Python (a bytearray; a bool or another type raises its
+    TypeError, an empty command ValueError)."""
+    command = args if type(args) is tuple else tuple(args)
+    if command:
+        try:
+            return _pack(command)
+        except TypeError:
+            pass
+    return _encode(command)
 
 
 def encode_many(commands: Iterable[Command]) -> tuple[bytes, int]:
