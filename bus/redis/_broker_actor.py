@@ -104,6 +104,11 @@ log = get_logger("bus.redis")
 #: Seconds before writes Redis answered "not now" (LOADING, BUSY ...) are made again.
 _NOT_NOW_RETRY = 0.1
 
+#: How long a batch of acks alone may wait for another write on the connection to go
+#: out with (a write is the costly part of a command here: one write for a claim, a
+#: result and the acks before them, instead of two).
+_ACK_LINGER = 0.002
+
 
 # ----------------------------------------------------------- the broker actor
 
@@ -131,10 +136,28 @@ class _Writes:
 
 @attrs.define
 class _Batch:
-    """Writes of one mailbox drain, confirmed together (and retried together)."""
+    """Writes of one mailbox drain, confirmed together (and retried together). The acks
+    of the drain are gathered by stream: one ``XACK`` and one ``XDEL`` for all of a
+    stream's entries (:meth:`seal` puts them before the other commands)."""
 
     commands: list[Command] = attrs.Factory(list)
     done: list[Any] = attrs.Factory(list)  # entries (tags) the readers forget once written
+    acks: dict[bytes, list[bytes]] = attrs.Factory(dict)  # stream -> entry ids
+
+    def __bool__(self) -> bool:
+        return bool(self.commands or self.acks)
+
+    def seal(self, group: bytes) -> list[Command]:
+        """The batch's commands, its acks first (each ``XACK`` before its ``XDEL``:
+        an entry is deleted only once acknowledged)."""
+        if self.acks:
+            acks: list[Command] = []
+            for stream, eids in self.acks.items():
+                acks.append((b"XACK", stream, group, *eids))
+                acks.append((b"XDEL", stream, *eids))
+            self.commands[:0] = acks
+            self.acks = {}
+        return self.commands
 
 
 class RedisBrokerActor(BrokerActor, UsesConnection):
@@ -216,11 +239,11 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         )
 
     async def ready(self, lent: Lent) -> None:
-        if self._batch.commands:
+        if self._batch:
             await self._write()  # what waited for the connection
 
     async def on_drained(self) -> None:
-        if self._batch.commands:
+        if self._batch:
             await self._write()
 
     async def on_stop(self) -> None:
@@ -228,16 +251,16 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         broker reached Redis (bounded), before the connection closes."""
         deadline = trio.current_time() + max(1.0, min(self.settings.write_timeout, 10.0))
         with trio.move_on_after(deadline - trio.current_time()):
-            while self._batch.commands or self._confirming:
-                if self._batch.commands and self.lent is not None:
+            while self._batch or self._confirming:
+                if self._batch and self.lent is not None:
                     await self._write()
                 self._confirmed = trio.Event()
                 with trio.move_on_after(0.5):
                     await self._confirmed.wait()
-        if self._batch.commands or self._confirming:
+        if self._batch or self._confirming:
             log.error(
                 "redis.writes_lost",
-                queued=len(self._batch.commands),
+                queued=len(self._batch.seal(self.group)),
                 unconfirmed=self._confirming,
                 actor=self.name,
             )
@@ -267,21 +290,33 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         if lent is None or lent.lost.is_set():
             return  # _keep_connection writes it once reconnected
         batch, self._batch = self._batch, _Batch()
+        # Acks alone are not urgent (the results are stored): they go out with the
+        # next write on the connection (a claim, a result), or after _ACK_LINGER.
+        linger = _ACK_LINGER if not batch.commands else 0.0
         try:
-            pending = lent.conn.submit(batch.commands)
-            await lent.conn.flush()
+            pending = lent.conn.submit(batch.seal(self.group))
+            if not linger:
+                await lent.conn.flush()
         except ConnectionLost:
             self._requeue_batch(batch)
             return
         self._confirming += 1
-        self.nursery.start_soon(self._confirm, pending, batch, trio.current_time())
+        self.nursery.start_soon(self._confirm, pending, batch, trio.current_time(), linger)
 
     def _requeue_batch(self, batch: _Batch) -> None:
-        self._batch.commands[:0] = batch.commands
+        self._batch.commands[:0] = batch.seal(self.group)
         self._batch.done[:0] = batch.done
 
-    async def _confirm(self, pending: Pending, batch: _Batch, since: float) -> None:
+    async def _confirm(
+        self, pending: Pending, batch: _Batch, since: float, linger: float = 0.0
+    ) -> None:
+        """Wait for the replies of a batch (written by then: after ``linger`` seconds
+        at most), then tell the readers its entries are done; on a lost connection,
+        queue it again (within ``write_timeout``). Cancellation: the batch's replies
+        are not waited for (the broker actor stops: its connection closes after)."""
         try:
+            if linger:
+                await trio.sleep(linger)
             try:
                 replies = await pending.wait()
             except ConnectionLost as exc:
@@ -296,15 +331,18 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
                     log.error("redis.write_failed", error=str(exc), commands=len(batch.commands))
                 return
             lent = self.lent
-            if lent is not None and any(isinstance(r, ReplyError) for r in replies):
-                await rerun_noscript(lent.conn, batch.commands, replies)
-            retrying = trio.current_time() - since < self.settings.write_timeout
             again: list[Command] = []
-            for command, reply in zip(batch.commands, replies, strict=True):
-                if retrying and is_transient(reply):
-                    again.append(command)
-                elif isinstance(reply, ReplyError):
-                    log.error("redis.write_refused", command=str(command[0]), error=reply.message)
+            if any(isinstance(r, ReplyError) for r in replies):
+                if lent is not None:
+                    await rerun_noscript(lent.conn, batch.commands, replies)
+                retrying = trio.current_time() - since < self.settings.write_timeout
+                for command, reply in zip(batch.commands, replies, strict=True):
+                    if retrying and is_transient(reply):
+                        again.append(command)
+                    elif isinstance(reply, ReplyError):
+                        name = command[0]
+                        name = name.decode() if isinstance(name, bytes) else str(name)
+                        log.error("redis.write_refused", command=name, error=reply.message)
             if again:
                 # Redis said "not now" (LOADING: it is loading its data after a restart;
                 # BUSY ...): those writes were not made. Make them again soon; until
@@ -316,12 +354,13 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
                 if self.lent is not None and not self.lent.lost.is_set():
                     await self._write()
                 return
-            for reader in self._readers.values():
-                # A reader stops before its broker's last writes: one that stops
-                # has forgotten what it owned, and needs no Done.
-                with contextlib.suppress(actors.ActorStopped):
-                    for tag in batch.done:
-                        reader.ref.tell_nowait(Done(tag))
+            if batch.done:
+                done = Done(tuple(batch.done))
+                for reader in self._readers.values():
+                    # A reader stops before its broker's last writes: one that stops
+                    # has forgotten what it owned, and needs no Done.
+                    with contextlib.suppress(actors.ActorStopped):
+                        reader.ref.tell_nowait(done)
         finally:
             self._confirming -= 1
             if self._confirmed is not None:
@@ -539,11 +578,17 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
             stream, eid = self._stream, tag
         else:
             stream, eid, _, _ = self._where(tag)
-        commands: list[Command] = [("XACK", stream, self.group, eid), ("XDEL", stream, eid)]
+        batch = self._batch
+        acks = batch.acks.get(stream)
+        if acks is None:
+            batch.acks[stream] = [eid]
+        else:
+            acks.append(eid)
+        batch.done.append(tag)
         d = msg.delivery
         if d.message is not None and d.message.labels:
-            commands += self._releases(d)
-        self._queue(self._release_slot(tag, commands), (tag,))
+            batch.commands += self._releases(d)
+        self._release_slot(tag, batch.commands)
 
     @actors.handles(Unclaim, inline=True)
     def unclaim(self, msg: Unclaim) -> Pending | None:

@@ -102,10 +102,10 @@ class Lend:
 
 @attrs.frozen
 class Done:
-    """Tell (inline): the entry behind ``tag`` is finished (acked, nacked or handed
-    back)."""
+    """Tell (inline): the entries behind ``tags`` are finished (acked, nacked or handed
+    back): one message for a whole confirmed write."""
 
-    tag: Any
+    tags: tuple[Any, ...]
 
 
 @attrs.frozen
@@ -153,6 +153,8 @@ class ReaderState:
         self.cancelled: dict[TaskID, None] = {}
         self.demand = trio.Event()
         self.leases = 0
+        #: The runners of the open leases (their ``max_messages``, added up).
+        self.capacity = 0
         #: At most this many entries per stream in one read (``None``: as many as
         #: runners wait for): halved each time a read's reply was larger than the
         #: client's ``max_reply_bytes``.
@@ -179,12 +181,16 @@ class ReaderState:
 class _ReaderLease(ChannelLease):
     """A worker's lease: each ``receive`` tells the reader a runner waits."""
 
-    def __init__(self, state: ReaderState, dead_letter_failures: bool) -> None:
+    def __init__(
+        self, state: ReaderState, dead_letter_failures: bool, max_messages: int = 1
+    ) -> None:
         super().__init__(state.recv.clone(), redeliver_interrupted=True)
         self.dead_letter_failures = dead_letter_failures
         self._state = state
         self._open = True
+        self._runners = max(1, max_messages)
         state.leases += 1
+        state.capacity += self._runners
 
     async def receive(self) -> Delivery:
         self._state.wake()
@@ -194,6 +200,7 @@ class _ReaderLease(ChannelLease):
         if self._open:
             self._open = False
             self._state.leases -= 1
+            self._state.capacity -= self._runners
             self._state.wake()
         super().close()
 
@@ -217,6 +224,8 @@ _Raw = tuple[StreamRef, bytes, "dict[bytes, bytes] | None"]
 
 #: How late Redis may end a blocking read (its timeouts are checked on a server tick).
 _TICK = 0.1
+#: How long a read waits for more runners when few wait and the others are busy.
+_GATHER = 0.001
 
 
 def decode_entry(codec: Codec, data: bytes) -> tuple[TaskMessage | None, str | None]:
@@ -273,6 +282,7 @@ class StreamReaderActor(actors.Actor):
         self.blocking: Connection | None = None
         self._last_count = 1  # how many entries per stream the last read asked for
         self._read_scope: trio.CancelScope | None = None
+        self._gathered = False  # this read waited for more runners already
         # Read and not handed to a runner yet: held by priority, or set aside for a
         # limit. ``_aside`` has both, by tag (for the heartbeat and the hand-back).
         self.held: ReadyQueues[Delivery] = ReadyQueues()
@@ -409,11 +419,13 @@ class StreamReaderActor(actors.Actor):
 
     @actors.handles(Lend)
     def lend(self, msg: Lend) -> Lease:
-        return _ReaderLease(self.state, self.settings.dead_letter_failures)
+        return _ReaderLease(self.state, self.settings.dead_letter_failures, msg.max_messages)
 
     @actors.handles(Done, inline=True)
     def done(self, msg: Done) -> None:
-        self.state.inflight.pop(msg.tag, None)
+        pop = self.state.inflight.pop
+        for tag in msg.tags:
+            pop(tag, None)
 
     @actors.handles(Cancelled, inline=True)
     def cancelled(self, msg: Cancelled) -> None:
@@ -537,6 +549,15 @@ class StreamReaderActor(actors.Actor):
                 state.demand = trio.Event()
                 await state.demand.wait()
                 continue
+            if demand < state.capacity // 2 and not self.held and not self._gathered:
+                # Few runners wait and the others are busy: give those a moment to
+                # come back, so that one read, one claim and one result write serve
+                # many (a worker of short tasks); runners that stay busy cost this
+                # read _GATHER at most.
+                self._gathered = True
+                await self._gather(state.capacity // 2)
+                continue
+            self._gathered = False
             if self.parking and await self._serve_parked():
                 continue
             if state.count_cap is not None:
@@ -559,6 +580,16 @@ class StreamReaderActor(actors.Actor):
             if entries:
                 await self._accept(entries, counted)
             await self._hand_out()
+
+    async def _gather(self, wanted: int) -> None:
+        """Wait until ``wanted`` runners wait, or :data:`_GATHER` seconds.
+
+        Cancellation: only the wait ends (nothing was read)."""
+        state = self.state
+        with trio.move_on_after(_GATHER):
+            while self._waiting() < wanted and state.leases:
+                state.demand = trio.Event()
+                await state.demand.wait()
 
     async def _read_own(self, own: dict[bytes, bytes], demand: int) -> list[_Raw]:
         """Re-read entries pending for this consumer (after a restart), level by level."""

@@ -324,6 +324,8 @@ class RedisResultBackend(ResultBackend):
         self.secret: bytes | None = secret
         self._ref: actors.ActorRef | None = None
         self._conn_ref: actors.ActorRef | None = None
+        #: A write of this process waits one scheduler pass for others to join it.
+        self._gathering = False
 
     # ------------------------------------------------------------------ keys
 
@@ -423,6 +425,18 @@ class RedisResultBackend(ResultBackend):
                 pending: Pending | None = await self.ref.ask(Write(commands))
                 if pending is None:
                     raise ConnectionLost("not connected")
+                if not self._gathering:
+                    # The first write of this scheduler pass waits for the pass's
+                    # end: the others of the pass (a worker's runners storing their
+                    # results) queue theirs meanwhile, and one write carries them
+                    # all (the write, not the command, is what costs; a lone write
+                    # waits one pass). trio.lowlevel: a yield that no cancellation
+                    # can interrupt (the command is queued: its reply is awaited).
+                    self._gathering = True
+                    try:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    finally:
+                        self._gathering = False
                 replies = await pending.wait()
             except (ConnectionLost, RedisTimeout) as exc:
                 left = deadline - trio.current_time()
