@@ -67,7 +67,19 @@ async def test_a_failover_under_load_loses_nothing_accepted(
     )
     producer = RedisBroker(sentinels.url, prefix=prefix, queue="q", **options)
     producer.with_result_backend(backend)
-    worker_side = make_redis_broker(sentinels.url, prefix=prefix, **options)
+    # The worker stores the results: its backend waits for the replica too. Without
+    # it, a result stored on the master just before the SIGKILL, not yet replicated,
+    # is lost in the failover while the task's ack, retried on the new master, lands:
+    # that task never gets a result (as on the cluster, tests/cluster/test_cluster_failover.py).
+    worker_side = RedisBroker(
+        sentinels.url,
+        prefix=prefix,
+        queue="q",
+        result_backend=RedisResultBackend(
+            sentinels.url, prefix=prefix, ttl=600, min_replicas_ack=1, command_timeout=3
+        ),
+        **options,
+    )
     ran: set[int] = set()
     for b in (producer, worker_side):
 
