@@ -4,6 +4,8 @@ message, and what the shape costs in scheduler steps (counted, not timed)."""
 from __future__ import annotations
 
 import collections
+import gc
+import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -222,8 +224,11 @@ async def test_start_worker_false_runs_nothing_until_a_worker_runs() -> None:
 # ------------------------------------------------------------ scheduler steps
 
 
-async def test_a_burst_costs_a_tenth_of_a_step_per_task() -> None:
-    broker = bus.InMemoryBroker(concurrency=100, max_queue=10_000)
+# Measured (deterministic): 0.0404 steps per task at concurrency 100, 0.1276 at 1000
+# (every runner waits and is woken at least once); 2.0 per sequential round trip.
+@pytest.mark.parametrize(("concurrency", "bound"), [(100, 0.05), (1000, 0.15)])
+async def test_a_burst_costs_a_fraction_of_a_step_per_task(concurrency: int, bound: float) -> None:
+    broker = bus.InMemoryBroker(concurrency=concurrency, max_queue=10_000)
 
     @broker.task
     async def noop() -> None:
@@ -238,11 +243,12 @@ async def test_a_burst_costs_a_tenth_of_a_step_per_task() -> None:
                 for h in handles:
                     await h.wait_result()
     print(f"{counter.steps} steps for 10,000 tasks: {dict(counter.by_task)}")
-    assert counter.steps / 10_000 <= 0.1
+    assert counter.steps / 10_000 <= bound
 
 
-async def test_a_sequential_round_trip_costs_two_steps() -> None:
-    broker = bus.InMemoryBroker(concurrency=100)
+@pytest.mark.parametrize("concurrency", [100, 1000])
+async def test_a_sequential_round_trip_costs_two_steps(concurrency: int) -> None:
+    broker = bus.InMemoryBroker(concurrency=concurrency)
 
     @broker.task
     async def noop() -> None:
@@ -258,6 +264,53 @@ async def test_a_sequential_round_trip_costs_two_steps() -> None:
     print(f"{per_round_trip} steps per round trip: {dict(counter.by_task)}")
     # The issue's bound is 6; the inline handlers make it 2 (the runner, the waiter).
     assert per_round_trip <= 2.0
+
+
+def _blocks() -> int:
+    return len(tracemalloc.take_snapshot().traces)
+
+
+async def test_a_task_allocates_a_handful_of_blocks() -> None:
+    """Memory blocks per task (tracemalloc): held while it is queued (its id, two
+    blocks; its message, delivery and the delivery's tag; its handle: 6 measured) and
+    kept once it finished and its handle is dropped (its id; its result and execution
+    time: 4 measured, 5 before the result table kept results bare). The bounds leave
+    most of a block: one more object per task on either fails."""
+    n = 2000
+    broker = bus.InMemoryBroker(concurrency=100, max_queue=n)
+
+    @broker.task
+    async def noop() -> None:
+        pass
+
+    async def burst(count: int) -> list[bus.TaskHandle[None]]:
+        handles = [await noop.kiq() for _ in range(count)]
+        for h in handles:
+            await h.wait_result()
+        return handles
+
+    with trio.fail_after(30):
+        async with broker:
+            tracing = tracemalloc.is_tracing()  # (already, under python -X tracemalloc)
+            if not tracing:
+                tracemalloc.start()
+            try:
+                await burst(200)  # traced: every runner has run and waits again
+                gc.collect()
+                base = _blocks()
+                handles = [await noop.kiq() for _ in range(n)]  # sent, none run yet
+                in_flight = (_blocks() - base) / n
+                for h in handles:
+                    await h.wait_result()
+                del handles, h
+                gc.collect()
+                kept = (_blocks() - base) / n
+            finally:
+                if not tracing:
+                    tracemalloc.stop()
+    print(f"blocks per task: {in_flight:.2f} in flight, {kept:.2f} kept")
+    assert in_flight <= 7
+    assert kept <= 4.75
 
 
 async def test_inline_handlers_keep_the_order_of_messages() -> None:
