@@ -862,9 +862,19 @@ def build(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
     n = args.tasks
     probe = Probe(server.port)
     try:
-        print(f"phases, straight to Redis ({n} tasks) ...", file=sys.stderr, flush=True)
-        direct = trio.run(phases, server.url, probe, n, args.idle, None, None)
-        probe.command("FLUSHALL")
+        runs = []
+        for i in range(args.repeat):
+            print(
+                f"phases, straight to Redis ({n} tasks) [{i + 1}/{args.repeat}] ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            runs.append(trio.run(phases, server.url, probe, n, args.idle, None, None))
+            probe.command("FLUSHALL")
+        # The run of median Redis CPU counts; the others give the spread.
+        runs.sort(key=lambda r: (r["send"] + r["run"]).cpu)
+        direct = runs[len(runs) // 2]
+        spread = [(r["send"] + r["run"]).cpu * 1e6 / n for r in runs]
         print(f"phases, through the recording proxy ({n} tasks) ...", file=sys.stderr, flush=True)
         marks: dict[str, int] = {}
         with Proxy(server.port) as proxy:
@@ -900,6 +910,9 @@ def build(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
         sat = max(rounds, key=lambda r: r["redis_busy"])
         sat["rounds_cpu_us_per_command"] = [r["redis_cpu_us_per_command"] for r in rounds]
         sat["tasks"] = n * args.connections
+        sat["rounds_cpu_us_per_task"] = sorted(
+            r["redis_cpu_s"] * 1e6 / sat["tasks"] for r in rounds
+        )
         base = statistics.median(r["redis_cpu_s"] for r in rounds) * 1e6 / sat["tasks"]
         fan = statistics.median(r["redis_cpu_s"] for r in fans) * 1e6 / sat["tasks"]
         extra = max(1, args.fanout - 1)
@@ -923,7 +936,9 @@ def build(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
         chk = trio.run(check, server.url, probe, args.check_tasks, args.workers)
     finally:
         probe.close()
-    return _results(args, direct, via, paths, fixed, sat, chk)
+    res = _results(args, direct, via, paths, fixed, sat, chk)
+    res["model"]["redis_cpu_us_per_task_runs"] = spread
+    return res
 
 
 def _results(
@@ -1029,6 +1044,10 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), load average {load} at start"
 
 
+def _span(values: list[float]) -> str:
+    return f"{min(values):.1f}-{max(values):.1f}" if values else "-"
+
+
 def _per_read(phase: dict[str, Any]) -> str:
     reads = phase.get("calls", phase.get("calls_per_task", {})).get("xreadgroup", 0)
     return f"{1 / reads:.1f}" if reads else "-"
@@ -1112,14 +1131,17 @@ def report(res: dict[str, Any]) -> list[str]:
         f"{s['fanout']['per_extra_subscriber_bytes_out']:.0f} B out a task (medians of three)",
     ]
     m = res["model"]
+    runs = m.get("redis_cpu_us_per_task_runs", [m["redis_cpu_us_per_task_run"]])
     links = ", ".join(f"{k}: {v:,.0f} tasks/s" for k, v in m["tasks_per_s_by_link"].items())
     lines += [
         "",
         "model: tasks/s one Redis core carries = 1 / (Redis CPU-seconds a task)",
         f"  at the batching of the run above: {m['redis_cpu_us_per_task_run']:.1f} us a task "
-        f"-> {m['tasks_per_s_at_run_batching']:,.0f} tasks/s",
+        f"-> {m['tasks_per_s_at_run_batching']:,.0f} tasks/s (the median of "
+        f"{len(runs)} runs: {_span(runs)} us)",
         f"  fully pipelined (saturation):     {m['redis_cpu_us_per_task_saturated']:.1f} us a "
-        f"task -> {m['tasks_per_s_saturated']:,.0f} tasks/s",
+        f"task -> {m['tasks_per_s_saturated']:,.0f} tasks/s (three rounds: "
+        f"{_span(res['saturation']['rounds_cpu_us_per_task'])} us)",
         f"  network: {m['bytes_per_task_busier_direction']:.0f} B a task in the busier "
         f"direction -> {links}",
     ]
@@ -1151,6 +1173,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=8, help="connections of the saturation")
     ap.add_argument(
         "--fanout", type=int, default=4, help="subscribers a channel in the fan-out round"
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="runs of the direct phases (the median counts)"
     )
     ap.add_argument("--idle", type=float, default=3.0, help="seconds a worker idles (measured)")
     ap.add_argument(

@@ -17,7 +17,18 @@ SCRIPT = ROOT / "benchmarks" / "bench_capacity.py"
 
 pytestmark = pytest.mark.redis
 
-SMALL = ["--tasks", "200", "--check-tasks", "300", "--idle", "0.2", "--connections", "2"]
+SMALL = [
+    "--tasks",
+    "200",
+    "--check-tasks",
+    "300",
+    "--idle",
+    "0.2",
+    "--connections",
+    "2",
+    "--repeat",
+    "1",
+]
 
 
 def _need_redis() -> None:
