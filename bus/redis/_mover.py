@@ -23,6 +23,7 @@ from bus.redis._logic import (
     Keys,
 )
 from bus.redis._pool import (
+    is_transient,
     lend,
 )
 from bus.redis._scripts import (
@@ -124,7 +125,10 @@ class DelayedMoverActor(actors.Actor):
                 continue
             for reply in replies:
                 if isinstance(reply, ReplyError):
-                    log.error("redis.mover_refused", error=reply.message, actor=self.name)
+                    # "Not now" (LOADING after a restart, BUSY, ...) is retried on the
+                    # next pass and expected: debug. Anything else is a real refusal.
+                    level = log.debug if is_transient(reply) else log.error
+                    level("redis.mover_refused", error=reply.message, actor=self.name)
                     continue
                 moved, nxt = reply
                 if moved >= 200:
