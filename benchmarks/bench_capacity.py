@@ -1,7 +1,8 @@
 """How far one Redis goes: what each task costs Redis, measured, and the ceiling it gives.
 
-    .venv/bin/python benchmarks/bench_capacity.py [--tasks 5000] [--check-tasks 20000]
-        [--connections 8] [--idle 3] [--link-gbit 1,10] [--json]
+    .venv/bin/python benchmarks/bench_capacity.py [--tasks 5000] [--repeat 3]
+        [--check-tasks 20000] [--workers 2] [--connections 8] [--fanout 4] [--idle 3]
+        [--link-gbit 1,10] [--json]
 
 Starts its own redis-server (127.0.0.1, a free port, no persistence) and stops it at the
 end. Every figure is a difference of the server's own counters (``INFO stats``,
@@ -12,26 +13,29 @@ end. Every figure is a difference of the server's own counters (``INFO stats``,
    worker process (concurrency 32): a producer opening its broker; a worker starting on
    an empty queue, idling, stopping; **send** (N ``kiq`` with 32 in flight, no worker
    running); **run** (a worker drains the N while the producer waits for every result,
-   until the last ack is in). Run twice: once straight to Redis (the CPU and the
+   until the last ack is in; the worker start measured before is taken out). Run
+   ``--repeat`` times straight to Redis (the CPU and the counts; the run of median CPU
    counts) and once through a small recording proxy in this process, which tells each
    command's path by its name and key (a ``SET`` of a ``:ran:`` key is the delivery's
    claim, a ``SET`` of a ``:result:`` key the result...) and counts the bytes of each
-   request and reply. Redis's CPU per command name (commandstats) is split between the
-   paths that share a name in proportion to their calls.
+   request and reply. The direct run's calls and CPU (commandstats) of each command
+   name are split between the paths that share the name in proportion to the calls the
+   proxy saw.
 2. Saturation: the commands recorded in the send and run phases, replayed at once on
-   several connections (each in a database of its own, ``XADD *`` given the id it got,
-   blocking reads made non-blocking), as fast as Redis takes them: the commands/s one
-   Redis process carries with this mix and its CPU per command and per task (three
-   rounds, the median CPU counts); then a round with more subscribers a channel (more
-   processes waiting for results): what each one more costs.
+   several connections (each in a database of its own with a subscriber of its own,
+   ``XADD *`` given the id it got, blocking reads made non-blocking), as fast as Redis
+   takes them: the commands/s one Redis process carries with this mix and its CPU per
+   command and per task (three rounds, the median CPU counts); alternating with rounds
+   of ``--fanout`` subscribers a channel (more processes waiting for results): what
+   each one more costs.
 3. The model: tasks/s one Redis core carries = 1 / (Redis CPU-seconds per task), at the
    batching of the real run and at saturation; and the bound a network link puts on it.
-4. The check: two worker processes and the producer (32 ``kiq`` in flight, waiting every
-   result) on M tasks; throughput, the CPU Redis used, the CPU the others used, against
-   the model.
+4. The check: ``--workers`` worker processes and the producer (32 ``kiq`` in flight,
+   waiting every result) on M tasks; throughput, the CPU Redis used, the CPU the others
+   used, against the model.
 
-Rates depend on the machine and on what else runs; CPU-seconds, commands and bytes per
-task do not (much): read those.
+Commands and bytes per task do not depend on the machine's load; CPU-seconds per task
+somewhat (they rise when other processes share the cores); rates a lot.
 """
 
 from __future__ import annotations
@@ -844,16 +848,6 @@ def saturate(
 
 
 # -------------------------------------------------------------------- report
-
-
-def _fmt(v: float) -> str:
-    if abs(v) >= 1000:
-        return f"{v:,.0f}"
-    if abs(v) >= 100:
-        return f"{v:.0f}"
-    if abs(v) >= 10:
-        return f"{v:.1f}"
-    return f"{v:.2f}"
 
 
 def build(args: argparse.Namespace, server: RedisServer) -> dict[str, Any]:
