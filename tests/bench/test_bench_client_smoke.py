@@ -22,6 +22,8 @@ def test_bench_client_runs_and_prints_both_tables() -> None:
     assert "8 in flight on one connection" in out, out
     for client in ("ours (trio)", "bare trio + hiredis", "bare, reader task", "redis-py (sync)"):
         assert client in out, out
+    assert "sequential GET interleaved in blocks of" in out, out
+    assert re.search(r"ours / bare one-task, interleaved .*: \d+\.\d\dx", out), out
     # The issue #22 goal, read straight off the output.
     assert re.search(r"ours / bare one-task \(issue #22 goal: <= 1\.20x\): \d+\.\d\dx", out), out
     assert ("coredis (trio)" in out) == coredis, out
