@@ -115,6 +115,12 @@ class ResultBackend(abc.ABC):
         """Store ``result`` and wake its waiters. Once it returns, every later read
         sees the result."""
 
+    def set_result_nowait(self, task_id: TaskID, result: TaskResult[Any]) -> bool:
+        """Store ``result`` now, without waiting, when this backend can (the in-memory
+        one: its store is an actor of this process); False when it cannot, and nothing
+        was done (use :meth:`set_result`)."""
+        return False
+
     async def set_result_if_absent(self, task_id: TaskID, result: TaskResult[Any]) -> bool:
         """Store ``result`` unless a result is stored already (a cancellation racing
         the task's own result); True if it was stored. Backends that can do it
@@ -419,6 +425,7 @@ class InMemoryResultBackend(ResultBackend):
         self.codec: Codec = codec or JSONCodec()
         self._ref: actors.ActorRef | None = None
         self._view = ResultView(self._table)
+        self._plain_store = type(self).set_result is InMemoryResultBackend.set_result
 
     @property
     def ref(self) -> actors.ActorRef:
@@ -467,14 +474,25 @@ class InMemoryResultBackend(ResultBackend):
     async def set_result(self, task_id: TaskID, result: TaskResult[Any]) -> None:
         """Store ``result`` (passed through the codec). Does not wait and does not yield
         to the scheduler: every later read, from any task, sees the result."""
+        self._store(task_id, result)
+
+    def set_result_nowait(self, task_id: TaskID, result: TaskResult[Any]) -> bool:
+        """As :meth:`set_result`, without a coroutine (the worker's hot path): True;
+        False (nothing done) when a subclass changed :meth:`set_result`."""
+        if self._plain_store:
+            self._store(task_id, result)
+            return True
+        return False
+
+    def _store(self, task_id: TaskID, result: TaskResult[Any]) -> None:
         value = result.return_value
         if result.error is not None or (value is not None and not value_faithful(value)):
             result = through_codec(self.codec, task_id, result)
         ref = self._ref
         if ref is None:
             _apply_offline(self._table, StoreResult(task_id, result))
-            return
-        ref.tell_nowait(_make_store(task_id, result))  # unbounded mailbox: never full
+        else:
+            ref.tell_nowait(_make_store(task_id, result))  # unbounded mailbox: never full
 
     def get_result_nowait(self, task_id: TaskID) -> TaskResult[Any]:
         """The stored result, read from the view; :class:`ResultNotFound` otherwise

@@ -39,6 +39,7 @@ R = TypeVar("R")
 
 #: ``TaskMessage(...)`` with its converters' work done by the caller (see bus._make).
 _make_message = maker(TaskMessage, converted=True)
+_new = object.__new__
 
 
 def _context_param(func: Callable[..., Any]) -> str | None:
@@ -118,6 +119,16 @@ class TaskHandle(Generic[R]):
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.task_id}>"
+
+
+def _handle(task_id: TaskID, broker: Broker, stores: bool) -> TaskHandle[Any]:
+    """``TaskHandle(task_id, broker, stores_result=stores)`` without the call of the
+    class with a keyword (the end of every ``kiq``): the same three slots set."""
+    handle: TaskHandle[Any] = _new(TaskHandle)
+    handle.task_id = task_id
+    handle.broker = broker
+    handle._stores = stores
+    return handle
 
 
 class Kicker(Generic[P, R]):
@@ -366,7 +377,7 @@ class Task(Generic[P, R]):
                 tid = await broker.kick(msg)
         else:
             tid = await broker.kick(msg)
-        return TaskHandle(tid, broker, stores_result=self.options.store_result)
+        return _handle(tid, broker, self.options.store_result)
 
     async def kiq_many(
         self, calls: Iterable[tuple[tuple[Any, ...], dict[str, Any]] | tuple[Any, ...]]
