@@ -57,6 +57,7 @@ log = get_logger("bus.worker")
 # TaskResult(...) and Ack(...) of the hot path, cheaper (see bus._make).
 _make_result = maker(TaskResult)
 _make_ack = maker(Ack)
+_NO_KWARGS: dict[str, Any] = {}
 
 
 @attrs.frozen
@@ -377,7 +378,7 @@ class WorkerActor(actors.Actor):
         if timeout is not None:
             r.scope.deadline = trio.current_time() + timeout
         args: tuple[Any, ...] = ()
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = _NO_KWARGS  # never written: a task's own are a copy
         calling = False
         try:
             if hooks.has and "pre_execute" in hooks.has:
@@ -389,7 +390,7 @@ class WorkerActor(actors.Actor):
             if message.kwargs:
                 kwargs = _thaw_kwargs(message.kwargs)
             if task.context_param is not None:
-                kwargs[task.context_param] = Context(message, broker)
+                kwargs = {**kwargs, task.context_param: Context(message, broker)}
             calling = True
             if task.is_async:
                 value = await task.func(*args, **kwargs)
@@ -429,7 +430,11 @@ class WorkerActor(actors.Actor):
         # From here on a cancel request or the deadline no longer concerns this task.
         if timed:
             r.scope.deadline = math.inf
-        self._unrun(tid, r)
+        running = self.running
+        if self._also_running or running.get(tid) is not r:
+            self._unrun(tid, r)
+        else:  # the common case of _unrun
+            del running[tid]
         r.message = r.delivery = None
         _current.reset(token)
         try:
@@ -444,7 +449,9 @@ class WorkerActor(actors.Actor):
                     await self._unclaim(delivery)
                 try:
                     if options.store_result or "workflow" in labels:
-                        await broker.result_backend.set_result(tid, result)
+                        backend = broker.result_backend
+                        if not backend.set_result_nowait(tid, result):
+                            await backend.set_result(tid, result)
                 except Exception:
                     self._log.exception(
                         "result.store_failed", task_id=tid, task_name=message.task_name
