@@ -552,8 +552,8 @@ async def _until(probe: Probe, ok: Callable[[], bool], what: str, workers: Worke
         await trio.sleep(0.02)
 
 
-async def _send_and_wait(noop: Any, n: int, wait: bool) -> list[Any]:
-    """``n`` kiq, 32 in flight; with ``wait``, each sender waits its results too."""
+async def _send_and_wait(noop: Any, n: int, workers: Workers | None) -> list[Any]:
+    """``n`` kiq, 32 in flight; with ``workers`` running, then every result."""
     import trio
 
     handles: list[Any] = []
@@ -565,12 +565,13 @@ async def _send_and_wait(noop: Any, n: int, wait: bool) -> list[Any]:
     async with trio.open_nursery() as nursery:
         for i in range(INFLIGHT):
             nursery.start_soon(sender, n // INFLIGHT + (i < n % INFLIGHT))
-    if wait:
-        await _wait_all(handles)
+    if workers is not None:
+        await _wait_all(handles, workers)
     return handles
 
 
-async def _wait_all(handles: list[Any]) -> None:
+async def _wait_all(handles: list[Any], workers: Workers | None = None) -> None:
+    """Every result; a worker process that exits meanwhile is an error at once."""
     import trio
 
     async def one(h: Any) -> None:
@@ -578,9 +579,17 @@ async def _wait_all(handles: list[Any]) -> None:
         if result.is_err:
             raise RuntimeError(f"the task failed: {result.error}")
 
-    async with trio.open_nursery() as nursery:
-        for h in handles:
-            nursery.start_soon(one, h)
+    async def watch() -> None:
+        while workers is not None:
+            workers.check()
+            await trio.sleep(0.1)
+
+    async with trio.open_nursery() as outer:
+        outer.start_soon(watch)
+        async with trio.open_nursery() as nursery:
+            for h in handles:
+                nursery.start_soon(one, h)
+        outer.cancel_scope.cancel()
 
 
 async def phases(
@@ -615,12 +624,12 @@ async def phases(
             workers.stop()
         s4 = mark("send")
         out["worker stop"] = s4 - s3
-        handles = await _send_and_wait(noop, n, wait=False)
+        handles = await _send_and_wait(noop, n, None)
         s5 = mark("run")
         out["send"] = s5 - s4
         workers = Workers(url, 1)
         try:
-            await _wait_all(handles)
+            await _wait_all(handles, workers)
             await _until(probe, lambda: probe.command("XLEN", stream) == 0, "the acks", workers)
             s6 = mark("run end")
             # The run includes the start of its worker: the start measured above (on
@@ -641,7 +650,7 @@ async def check(url: str, probe: Probe, m: int, workers_n: int) -> dict[str, Any
             await workers.ready()
             a = probe.snapshot()
             cpu_w, cpu_p = workers.cpu(), _own_cpu()
-            await _send_and_wait(noop, m, wait=True)
+            await _send_and_wait(noop, m, workers)
             await _until(probe, lambda: probe.command("XLEN", stream) == 0, "the acks", workers)
             b = probe.snapshot()
             cpu_w, cpu_p = workers.cpu() - cpu_w, _own_cpu() - cpu_p
