@@ -32,7 +32,6 @@ import trio
 import trio.lowlevel
 
 import actors
-import bus.redis._ops as _ops
 from actors._log import get_logger
 from bus._broker import Broker
 from bus._codec import Codec
@@ -74,6 +73,7 @@ from bus.redis._schedules import RedisScheduleBackend
 from bus.redis._settings import RedisSettings
 
 if TYPE_CHECKING:
+    from bus.redis import _ops
     from bus.redis._workflows import RedisWorkflowBackend
 
 from bus.redis._broker_actor import RedisBrokerActor, _deadline, _Writes
@@ -431,6 +431,8 @@ class RedisBroker(Broker):
         """A small Redis client for your tasks and tools: ``await
         broker.client.execute("INCR", key)`` on the process's shared connection
         (retried while Redis is unreachable, for up to ``command_timeout``)."""
+        from bus.redis import _ops  # operator calls: not loaded by a worker that makes none
+
         conn_ref = self._conn_ref
         if conn_ref is None:
             raise RuntimeError("the Redis broker is not running")
@@ -452,6 +454,8 @@ class RedisBroker(Broker):
         as dicts: ``id`` (dead-letter entry id), ``reason``, ``task_name`` and
         ``task_id`` (``None`` when undecodable), ``entry`` (the original stream id),
         ``deliveries``, ``time`` (Unix) and ``data`` (bytes)."""
+        from bus.redis import _ops
+
         keys, codec = self._dead_keys(queue), self.codec
         return await self._connection_call(
             "cannot read the dead letters", lambda conn: _ops.dead_letters(conn, keys, codec, limit)
@@ -494,6 +498,8 @@ class RedisBroker(Broker):
         ``retries`` (as registered here; none for a task this broker does not know)
         again: its message gets the label ``retries`` (its attempt - 1 + those) and
         is signed again; attempt numbers go on, so each still runs at most once."""
+        from bus.redis import _ops
+
         keys, settings, codec = self._dead_keys(queue), self.settings, self.codec
         retries_for = self._registered_retries if reset_attempts else None
         return await self._connection_call(
@@ -511,6 +517,8 @@ class RedisBroker(Broker):
     async def purge_dead_letters(self, *, queue: str | None = None) -> int:
         """Delete the dead-letter stream of ``queue`` (default: the broker's queue);
         returns how many entries it held."""
+        from bus.redis import _ops
+
         keys = self._dead_keys(queue)
         return await self._connection_call(
             "cannot purge dead letters", lambda conn: _ops.purge_dead(conn, keys)

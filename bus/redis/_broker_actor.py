@@ -16,7 +16,6 @@ import trio
 import trio.lowlevel
 
 import actors
-import bus.redis._ops as _ops
 from actors._log import get_logger
 from bus._broker_actor import BrokerActor
 from bus._codec import Codec
@@ -806,6 +805,8 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         return actors.later(self._inspect)
 
     async def _inspect(self) -> BrokerInfo:
+        from bus.redis import _ops  # operator calls: not loaded by a worker that makes none
+
         settings, keys, names = self.settings, self.keys, self._queue_names()
         info: dict[str, Any] = await with_connection(
             self.conn_ref,
