@@ -8,6 +8,8 @@ a fresh Python process: queues N no-op tasks with ``kick_many``, enters the brok
 times ``run_worker(concurrency)`` from its start until every entry is acknowledged and
 deleted (the stream is empty: results are stored before acks), and prints tasks/s.
 
+- always: the worker process's CPU time per task (user + system, ``process_time``),
+  steadier than wall time when other programs share the machine.
 - ``--counts``: per task, the Redis commands the drain issued (``INFO commandstats``
   before and after, the harness's own ``XLEN`` polls and ``INFO`` taken off), the
   writes to sockets (``os.write`` and ``SocketStream.send_all`` counted in the
@@ -98,7 +100,10 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
             for i in range(0, n, 500):
                 await broker.kick_many([kicker.message() for _ in range(min(500, n - i))])
 
-    trio.run(enqueue)
+    if args.phase in ("both", "enqueue"):
+        trio.run(enqueue)
+    if args.phase == "enqueue":
+        return {}
     stream = RedisBroker(url, **options).keys.stream
 
     class Steps(trio.abc.Instrument):
@@ -156,11 +161,13 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
                 if profile is not None:
                     profile.enable()
                 t0 = time.perf_counter()
+                c0 = time.process_time()
                 worker = await nursery.start(broker.run_worker, args.concurrency)
                 while await left():
                     polls += 1
                     await trio.sleep(POLL)
                 elapsed = time.perf_counter() - t0
+                cpu = time.process_time() - c0
                 if profile is not None:
                     profile.disable()
                 if args.counts:
@@ -170,6 +177,7 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
             after = _info_commandstats(args.port) if args.counts else {}
         await poll.aclose()
         out["tasks_per_s"] = n / elapsed
+        out["cpu_us_per_task"] = cpu / n * 1e6
         if args.counts:
             delta = {k: v - before.get(k, 0) for k, v in after.items()}
             delta["xlen"] = delta.get("xlen", 0) - polls - 1
@@ -239,6 +247,11 @@ def _show(name: str, runs: list[dict[str, Any]], n: int) -> float:
     print(
         f"{name}: {med:,.0f} tasks/s median [{min(rates):,.0f}-{max(rates):,.0f}], {len(runs)} runs"
     )
+    cpu = [r["cpu_us_per_task"] for r in runs]
+    print(
+        f"  CPU time of the worker process: {statistics.median(cpu):.1f} us a task "
+        f"median [{min(cpu):.1f}-{max(cpu):.1f}] (less noisy than wall time)"
+    )
     last = runs[-1]
     if "commands" in last:
         counts = sorted(last["commands"].items())
@@ -267,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--secret", action="store_true", help="sign with a secret")
     ap.add_argument("--against", metavar="REV", help="also measure this git revision")
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+    # A child's phases, for a profiler run by hand on the drain alone: ``--_child
+    # --phase enqueue``, then ``py-spy record -- python ... --_child --phase drain``.
+    ap.add_argument("--phase", choices=("both", "enqueue", "drain"), default="both")
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
