@@ -459,20 +459,24 @@ async def _serve(
 @asynccontextmanager
 async def _served(conn: _Base) -> AsyncIterator[None]:
     body_error: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-        await nursery.start(_serve, conn)
-        try:
-            yield
-        except BaseException as exc:
-            # Re-raised outside the nursery: a plain exception, not an ExceptionGroup.
-            body_error = exc
-        finally:
-            await conn.aclose()
-    if body_error is not None:
-        try:
-            raise body_error
-        finally:
-            body_error = None
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_serve, conn)
+            try:
+                yield
+            except BaseException as exc:
+                # Re-raised outside the nursery: a plain exception, not an ExceptionGroup.
+                body_error = exc
+            finally:
+                await conn.aclose()
+    finally:
+        # Also when leaving the nursery raised (Cancelled: closing woke a command of
+        # a sibling task that then failed its nursery): the body's error is not lost.
+        if body_error is not None:
+            try:
+                raise body_error
+            finally:
+                body_error = None
 
 
 # --------------------------------------------------------------------------- commands

@@ -290,6 +290,28 @@ async def test_body_errors_come_out_plain(url: str) -> None:
                 raise KeyError("plain")
 
 
+async def test_a_body_error_is_not_lost_when_closing_fails_a_sibling(url: str, key: str) -> None:
+    """Closing the connection at the end of the body wakes a sibling's command with
+    ConnectionLost, which fails the outer nursery and cancels the close: the body's
+    own error still comes out, beside the sibling's."""
+
+    async def body_fails() -> None:
+        async with trio.open_nursery() as nursery, open_connection(url) as conn:
+
+            async def blocked() -> None:
+                await conn.execute("BLPOP", key, 0, timeout=float("inf"))
+
+            nursery.start_soon(blocked)
+            await all_parked()
+            raise KeyError("the body's own")
+
+    with trio.fail_after(10):
+        with pytest.raises(ExceptionGroup) as info:
+            await body_fails()
+        assert info.value.subgroup(KeyError) is not None
+        assert info.value.subgroup(ConnectionLost) is not None
+
+
 async def test_per_call_timeout_overrides_command_timeout(url: str, key: str) -> None:
     with trio.fail_after(10):
         async with open_connection(url + "?command_timeout=0.2") as conn:
