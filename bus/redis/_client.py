@@ -548,7 +548,8 @@ class Connection(_Base):
     bounded by ``command_timeout``), otherwise the task writing now picks it up in its
     next round, or hands that round to the owner of the newest queued command (so no
     caller writes for others for long). Then, when its command is the only one in
-    flight (sequential use) on a plain socket, the caller reads its reply itself
+    flight (sequential use) on a plain socket and the reader is not waiting on the
+    socket right then (as in a sequential loop), the caller reads its reply itself
     while the reader steps aside (caller-read mode: no second task between the reply
     and the caller), and wakes the reader when it has its reply; otherwise it parks
     until the reader reschedules it with its reply. Replies come back in command
@@ -815,7 +816,9 @@ class Connection(_Base):
         command at once, it finds the socket free and reads the reply itself
         (caller-read mode, where a sequential loop then stays). A caller that does
         not (it awaits something else first) makes the reader skip its next offers,
-        twice as many each time (up to ``_MAX_SKIP``): then it costs next to nothing."""
+        twice as many each time (up to ``_MAX_SKIP``): then it costs next to nothing.
+        Cancellation (the read deadline, :meth:`_fail`): raises Cancelled; nothing
+        was read, the offer is over."""
         await trio.lowlevel.checkpoint()
         if self._handed is not None:  # we ran first in that pass: it runs in this one
             await trio.lowlevel.checkpoint()
