@@ -59,7 +59,7 @@ class _MemoryLease(Lease):
         self.closed = False
 
     def receive_nowait(self) -> Delivery:
-        recv, take, slots = self._recv, self._core.take, self._slots
+        recv = self._recv
         while True:
             try:
                 d = recv.receive_nowait()
@@ -68,8 +68,8 @@ class _MemoryLease(Lease):
                     raise
                 return self._fancy.receive_nowait()
             if d.tag[1]:
-                slots.release()
-            if take(d):
+                self._slots.release()
+            if self._core.take(d):
                 return d
 
     async def receive(self) -> Delivery:
