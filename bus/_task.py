@@ -253,9 +253,12 @@ class Task(Generic[P, R]):
         self.is_async = inspect.iscoroutinefunction(func)
         # A broker that can send without a coroutine (the in-memory one) lends kiq its
         # way: called after kiq's cancellation point; ``None`` from it: use ``kick``.
+        # Only while the task still belongs to that broker (bus.testing.in_memory
+        # points tasks at another for a while).
         self._fast_kick: Callable[[TaskMessage], TaskID | None] | None = getattr(
             broker, "_fast_kick", None
         )
+        self._fast_for = broker
         self.context_param = _context_param(func)
         self.__name__ = getattr(func, "__name__", name)
         self.__doc__ = getattr(func, "__doc__", None)
@@ -370,7 +373,7 @@ class Task(Generic[P, R]):
             )
         broker = self.broker
         fast = self._fast_kick
-        if fast is not None:
+        if fast is not None and self._fast_for is broker:
             await trio.lowlevel.checkpoint_if_cancelled()  # the send's, before it is sent
             tid = fast(msg)
             if tid is None:

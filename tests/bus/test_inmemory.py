@@ -354,3 +354,20 @@ async def test_a_cancelled_kiq_does_not_hold_a_queue_slot(
             assert broker.queued == 0
             blocked.kiq_nowait()  # the one slot is still free
             gate.set()
+
+
+async def test_a_task_pointed_at_another_broker_is_sent_there() -> None:
+    """kiq's fast path belongs to the broker a task was declared on: while
+    ``bus.testing.in_memory`` points the task at another, its sends go there."""
+    home = bus.InMemoryBroker(start_worker=False)
+
+    @home.task
+    async def job() -> int:
+        return 7
+
+    with trio.fail_after(5):
+        async with home, bus.testing.in_memory(home) as mem:
+            handle = await job.kiq()
+            assert (await handle.wait_result()).return_value == 7  # run by mem's worker
+            assert handle.broker is mem and home.queued == 0
+            assert home.stats.sent == 0 and mem.stats.sent == 1
