@@ -65,10 +65,8 @@ import json
 import math
 from collections.abc import Iterator
 from typing import Any, TypeAlias
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import attrs
-from cronsim import CronSim, CronSimError
 
 from bus._codec import MAX_DEPTH, too_deep
 from bus._ids import TaskID
@@ -123,6 +121,10 @@ def _zone(tz: str | None) -> _dt.tzinfo:
         return _UTC
     if not isinstance(tz, str):
         raise TypeError(f"tz must be a time zone name such as 'Europe/Paris', not {tz!r}")
+    # zoneinfo and cronsim are imported when a cron schedule is made: a worker process
+    # without one does not load them.
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
     try:
         return ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError, OSError):
@@ -197,6 +199,8 @@ class Cron:
                 f"(minute hour day-of-month month day-of-week), not {len(parts)}{hint}"
             )
         zone = _zone(self.tz)
+        from cronsim import CronSim, CronSimError
+
         try:
             next(CronSim(fields, _PROBE))
         except CronSimError as exc:
@@ -216,6 +220,8 @@ class Cron:
     # UTC and lands on hh:30 in zones whose offset changes by 30 minutes.
 
     def _walls_after(self, wall: _dt.datetime) -> Iterator[_dt.datetime]:
+        from cronsim import CronSim
+
         try:
             yield from CronSim(self._fields, wall)
         except StopIteration:  # pragma: no cover - cronsim gives up after 50 years
