@@ -31,6 +31,7 @@ gives steady figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -46,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _redis_server import RedisServer, redis_server_version  # noqa: E402
-from bench_drain import _worktree  # noqa: E402  # the A/B benchmarks' worktree of a REV
+from _worktree import checkout  # noqa: E402
 
 KEY = "bench:key"
 OURS = "ours (trio)"
@@ -302,6 +303,12 @@ def main() -> None:
     if options.cpu is not None:
         os.sched_setaffinity(0, {options.cpu})  # redis-server, started below, inherits it
 
+    with contextlib.ExitStack() as stack:
+        tree = stack.enter_context(checkout(options.against))[1] if options.against else None
+        _main(options, count, inflight, tree)
+
+
+def _main(options: argparse.Namespace, count: int, inflight: int, tree: Path | None) -> None:
     with RedisServer() as server:
         import redis
 
@@ -314,8 +321,7 @@ def main() -> None:
         }
         if _available("coredis"):
             runs["coredis (trio)"] = lambda: trio.run(coredis_sequential, server.url, count)
-        if options.against:
-            tree = _worktree(options.against)
+        if tree is not None:
             runs["ours, own process"] = lambda: ours_at(ROOT, server.url, count)
             runs[f"ours at {options.against}"] = lambda: ours_at(tree, server.url, count)
         inflight_runs: dict[str, Callable[[], float]] = {

@@ -27,6 +27,7 @@ Wall-clock figures are noisy on a shared machine: alternate (``--against``), pin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -38,6 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _redis_server import RedisServer, redis_server_binary
+from _worktree import checkout
 
 ROOT = Path(__file__).resolve().parent.parent
 QUEUE = "drain"
@@ -202,22 +204,6 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------- the parent
 
 
-def _worktree(rev: str) -> Path:
-    """A worktree of ``rev`` under /tmp (made once, reused)."""
-    sha = subprocess.run(
-        ["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    path = Path("/tmp") / f"bench-drain-{sha}"
-    if not path.exists():
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", str(path), sha],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
-    return path
-
-
 def _flushall(port: int) -> None:
     import socket
 
@@ -295,8 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         print("redis-server is not installed (not on PATH): nothing to measure")
         return 2
     trees = {"this tree": ROOT}
-    if args.against:
-        trees[args.against] = _worktree(args.against)
+    with contextlib.ExitStack() as stack:
+        if args.against:
+            trees[args.against] = stack.enter_context(checkout(args.against))[1]
+        return _compare(trees, binary, args)
+
+
+def _compare(trees: dict[str, Path], binary: str, args: argparse.Namespace) -> int:
+    """Measure each tree ``args.repeat`` times, alternating; print medians and the ratio."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
     with RedisServer(binary) as server:
         for rep in range(args.repeat):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import gc
 import json
@@ -34,12 +35,13 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from _worktree import checkout
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -235,43 +237,21 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     runners: dict[str, tuple[str, Path]] = {"trio-bus": ("ours", ROOT)}
-    tmp: tempfile.TemporaryDirectory[str] | None = None
-    if args.against:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-rev-")
-        rev_dir = Path(tmp.name) / "rev"
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(rev_dir), args.against],
-            check=True,
-            capture_output=True,
-        )
-        rev = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", args.against],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        runners[f"rev {rev}"] = ("ours", rev_dir)
-    try:
-        import taskiq  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
-        print("taskiq is not installed: pip install -e '.[bench]' to compare; measuring ours")
-    else:
-        runners["taskiq"] = ("taskiq", ROOT)
-
-    try:
+    with contextlib.ExitStack() as stack:
+        if args.against:
+            rev, rev_dir = stack.enter_context(checkout(args.against))
+            runners[f"rev {rev}"] = ("ours", rev_dir)
+        try:
+            import taskiq  # type: ignore[import-not-found]  # noqa: F401
+        except ImportError:
+            print("taskiq is not installed: pip install -e '.[bench]' to compare; measuring ours")
+        else:
+            runners["taskiq"] = ("taskiq", ROOT)
         for concurrency in args.concurrency:
             if args.alloc:
                 _print_alloc(runners, args.alloc_tasks, concurrency)
             else:
                 _measure(runners, args, concurrency)
-    finally:
-        if tmp is not None:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(rev_dir)],
-                check=False,
-                capture_output=True,
-            )
-            tmp.cleanup()
     return 0
 
 

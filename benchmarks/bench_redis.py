@@ -49,6 +49,7 @@ if "--_worker" not in sys.argv:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _redis_server import RedisServer, redis_server_binary, redis_server_version
+    from _worktree import checkout
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBS = ("trio-bus", "streaq", "taskiq")
@@ -773,29 +774,16 @@ def _against(args: argparse.Namespace) -> int:
     if binary is None:
         print("redis-server is not installed (not on PATH): nothing to measure")
         return 2
-    git = ["git", "-C", str(ROOT)]
-    rev = subprocess.run(
-        [*git, "rev-parse", "--short", args.against], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    name = f"rev {rev}"
-    samples: dict[str, list[dict[str, float]]] = {"trio-bus": [], name: []}
-    with tempfile.TemporaryDirectory(prefix="bench-rev-") as tmp:
-        rev_dir = Path(tmp) / "rev"
-        subprocess.run(
-            [*git, "worktree", "add", "--detach", str(rev_dir), rev],
-            check=True,
-            capture_output=True,
-        )
-        try:
-            for rep in range(args.repeat):
-                order = [("trio-bus", ROOT), (name, rev_dir)][:: -1 if rep % 2 else 1]
-                for lib, path in order:
-                    t = time.perf_counter()
-                    print(f"[{rep + 1}/{args.repeat}] {lib} ...", end=" ", flush=True)
-                    samples[lib].append(_run_checkout(path, args))
-                    print(f"{time.perf_counter() - t:.1f} s", flush=True)
-        finally:
-            subprocess.run([*git, "worktree", "remove", "--force", str(rev_dir)], check=False)
+    with checkout(args.against) as (rev, rev_dir):
+        name = f"rev {rev}"
+        samples: dict[str, list[dict[str, float]]] = {"trio-bus": [], name: []}
+        for rep in range(args.repeat):
+            order = [("trio-bus", ROOT), (name, rev_dir)][:: -1 if rep % 2 else 1]
+            for lib, path in order:
+                t = time.perf_counter()
+                print(f"[{rep + 1}/{args.repeat}] {lib} ...", end=" ", flush=True)
+                samples[lib].append(_run_checkout(path, args))
+                print(f"{time.perf_counter() - t:.1f} s", flush=True)
     LIBRARIES[name] = LIBRARIES["trio-bus"]  # the same harness code, the other checkout's bus
     lines = report({n: _summary(s) for n, s in samples.items()}, args, redis_server_version(binary))
     if "targets (issue #10):" in lines:  # against peers only
