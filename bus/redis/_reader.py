@@ -815,10 +815,18 @@ class StreamReaderActor(actors.Actor):
                         actor=self.name,
                     )
         replayed: list[Delivery] = []
+        mark = getattr(self.results, "mark_first_run", None)
         for (_, d, _), reply in zip(claims, replies, strict=True):
             eid = self._where(d.tag)[1]
             if reply is None or reply == eid:
-                continue  # claimed now, or by this very entry (delivered again)
+                # Claimed now, or by this very entry (delivered again). Claimed now for
+                # a first attempt: no other run can have left progress for its result
+                # store to delete (the result backend's mark_first_run).
+                if mark is not None:
+                    assert d.message is not None
+                    first = reply is None and d.message.attempt == 1 and d.deliveries == 1
+                    mark(d.message.task_id, first)
+                continue
             replayed.append(d)
             assert d.message is not None
             log.warning(

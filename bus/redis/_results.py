@@ -64,6 +64,9 @@ __all__ = ["RedisResultBackend", "RedisResultStoreActor"]
 
 log = get_logger("bus.redis.results")
 
+#: At most this many tasks are marked as first runs (see ``mark_first_run``).
+_FIRST_RUNS_MAX = 65_536
+
 
 @attrs.frozen
 class Write:
@@ -326,6 +329,10 @@ class RedisResultBackend(ResultBackend):
         self._conn_ref: actors.ActorRef | None = None
         #: A write of this process waits one scheduler pass for others to join it.
         self._gathering = False
+        #: Tasks whose result needs no DEL of a progress key: the first run anywhere of
+        #: their first attempt (the reader made its claim) that stored no progress here.
+        #: Filled by :meth:`mark_first_run`; a task not in it gets the DEL (the safe way).
+        self._first_runs: set[str] = set()
 
     # ------------------------------------------------------------------ keys
 
@@ -413,7 +420,28 @@ class RedisResultBackend(ResultBackend):
         data = seal_result(self.secret, task_id, data)
         payload = self.announcement(task_id, data)
         set_cmd: Command = ("SET", key, data, "PX", self.ttl_ms, *(("NX",) if only_new else ()))
+        first_runs = self._first_runs
+        if task_id in first_runs:
+            # No run of this task but this one, which stored no progress: no progress
+            # key can exist, so no DEL (one command in five of a drain).
+            first_runs.discard(task_id)
+            return (set_cmd, ("PUBLISH", self.channel, payload))
         return (set_cmd, ("PUBLISH", self.channel, payload), ("DEL", self.progress_key(task_id)))
+
+    def mark_first_run(self, task_id: str, first: bool) -> None:
+        """What the stream reader knows of a delivery it claimed: ``first`` when it is
+        the task's first attempt and its claim was made now (no other entry or process
+        ran it: no progress of another run can exist). Its result is then stored
+        without deleting a progress key, unless progress is stored here meanwhile.
+        Bounded: past ``_FIRST_RUNS_MAX`` tasks (deliveries never stored here, handed
+        back at a stop) the marks are dropped, and those results delete as before."""
+        first_runs = self._first_runs
+        if not first:
+            first_runs.discard(task_id)
+            return
+        if len(first_runs) >= _FIRST_RUNS_MAX:
+            first_runs.clear()
+        first_runs.add(task_id)
 
     async def _write(self, commands: tuple[Command, ...], what: str) -> list[Any]:
         """Queue ``commands`` through the store actor and wait for their replies,
@@ -554,6 +582,7 @@ class RedisResultBackend(ResultBackend):
 
     async def set_progress(self, task_id: TaskID, progress: Any) -> None:
         data = json.dumps(progress, separators=(",", ":"), allow_nan=False).encode()
+        self._first_runs.discard(task_id)  # its result deletes the progress key
         await self._write(
             (("SET", self.progress_key(task_id), data, "PX", self.ttl_ms),), "storing progress"
         )

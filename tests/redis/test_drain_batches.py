@@ -10,8 +10,10 @@ from collections.abc import Callable
 
 import trio
 
-from bus.redis import RedisBroker
+import bus
+from bus.redis import RedisBroker, RedisResultBackend
 from bus.redis._pool import lend
+from bus.redis._results import _FIRST_RUNS_MAX
 
 N = 256  # tasks drained
 CONCURRENCY = 32
@@ -64,10 +66,12 @@ async def test_a_drain_acks_reads_and_stores_in_batches(
 ) -> None:
     broker = make_broker()
     commands, writes = await _drain(broker)
-    # Each task: its result (SET, PUBLISH, DEL of its progress) and the claim of its
+    # Each task: its result (SET, PUBLISH) and the claim of its
     # attempt (SET NX): per task, as before.
     assert commands.get("publish", 0) == N
     assert commands.get("set", 0) == 2 * N
+    # No DEL of a progress key: none of these first runs stored progress (was one a task).
+    assert commands.get("del", 0) == 0, commands
     # Acks: one XACK and one XDEL for all the acks of a drain (was one each per task).
     assert commands.get("xack", 0) <= N // 4, commands
     assert commands.get("xdel", 0) <= N // 4, commands
@@ -79,3 +83,70 @@ async def test_a_drain_acks_reads_and_stores_in_batches(
     # here, more than a command): one for each of those per read of 32, and the
     # worker's start. One a task would be 256; the old way, about 60.
     assert writes <= N // 5, (writes, commands)
+
+
+async def _progress_after_result(broker: RedisBroker, write_progress: str) -> object:
+    """Run a task that reports progress on its first attempt, then fails once (retried)
+    and succeeds on the second; the progress readable once the result is stored.
+    ``write_progress``: "ctx" (``ctx.set_progress``, this process) or "raw" (a SET of
+    the key, as another process's run of the first attempt leaves it)."""
+
+    backend = broker.result_backend
+    assert isinstance(backend, RedisResultBackend)
+
+    @broker.task(name="progressing", retries=1, retry_backoff=0)
+    async def progressing(ctx: bus.Context) -> int:
+        if ctx.attempt == 1:
+            if write_progress == "ctx":
+                await ctx.set_progress({"done": 1})
+            else:
+                await broker.client.execute(
+                    "SET", backend.progress_key(ctx.task_id), b'{"done":1}', "PX", 60_000
+                )
+            raise RuntimeError("once more")
+        return ctx.attempt
+
+    async with broker, trio.open_nursery() as nursery:
+        await nursery.start(broker.run_worker, 4)
+        handle = await progressing.kiq()
+        result = await handle.wait_result(timeout=10)
+        assert result.return_value == 2
+        progress = await handle.get_progress()
+        nursery.cancel_scope.cancel()
+    return progress
+
+
+async def test_no_progress_is_left_after_a_result(make_broker: Callable[..., RedisBroker]) -> None:
+    """The DEL of a progress key is left out only for a first attempt's first run that
+    stored none: progress of an earlier attempt, stored here or by another process,
+    is gone once the result is stored."""
+    assert await _progress_after_result(make_broker(), "ctx") is None
+    assert await _progress_after_result(make_broker(), "raw") is None
+
+
+async def test_progress_of_a_first_run_is_deleted_with_its_result(
+    make_broker: Callable[..., RedisBroker],
+) -> None:
+
+    broker = make_broker()
+
+    @broker.task(name="reporting")
+    async def reporting(ctx: bus.Context) -> None:
+        await ctx.set_progress({"half": True})
+
+    async with broker, trio.open_nursery() as nursery:
+        await nursery.start(broker.run_worker, 4)
+        handle = await reporting.kiq()
+        await handle.wait_result(timeout=10)
+        assert await handle.get_progress() is None
+        nursery.cancel_scope.cancel()
+
+
+def test_first_run_marks_are_bounded() -> None:
+    backend = RedisResultBackend()
+    for i in range(_FIRST_RUNS_MAX + 10):
+        backend.mark_first_run(str(i), True)
+    assert len(backend._first_runs) <= _FIRST_RUNS_MAX
+    backend.mark_first_run("9", True)
+    backend.mark_first_run("9", False)  # delivered again: its result deletes
+    assert "9" not in backend._first_runs
