@@ -288,6 +288,9 @@ class RedisBroker(Broker):
     async def _send(self, message: TaskMessage) -> TaskID:
         data = self._encode(message)
         what = f"cannot send {message.task_name}"
+        results = self.result_backend
+        if isinstance(results, RedisResultBackend):
+            results.sending(message.task_id)  # a waiter to come may need no read
         replies = await self._submit(SendNow(message, data), what)
         return await self._sent_id(message, data, replies[0] if replies else None, what)
 

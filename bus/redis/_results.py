@@ -4,7 +4,10 @@
 waiters of this process: it is told ``Watch`` / ``Unwatch``, listens to the results
 channel through the process's one subscription, and wakes a waiter the moment its
 result is announced (or found by the read that follows its registration: pushed,
-never polled). Writes go through the store actor onto the process's shared command
+never polled). A waiter of a task sent from this process after the subscription was
+confirmed needs no read while its announcement was not seen before it registered and
+the subscription was not made again (see :class:`Sent`).
+Writes go through the store actor onto the process's shared command
 connection, and are retried until Redis is back (within ``write_timeout``).
 """
 
@@ -68,6 +71,25 @@ log = get_logger("bus.redis.results")
 _FIRST_RUNS_MAX = 65_536
 
 
+#: At most this many sent task ids are remembered for their waiters (see ``Sent``).
+_SENT_MAX = 4096
+
+
+@attrs.frozen
+class Sent:
+    """Told (inline) by a producer of this process just before it writes the send of
+    ``task_id``: a waiter of that task registered later needs no read of its key while
+    no announcement of it was seen and the subscription stayed up (see
+    :meth:`RedisResultStoreActor.watch`)."""
+
+    task_id: TaskID
+
+
+@attrs.frozen
+class _Live:
+    """Told by the store actor to itself once Redis confirmed its subscription."""
+
+
 @attrs.frozen
 class Write:
     """Ask (inline): queue ``commands`` on the shared connection; the answer is the
@@ -107,6 +129,11 @@ class RedisResultStoreActor(UsesConnection):
         self._subscribing = False
         self._to_check: set[TaskID] = set()
         self._checking = False
+        #: True once the subscription was confirmed (told in mailbox order, see _Live).
+        self._live = False
+        #: Task ids sent from this process while subscribed whose announcement was not
+        #: seen since (an ordered set, bounded by _SENT_MAX; cleared on Resubscribed).
+        self._sent: dict[TaskID, None] = {}
 
     async def on_start(self) -> None:
         self.start_keeping_connection()
@@ -161,9 +188,29 @@ class RedisResultStoreActor(UsesConnection):
 
     # ---------------------------------------------------------------- watching
 
+    @actors.handles(Sent, inline=True)
+    def sent(self, msg: Sent) -> None:
+        if self._live:
+            sent = self._sent
+            if len(sent) >= _SENT_MAX:
+                del sent[next(iter(sent))]
+            sent[msg.task_id] = None
+
+    @actors.handles(_Live, inline=True)
+    def live(self, msg: _Live) -> None:
+        self._live = True
+
     @actors.handles(Watch, inline=True)
     def watch(self, msg: Watch) -> None:
         self.watchers.setdefault(msg.task_id, []).append(msg.watcher)
+        if self._sent and self._sent.pop(msg.task_id, False) is None:
+            # Sent from here after the subscription was confirmed (Sent came after
+            # _Live in this mailbox, the announcement can only come after Sent), and
+            # no announcement of it was handled since nor the subscription made again:
+            # its result is not stored yet, or its announcement is still on its way.
+            # If the subscription drops meanwhile, Resubscribed reads every key waited
+            # on. So no read: the announcement wakes this waiter.
+            return
         if not self.subscribed.is_set() and not self._subscribing:
             # Subscribe when the first waiter of this process waits: a worker-only
             # process would otherwise receive every announcement.
@@ -188,6 +235,7 @@ class RedisResultStoreActor(UsesConnection):
         sub = await subscription_of(self.conn_ref)
         await sub.ask(Subscribe(self.backend.channel, self.ref))
         self.subscribed.set()
+        self.ref.tell_nowait(_Live())  # in mailbox order with Sent (see watch)
 
     async def _check(self) -> None:
         """Read the keys of the new watchers (after the subscription is live, so no
@@ -232,6 +280,8 @@ class RedisResultStoreActor(UsesConnection):
         if found is None:
             return
         tid, value = found
+        if self._sent:
+            self._sent.pop(tid, None)  # announced: a waiter from now on reads its key
         if tid in self.watchers:
             result = self.backend.open(tid, value)
             if result is not None:
@@ -240,7 +290,8 @@ class RedisResultStoreActor(UsesConnection):
     @actors.handles(Resubscribed)
     def resubscribed(self, msg: Resubscribed) -> None:
         # Announcements made while the subscription was down were missed: re-read
-        # every key being waited on.
+        # every key being waited on, and the key of every waiter to come.
+        self._sent.clear()
         self._to_check.update(self.watchers)
         if not self._checking and self._to_check:
             self._checking = True
@@ -366,6 +417,15 @@ class RedisResultBackend(ResultBackend):
         ref, self._ref = self._ref, None
         if ref is not None and ref.is_alive:
             await ref.stop()
+
+    def sending(self, task_id: TaskID) -> None:
+        """Called by a producer of this process just before it writes the send of
+        ``task_id`` (see :class:`Sent`): a ``wait_result`` for it may then need no
+        read. Not a checkpoint."""
+        ref = self._ref
+        if ref is not None:
+            with contextlib.suppress(actors.ActorStopped):
+                ref.tell_nowait(Sent(task_id))  # unbounded mailbox: never full
 
     def _conn(self) -> actors.ActorRef:
         if self._conn_ref is None:
