@@ -35,7 +35,7 @@ import math
 import os
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any, Final
 
@@ -1136,7 +1136,8 @@ class PubSub(_Base):
     trip, no close timeout). Messages: ``async for channel, data in ps:``; a pattern
     subscription delivers the concrete channel. When the connection is lost the
     iteration raises :class:`ConnectionLost` (after the messages already received);
-    after :meth:`aclose` it ends. The owner re-subscribes on a new PubSub.
+    after :meth:`aclose` it ends. The owner re-subscribes on a new PubSub. Or
+    :meth:`on_message`: the reader calls a function with each message as it reads it.
 
     Backpressure: at most ``max_buffer`` messages wait for the consumer; past that
     the reader waits too (and so do confirmations), and Redis may eventually drop a
@@ -1157,6 +1158,7 @@ class PubSub(_Base):
         channel = trio.open_memory_channel[tuple[bytes, bytes]](max_buffer)
         self._messages_in, self._messages_out = channel
         self._pending_messages: list[tuple[bytes, bytes]] = []
+        self._on_message: Callable[[bytes, bytes], object] | None = None
         #: The channels and patterns Redis confirmed.
         self.channels: set[bytes] = set()
         self.patterns: set[bytes] = set()
@@ -1174,6 +1176,14 @@ class PubSub(_Base):
         url = _as_url(url)
         stream, transport = await _open(url, name, ssl_context)
         return cls(stream, transport, url, name, max_buffer)
+
+    def on_message(self, fn: Callable[[bytes, bytes], object]) -> None:
+        """Have the reader (:meth:`run`) call ``fn(channel, data)`` for each message, in
+        order, in its own step as it reads it: no task and no channel between the socket
+        and ``fn`` (the iteration gets no messages then). Call it before :meth:`run`.
+        ``fn`` must not block (it is not awaited) and should not raise: an exception
+        fails the connection, and :meth:`run` raises it."""
+        self._on_message = fn
 
     def _feed(self) -> bool:
         gets = self._parser.gets
@@ -1228,6 +1238,12 @@ class PubSub(_Base):
 
     async def _deliver(self) -> None:
         messages = self._pending_messages
+        fn = self._on_message
+        if fn is not None:
+            self._pending_messages = []
+            for channel, data in messages:
+                fn(channel, data)
+            return
         while messages:
             self._pending_messages = []
             try:

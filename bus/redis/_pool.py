@@ -121,24 +121,25 @@ class SubscriptionActor(actors.Actor):
     async def on_start(self) -> None:
         ps = await PubSub.connect(self.url, name="bus-subscription")
         self.ps = ps
+        ps.on_message(self._deliver)  # in the reader's step: no task in between
         await self.nursery.start(ps.run)
         channels = list(self.listeners.by_channel)
         if channels:
             await ps.subscribe(*channels)
-        self.nursery.start_soon(self._deliver, ps)
         self.listeners.subscriptions += 1
         if self.listeners.subscriptions > 1:  # again: tell everyone they may have missed things
             for channel, refs in self.listeners.by_channel.items():
                 for ref in list(refs):
                     _tell(ref, Resubscribed(channel))
 
-    async def _deliver(self, ps: PubSub) -> None:
-        listeners = self.listeners.by_channel
-        async for channel, data in ps:
-            for ref in list(listeners.get(channel, ())):
+    def _deliver(self, channel: bytes, data: bytes) -> None:
+        """A message, told to the channel's listeners (``tell_nowait``: an idle
+        listener's inline handler runs here, in the subscription's reader step)."""
+        refs = self.listeners.by_channel.get(channel)
+        if refs:
+            for ref in list(refs):
                 if not _tell(ref, Announcement(channel, data)):
-                    listeners[channel].discard(ref)
-        # The iteration ends only after aclose (a stop): nothing to do.
+                    refs.discard(ref)
 
     @actors.handles(Subscribe)
     async def subscribe(self, msg: Subscribe) -> None:

@@ -127,8 +127,15 @@ async def test_a_round_trip_sends_one_command_from_the_producer(
                 nursery.start_soon(wait)
                 await trio.testing.wait_all_tasks_blocked()
                 await _store(raw, backend, h.task_id)
+                steps = _Steps(trio.lowlevel.current_task())
+                trio.lowlevel.add_instrument(steps)  # trio.lowlevel: count scheduler steps
+            trio.lowlevel.remove_instrument(steps)
             assert got[0].return_value == 1
             assert conn.stats.commands - before == 1  # the XADD; no MGET
+            # From the store's reply to the waiter's result: the subscription's reader
+            # (it reads the announcement and the store wakes the waiter in that step),
+            # the waiter, this task (the nursery's end). No task in between.
+            assert steps.all <= 3, steps.all
 
 
 async def test_an_announcement_seen_before_the_waiter_is_read(

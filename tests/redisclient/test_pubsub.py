@@ -119,3 +119,40 @@ async def test_aclose_ends_iteration(url: str, key: str) -> None:
                 nursery.start_soon(consume)
                 await trio.testing.wait_all_tasks_blocked()
                 await ps.aclose()
+
+
+async def test_on_message_is_called_in_the_readers_step(
+    url: str, conn: Connection, key: str
+) -> None:
+    """Each message reaches the function in the reader's own step, in order (no task
+    between the socket and it); a function that raises fails the connection."""
+    got: list[tuple[bytes, bytes, trio.lowlevel.Task]] = []
+    two = trio.Event()
+
+    def record(channel: bytes, data: bytes) -> None:
+        got.append((channel, data, trio.lowlevel.current_task()))
+        if len(got) == 2:
+            two.set()
+
+    with trio.fail_after(10):
+        ps = await PubSub.connect(url, name=f"callback-{key}")
+        ps.on_message(record)
+        async with trio.open_nursery() as nursery:
+
+            async def run(task_status: trio.TaskStatus[None]) -> None:
+                with pytest.raises(ValueError, match="boom"):
+                    await ps.run(task_status=task_status)
+
+            await nursery.start(run)
+            await ps.subscribe(key)
+            reader = next(t for t in nursery.child_tasks if "run" in t.name)
+            await conn.pipeline([("PUBLISH", key, "one"), ("PUBLISH", key, "two")])
+            await two.wait()
+            assert got == [(key.encode(), b"one", reader), (key.encode(), b"two", reader)]
+
+            def boom(channel: bytes, data: bytes) -> None:
+                raise ValueError("boom")
+
+            ps.on_message(boom)
+            await conn.execute("PUBLISH", key, "three")
+        assert ps.is_closed
