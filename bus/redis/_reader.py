@@ -226,6 +226,15 @@ _Raw = tuple[StreamRef, bytes, "dict[bytes, bytes] | None"]
 _TICK = 0.1
 #: How long a read waits for more runners when few wait and the others are busy.
 _GATHER = 0.001
+#: Read-ahead (the next entries read while every runner is busy, so the runners that
+#: come back find them here instead of waiting for a read and a claim): only while
+#: runners came back within _QUICK of all being busy (short tasks) and the last
+#: read found as many entries as it asked for (a backlog; not one runner), at most
+#: _AHEAD_MAX entries (and no more than the worker's runners), and handed back to the
+#: queue when no runner took them within _AHEAD_HOLD (other workers may run them).
+_QUICK = 0.01
+_AHEAD_MAX = 256
+_AHEAD_HOLD = 0.1
 
 
 def decode_entry(codec: Codec, data: bytes) -> tuple[TaskMessage | None, str | None]:
@@ -283,6 +292,15 @@ class StreamReaderActor(actors.Actor):
         self._last_count = 1  # how many entries per stream the last read asked for
         self._read_scope: trio.CancelScope | None = None
         self._gathered = False  # this read waited for more runners already
+        # Read-ahead (see _QUICK): a delivery was handed out since the last read-ahead
+        # (_ahead_ok), since when every runner is busy (until one comes back), whether
+        # the runners came back quickly, and whether what is held was read ahead.
+        self._ahead_ok = False
+        self._busy_since: float | None = None
+        self._quick = False
+        self._held_ahead = False
+        #: The last read returned all it asked for, two or more: a backlog to read from.
+        self._full = False
         # Read and not handed to a runner yet: held by priority, or set aside for a
         # limit. ``_aside`` has both, by tag (for the heartbeat and the hand-back).
         self.held: ReadyQueues[Delivery] = ReadyQueues()
@@ -545,11 +563,28 @@ class StreamReaderActor(actors.Actor):
             if state.leases == 0 and self._aside:
                 await self._give_back()  # no worker here any more: others may run them
                 continue  # runners may have come meanwhile: their wake-up is spent
+            ahead = False
+            if not demand:
+                if self._busy_since is None and state.leases:
+                    self._busy_since = trio.current_time()  # every runner is busy
+            elif self._busy_since is not None:
+                self._quick = trio.current_time() - self._busy_since <= _QUICK
+                self._busy_since = None
+            if not self.held:
+                self._held_ahead = False
             if demand == 0 or state.leases == 0:
-                state.demand = trio.Event()
-                await state.demand.wait()
+                if not (state.leases and self._may_read_ahead()):
+                    await self._wait_demand()
+                    continue
+                # Every runner is busy with short tasks: read the next entries now
+                # (no blocking read), while they run and store their results.
+                ahead = self._held_ahead = True
+                self._ahead_ok = False
+                demand = min(state.capacity, _AHEAD_MAX)
+            elif self._held_ahead and len(self.held) >= demand and not self.parking:
+                await self._hand_out()  # read ahead: no read before these runners start
                 continue
-            if demand < state.capacity // 2 and not self.held and not self._gathered:
+            elif demand < state.capacity // 2 and not self.held and not self._gathered:
                 # Few runners wait and the others are busy: give those a moment to
                 # come back, so that one read, one claim and one result write serve
                 # many (a worker of short tasks); runners that stay busy cost this
@@ -576,10 +611,33 @@ class StreamReaderActor(actors.Actor):
                 if not reap:
                     next_reap = trio.current_time() + self.settings.reap
             if not entries:
-                entries = await self._read_new(demand)
+                entries = await self._read_new(demand, block=not ahead)
+            self._full = demand >= 2 and len(entries) >= demand
             if entries:
                 await self._accept(entries, counted)
             await self._hand_out()
+
+    def _may_read_ahead(self) -> bool:
+        """Whether to read entries for runners that are all busy (see _QUICK)."""
+        return self._ahead_ok and self._quick and self._full and not self.held and not self.parking
+
+    async def _wait_demand(self) -> None:
+        """Wait until a runner waits (or the number of leases changes). Entries read
+        ahead that no runner took within _AHEAD_HOLD go back to the queue meanwhile.
+
+        Cancellation: only the wait ends (what is held stays held, handed back at the
+        stop)."""
+        state = self.state
+        state.demand = trio.Event()
+        if not self._held_ahead:
+            await state.demand.wait()
+            return
+        with trio.move_on_after(_AHEAD_HOLD):
+            await state.demand.wait()
+            return
+        if not self._waiting() and not self.parking:
+            self._held_ahead = self._quick = False
+            await self._give_back()  # what is held, never started: others may run it
 
     async def _gather(self, wanted: int) -> None:
         """Wait until ``wanted`` runners wait, or :data:`_GATHER` seconds.
@@ -655,10 +713,11 @@ class StreamReaderActor(actors.Actor):
             log.warning("redis.reclaimed", entries=len(out), actor=self.name)
         return out
 
-    async def _read_new(self, demand: int) -> list[_Raw]:
+    async def _read_new(self, demand: int, *, block: bool = True) -> list[_Raw]:
         """New entries: of each level of which fewer than ``demand`` are held, at most
         ``demand``; blocking only when nothing is held to hand out meanwhile, and no
-        longer than until a delivery set aside for a limit is to be tried again."""
+        longer than until a delivery set aside for a limit is to be tried again (never
+        without ``block``: a read-ahead)."""
         held, parking, settings = self.held, self.parking, self.settings
         streams = [s for s in self.streams if held.count(s.queue, s.level) < demand]
         retry_at = parking.next_retry() if parking else math.inf
@@ -675,10 +734,10 @@ class StreamReaderActor(actors.Actor):
         timeout = None
         # Redis ends a blocking read up to a server tick (100 ms at hz 10) after its
         # time: block until a tick before a retry is due, and sleep the rest here.
-        block = wait if retry_at == math.inf else wait - _TICK
-        if not held and block > 0:
-            command += ["BLOCK", max(1, int(block * 1000))]
-            timeout = block + settings.url.command_timeout
+        block_s = wait if retry_at == math.inf else wait - _TICK
+        if not held and block_s > 0 and block:
+            command += ["BLOCK", max(1, int(block_s * 1000))]
+            timeout = block_s + settings.url.command_timeout
         command += ["STREAMS", *(s.key for s in streams), *(b">" for _ in streams)]
         reply = await conn.execute(*command, timeout=timeout)
         out: list[_Raw] = []
@@ -1013,6 +1072,7 @@ class StreamReaderActor(actors.Actor):
                 state.send.send_nowait(d)
             except trio.WouldBlock:
                 await state.send.send(d)
+            self._ahead_ok = True
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             state.inflight.pop(d.tag, None)
             release = state.release_command(d.tag)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import trio
 
 import bus
-from bus.redis import RedisBroker, RedisResultBackend
+from bus.redis import RedisBroker, RedisResultBackend, _reader
 from bus.redis._pool import lend
 from bus.redis._results import _FIRST_RUNS_MAX
 
@@ -150,3 +151,56 @@ def test_first_run_marks_are_bounded() -> None:
     backend.mark_first_run("9", True)
     backend.mark_first_run("9", False)  # delivered again: its result deletes
     assert "9" not in backend._first_runs
+
+
+async def _pending(broker: RedisBroker) -> int:
+    """Entries of the stream read by a consumer and not acknowledged."""
+    summary = await broker.client.execute("XPENDING", broker.keys.stream, "workers")
+    assert isinstance(summary, list)
+    return int(summary[0])
+
+
+async def test_entries_are_read_ahead_for_short_tasks_and_handed_back_when_unused(
+    make_broker: Callable[..., RedisBroker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While runners of short tasks are all busy, the next entries are read (at most as
+    many as there are runners); read ahead and not taken by a runner within the hold
+    time, they go back to the queue. Every task runs once."""
+    # What counts as short and the hold, long enough for a loaded machine.
+    monkeypatch.setattr(_reader, "_QUICK", 1.0)
+    monkeypatch.setattr(_reader, "_AHEAD_HOLD", 0.5)
+    broker = make_broker()
+    gate = trio.Event()
+    runs: list[int] = []
+
+    @broker.task(name="quick")
+    async def quick(i: int) -> None:
+        runs.append(i)
+
+    @broker.task(name="gated")
+    async def gated(i: int) -> None:
+        runs.append(i)
+        await gate.wait()
+
+    async with broker:
+        messages = [quick.kicker().message(i) for i in range(4 * CONCURRENCY)]
+        messages += [gated.kicker().message(1000 + i) for i in range(3 * CONCURRENCY)]
+        await broker.kick_many(messages)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(broker.run_worker, CONCURRENCY)
+            most = 0
+            with trio.fail_after(10):
+                # Every runner busy with a gated task, and entries read ahead.
+                while len(runs) < 5 * CONCURRENCY or most <= CONCURRENCY:
+                    most = max(most, await _pending(broker))
+                    await trio.sleep(0.002)
+            # Read ahead: more than the runners hold, never more than twice as many.
+            assert CONCURRENCY < most <= 2 * CONCURRENCY, most
+            await trio.sleep(1.0)
+            assert await _pending(broker) == CONCURRENCY  # the others went back
+            gate.set()
+            with trio.fail_after(10):
+                while await broker.client.execute("XLEN", broker.keys.stream):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert sorted(runs) == sorted([*range(4 * CONCURRENCY), *range(1000, 1000 + 3 * CONCURRENCY)])
