@@ -67,8 +67,10 @@ __all__ = ["RedisResultBackend", "RedisResultStoreActor"]
 
 log = get_logger("bus.redis.results")
 
-#: At most this many tasks are marked as first runs (see ``mark_first_run``).
-_FIRST_RUNS_MAX = 65_536
+#: At most this many tasks are marked as first runs (see ``mark_first_run``): marks of
+#: tasks whose result is not stored here (``store_result=False``, handed back) stay
+#: until then; a worker has at most its runners and a read-ahead marked at a time.
+_FIRST_RUNS_MAX = 4096
 
 
 #: At most this many sent task ids are remembered for their waiters (see ``Sent``).
