@@ -24,6 +24,7 @@ import trio.lowlevel
 
 import actors
 from actors._log import get_logger
+from bus import _ids
 from bus._codec import Codec, DecodeError, JSONCodec
 from bus._errors import BrokerUnavailable, BusError, ResultNotFound, ResultTimeout
 from bus._ids import TaskID
@@ -75,6 +76,15 @@ _FIRST_RUNS_MAX = 4096
 
 #: At most this many sent task ids are remembered for their waiters (see ``Sent``).
 _SENT_MAX = 4096
+
+
+def _made_last(task_id: str) -> bool:
+    """Whether ``task_id`` is the id ``TaskID.new`` made last in this process (its
+    millisecond and counter; ids made in one process never repeat)."""
+    clock = _ids._clock
+    prefix = clock[2]
+    n = len(prefix)
+    return task_id[:n] == prefix and task_id[n : n + 3] == "%03x" % clock[1]  # noqa: UP031
 
 
 @attrs.frozen
@@ -382,6 +392,8 @@ class RedisResultBackend(ResultBackend):
         self._conn_ref: actors.ActorRef | None = None
         #: A write of this process waits one scheduler pass for others to join it.
         self._gathering = False
+        #: The newest task id told to the store as sent (see :meth:`sending`).
+        self._newest_sent = ""
         #: Tasks whose result needs no DEL of a progress key: the first run anywhere of
         #: their first attempt (the reader made its claim) that stored no progress here.
         #: Filled by :meth:`mark_first_run`; a task not in it gets the DEL (the safe way).
@@ -422,10 +434,14 @@ class RedisResultBackend(ResultBackend):
 
     def sending(self, task_id: TaskID) -> None:
         """Called by a producer of this process just before it writes the send of
-        ``task_id`` (see :class:`Sent`): a ``wait_result`` for it may then need no
-        read. Not a checkpoint."""
+        ``task_id``. When the id is the last one this process made (``TaskID.new``)
+        and newer than every id sent through here before, it was never sent anywhere:
+        no result of it can be stored yet, and the store is told (see :class:`Sent`),
+        so a ``wait_result`` for it may need no read. An id sent again (``with_task_id``:
+        a worker drops the repeat and announces nothing) is not. Not a checkpoint."""
         ref = self._ref
-        if ref is not None:
+        if ref is not None and task_id > self._newest_sent and _made_last(task_id):
+            self._newest_sent = task_id
             with contextlib.suppress(actors.ActorStopped):
                 ref.tell_nowait(Sent(task_id))  # unbounded mailbox: never full
 

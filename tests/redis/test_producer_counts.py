@@ -172,3 +172,23 @@ async def test_a_result_whose_announcement_was_lost_is_read_after_resubscribing(
                 await _store(raw, backend, later.task_id, announce=False)
             assert got[0].return_value == 1
             assert (await later.wait_result()).return_value == 1
+
+
+async def test_a_task_id_sent_again_is_read(
+    make_broker: Callable[..., RedisBroker], redis_url: str
+) -> None:
+    """A task id sent again (its result stored: a worker drops the repeat and announces
+    nothing) is read; so is one made before other ids."""
+    async with _subscribed(make_broker, redis_url) as (backend, one, _, raw):
+        tid = bus.TaskID.new()
+        h = await one.kicker().with_task_id(tid).kiq()
+        await _store(raw, backend, tid)
+        assert (await h.wait_result(timeout=10)).return_value == 1
+        with trio.fail_after(10):
+            h = await one.kicker().with_task_id(tid).kiq()
+            assert (await h.wait_result()).return_value == 1
+            early = bus.TaskID.new()
+            bus.TaskID.new()
+            h = await one.kicker().with_task_id(early).kiq()
+            await _store(raw, backend, early, announce=False)  # as if stored before
+            assert (await h.wait_result()).return_value == 1
