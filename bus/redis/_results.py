@@ -76,6 +76,10 @@ _FIRST_RUNS_MAX = 4096
 
 #: At most this many sent task ids are remembered for their waiters (see ``Sent``).
 _SENT_MAX = 4096
+#: A waiter registered without reading its key (see ``Sent``) and not woken after this
+#: many seconds reads it once: a safety net for an announcement that never comes (a
+#: result stored by another process under an id this one sends again).
+_LATE_READ = 1.0
 
 
 def _made_last(task_id: str) -> bool:
@@ -146,6 +150,9 @@ class RedisResultStoreActor(UsesConnection):
         #: Task ids sent from this process while subscribed whose announcement was not
         #: seen since (a set as a dict; cleared at _SENT_MAX and on Resubscribed).
         self._sent: dict[TaskID, None] = {}
+        #: Waiters registered without a read, and when they read if still waiting.
+        self._late: dict[TaskID, float] = {}
+        self._late_reading = False
 
     async def on_start(self) -> None:
         self.start_keeping_connection()
@@ -221,7 +228,12 @@ class RedisResultStoreActor(UsesConnection):
             # no announcement of it was handled since nor the subscription made again:
             # its result is not stored yet, or its announcement is still on its way.
             # If the subscription drops meanwhile, Resubscribed reads every key waited
-            # on. So no read: the announcement wakes this waiter.
+            # on. So no read: the announcement wakes this waiter (or, if none came
+            # within _LATE_READ, one late read: see _read_late).
+            self._late[msg.task_id] = trio.current_time() + _LATE_READ
+            if not self._late_reading:
+                self._late_reading = True
+                self.nursery.start_soon(self._read_late)
             return
         if not self.subscribed.is_set() and not self._subscribing:
             # Subscribe when the first waiter of this process waits: a worker-only
@@ -262,6 +274,30 @@ class RedisResultStoreActor(UsesConnection):
         finally:
             self._checking = False
 
+    async def _read_late(self) -> None:
+        """Read, once, the keys of the waiters registered without a read that are still
+        waiting ``_LATE_READ`` seconds later (their ids in order of registration, so the
+        first is the next due). Returns when none is left. Cancellation: the actor
+        stopped; its waiters are failed by ``on_stop``."""
+        late = self._late
+        try:
+            while late:
+                tid, due = next(iter(late.items()))
+                await trio.sleep_until(due)
+                now = trio.current_time()
+                while late:
+                    tid, due = next(iter(late.items()))
+                    if due > now:
+                        break
+                    del late[tid]
+                    if tid in self.watchers:
+                        self._to_check.add(tid)
+                if self._to_check and not self._checking:
+                    self._checking = True
+                    self.nursery.start_soon(self._check)
+        finally:
+            self._late_reading = False
+
     async def _read_and_wake(self, ids: list[TaskID]) -> None:
         backend = self.backend
         keys = [backend.result_key(t) for t in ids]
@@ -283,6 +319,7 @@ class RedisResultStoreActor(UsesConnection):
                     self._wake(tid, result)
 
     def _wake(self, tid: TaskID, result: TaskResult[Any]) -> None:
+        self._late.pop(tid, None)
         for w in self.watchers.pop(tid, ()):
             w.resolve(result)
 
