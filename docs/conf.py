@@ -196,8 +196,11 @@ TYPE_VARIABLE = re.compile(r"[A-Z]")
 # Types of private modules that public signatures name (``bus._limits.Rate``): shown as
 # text, not linked (they are not part of the reference).
 nitpick_ignore_regex += [
-    (role, r"(actors|bus)(\.\w+)*\._\w+(\.\w+)*")
+    (role, pattern)
     for role in ("py:class", "py:obj", "py:func", "py:data", "py:meth")
+    # ... and as a private module's alias where it is imported lazily (``_ops.Client``:
+    # under TYPE_CHECKING only, so autodoc cannot resolve it to its full name).
+    for pattern in (r"(actors|bus)(\.\w+)*\._\w+(\.\w+)*", r"_\w+(\.\w+)+")
 ]
 
 
