@@ -748,34 +748,26 @@ class StreamReaderActor(actors.Actor):
             await trio.sleep_until(min(retry_at, trio.current_time() + settings.block))
         return out
 
-    async def _counts(self, conn: Connection, raw: list[_Raw]) -> dict[Any, int]:
-        """How often each of the entries (pending for this consumer) was delivered."""
-        by_stream: dict[bytes, list[bytes]] = {}
-        for s, eid, _ in raw:
-            by_stream.setdefault(s.key, []).append(eid)
-        keys = list(by_stream)
+    async def _counts(self, conn: Connection, raw: list[_Raw]) -> dict[Any, int | None]:
+        """How often each of the entries was delivered, asked of each entry alone (a
+        range would be cut short by the other entries this consumer owns in it):
+        ``None`` for one no longer pending for this consumer. Such an entry was
+        finished after this read was made (its ack landed, and the reader, told Done
+        or finding it gone at a heartbeat, forgot it) or another consumer claimed it
+        since: it must not run here (its claim, made by this very entry, would let it
+        run a second time). An entry whose count cannot be read is left out."""
         replies = await conn.pipeline(
-            [
-                (
-                    "XPENDING",
-                    k,
-                    self.group,
-                    min(by_stream[k]),
-                    max(by_stream[k]),
-                    len(by_stream[k]) + 16,
-                    self.consumer,
-                )
-                for k in keys
-            ]
+            [("XPENDING", s.key, self.group, eid, eid, 1, self.consumer) for s, eid, _ in raw]
         )
-        out: dict[Any, int] = {}
-        for key, reply in zip(keys, replies, strict=True):
+        out: dict[Any, int | None] = {}
+        for (s, eid, _), reply in zip(raw, replies, strict=True):
             if isinstance(reply, ReplyError):
                 continue
-            s = self.by_key[key]
-            for p in reply or ():
-                if isinstance(p, list) and len(p) >= 4:
-                    out[self._tag(s, p[0])] = int(p[3])
+            p = reply[0] if isinstance(reply, list) and reply else None
+            if isinstance(p, list) and len(p) >= 4 and p[0] == eid:
+                out[self._tag(s, eid)] = int(p[3])
+            else:
+                out[self._tag(s, eid)] = None
         return out
 
     async def _accept(self, raw: list[_Raw], counted: bool) -> None:
@@ -792,6 +784,10 @@ class StreamReaderActor(actors.Actor):
             if tag in inflight or tag in aside:
                 continue  # runs or waits here already (re-read after a reconnect): not twice
             n = counts.get(tag, 1)
+            if n is None:
+                # Read as ours, but finished (or claimed elsewhere) since: see _counts.
+                log.info("redis.read_finished_since", entry=eid.decode(), actor=self.name)
+                continue
             field = s.keys.data_field
             if fields is not None and field != F_DATA and field in fields:
                 fields = {**fields, F_DATA: fields[field]}  # read as the message field

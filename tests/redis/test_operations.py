@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import structlog
@@ -14,7 +14,9 @@ import bus
 import bus.protocol
 import bus.testing
 from bus.redis import RedisBroker
+from bus.redis._client import Connection
 from bus.redis._ops import Client
+from bus.redis._reader import StreamReaderActor
 from tests.redis.server import RedisServer
 from tests.redis.support import make_redis_broker
 
@@ -126,6 +128,82 @@ async def test_a_six_second_outage_during_a_run_runs_the_task_once(
             worker.stop()
     assert result.return_value == "report for monday"
     assert runs == 1
+
+
+def _reader_of(broker: RedisBroker) -> StreamReaderActor:
+    """The broker's (default) stream reader, as it is now (a restart makes another)."""
+    return cast(StreamReaderActor, broker.ref._cell.children["reader"].instance)
+
+
+async def test_an_entry_acked_while_its_reread_was_on_the_way_does_not_run_again(
+    make_broker: Callable[..., RedisBroker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader, reconnected, reads the entries pending for it again (they were
+    read before the outage) and skips those it holds. A running task's entry was read
+    so, its task finished and its ack landed, and the reader was told Done, all before
+    the reader looked at what it had read: the entry, no longer held, was taken for
+    one to run, and its attempt's claim (made by this very entry) let it run a second
+    time (twice in a full run of the six-second outage above, the Done or the
+    heartbeat's "not ours any more" landing in that window). Here the window is held
+    open: the reply of the re-read waits until the reader has forgotten the entry."""
+    broker = make_broker()
+    started, release, again = trio.Event(), trio.Event(), trio.Event()
+    runs = 0
+
+    @broker.task
+    async def job() -> str:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            started.set()
+            await release.wait()
+        else:
+            again.set()
+        return "done"
+
+    held, gate = trio.Event(), trio.Event()
+    execute = Connection.execute
+
+    async def late_reread(self: Connection, *args: Any, timeout: float | None = None) -> Any:
+        reply = await execute(self, *args, timeout=timeout)
+        if (
+            args[0] == "XREADGROUP"
+            and b">" not in args
+            and not gate.is_set()
+            and any(section for _, section in reply or ())
+        ):
+            held.set()
+            await gate.wait()  # the reader looks at what it read only now
+        return reply
+
+    with trio.fail_after(30):
+        async with broker, trio.open_nursery() as nursery:
+            worker = await nursery.start(broker.run_worker, 2)
+            handle = await job.kiq()
+            await started.wait()
+            monkeypatch.setattr(Connection, "execute", late_reread)
+            # The reader's connection drops: restarted, it reads its own entries again.
+            reader = _reader_of(broker)
+            assert reader.blocking is not None
+            host, port = reader.blocking._transport.socket.getsockname()[:2]
+            await broker.client.execute("CLIENT", "KILL", "ADDR", f"{host}:{port}")
+            await held.wait()  # the running entry, read again, its reply not looked at
+            reader = _reader_of(broker)
+            assert reader.blocking is not None
+            release.set()
+            assert (await handle.wait_result(timeout=10)).return_value == "done"
+            while reader.state.inflight:  # noqa: ASYNC110 (the ack's write is confirmed)
+                await trio.sleep(0.005)
+            reads = reader.blocking.stats.commands
+            gate.set()
+            while reader.blocking.stats.commands == reads:  # noqa: ASYNC110 (read looked at)
+                await trio.sleep(0.005)
+            with trio.move_on_after(0.3):
+                await again.wait()  # handed to the idle runner at once, if at all
+            pending = await broker.client.execute("XPENDING", broker.keys.stream, broker.group)
+            worker.stop()
+    assert runs == 1
+    assert int(pending[0] or 0) == 0
 
 
 async def test_a_cancel_made_while_the_workers_subscription_was_down_still_arrives(
