@@ -15,6 +15,7 @@ import abc
 import collections
 import contextlib
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -119,6 +120,23 @@ class ResultBackend(abc.ABC):
         """Store ``result`` now, without waiting, when this backend can (the in-memory
         one: its store is an actor of this process); False when it cannot, and nothing
         was done (use :meth:`set_result`)."""
+        return False
+
+    def set_result_soon(
+        self,
+        task_id: TaskID,
+        result: TaskResult[Any],
+        stored: Callable[[BaseException | None], None],
+    ) -> bool:
+        """Start storing ``result`` and return at once, when this backend can: True,
+        and ``stored(None)`` is called once it is stored, or ``stored(exc)`` with what
+        :meth:`set_result` would have raised. ``stored`` is called from a task of the
+        backend's own: it must neither block nor raise. If the backend stops first,
+        ``stored`` gets :class:`actors.ActorStopped`. False when it cannot, and
+        nothing was done (use :meth:`set_result`). Not a checkpoint.
+
+        A worker stores a result this way, then acknowledges its task in ``stored``:
+        its runner takes the next task meanwhile."""
         return False
 
     async def set_result_if_absent(self, task_id: TaskID, result: TaskResult[Any]) -> bool:

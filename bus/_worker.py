@@ -135,6 +135,49 @@ class _Runner:
         self.finished: tuple[Any, BaseException | None] | None = None
 
 
+class _StoredThenAck:
+    """What a worker does once a result stored with ``set_result_soon`` is in the
+    backend (or could not be): ack the task (or log why not, leaving it to be
+    delivered again), and end its part of the worker's activity."""
+
+    __slots__ = ("delivery", "message", "worker")
+
+    def __init__(self, worker: WorkerActor, delivery: Delivery, message: TaskMessage) -> None:
+        self.worker = worker
+        self.delivery = delivery
+        self.message = message
+
+    def __call__(self, error: BaseException | None) -> None:
+        worker = self.worker
+        try:
+            tid = self.message.task_id
+            if error is not None:
+                worker._log.error(
+                    "result.store_failed",
+                    task_id=tid,
+                    task_name=self.message.task_name,
+                    exc_info=error,
+                )
+                return
+            broker_ref = worker._broker_ref
+            assert broker_ref is not None
+            try:
+                broker_ref.tell_nowait(_make_ack(self.delivery))
+            except actors.MailboxFull:
+                try:  # a task of the worker's own tells it
+                    worker.nursery.start_soon(worker._tell_broker, _make_ack(self.delivery))
+                except (actors.ActorError, RuntimeError):  # the worker is gone
+                    worker._log.warning("worker.ack_lost", task_id=tid)
+            except actors.ActorStopped:
+                worker._log.warning("worker.ack_lost", task_id=tid)
+        finally:
+            worker._storing -= 1
+            idle = worker._idle
+            if idle is not None and worker._storing == 0:
+                idle.set()
+                worker._idle = None
+
+
 class WorkerActor(actors.Actor):
     """Runs a broker's tasks: ``concurrency`` runner tasks in its own nursery, each taking
     a delivery from the broker's lease, running it to its end, storing its result and
@@ -160,6 +203,9 @@ class WorkerActor(actors.Actor):
         self._draining = False
         self._thread_limiter = trio.CapacityLimiter(concurrency)
         self._active = 0
+        #: Results being stored in the background (``set_result_soon``): at most
+        #: ``concurrency``; past that a runner waits for its own store.
+        self._storing = 0
         self._idle: trio.Event | None = None  # made only while a drain waits
         self._lease: Lease | None = None
         self._broker_ref: actors.ActorRef | None = None
@@ -204,7 +250,7 @@ class WorkerActor(actors.Actor):
             self._log.info("worker.stopped")
 
     async def on_stop(self) -> None:
-        if self._active:
+        if self._active or self._storing:
             await self._drain(self.broker.shutdown_timeout, DrainTicket())
 
     # -------------------------------------------------------------------- control
@@ -246,22 +292,28 @@ class WorkerActor(actors.Actor):
     async def _drain(self, timeout: float | None, ticket: DrainTicket) -> None:
         self._stop_intake()
         with trio.move_on_after(math.inf if timeout is None else timeout):
-            await self._wait_idle()
+            await self._wait_idle(stores=True)
         n = 0
         for tid in list(self.running):
             n += self.cancel_running(CancelRunning(tid, "shutdown")) * (
                 1 + len(self._also_running.get(tid, ()))
             )
-        await self._wait_idle()
+        # The interrupted runners record their tasks; results still being stored
+        # past the deadline are not waited for (their tasks are acked if the store
+        # is confirmed later, else delivered again).
+        await self._wait_idle(stores=False)
         ticket.finish(n)
 
-    async def _wait_idle(self) -> None:
-        if self._active == 0:
+    async def _wait_idle(self, *, stores: bool) -> None:
+        """Until no runner runs a task (and, with ``stores``, no result is being
+        stored in the background)."""
+        if not (self._active or (stores and self._storing)):
             await trio.lowlevel.checkpoint()
             return
-        if self._idle is None:
-            self._idle = trio.Event()
-        await self._idle.wait()
+        while self._active or (stores and self._storing):
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
 
     def _task_done(self) -> None:
         self._active -= 1
@@ -450,7 +502,21 @@ class WorkerActor(actors.Actor):
                 try:
                     if options.store_result or "workflow" in labels:
                         backend = broker.result_backend
-                        if not backend.set_result_nowait(tid, result):
+                        if backend.set_result_nowait(tid, result):
+                            pass
+                        elif (
+                            self._storing < self.concurrency
+                            and not (labels and "workflow" in labels)
+                            and backend.set_result_soon(
+                                tid, result, _StoredThenAck(self, delivery, message)
+                            )
+                        ):
+                            # Stored in the background, then acked (_StoredThenAck):
+                            # this runner takes its next task meanwhile (a drain
+                            # waits for the store too, within its deadline).
+                            self._storing += 1
+                            return
+                        else:
                             await backend.set_result(tid, result)
                 except Exception:
                     self._log.exception(

@@ -403,7 +403,12 @@ class UsesConnection(actors.Actor):
             try:
                 await self.connected(lent)  # before anyone may use it
             except (ConnectionLost, RedisTimeout):
-                continue  # that connection broke already: wait for the next one
+                # That connection broke already: wait for the next one. It may not be
+                # marked lost yet (its link has not run since), and a broken
+                # connection fails without yielding: yield, or this loop would spin
+                # and the link that marks it never run.
+                await trio.lowlevel.checkpoint()
+                continue
             self.lent = lent
             assert self._connected is not None
             self._connected.set()

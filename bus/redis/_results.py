@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -114,6 +115,16 @@ class Write:
     commands: tuple[Command, ...]
 
 
+@attrs.frozen
+class StoreSoon:
+    """Told (inline) by a worker's runner: store a result (``commands``), then call
+    ``stored`` with ``None``, or with the error that ``set_result`` would have raised
+    (see :meth:`RedisResultBackend.set_result_soon`)."""
+
+    commands: tuple[Command, ...]
+    stored: Callable[[BaseException | None], None]
+
+
 class _Waiters:
     """This process's waiters, by task id: kept by the store actor's factory, so a
     restarted store still wakes every waiter registered before."""
@@ -153,6 +164,9 @@ class RedisResultStoreActor(UsesConnection):
         #: Waiters registered without a read, and when they read if still waiting.
         self._late: dict[TaskID, float] = {}
         self._late_reading = False
+        #: Results told with StoreSoon and not yet taken by ``_confirm``.
+        self._storing: list[StoreSoon] = []
+        self._confirming = False
 
     async def on_start(self) -> None:
         self.start_keeping_connection()
@@ -176,6 +190,62 @@ class RedisResultStoreActor(UsesConnection):
             return lent.conn.submit(msg.commands)
         except ConnectionLost:
             return None
+
+    @actors.handles(StoreSoon, inline=True)
+    def store_soon(self, msg: StoreSoon) -> None:
+        """Keep the store for ``_confirm``, which writes every store told in one
+        scheduler pass (all of a worker's runners that finished together) in one
+        submit and one write."""
+        self._storing.append(msg)
+        if not self._confirming:
+            self._confirming = True
+            self.nursery.start_soon(self._confirm)
+
+    async def _confirm(self) -> None:
+        """Write the stores told so far in one batch, wait for its replies, and call
+        each store's ``stored``; then the ones told meanwhile, until none is left.
+        A store whose write failed (Redis unreachable, loading) is written again on
+        its own within ``write_timeout``, as ``set_result`` does. Cancelled (this
+        actor stops or is replaced): each store not confirmed is told
+        ``ActorStopped``; its task's entry stays pending and is delivered again."""
+        storing = self._storing
+        backend = self.backend
+        batch: list[StoreSoon] = []
+        try:
+            while storing:
+                batch.extend(storing)
+                storing.clear()
+                replies: list[Any] | None = None
+                lent = self.lent
+                if lent is not None and not lent.lost.is_set():
+                    commands = [c for m in batch for c in m.commands]
+                    try:
+                        replies = await lent.conn.submit(commands).wait()
+                    except (ConnectionLost, RedisTimeout):
+                        replies = None
+                i = 0
+                while batch:
+                    msg = batch[0]
+                    n = len(msg.commands)
+                    mine = replies[i : i + n] if replies is not None else None
+                    i += n
+                    if mine is None or any(
+                        is_transient(r) or isinstance(r, ReplyError) for r in mine
+                    ):
+                        try:
+                            await backend._write(msg.commands, "storing a result")
+                        except Exception as exc:
+                            del batch[0]
+                            msg.stored(exc)
+                            continue
+                    del batch[0]
+                    msg.stored(None)
+        finally:
+            self._confirming = False
+            stopped = actors.ActorStopped("the result store stopped before storing it")
+            for msg in (*batch, *storing):
+                msg.stored(stopped)
+            storing.clear()
 
     @actors.handles(StoreResult)
     def store(self, msg: StoreResult) -> actors.Later:
@@ -623,6 +693,26 @@ class RedisResultBackend(ResultBackend):
                     f"storing a result: only {acked} of the {wanted} replicas that "
                     f"min_replicas_ack asks for confirmed it within {self.write_timeout:g} s"
                 )
+
+    def set_result_soon(
+        self,
+        task_id: TaskID,
+        result: TaskResult[Any],
+        stored: Callable[[BaseException | None], None],
+    ) -> bool:
+        """Queue the result's write on the shared connection and return at once; the
+        store actor calls ``stored`` once Redis has it (see the base class). Not with
+        ``min_replicas_ack`` (False: use :meth:`set_result`)."""
+        ref = self._ref
+        if ref is None or self.min_replicas_ack:
+            return False
+        data = encode_result_checked(self.codec, task_id, result)
+        commands = self.store_commands(task_id, data, only_new=False)
+        try:
+            ref.tell_nowait(StoreSoon(commands, stored))  # unbounded mailbox: never full
+        except actors.ActorStopped:
+            return False
+        return True
 
     async def set_result_if_absent(self, task_id: TaskID, result: TaskResult[Any]) -> bool:
         data = encode_result_checked(self.codec, task_id, result)
