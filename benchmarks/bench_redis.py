@@ -428,7 +428,10 @@ class Harness:
             "--concurrency",
             str(CONCURRENCY),
         ]
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        # This tree last on the path: after a checkout of --against's PYTHONPATH.
+        paths = [*filter(None, [os.environ.get("PYTHONPATH")]), str(ROOT)]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
     def wait_results(self, keys: Keys, proc: subprocess.Popen[bytes], timeout: float) -> None:
         """Return when every key exists: every POLL seconds, EXISTS on the next 1000 keys
@@ -737,9 +740,12 @@ def chart(summ: dict[str, dict[str, tuple[float, float, float]]], path: Path, ti
 
 
 #: What a worker process runs (``python -c``): this script imported as a module.
+# ``-c`` puts the working directory first on sys.path: replaced by this script's
+# directory, so that the worker imports ``bus`` from its ``PYTHONPATH`` (the checkout
+# measured by ``--against``) or the installed project, never from the cwd (this tree).
 _WORKER_MAIN = (
     "import sys; "
-    f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+    f"sys.path[0] = {str(Path(__file__).resolve().parent)!r}; "
     "import bench_redis; "
     "raise SystemExit(bench_redis.main(sys.argv[1:]))"
 )
