@@ -60,12 +60,16 @@ def _check_patience(_: object, __: object, value: object) -> None:
         raise ValueError(f"patience is a whole number >= 1, not {value!r}")
 
 
-@attrs.define
+# on_setattr: only ``patience`` is checked when set (the counters are set at every
+# pick, on a worker's hot path: no hook for them).
+@attrs.define(on_setattr=attrs.setters.NO_OP)
 class PriorityPicker:
     """Chooses the level of the next pick (see the module documentation for the rule).
     Feed it the non-empty levels at each pick; it keeps the count and the history."""
 
-    patience: int = attrs.field(default=10, validator=_check_patience)
+    patience: int = attrs.field(
+        default=10, validator=_check_patience, on_setattr=attrs.setters.validate
+    )
     """How many picks in a row may pass over a waiting lower level; the next one then
     serves a lower level."""
     _passed_over: int = attrs.field(default=0, init=False)
