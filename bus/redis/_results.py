@@ -223,6 +223,13 @@ class RedisResultStoreActor(UsesConnection):
                         replies = await lent.conn.submit(commands).wait()
                     except (ConnectionLost, RedisTimeout):
                         replies = None
+                if replies is not None and not any(isinstance(r, ReplyError) for r in replies):
+                    # The common case: every result stored (an error reply, transient
+                    # ones included, is a ReplyError).
+                    for msg in batch:
+                        msg.stored(None)
+                    batch.clear()
+                    continue
                 i = 0
                 while batch:
                     msg = batch[0]
