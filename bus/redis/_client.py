@@ -867,6 +867,35 @@ class Connection(_Base):
             raise self._lost()
         await trio.lowlevel.checkpoint_if_cancelled()
 
+    def flush_nowait(self) -> bool:
+        """Write everything queued so far now, without waiting: True once it is all
+        written (or nothing was queued). False when another task is writing (it
+        writes this too), on TLS, or when the socket took only part of it (the rest
+        is written by the next :meth:`flush` or ``wait``; every submitted command is
+        written once, whole and in order). Not a checkpoint.
+
+        Raises :class:`ConnectionLost` at once on a broken connection."""
+        self._check()
+        buffer = self._outbuf
+        if not buffer:
+            return True
+        if self._writing or self._fd is None:
+            return False
+        data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+        try:
+            sent = self._write_now(data)
+        except OSError:
+            # Left queued: the next flush meets the error and closes the connection.
+            self._outbuf = [data]
+            return False
+        if sent < len(data):
+            self._outbuf = [data[sent:] if sent else data]
+            return False
+        self._outbuf = []
+        self._written = self._seq
+        self.stats.writes += 1
+        return True
+
     # -- reading
 
     def _feed(self) -> bool:

@@ -376,3 +376,33 @@ async def test_scheduler_steps_per_command(conn: Connection) -> None:
             trio.lowlevel.remove_instrument(pipelined)
         # Many replies per read and many commands per write: fewer steps per command.
         assert pipelined.steps < 1.6 * 32 * 50, pipelined.steps
+
+
+async def test_flush_nowait_writes_what_is_queued_at_once(conn: Connection, key: str) -> None:
+    with trio.fail_after(10):
+        await conn.execute("PING")
+        writes = conn.stats.writes
+        assert conn.flush_nowait()  # nothing queued: nothing to write
+        assert conn.stats.writes == writes
+        first = conn.submit([("SET", key, "1"), ("INCR", key)])
+        second = conn.submit([("INCR", key)])
+        assert conn.flush_nowait()  # not a checkpoint: written before this task yields
+        assert conn.stats.writes == writes + 1
+        assert await first.wait() == [b"OK", 2]
+        assert await second.wait() == [3]
+
+
+async def test_flush_nowait_leaves_what_the_socket_did_not_take_for_the_next_write(
+    conn: Connection, key: str
+) -> None:
+    """A command larger than the socket's buffer is written in part; the rest goes out
+    with the next write, whole and in order, before what was queued after it."""
+    big = os.urandom(64 * 1024 * 1024)
+    with trio.fail_after(30):
+        first = conn.submit([("SET", key, big)])
+        assert not conn.flush_nowait()  # 64 MiB: not taken at once
+        second = conn.submit([("STRLEN", key), ("GETRANGE", key, 1000, 1009)])
+        conn.flush_nowait()
+        assert await first.wait() == [b"OK"]
+        assert await second.wait() == [len(big), big[1000:1010]]
+        assert await conn.execute("DEL", key) == 1
