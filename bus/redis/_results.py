@@ -13,10 +13,11 @@ connection, and are retried until Redis is back (within ``write_timeout``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -167,6 +168,8 @@ class RedisResultStoreActor(UsesConnection):
         #: Results told with StoreSoon and not yet taken by ``_confirm``.
         self._storing: list[StoreSoon] = []
         self._confirming = False
+        #: The last batch of stores had one store: write the next one at once.
+        self._alone = False
 
     async def on_start(self) -> None:
         self.start_keeping_connection()
@@ -193,34 +196,72 @@ class RedisResultStoreActor(UsesConnection):
 
     @actors.handles(StoreSoon, inline=True)
     def store_soon(self, msg: StoreSoon) -> None:
-        """Keep the store for ``_confirm``, which writes every store told in one
-        scheduler pass (all of a worker's runners that finished together) in one
-        submit and one write."""
-        self._storing.append(msg)
-        if not self._confirming:
-            self._confirming = True
-            self.nursery.start_soon(self._confirm)
+        """Store a result without waiting: written at once when no store is in flight
+        and the last ones came one at a time; otherwise the stores told in one
+        scheduler pass (all of a worker's runners that finished together) go out in
+        one submit and one write. ``_confirm`` waits for the replies."""
+        if self._confirming:
+            self._storing.append(msg)
+            return
+        self._confirming = True
+        first: tuple[list[StoreSoon], Pending] | None = None
+        lent = self.lent
+        if self._alone and lent is not None and not lent.lost.is_set():
+            # The last stores came one at a time (a worker running one task after
+            # another): written now, not a scheduler pass late. Otherwise _confirm
+            # takes it with the others told in this pass (one write for the runners
+            # that finish together).
+            pending = self._submit(msg.commands)
+            if pending is not None:
+                first = ([msg], pending)
+                with contextlib.suppress(ConnectionLost):
+                    pending.conn.flush_nowait()  # else written by the wait in _confirm
+        if first is None:
+            self._storing.append(msg)
+        self.nursery.start_soon(self._confirm, first)
 
-    async def _confirm(self) -> None:
-        """Write the stores told so far in one batch, wait for its replies, and call
-        each store's ``stored``; then the ones told meanwhile, until none is left.
-        A store whose write failed (Redis unreachable, loading) is written again on
-        its own within ``write_timeout``, as ``set_result`` does. Cancelled (this
-        actor stops or is replaced): each store not confirmed is told
-        ``ActorStopped``; its task's entry stays pending and is delivered again."""
+    def _submit(self, commands: Iterable[Command]) -> Pending | None:
+        """Queue ``commands``; ``None`` without a live connection."""
+        lent = self.lent
+        if lent is None or lent.lost.is_set():
+            return None
+        try:
+            return lent.conn.submit(commands)
+        except ConnectionLost:
+            return None
+
+    async def _confirm(self, first: tuple[list[StoreSoon], Pending] | None) -> None:
+        """Wait for the replies of the stores in flight, oldest first, and call each
+        store's ``stored``; meanwhile the stores told since are submitted in one batch
+        (pipelined), until none is left. A store whose write failed (Redis
+        unreachable, loading) is written again on its own within ``write_timeout``,
+        as ``set_result`` does. Cancelled (this actor stops or is replaced): each
+        store not confirmed is told ``ActorStopped``; its task's entry stays pending
+        and is delivered again."""
         storing = self._storing
         backend = self.backend
+        flights: collections.deque[tuple[list[StoreSoon], Pending | None]] = collections.deque()
+        if first is not None:
+            flights.append(first)
         batch: list[StoreSoon] = []
         try:
-            while storing:
-                batch.extend(storing)
-                storing.clear()
+            while flights or storing:
+                if storing:
+                    told = list(storing)
+                    storing.clear()
+                    self._alone = len(told) == 1
+                    sent = self._submit([c for m in told for c in m.commands])
+                    flights.append((told, sent))
+                    if sent is not None and len(flights) > 1:
+                        # Behind a store in flight: written now, not once the wait below
+                        # (for the older one) is over. Alone, the wait writes it.
+                        with contextlib.suppress(ConnectionLost):
+                            sent.conn.flush_nowait()
+                batch, pending = flights.popleft()
                 replies: list[Any] | None = None
-                lent = self.lent
-                if lent is not None and not lent.lost.is_set():
-                    commands = [c for m in batch for c in m.commands]
+                if pending is not None:
                     try:
-                        replies = await lent.conn.submit(commands).wait()
+                        replies = await pending.wait()
                     except (ConnectionLost, RedisTimeout):
                         replies = None
                 if replies is not None and not any(isinstance(r, ReplyError) for r in replies):
@@ -228,7 +269,7 @@ class RedisResultStoreActor(UsesConnection):
                     # ones included, is a ReplyError).
                     for msg in batch:
                         msg.stored(None)
-                    batch.clear()
+                    batch = []
                     continue
                 i = 0
                 while batch:
@@ -250,7 +291,7 @@ class RedisResultStoreActor(UsesConnection):
         finally:
             self._confirming = False
             stopped = actors.ActorStopped("the result store stopped before storing it")
-            for msg in (*batch, *storing):
+            for msg in (*batch, *(m for told, _ in flights for m in told), *storing):
                 msg.stored(stopped)
             storing.clear()
 

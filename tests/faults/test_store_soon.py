@@ -73,6 +73,39 @@ async def test_stores_of_one_pass_are_one_write_and_confirmed_in_order(
                 assert (await backend.get_result(tid)).return_value == n
 
 
+async def test_stores_that_come_one_at_a_time_are_written_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """A worker running one task after another: once its stores came alone, each is
+    written before ``set_result_soon`` returns (not a scheduler pass later); when many
+    come in one pass again, they are gathered into one write again."""
+    broker, backend = _broker(redis_server.url)
+    seen = Confirmations()
+    with trio.fail_after(20):
+        async with broker:
+            assert broker._conn_ref is not None
+            conn = (await lend(broker._conn_ref)).conn
+            for n in range(3):  # alone: the first is gathered (none came before it)
+                tid = bus.TaskID.new()
+                writes = conn.stats.writes
+                assert backend.set_result_soon(tid, _result(tid, n), seen.stored(n))
+                if n:
+                    assert conn.stats.writes == writes + 1  # written: no checkpoint yet
+                await seen.wait(n + 1)
+            ids = [bus.TaskID.new() for _ in range(10)]
+            for n, tid in enumerate(ids, start=3):  # many in one pass
+                assert backend.set_result_soon(tid, _result(tid, n), seen.stored(n))
+            await seen.wait(13)
+            tid = bus.TaskID.new()
+            writes = conn.stats.writes
+            assert backend.set_result_soon(tid, _result(tid, 13), seen.stored(13))
+            assert conn.stats.writes == writes  # gathered: the last ones came together
+            await seen.wait(14)
+            assert seen.calls == [(n, None) for n in range(14)]
+            for n, tid in enumerate(ids, start=3):
+                assert (await backend.get_result(tid)).return_value == n
+
+
 async def test_not_taken_when_it_cannot_be_done_in_the_background(
     redis_server: RedisServer,
 ) -> None:
