@@ -493,6 +493,13 @@ class ClusterConnection(Connection):
         for conn in list(self._nodes.values()):
             await conn.flush()
 
+    def flush_nowait(self) -> bool:
+        self._check()
+        written = True
+        for conn in list(self._nodes.values()):
+            written = conn.flush_nowait() and written  # every node's, whatever the others
+        return written
+
     async def drop(self, why: str) -> None:
         self._set_error(why)
         for conn in list(self._nodes.values()):

@@ -53,6 +53,11 @@ async def test_commands_route_to_the_node_of_their_slot(cluster: ClusterSetup) -
             pending = conn.submit([("INCR", f"{k}:n") for k in keys])
             await conn.flush()
             assert await pending.wait() == [1] * len(keys)
+            writes = [node.stats.writes for node in conn._nodes.values()]
+            pending = conn.submit([("INCR", f"{k}:n") for k in keys])
+            assert conn.flush_nowait()  # every node's part written, no checkpoint
+            assert [node.stats.writes for node in conn._nodes.values()] == [w + 1 for w in writes]
+            assert await pending.wait() == [2] * len(keys)
             found = await conn.execute("SCAN", 0, "MATCH", f"{tag}:*:n", "COUNT", 100)
             assert sorted(found[1]) == sorted(f"{k}:n".encode() for k in keys)
             script = Script("return redis.call('GET', KEYS[1])")
