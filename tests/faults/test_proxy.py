@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
@@ -13,20 +13,24 @@ from tests.faults.proxy import FaultProxy
 pytestmark = pytest.mark.redis
 
 
-_open: list[trio.SocketStream] = []
+Connect = Callable[[int], Awaitable[trio.SocketStream]]
 
 
-@pytest.fixture(autouse=True)
-async def _close_clients() -> AsyncIterator[None]:
-    yield
-    while _open:
-        await _open.pop().aclose()
+# Asked for by name: pytest-trio does not run an async fixture that is only autouse
+# (python-trio/pytest-trio#123), and this one's clients were then left open.
+@pytest.fixture
+async def connect() -> AsyncIterator[Connect]:
+    """Connect to a port; every stream made is closed when the test ends."""
+    opened: list[trio.SocketStream] = []
 
+    async def connect(port: int) -> trio.SocketStream:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        opened.append(stream)
+        return stream
 
-async def _connect(port: int) -> trio.SocketStream:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    _open.append(stream)
-    return stream
+    yield connect
+    for stream in opened:
+        await stream.aclose()
 
 
 async def _raw_connect(port: int) -> None:
@@ -70,10 +74,10 @@ async def _broken(stream: trio.SocketStream) -> bool:
     return True
 
 
-async def test_pass_through_forwards_both_ways(proxy: FaultProxy) -> None:
+async def test_pass_through_forwards_both_ways(proxy: FaultProxy, connect: Connect) -> None:
     value = bytes(range(256)) * 4096  # 1 MiB
     with trio.fail_after(10):
-        s = await _connect(proxy.port)
+        s = await connect(proxy.port)
         assert await _ping(s) == b"+PONG\r\n"
         await s.send_all(_set("k", value))
         assert await _read(s, b"\r\n") == b"+OK\r\n"
@@ -83,9 +87,11 @@ async def test_pass_through_forwards_both_ways(proxy: FaultProxy) -> None:
         assert proxy.accepted == 1 and proxy.open_connections == 1
 
 
-async def test_refuse_closes_the_door_but_keeps_open_connections(proxy: FaultProxy) -> None:
+async def test_refuse_closes_the_door_but_keeps_open_connections(
+    proxy: FaultProxy, connect: Connect
+) -> None:
     with trio.fail_after(10):
-        s = await _connect(proxy.port)
+        s = await connect(proxy.port)
         proxy.mode = "refuse"
         await proxy.applied()
         with pytest.raises(ConnectionRefusedError):
@@ -93,38 +99,40 @@ async def test_refuse_closes_the_door_but_keeps_open_connections(proxy: FaultPro
         assert await _ping(s) == b"+PONG\r\n"
         proxy.heal()
         await proxy.applied()
-        t = await _connect(proxy.port)
+        t = await connect(proxy.port)
         assert await _ping(t) == b"+PONG\r\n"
 
 
-async def test_drop_all_resets_every_connection(proxy: FaultProxy) -> None:
+async def test_drop_all_resets_every_connection(proxy: FaultProxy, connect: Connect) -> None:
     with trio.fail_after(10):
-        a, b = await _connect(proxy.port), await _connect(proxy.port)
+        a, b = await connect(proxy.port), await connect(proxy.port)
         assert await _ping(a) == await _ping(b) == b"+PONG\r\n"
         await proxy.drop_all()
         assert proxy.open_connections == 0 and proxy.resets == 2
         with pytest.raises(trio.BrokenResourceError):
             await a.receive_some(10)
         assert await _broken(b)
-        c = await _connect(proxy.port)
+        c = await connect(proxy.port)
         assert await _ping(c) == b"+PONG\r\n"
 
 
-async def test_outage_refuses_and_drops(proxy: FaultProxy) -> None:
+async def test_outage_refuses_and_drops(proxy: FaultProxy, connect: Connect) -> None:
     with trio.fail_after(10):
-        a = await _connect(proxy.port)
+        a = await connect(proxy.port)
         await proxy.outage()
         assert await _broken(a)
         with pytest.raises(ConnectionRefusedError):
             await _raw_connect(proxy.port)
 
 
-async def test_blackhole_accepts_and_never_answers_until_healed(proxy: FaultProxy) -> None:
+async def test_blackhole_accepts_and_never_answers_until_healed(
+    proxy: FaultProxy, connect: Connect
+) -> None:
     with trio.fail_after(10):
-        old = await _connect(proxy.port)
+        old = await connect(proxy.port)
         assert await _ping(old) == b"+PONG\r\n"
         proxy.mode = "blackhole"
-        new = await _connect(proxy.port)  # accepted ...
+        new = await connect(proxy.port)  # accepted ...
         await old.send_all(b"PING\r\n")
         await new.send_all(b"PING\r\n")
         with trio.move_on_after(0.5) as silent:  # ... and never answered
@@ -139,9 +147,9 @@ async def test_blackhole_accepts_and_never_answers_until_healed(proxy: FaultProx
         assert await _read(new, b"\r\n") == b"+PONG\r\n"
 
 
-async def test_delay_holds_every_chunk(proxy: FaultProxy) -> None:
+async def test_delay_holds_every_chunk(proxy: FaultProxy, connect: Connect) -> None:
     with trio.fail_after(10):
-        s = await _connect(proxy.port)
+        s = await connect(proxy.port)
         proxy.delay = 0.3
         proxy.mode = "delay"
         t0 = trio.current_time()
@@ -153,10 +161,10 @@ async def test_delay_holds_every_chunk(proxy: FaultProxy) -> None:
         assert trio.current_time() - t0 < 0.3
 
 
-async def test_reset_cuts_a_reply_in_the_middle(proxy: FaultProxy) -> None:
+async def test_reset_cuts_a_reply_in_the_middle(proxy: FaultProxy, connect: Connect) -> None:
     value = b"x" * 100_000
     with trio.fail_after(10):
-        s = await _connect(proxy.port)
+        s = await connect(proxy.port)
         await s.send_all(_set("big", value))
         assert await _read(s, b"\r\n") == b"+OK\r\n"
         proxy.mode = "reset"
@@ -173,32 +181,34 @@ async def test_reset_cuts_a_reply_in_the_middle(proxy: FaultProxy) -> None:
         assert 0 < len(got) < len(value)
         assert proxy.resets >= 1 and proxy.open_connections == 0
         proxy.heal()
-        t = await _connect(proxy.port)
+        t = await connect(proxy.port)
         await t.send_all(_get("big"))
         assert (await _read(t, value + b"\r\n")).endswith(value + b"\r\n")
 
 
-async def test_stop_and_start_keep_the_data(redis_ctl: RedisControl, proxy: FaultProxy) -> None:
+async def test_stop_and_start_keep_the_data(
+    redis_ctl: RedisControl, proxy: FaultProxy, connect: Connect
+) -> None:
     with trio.fail_after(20):
-        s = await _connect(proxy.port)
+        s = await connect(proxy.port)
         await s.send_all(_set("kept", b"yes"))
         assert await _read(s, b"\r\n") == b"+OK\r\n"
         await redis_ctl.stop()
         assert await _broken(s)
-        a = await _connect(proxy.port)  # the proxy accepts, Redis is not there: reset
+        a = await connect(proxy.port)  # the proxy accepts, Redis is not there: reset
         assert await _broken(a)
         await redis_ctl.start()
-        t = await _connect(proxy.port)
+        t = await connect(proxy.port)
         await t.send_all(_get("kept"))
         assert await _read(t, b"yes\r\n") == b"$3\r\nyes\r\n"
 
 
-async def test_sigstop_freezes_and_sigcont_thaws(redis_ctl: RedisControl) -> None:
+async def test_sigstop_freezes_and_sigcont_thaws(redis_ctl: RedisControl, connect: Connect) -> None:
     with trio.fail_after(10):
-        s = await _connect(redis_ctl.port)
+        s = await connect(redis_ctl.port)
         assert await _ping(s) == b"+PONG\r\n"
         redis_ctl.pause()
-        t = await _connect(redis_ctl.port)  # the kernel accepts
+        t = await connect(redis_ctl.port)  # the kernel accepts
         await s.send_all(b"PING\r\n")
         with trio.move_on_after(0.3) as silent:
             await s.receive_some(100)
