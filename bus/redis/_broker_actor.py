@@ -267,17 +267,10 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
     # ----------------------------------------------------------------- writes
 
     def _submit_now(self, commands: Sequence[Command]) -> Pending | None:
-        """Queue ``commands`` now; ``None`` while there is no connection (the asker
-        waits for one and asks again: not a failure of this actor)."""
-        lent = self.lent
-        if lent is None or lent.lost.is_set():
-            return None
-        try:
-            # Bounded by send_timeout on the connection itself (no reply in time drops
-            # it): the producer's first try needs no cancel scope of its own.
-            return lent.conn.submit(commands, timeout=self.settings.send_timeout)
-        except ConnectionLost:
-            return None
+        """:meth:`submit_now`, bounded by send_timeout on the connection itself (no
+        reply in time drops it): the producer's first try needs no cancel scope of
+        its own."""
+        return self.submit_now(commands, timeout=self.settings.send_timeout)
 
     def _queue(self, commands: Iterable[Command], done: Iterable[Any] = ()) -> None:
         """Queue writes for the end of this drain (on_drained writes them)."""

@@ -15,7 +15,7 @@ import contextlib
 import functools
 import math
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import attrs
@@ -24,7 +24,7 @@ import trio.lowlevel
 
 import actors
 from actors._log import get_logger
-from bus.redis._client import Connection, ConnectionLost, PubSub, RedisError
+from bus.redis._client import Command, Connection, ConnectionLost, Pending, PubSub, RedisError
 from bus.redis._failover import Switched, SwitchWatch
 from bus.redis._resp import RedisTimeout, ReplyError, _ProtocolError
 from bus.redis._url import RedisURL
@@ -418,6 +418,20 @@ class UsesConnection(actors.Actor):
                 self.lent = None
                 if self._connected.is_set():
                     self._connected = trio.Event()
+
+    def submit_now(
+        self, commands: Iterable[Command], timeout: float | None = None
+    ) -> Pending | None:
+        """Queue ``commands`` on the current connection (``timeout``: the connection's
+        command timeout by default); ``None`` while there is none or it broke (the
+        asker waits for the next one and asks again: not a failure of this actor)."""
+        lent = self.lent
+        if lent is None or lent.lost.is_set():
+            return None
+        try:
+            return lent.conn.submit(commands, timeout=timeout)
+        except ConnectionLost:
+            return None
 
     async def connected(self, lent: Lent) -> None:
         """Called with each new connection before the actor uses it (load scripts)."""

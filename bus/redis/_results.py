@@ -17,7 +17,7 @@ import collections
 import contextlib
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -186,13 +186,7 @@ class RedisResultStoreActor(UsesConnection):
     def write(self, msg: Write) -> Pending | None:
         """Queue the commands; ``None`` while there is no connection (the asker
         waits for one and asks again: not a failure of this actor)."""
-        lent = self.lent
-        if lent is None or lent.lost.is_set():
-            return None
-        try:
-            return lent.conn.submit(msg.commands)
-        except ConnectionLost:
-            return None
+        return self.submit_now(msg.commands)
 
     @actors.handles(StoreSoon, inline=True)
     def store_soon(self, msg: StoreSoon) -> None:
@@ -205,13 +199,12 @@ class RedisResultStoreActor(UsesConnection):
             return
         self._confirming = True
         first: tuple[list[StoreSoon], Pending] | None = None
-        lent = self.lent
-        if self._alone and lent is not None and not lent.lost.is_set():
+        if self._alone:
             # The last stores came one at a time (a worker running one task after
             # another): written now, not a scheduler pass late. Otherwise _confirm
             # takes it with the others told in this pass (one write for the runners
             # that finish together).
-            pending = self._submit(msg.commands)
+            pending = self.submit_now(msg.commands)
             if pending is not None:
                 first = ([msg], pending)
                 with contextlib.suppress(ConnectionLost):
@@ -219,16 +212,6 @@ class RedisResultStoreActor(UsesConnection):
         if first is None:
             self._storing.append(msg)
         self.nursery.start_soon(self._confirm, first)
-
-    def _submit(self, commands: Iterable[Command]) -> Pending | None:
-        """Queue ``commands``; ``None`` without a live connection."""
-        lent = self.lent
-        if lent is None or lent.lost.is_set():
-            return None
-        try:
-            return lent.conn.submit(commands)
-        except ConnectionLost:
-            return None
 
     async def _confirm(self, first: tuple[list[StoreSoon], Pending] | None) -> None:
         """Wait for the replies of the stores in flight, oldest first, and call each
@@ -250,7 +233,7 @@ class RedisResultStoreActor(UsesConnection):
                     told = list(storing)
                     storing.clear()
                     self._alone = len(told) == 1
-                    sent = self._submit([c for m in told for c in m.commands])
+                    sent = self.submit_now([c for m in told for c in m.commands])
                     flights.append((told, sent))
                     if sent is not None and len(flights) > 1:
                         # Behind a store in flight: written now, not once the wait below
