@@ -51,6 +51,7 @@ from bus.redis._logic import (
     F_SIG,
     Entry,
     Keys,
+    claim_ttl_ms,
     join_member,
     marker_ok,
     marker_value,
@@ -684,7 +685,14 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
             count = max(0, d.deliveries - 1 + (1 if msg.started else 0))
             csig = sign_count(secret, stream, d.data, count)
             entry = Handback(eid, msg.started, count, csig, claim)
-        command = handback_command(stream, self.group, consumer, self.settings.maxlen or 0, [entry])
+        command = handback_command(
+            stream,
+            self.group,
+            consumer,
+            self.settings.maxlen or 0,
+            [entry],
+            claim_ttl_ms=claim_ttl_ms(self.results),
+        )
         self._queue(self._release_slot(tag, [command]), (tag,))
 
     # ----------------------------------------------------------- cancellation

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import time
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
 from bus._priority import PRIORITY_LEVELS
 
 __all__ = [
+    "claim_ttl_ms",
     "F_COUNT",
     "F_COUNT_SIG",
     "F_DATA",
@@ -433,6 +435,15 @@ def split_member(member: bytes) -> tuple[bytes, bytes]:
     """Inverse of :func:`join_member`."""
     sig, _, data = member.partition(b"\n")
     return sig, data
+
+
+def claim_ttl_ms(results: Any) -> int:
+    """How long the claim of an attempt (``Keys.ran``) is kept, in ms: the result
+    backend's TTL (a day without a Redis result backend)."""
+    ttl = getattr(results, "ttl", None)
+    if not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
+        ttl = 86_400.0
+    return max(1, int(ttl * 1000))
 
 
 def over_delivered(deliveries: int, max_deliveries: int | None) -> bool:

@@ -63,6 +63,7 @@ from bus.redis._logic import (
     Entry,
     Keys,
     check_entry,
+    claim_ttl_ms,
     count_of,
     marker_ok,
     over_delivered,
@@ -301,6 +302,8 @@ class StreamReaderActor(actors.Actor):
         self._held_ahead = False
         #: The last read returned all it asked for, two or more: a backlog to read from.
         self._full = False
+        #: Runners were handed deliveries since the last read: they have not run yet.
+        self._handed = False
         # Read and not handed to a runner yet: held by priority, or set aside for a
         # limit. ``_aside`` has both, by tag (for the heartbeat and the hand-back).
         self.held: ReadyQueues[Delivery] = ReadyQueues()
@@ -477,7 +480,12 @@ class StreamReaderActor(actors.Actor):
             return 0
         lent = await lend(self.conn_ref, timeout=5)
         command = handback_command(
-            s.key, self.group, self.consumer, self.settings.maxlen or 0, entries
+            s.key,
+            self.group,
+            self.consumer,
+            self.settings.maxlen or 0,
+            entries,
+            claim_ttl_ms=claim_ttl_ms(self.results),
         )
         n = (await rerun_noscript(lent.conn, [command], await lent.conn.pipeline([command])))[0]
         if isinstance(n, ReplyError):
@@ -616,6 +624,14 @@ class StreamReaderActor(actors.Actor):
             if entries:
                 await self._accept(entries, counted)
             await self._hand_out()
+            if self._handed and not self.held:
+                # The runners just handed a delivery run before the next read is made
+                # (a blocking one: nothing is held), so that their results go out
+                # first: a round trip waits for its result, not for the next read.
+                # Two passes: Trio runs the tasks of a pass in either order.
+                self._handed = False
+                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.checkpoint()
 
     def _may_read_ahead(self) -> bool:
         """Whether to read entries for runners that are all busy (see _QUICK)."""
@@ -824,7 +840,11 @@ class StreamReaderActor(actors.Actor):
             ready.append((s, Delivery(data, tag=tag, message=message, deliveries=n)))
         if dead:
             await self.dead_letter(conn, dead)
-        ready = await self._check_marks_and_claims(conn, ready)
+        # The claims go on the reader's own connection, idle between its reads: the
+        # reader writes them at once and reads their replies itself (caller-read),
+        # without queueing behind the broker's acks or waking the shared connection's
+        # reader. (A stop that closes it with a claim in flight: see HANDBACK.)
+        ready = await self._check_marks_and_claims(self.blocking or conn, ready)
         skipped = [d for _, d in ready if self._is_cancelled(d)]
         if skipped:
             await self._drop(conn, skipped)  # cancelled while queued: its result is stored
@@ -849,7 +869,7 @@ class StreamReaderActor(actors.Actor):
             if d.message is not None
         ]
         commands: list[Command] = [("MGET", *(k for _, k in marks))] if marks else []
-        ttl_ms = self._claim_ttl_ms()
+        ttl_ms = claim_ttl_ms(self.results)
         for _, d, key in claims:
             commands.append(("SET", key, self._where(d.tag)[1], "NX", "GET", "PX", ttl_ms))
         if not commands:
@@ -905,14 +925,6 @@ class StreamReaderActor(actors.Actor):
         await conn.pipeline(commands)
         dropped = {id(d) for d in replayed}
         return [(s, d) for s, d in ready if id(d) not in dropped]
-
-    def _claim_ttl_ms(self) -> int:
-        """How long the claim of an attempt is kept: the result TTL (a day without a
-        Redis result backend)."""
-        ttl = getattr(self.results, "ttl", None)
-        if not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
-            ttl = 86_400.0
-        return max(1, int(ttl * 1000))
 
     def _claim_of(self, d: Delivery) -> bytes | None:
         """The claim key of a delivery's attempt (``None`` when undecoded)."""
@@ -1068,7 +1080,7 @@ class StreamReaderActor(actors.Actor):
                 state.send.send_nowait(d)
             except trio.WouldBlock:
                 await state.send.send(d)
-            self._ahead_ok = True
+            self._ahead_ok = self._handed = True
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             state.inflight.pop(d.tag, None)
             release = state.release_command(d.tag)

@@ -118,14 +118,18 @@ return redis.call('XCLAIM', unpack(args))
 #: The copy carries how often the entry was delivered (field ``n``, and with a secret
 #: its signature ``c``), so that ``max_deliveries`` still counts them; the claim of the
 #: task's attempt (``Keys.ran``) moves to the copy, so it is not taken for a replay.
-#: KEYS: stream, then claim keys. ARGV: group, consumer, maxlen (0: none), then per
-#: entry five values: id, started (1 if a worker began running it, else 0), its count
-#: ('' : counted here, unsigned), the count's signature (''), the index in KEYS of its
-#: claim (0: none). Returns how many were handed back.
+#: A claim not made yet is made for the copy (kept ``claim_ttl`` ms): a claim of the
+#: entry still on its way (made on another connection, the reader's) then finds it
+#: taken, whichever lands first. KEYS: stream, then claim keys. ARGV: group, consumer,
+#: maxlen (0: none), claim_ttl (ms), then per entry five values: id, started (1 if a
+#: worker began running it, else 0), its count ('' : counted here, unsigned), the
+#: count's signature (''), the index in KEYS of its claim (0: none). Returns how many
+#: were handed back.
 HANDBACK = Script("""
 local n = 0
 local maxlen = tonumber(ARGV[3])
-for i = 4, #ARGV, 5 do
+local ttl = tonumber(ARGV[4])
+for i = 5, #ARGV, 5 do
   local id = ARGV[i]
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
   if p[1] and p[1][2] == ARGV[2] then
@@ -150,8 +154,13 @@ for i = 4, #ARGV, 5 do
       if ARGV[i + 3] ~= '' then args[#args + 1] = 'c'; args[#args + 1] = ARGV[i + 3] end
       local copy = redis.call('XADD', unpack(args))
       local k = tonumber(ARGV[i + 4])
-      if k > 0 and redis.call('GET', KEYS[k]) == id then
-        redis.call('SET', KEYS[k], copy, 'KEEPTTL')
+      if k > 0 then
+        local claim = redis.call('GET', KEYS[k])
+        if claim == id then
+          redis.call('SET', KEYS[k], copy, 'KEEPTTL')
+        elseif not claim then
+          redis.call('SET', KEYS[k], copy, 'PX', ttl)
+        end
       end
     end
     redis.call('XACK', KEYS[1], ARGV[1], id)
@@ -177,11 +186,18 @@ class Handback:
 
 
 def handback_command(
-    stream: bytes, group: bytes, consumer: bytes, maxlen: int, entries: Iterable[Handback]
+    stream: bytes,
+    group: bytes,
+    consumer: bytes,
+    maxlen: int,
+    entries: Iterable[Handback],
+    *,
+    claim_ttl_ms: int = 86_400_000,
 ) -> Command:
-    """The :data:`HANDBACK` call for ``entries`` of ``stream``."""
+    """The :data:`HANDBACK` call for ``entries`` of ``stream`` (a claim it makes is
+    kept ``claim_ttl_ms``: the result TTL)."""
     keys: list[Arg] = [stream]
-    args: list[Arg] = [group, consumer, maxlen]
+    args: list[Arg] = [group, consumer, maxlen, max(1, claim_ttl_ms)]
     for e in entries:
         k = 0
         if e.claim is not None:

@@ -244,12 +244,12 @@ async def test_a_task_waiting_for_its_limit_can_be_cancelled_and_a_stop_hands_it
 async def test_the_plain_path_costs_the_same_commands_as_before(
     make_broker: Callable[..., RedisBroker],
 ) -> None:
-    """One queue, level 0, no limits: per task, the shared connection carries 9
-    commands (XADD, MGET of the cancel marker, the result's SET and PUBLISH, XACK,
-    XDEL, and the producer's GET and its watch, as on the commit before queues,
-    priorities and limits, measured there with the same test body; and since #18 the
-    claim of the attempt, a SET NX in the MGET's round trip) and the reader's
-    connection one XREADGROUP."""
+    """One queue, level 0, no limits: per task, 9 commands at most (XADD, MGET of the
+    cancel marker, the result's SET and PUBLISH, XACK, XDEL, and the producer's GET
+    and its watch, as on the commit before queues, priorities and limits, measured
+    there with the same test body; and since #18 the claim of the attempt, a SET NX in
+    the MGET's round trip). The reader's connection carries the XREADGROUP and the
+    claim's round trip (MGET and SET NX), the shared connection the rest."""
     broker = make_broker(block=0.2)
 
     @broker.task(name="noop")
@@ -274,8 +274,8 @@ async def test_the_plain_path_costs_the_same_commands_as_before(
             per_task = (shared.stats.commands - before[0]) / n
             reads = (blocking.stats.commands - before[1]) / n
             worker.stop()
-    print(f"\nredis, plain path: {per_task:.2f} shared commands and {reads:.2f} reads per task")
-    assert per_task <= 9.05 and reads <= 1.02
+    print(f"\nredis, plain path: {per_task:.2f} shared commands and {reads:.2f} reader's per task")
+    assert per_task + reads <= 9.05 and reads <= 3.02
 
 
 # ------------------------------------------------------------- worker processes

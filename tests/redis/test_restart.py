@@ -66,12 +66,15 @@ async def test_a_broker_actor_restart_runs_nothing_twice(
     assert runs == dict.fromkeys(range(12), 1)
 
 
+@pytest.mark.parametrize("claim_first", [True, False], ids=["claimed", "claim-late"])
 async def test_a_stop_that_meets_an_entry_read_but_not_held_moves_its_claim(
-    redis_server: RedisServer,
+    redis_server: RedisServer, claim_first: bool
 ) -> None:
     """A reader stopped between claiming an entry's attempt and holding it hands the
     entry back with its claim moved to the copy: the copy runs (it was taken for a
-    replay and dropped: a lost task in the stop loops)."""
+    replay and dropped: a lost task in the stop loops). The claim goes on the reader's
+    own connection, which the stop closes: it may land after the hand-back, which then
+    made the claim for the copy already, so the late claim finds it taken."""
     from types import SimpleNamespace
 
     from bus.redis._pool import lend
@@ -96,7 +99,8 @@ async def test_a_stop_that_meets_an_entry_read_but_not_held_moves_its_claim(
             )
             eid = reply[0][1][0][0]
             claim = keys.ran(handle.task_id, 1)
-            await client.execute("SET", claim, eid)  # claimed, then the stop came
+            if claim_first:
+                await client.execute("SET", claim, eid)  # claimed, then the stop came
             assert broker._conn_ref is not None
             conn = (await lend(broker._conn_ref)).conn
             # What the stopping reader does for a pending entry it does not hold.
@@ -105,8 +109,16 @@ async def test_a_stop_that_meets_an_entry_read_but_not_held_moves_its_claim(
             claims = await StreamReaderActor._claims_of(reader, conn, stream, [eid])
             assert claims == {eid: claim}
             entry = Handback(eid, False, claim=claims[eid])
-            await client.execute(*handback_command(keys.stream, group, b"gone", 0, [entry]))
-            assert await client.execute("GET", claim) != eid  # the claim follows the copy
+            await client.execute(
+                *handback_command(keys.stream, group, b"gone", 0, [entry], claim_ttl_ms=60_000)
+            )
+            copy = await client.execute("GET", claim)
+            assert copy not in (None, eid)  # the claim follows the copy
+            if not claim_first:
+                assert 0 < await client.execute("PTTL", claim) <= 60_000
+                # The claim the stopped reader had sent lands now: taken, by the copy.
+                late = await client.execute("SET", claim, eid, "NX", "GET", "PX", 60_000)
+                assert late == copy
             async with trio.open_nursery() as nursery:
                 worker = await nursery.start(broker.run_worker, 2)
                 assert (await handle.wait_result(timeout=10)).return_value == 7
