@@ -515,17 +515,20 @@ class Pending:
         """True once every reply arrived, or the connection failed."""
         return self._error is not None or len(self._replies) == self._count
 
-    async def wait(self) -> list[Reply]:
+    async def wait(self, *, flush: bool = True) -> list[Reply]:
         """The replies, in order; an error reply is a :class:`ReplyError` in its place
         (not raised). Writes the commands first if they are still queued (so waiting
-        never waits on a :meth:`Connection.flush` nobody calls). Raises
+        never waits on a :meth:`Connection.flush` nobody calls). With ``flush=False``
+        it leaves them queued for the next write on the connection (another caller's,
+        a flush), unless the task writing hands it the next round: bound such a wait
+        with a deadline, after which a plain ``wait`` writes them. Raises
         :class:`ConnectionLost` if the connection broke first, :class:`RedisTimeout`
         for the command that timed out. One task at a time may wait.
 
-        Cancellation: only the wait stops; the commands are still sent and their
-        replies read (and kept: ``wait`` may be called again)."""
+        Cancellation: only the wait stops; the commands are still sent (or stay
+        queued) and their replies read (and kept: ``wait`` may be called again)."""
         if not self.done:
-            await self.conn._wait(self)
+            await self.conn._wait(self, flush)
         else:
             await trio.lowlevel.checkpoint()
         if self._error is not None:
@@ -682,10 +685,10 @@ class Connection(_Base):
                 return True
         return False
 
-    async def _wait(self, pending: Pending) -> None:
+    async def _wait(self, pending: Pending, flush: bool = True) -> None:
         first = True
         while not pending.done:
-            if pending._seq > self._written and not self._writing:
+            if pending._seq > self._written and not self._writing and flush:
                 # Others in flight: pipelining is on, so gather this pass's commands
                 # into one write. Alone (sequential use): write at once.
                 await self._flush(first and len(self._waiting) > 1)
@@ -700,6 +703,7 @@ class Connection(_Base):
                 and len(waiting) == 1
                 and waiting[0] is pending
                 and self._fd is not None
+                and (flush or pending._seq <= self._written)
             ):
                 await self._read_own(pending)
                 continue
@@ -709,6 +713,7 @@ class Connection(_Base):
             await trio.lowlevel.wait_task_rescheduled(pending._abort)
             if self._handed is task:
                 self._handed = None  # this caller ran (see _receive)
+            flush = True  # woken unwritten: handed the next round (_hand_off)
 
     async def _read_own(self, pending: Pending) -> None:
         """Caller-read mode: ``pending`` is the only command in flight (written), the

@@ -92,13 +92,13 @@ class _ClusterPending(Pending):
             not self.later and all(pending.done for _, pending in self.parts)
         )
 
-    async def wait(self) -> list[Reply]:
+    async def wait(self, *, flush: bool = True) -> list[Reply]:
         if self.result is not None:
             await trio.lowlevel.checkpoint()
             return self.result
         replies: list[Reply] = [None] * len(self.commands)
         for indexes, pending in self.parts:
-            for i, reply in zip(indexes, await pending.wait(), strict=True):
+            for i, reply in zip(indexes, await pending.wait(flush=flush), strict=True):
                 replies[i] = reply
         again = list(self.later)
         again += [

@@ -7,6 +7,7 @@ import os
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from bus.redis._client import (
     Connection,
@@ -406,3 +407,33 @@ async def test_flush_nowait_leaves_what_the_socket_did_not_take_for_the_next_wri
         assert await first.wait() == [b"OK"]
         assert await second.wait() == [len(big), big[1000:1010]]
         assert await conn.execute("DEL", key) == 1
+
+
+async def test_wait_without_flush_leaves_the_commands_for_the_next_write(
+    conn: Connection, key: str
+) -> None:
+    """``wait(flush=False)`` does not write: the replies come once another write
+    carries the commands; bounded by a deadline, a plain ``wait`` then writes them."""
+    with trio.fail_after(10):
+        await conn.execute("PING")
+        writes = conn.stats.writes
+        carried = conn.submit([("SET", key, "1")])
+        got: list[object] = []
+
+        async def waiter() -> None:
+            got.extend(await carried.wait(flush=False))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert conn.stats.writes == writes  # nothing written: it waits
+            assert not got
+            assert await conn.execute("INCR", key) == 2  # one write carries both
+        assert got == [b"OK"]
+        assert conn.stats.writes == writes + 1
+
+        lingering = conn.submit([("INCR", key)])
+        with trio.move_on_after(0.05) as scope:
+            await lingering.wait(flush=False)
+        assert scope.cancelled_caught  # no other write came
+        assert await lingering.wait() == [3]  # written now
