@@ -5,6 +5,7 @@ cancel announcements. See :mod:`bus.redis._broker`."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import time
@@ -44,6 +45,7 @@ from bus.redis._client import (
     ConnectionLost,
     Pending,
     RedisError,
+    RedisTimeout,
     ReplyError,
     rerun_noscript,
 )
@@ -204,6 +206,9 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         self._mover: actors.ActorRef | None = None
         self._confirming = 0
         self._confirmed: trio.Event | None = None
+        #: Batches written and not confirmed yet, oldest first (see _confirmer).
+        self._flights: collections.deque[tuple[Pending, _Batch, float, float]] = collections.deque()
+        self._more: trio.Event | None = None
 
     @property
     def _batch(self) -> _Batch:
@@ -217,6 +222,7 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
 
     async def on_start(self) -> None:
         self.start_keeping_connection()
+        self.nursery.start_soon(self._confirmer)
         settings, keys, conn_ref = self.settings, self.keys, self.conn_ref
         queues = [t.queue for t in self.tasks.values() if t.queue is not None]
         self._mover = await self.spawn(
@@ -294,25 +300,81 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
             self._requeue_batch(batch)
             return
         self._confirming += 1
-        self.nursery.start_soon(self._confirm, pending, batch, trio.current_time(), linger)
+        self._flights.append((pending, batch, trio.current_time(), linger))
+        if self._more is not None:
+            self._more.set()
+            self._more = None
 
     def _requeue_batch(self, batch: _Batch) -> None:
         self._batch.commands[:0] = batch.seal(self.group)
         self._batch.done[:0] = batch.done
 
+    async def _confirmer(self) -> None:
+        """Confirm the written batches, oldest first (their replies come in that
+        order on a connection; a lost one fails all of its own): one task for the
+        actor's life, not one per batch. A batch of acks alone waits for the next
+        write on the connection to carry it, ``linger`` seconds at most, then is
+        written. A batch whose replies hold an error, or whose connection was lost,
+        is handled apart (:meth:`_confirm`: retried), so the next are not held up.
+        Cancellation: the actor stops; what is not confirmed stays counted in
+        ``_confirming`` (on_stop waits for it, then logs it)."""
+        flights = self._flights
+        while True:
+            if not flights:
+                self._more = more = trio.Event()
+                await more.wait()
+                continue
+            pending, batch, since, linger = flights[0]
+            got: list[Any] | BaseException | None = None
+            try:
+                if linger:
+                    with trio.move_on_at(since + linger):
+                        got = await pending.wait(flush=False)
+                if got is None:
+                    got = await pending.wait()
+            except (ConnectionLost, RedisTimeout) as exc:
+                got = exc
+            flights.popleft()
+            if type(got) is list and not any(isinstance(r, ReplyError) for r in got):
+                self._tell_done(batch)  # the common case
+                self._settled()
+            else:
+                self.nursery.start_soon(self._confirm, pending, batch, since, got)
+
+    def _tell_done(self, batch: _Batch) -> None:
+        """A batch is written and confirmed: the readers forget its entries."""
+        if batch.done:
+            done = Done(tuple(batch.done))
+            for reader in self._readers.values():
+                # A reader stops before its broker's last writes: one that stops has
+                # forgotten what it owned, and needs no Done.
+                with contextlib.suppress(actors.ActorStopped):
+                    reader.ref.tell_nowait(done)
+
+    def _settled(self) -> None:
+        """A batch written is confirmed, or given up (see on_stop)."""
+        self._confirming -= 1
+        if self._confirmed is not None:
+            self._confirmed.set()
+
     async def _confirm(
-        self, pending: Pending, batch: _Batch, since: float, linger: float = 0.0
+        self,
+        pending: Pending,
+        batch: _Batch,
+        since: float,
+        got: list[Any] | BaseException | None = None,
     ) -> None:
-        """Wait for the replies of a batch (written by then: after ``linger`` seconds
-        at most), then tell the readers its entries are done; on a lost connection,
-        queue it again (within ``write_timeout``). Cancellation: the batch's replies
+        """Handle the replies of a batch (``got``: its replies, or the error waiting
+        for them raised; ``None``: wait for them): tell the readers its entries are
+        done; on a lost connection, queue it again (within ``write_timeout``); writes
+        Redis refused for now are made again soon. Cancellation: the batch's replies
         are not waited for (the broker actor stops: its connection closes after)."""
         try:
-            if linger:
-                await trio.sleep(linger)
             try:
-                replies = await pending.wait()
-            except ConnectionLost as exc:
+                if isinstance(got, BaseException):
+                    raise got
+                replies = got if got is not None else await pending.wait()
+            except (ConnectionLost, RedisTimeout) as exc:
                 # Acks and the Lua writes are idempotent: send them again on the next
                 # connection, until Redis is back or the write timeout passes.
                 if trio.current_time() - since < self.settings.write_timeout:
@@ -347,17 +409,9 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
                 if self.lent is not None and not self.lent.lost.is_set():
                     await self._write()
                 return
-            if batch.done:
-                done = Done(tuple(batch.done))
-                for reader in self._readers.values():
-                    # A reader stops before its broker's last writes: one that stops
-                    # has forgotten what it owned, and needs no Done.
-                    with contextlib.suppress(actors.ActorStopped):
-                        reader.ref.tell_nowait(done)
+            self._tell_done(batch)
         finally:
-            self._confirming -= 1
-            if self._confirmed is not None:
-                self._confirmed.set()
+            self._settled()
 
     # ---------------------------------------------------------------- sending
 

@@ -170,9 +170,13 @@ class RedisResultStoreActor(UsesConnection):
         self._confirming = False
         #: The last batch of stores had one store: write the next one at once.
         self._alone = False
+        #: The store written at once, for the confirmer (see store_soon).
+        self._first: tuple[list[StoreSoon], Pending] | None = None
+        self._wake_confirmer: trio.Event | None = None
 
     async def on_start(self) -> None:
         self.start_keeping_connection()
+        self.nursery.start_soon(self._confirmer)
         if self.watchers:  # restarted: read what is waited on (and subscribe)
             self._subscribing = True
             self.nursery.start_soon(self._subscribe)
@@ -211,7 +215,22 @@ class RedisResultStoreActor(UsesConnection):
                     pending.conn.flush_nowait()  # else written by the wait in _confirm
         if first is None:
             self._storing.append(msg)
-        self.nursery.start_soon(self._confirm, first)
+        self._first = first
+        if self._wake_confirmer is not None:
+            self._wake_confirmer.set()
+            self._wake_confirmer = None
+
+    async def _confirmer(self) -> None:
+        """Confirms the stores told with StoreSoon (:meth:`_confirm`) whenever there
+        are some: one task for the actor's life, not one per wave of stores.
+        Cancellation: the actor stops (see :meth:`_confirm`)."""
+        while True:
+            if not self._confirming:
+                self._wake_confirmer = wake = trio.Event()
+                await wake.wait()
+                continue
+            first, self._first = self._first, None
+            await self._confirm(first)
 
     async def _confirm(self, first: tuple[list[StoreSoon], Pending] | None) -> None:
         """Wait for the replies of the stores in flight, oldest first, and call each
