@@ -84,6 +84,9 @@ __all__ = [
 _READ_SIZE: Final = 65536
 #: At most this many replies handed over between two offers of caller-read mode.
 _MAX_SKIP: Final = 16
+#: Scheduler passes the reader waits, after a caller read its own reply, for that
+#: caller's next command (see Connection._await_caller).
+_CALLER_PASSES: Final = 4
 _INF: Final = math.inf
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -795,6 +798,9 @@ class Connection(_Base):
             if self._owner is not None:
                 await self._step_aside()
                 ready = bool(self._waiting)
+                if not ready:
+                    await self._await_caller()
+                    ready = bool(self._waiting)
                 continue
             if ready:
                 if self._error is not None:
@@ -833,6 +839,35 @@ class Connection(_Base):
             self._backoff = min(2 * self._backoff, _MAX_SKIP)
         else:
             self._backoff = 1
+
+    async def _await_caller(self) -> None:
+        """A caller just read its own reply and nothing is in flight: before watching
+        the socket, let it run a few passes (up to ``_CALLER_PASSES``), so that if it
+        sends its next command meanwhile, it finds the socket free and reads that
+        reply itself too (a loop of read, handle, read again stays in caller-read
+        mode, its reply never handed over by this task). A caller that does not makes
+        the reader skip this, as :meth:`_offer` does. Cancellation (the read
+        deadline, :meth:`_fail`): raises Cancelled; nothing was read."""
+        if self._skip:
+            self._skip -= 1
+            return
+        stats = self.stats
+        reads = stats.own_reads
+        passes = 0
+        while passes < _CALLER_PASSES:
+            await trio.lowlevel.checkpoint()
+            if self._waiting or self._owner is not None:
+                self._backoff = 1
+                return
+            if stats.own_reads != reads:
+                # It sent a command and read the reply between two of these passes
+                # (a fast server): it goes on, so wait for its next one afresh.
+                reads = stats.own_reads
+                passes = 0
+                continue
+            passes += 1
+        self._skip = self._backoff
+        self._backoff = min(2 * self._backoff, _MAX_SKIP)
 
     async def _step_aside(self) -> None:
         """Park while a caller reads its own reply; woken by it when it is done

@@ -105,6 +105,41 @@ async def _scripted_peer(
     await one_peer(scripted, task_status)
 
 
+async def test_a_caller_that_yields_between_commands_stays_in_caller_read_mode(
+    url: str,
+) -> None:
+    """A loop that reads a reply, yields a pass or two (handing work to other tasks,
+    as a stream reader does) and sends its next command: the reader waits those
+    passes before watching the socket, so each reply is still read by its caller,
+    never handed over by the reader task."""
+    with trio.fail_after(10):
+        async with open_connection(url) as conn:
+            mark = await caller_reads(conn)
+            for i in range(50):
+                assert await conn.execute("ECHO", i) == str(i).encode()
+                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.checkpoint()
+            assert conn.stats.own_reads == mark + 50
+
+
+async def test_a_caller_that_stops_sending_leaves_the_socket_watched(
+    own_server: RedisServer,
+) -> None:
+    """A caller that read its own reply and sends nothing more: the reader watches
+    the socket again after a few passes (a drop is still noticed while idle)."""
+    with trio.fail_after(10):
+        conn = await Connection.connect(own_server.url)
+        watcher = Supervised(conn)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher.run)
+            await caller_reads(conn)
+            await trio.testing.wait_all_tasks_blocked()
+            assert conn._watching
+            own_server.stop(signal.SIGKILL)
+            await watcher.ended.wait()
+        assert isinstance(watcher.lost, ConnectionLost)
+
+
 async def test_eof_right_behind_a_reply_the_caller_read_ends_run() -> None:
     """The server answers and closes at once: the EOF can sit behind the reply the
     caller read itself. The reader comes back and sees it, no command needed."""
