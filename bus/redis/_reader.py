@@ -624,12 +624,14 @@ class StreamReaderActor(actors.Actor):
             if entries:
                 await self._accept(entries, counted)
             await self._hand_out()
-            if self._handed and not self.held:
+            handed, self._handed = self._handed, False
+            if handed and not self.held and self._waiting():
                 # The runners just handed a delivery run before the next read is made
-                # (a blocking one: nothing is held), so that their results go out
-                # first: a round trip waits for its result, not for the next read.
-                # Two passes: Trio runs the tasks of a pass in either order.
-                self._handed = False
+                # for the others that wait (a blocking one: nothing is held), so that
+                # their results go out first: a round trip waits for its result, not
+                # for the next read. Two passes: Trio runs the tasks of a pass in
+                # either order. (With every runner busy, the loop goes on at once: it
+                # notices that, for the read-ahead of short tasks.)
                 await trio.lowlevel.checkpoint()
                 await trio.lowlevel.checkpoint()
 
