@@ -60,21 +60,29 @@ def _check_patience(_: object, __: object, value: object) -> None:
         raise ValueError(f"patience is a whole number >= 1, not {value!r}")
 
 
-# on_setattr: only ``patience`` is checked when set (the counters are set at every
-# pick, on a worker's hot path: no hook for them).
+# No on_setattr hook at all: one on any field makes attrs route every attribute set
+# through a Python-level __setattr__, and the counters are set at every pick, on a
+# worker's hot path. ``patience`` is checked by its property's setter instead.
 @attrs.define(on_setattr=attrs.setters.NO_OP)
 class PriorityPicker:
     """Chooses the level of the next pick (see the module documentation for the rule).
     Feed it the non-empty levels at each pick; it keeps the count and the history."""
 
-    patience: int = attrs.field(
-        default=10, validator=_check_patience, on_setattr=attrs.setters.validate
-    )
-    """How many picks in a row may pass over a waiting lower level; the next one then
-    serves a lower level."""
+    _patience: int = attrs.field(default=10, validator=_check_patience, alias="patience")
     _passed_over: int = attrs.field(default=0, init=False)
     _picks: int = attrs.field(default=0, init=False)
     _last_picked: list[int] = attrs.field(factory=lambda: [-1] * PRIORITY_LEVELS, init=False)
+
+    @property
+    def patience(self) -> int:
+        """How many picks in a row may pass over a waiting lower level; the next one
+        then serves a lower level (a whole number >= 1, checked when set)."""
+        return self._patience
+
+    @patience.setter
+    def patience(self, value: int) -> None:
+        _check_patience(self, None, value)
+        self._patience = value
 
     def pick(self, nonempty: Iterable[int]) -> int | None:
         """The level to take the next task from, given the levels that have tasks;
@@ -88,7 +96,7 @@ class PriorityPicker:
         if not levels:
             self._passed_over = 0
             chosen = top
-        elif self._passed_over >= self.patience:
+        elif self._passed_over >= self._patience:
             self._passed_over = 0
             # Least recently picked first; on a tie (never picked) the higher level.
             chosen = min(levels, key=lambda level: (self._last_picked[level], -level))

@@ -329,6 +329,11 @@ class Lease(trio.abc.ReceiveChannel[Delivery]):
     #: ``True``: a task that failed for good (out of retries) is dead-lettered once its
     #: result is stored (a ``Nack`` instead of an ``Ack``), so it can be requeued.
     dead_letter_failures: bool = False
+    #: ``True``: deliveries may be ready before anyone waits (a buffered queue), so a
+    #: worker tries ``receive_nowait()`` before ``receive()``. ``False``: a delivery is
+    #: handed over to a waiting ``receive()`` (the broker reads only for those), and a
+    #: ``receive_nowait()`` first would nearly always raise ``WouldBlock`` for nothing.
+    ready_ahead: bool = True
 
     def receive_nowait(self) -> Delivery:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -328,6 +328,8 @@ class WorkerActor(actors.Actor):
         assert lease is not None
         receive = lease.receive
         receive_nowait = lease.receive_nowait
+        # The fast path below, only where deliveries can be ready before a runner waits.
+        nowait_streak = _STREAK if getattr(lease, "ready_ahead", True) else 0
         process = self._process
         streak = 0
         with trio.CancelScope() as scope:
@@ -339,7 +341,7 @@ class WorkerActor(actors.Actor):
                     # scheduler, but yield at least every _STREAK deliveries so no-op
                     # tasks cannot starve the rest of the program.
                     d: Delivery | None = None
-                    if streak < _STREAK:
+                    if streak < nowait_streak:
                         try:  # noqa: SIM105 - the hot path: no context manager
                             d = receive_nowait()
                         except trio.WouldBlock:

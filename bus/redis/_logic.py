@@ -69,6 +69,12 @@ class Keys:
 
     prefix: str
     queue: str
+    #: ``base``, made once (every key is named after it, several on a task's path).
+    _base: str = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        # A subclass may name its keys otherwise (its own ``base``): taken from it.
+        object.__setattr__(self, "_base", self.base)
 
     #: The stream field that holds the encoded message (a subclass may name another:
     #: taskiq's streams use ``data``). Every write of an entry uses it; a reader takes
@@ -95,22 +101,22 @@ class Keys:
     @property
     def stream(self) -> bytes:
         """The stream messages are XADDed to (priority 0, the default level)."""
-        return f"{self.base}:stream".encode()
+        return f"{self._base}:stream".encode()
 
     @property
     def delayed(self) -> bytes:
         """Sorted set of messages not due yet (score: due time in ms), priority 0."""
-        return f"{self.base}:delayed".encode()
+        return f"{self._base}:delayed".encode()
 
     def level_stream(self, level: int) -> bytes:
         """The stream of priority ``level``: :attr:`stream` for 0 (so a queue without
         priorities keeps its one stream), ``...:stream:p<level>`` for 1 to 9."""
-        return self.stream if level == 0 else f"{self.base}:stream:p{level}".encode()
+        return self.stream if level == 0 else f"{self._base}:stream:p{level}".encode()
 
     def level_delayed(self, level: int) -> bytes:
         """The delayed set of priority ``level`` (:attr:`delayed` for 0): a due member
         moves to :meth:`level_stream` of the same level."""
-        return self.delayed if level == 0 else f"{self.base}:delayed:p{level}".encode()
+        return self.delayed if level == 0 else f"{self._base}:delayed:p{level}".encode()
 
     @property
     def streams(self) -> tuple[bytes, ...]:
@@ -125,50 +131,50 @@ class Keys:
     @property
     def dead(self) -> bytes:
         """The dead-letter stream."""
-        return f"{self.base}:dead".encode()
+        return f"{self._base}:dead".encode()
 
     @property
     def workers(self) -> bytes:
         """Sorted set of workers: consumer name scored by the Unix time of its last
         heartbeat (stale members are pruned)."""
-        return f"{self.base}:workers".encode()
+        return f"{self._base}:workers".encode()
 
     @property
     def cancel_channel(self) -> bytes:
         """Pub/sub channel on which cancellations are announced (payload: the task id,
         then its signature when a secret is set)."""
-        return f"{self.base}:cancel".encode()
+        return f"{self._base}:cancel".encode()
 
     def unique(self, key: str) -> bytes:
         """The key a unique job holds while it is queued or running (value: its id)."""
-        return f"{self.base}:unique:{key}".encode()
+        return f"{self._base}:unique:{key}".encode()
 
     def schedules(self) -> bytes:
         """Hash of the schedules added at run time: name -> the schedule as JSON."""
-        return f"{self.base}:schedules".encode()
+        return f"{self._base}:schedules".encode()
 
     def schedule_state(self) -> bytes:
         """Hash: schedule name -> its state as JSON (last tick, fires, misses)."""
-        return f"{self.base}:schedule-state".encode()
+        return f"{self._base}:schedule-state".encode()
 
     def tick_claim(self, name: str, tick_ms: int) -> bytes:
         """The key that claims one tick of one schedule (set once, with an expiry)."""
-        return f"{self.base}:tick:{name}:{tick_ms}".encode()
+        return f"{self._base}:tick:{name}:{tick_ms}".encode()
 
     def cancel_marker(self, task_id: str) -> bytes:
         """Key set (with a TTL) when ``task_id`` is cancelled, so it never starts
         (value: :func:`marker_value`)."""
-        return f"{self.base}:cancelled:{task_id}".encode()
+        return f"{self._base}:cancelled:{task_id}".encode()
 
     def ran(self, task_id: str, attempt: int) -> bytes:
         """The claim of one attempt of a task (value: the id of the entry allowed to run
         it; kept for the result TTL): a replayed or duplicated entry is dropped."""
-        return f"{self.base}:ran:{task_id}:{attempt}".encode()
+        return f"{self._base}:ran:{task_id}:{attempt}".encode()
 
     @property
     def dead_bytes(self) -> bytes:
         """How many bytes of messages the dead-letter stream holds (its byte cap)."""
-        return f"{self.base}:dead:bytes".encode()
+        return f"{self._base}:dead:bytes".encode()
 
 
 @attrs.frozen

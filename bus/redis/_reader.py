@@ -180,7 +180,11 @@ class ReaderState:
 
 
 class _ReaderLease(ChannelLease):
-    """A worker's lease: each ``receive`` tells the reader a runner waits."""
+    """A worker's lease: each ``receive`` tells the reader a runner waits. The channel
+    has no buffer and the reader reads only for runners that wait: nothing is ready
+    ahead (``ready_ahead``)."""
+
+    ready_ahead = False
 
     def __init__(
         self, state: ReaderState, dead_letter_failures: bool, max_messages: int = 1
@@ -195,7 +199,7 @@ class _ReaderLease(ChannelLease):
 
     async def receive(self) -> Delivery:
         self._state.wake()
-        return await super().receive()
+        return await self._recv.receive()  # (no skip: the reader drops what is cancelled)
 
     def close(self) -> None:
         if self._open:

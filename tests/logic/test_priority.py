@@ -31,9 +31,15 @@ def test_levels() -> None:
 
 def test_patience_is_validated() -> None:
     assert PriorityPicker().patience == 10
+    picker = PriorityPicker(patience=3)
+    picker.patience = 4
+    assert picker.patience == 4
     for bad in (0, -1, True, 1.5):
         with pytest.raises(ValueError, match="patience"):
             PriorityPicker(patience=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="patience"):
+            picker.patience = bad  # type: ignore[assignment]
+    assert picker.patience == 4
 
 
 def drain(picker: PriorityPicker, queued: dict[int, int], n: int) -> list[int]:
