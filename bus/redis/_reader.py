@@ -210,6 +210,18 @@ class _ReaderLease(ChannelLease):
         super().close()
 
 
+def _touched(reply: Any) -> tuple[set[bytes], set[bytes]]:
+    """TOUCH's reply: the ids it touched, and those pending for another consumer
+    (:class:`RedisError` for anything else: the heartbeat tries again)."""
+    if (
+        not isinstance(reply, list)
+        or len(reply) != 2
+        or not all(isinstance(part, list) for part in reply)
+    ):
+        raise RedisError(f"TOUCH answered {reply!r:.200}")
+    return set(reply[0]), set(reply[1])
+
+
 def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
     """``(id, fields)`` pairs of an XREADGROUP / XRANGE / XAUTOCLAIM reply section."""
     out: list[tuple[bytes, dict[bytes, bytes] | None]] = []
@@ -1180,16 +1192,21 @@ class StreamReaderActor(actors.Actor):
 
     async def _touch(self, conn: Connection) -> None:
         """Reset the idle time of every entry this reader holds (running, held or set
-        aside), so no other worker claims them; forget those it lost."""
+        aside), so no other worker claims them; forget those it no longer owns. One
+        pending for another consumer was claimed away (``task.ownership_lost``, a
+        warning); one no longer pending at all was acknowledged: most often its own
+        ack, written (after an outage, say) before the reader was told it is done
+        (``redis.entry_finished``, at debug level)."""
         tags = list(self.state.inflight) + list(self._aside)
         for stream, eids in self._by_stream(tags).items():
             s = self.by_key[stream]
             for i in range(0, len(eids), 200):
                 chunk = eids[i : i + 200]
-                touched = await TOUCH.run(
+                reply = await TOUCH.run(
                     conn, keys=[stream], args=[self.group, self.consumer, *chunk]
                 )
-                for eid in set(chunk) - set(touched or ()):
+                touched, elsewhere = _touched(reply)
+                for eid in set(chunk) - touched:
                     tag = self._tag(s, eid)
                     f = self.state.inflight.pop(tag, None)
                     tid = f.task_id if f else None
@@ -1197,9 +1214,18 @@ class StreamReaderActor(actors.Actor):
                     if d is not None:
                         self._unhold(d)
                         tid = d.message.task_id if d.message else None
-                    log.warning(
-                        "task.ownership_lost", entry=eid.decode(), task_id=tid, actor=self.name
-                    )
+                    if eid in elsewhere:
+                        log.warning(
+                            "task.ownership_lost",
+                            entry=eid.decode(),
+                            task_id=tid,
+                            reason="another consumer claimed its entry",
+                            actor=self.name,
+                        )
+                    else:
+                        log.debug(
+                            "redis.entry_finished", entry=eid.decode(), task_id=tid, actor=self.name
+                        )
 
     def _unhold(self, d: Delivery) -> None:
         """Forget ``d``, held or set aside (another consumer owns its entry now)."""

@@ -101,16 +101,27 @@ return {moved, nxt}
 """)
 
 #: Resets the idle time of the entries this consumer still owns (a heartbeat).
-#: KEYS: stream. ARGV: group, consumer, ids... Returns the ids it touched.
+#: KEYS: stream. ARGV: group, consumer, ids... Returns {the ids it touched, the ids
+#: pending for another consumer}; an id in neither is no longer pending (acknowledged).
 TOUCH = Script("""
 local args = {KEYS[1], ARGV[1], ARGV[2], 0}
+local elsewhere = {}
 for i = 3, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then args[#args + 1] = ARGV[i] end
+  if p[1] then
+    if p[1][2] == ARGV[2] then
+      args[#args + 1] = ARGV[i]
+    else
+      elsewhere[#elsewhere + 1] = ARGV[i]
+    end
+  end
 end
-if #args == 4 then return {} end
-args[#args + 1] = 'JUSTID'
-return redis.call('XCLAIM', unpack(args))
+local touched = {}
+if #args > 4 then
+  args[#args + 1] = 'JUSTID'
+  touched = redis.call('XCLAIM', unpack(args))
+end
+return {touched, elsewhere}
 """)
 
 #: Hands entries this consumer owns back to the queue at once, as fresh copies at
