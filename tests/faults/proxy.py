@@ -211,7 +211,8 @@ class FaultProxy:
     async def _pump(
         self, c: _Conn, src: trio.SocketStream, dst: trio.SocketStream, reply: bool
     ) -> None:
-        send, receive = trio.open_memory_channel[tuple[float, bytes]](math.inf)
+        # (due time, bytes, whether to reset the connection once they are written)
+        send, receive = trio.open_memory_channel[tuple[float, bytes, bool]](math.inf)
         async with trio.open_nursery() as n:
             n.start_soon(self._writer, c, receive, dst)
             async with send:
@@ -226,28 +227,32 @@ class FaultProxy:
                     # A chunk read just before a blackhole began is held back too.
                     await self._until(_FLOWING)
                     if reply and self._mode == "reset":
+                        # Written by the writer, after what it still has to write (two
+                        # tasks sending on one stream at once is an error in Trio).
                         cut = data[: max(1, len(data) // 2)] if len(data) > 1 else b""
-                        if cut:
-                            await dst.send_all(cut)
-                        self._kill(c)
+                        send.send_nowait((trio.current_time(), cut, True))
                         await trio.sleep_forever()
                     due = trio.current_time() + (self.delay if self._mode == "delay" else 0.0)
-                    send.send_nowait((due, data))
+                    send.send_nowait((due, data, False))
         # One side closed: close the other, as a plain forwarder would.
         c.scope.cancel()
 
     async def _writer(
         self,
         c: _Conn,
-        receive: trio.MemoryReceiveChannel[tuple[float, bytes]],
+        receive: trio.MemoryReceiveChannel[tuple[float, bytes, bool]],
         dst: trio.SocketStream,
     ) -> None:
         async with receive:
-            async for due, data in receive:
+            async for due, data, reset in receive:
                 await trio.sleep_until(due)
                 await self._until(_FLOWING)
                 try:
-                    await dst.send_all(data)
+                    if data:
+                        await dst.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     c.scope.cancel()
+                    return
+                if reset:
+                    self._kill(c)
                     return
