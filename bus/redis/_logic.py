@@ -27,6 +27,7 @@ __all__ = [
     "check_entry",
     "check_schedule",
     "count_of",
+    "join_announcements",
     "join_member",
     "level_of_key",
     "marker_ok",
@@ -40,6 +41,7 @@ __all__ = [
     "sign_entry",
     "sign_schedule",
     "signed_at",
+    "split_announcements",
     "split_member",
     "too_old",
     "unique_holder",
@@ -430,6 +432,46 @@ def open_result(
     if not hmac.compare_digest(mac, _mac(secret, b"result", task_id.encode(), data)):
         return None, "result signature is wrong"
     return data, None
+
+
+#: What starts an announcement of several results (a single one starts with its task
+#: id, which never starts with it).
+BATCH_MARK = b"*"
+#: The most digits a length in a batched announcement has (a length is at most the
+#: size of a Redis string, 512 MiB: 9 digits).
+_LEN_DIGITS = 10
+
+
+def join_announcements(payloads: list[bytes]) -> bytes:
+    """One announcement for several results: :data:`BATCH_MARK`, then each single
+    announcement (task id, then value) after its length in decimal digits and ``:``."""
+    parts = [BATCH_MARK]
+    for p in payloads:
+        parts += (b"%d:" % len(p), p)
+    return b"".join(parts)
+
+
+def split_announcements(payload: bytes) -> list[bytes]:
+    """The single announcements in ``payload``: itself when it is not a batch (see
+    :func:`join_announcements`); in a batch, those before the first malformed piece
+    (a bad length, one past the end), which ends the parse. Never raises, and takes
+    time linear in the payload whatever its bytes."""
+    if not payload.startswith(BATCH_MARK):
+        return [payload]
+    out: list[bytes] = []
+    pos, end = len(BATCH_MARK), len(payload)
+    while pos < end:
+        colon = payload.find(b":", pos, pos + _LEN_DIGITS + 1)
+        digits = payload[pos:colon]
+        if colon < 0 or not digits.isdigit():
+            break
+        start = colon + 1
+        stop = start + int(digits)
+        if stop > end:
+            break
+        out.append(payload[start:stop])
+        pos = stop
+    return out
 
 
 def join_member(sig: bytes, data: bytes) -> bytes:

@@ -51,7 +51,7 @@ from bus.redis._client import (
     RedisTimeout,
     ReplyError,
 )
-from bus.redis._logic import open_result, seal_result
+from bus.redis._logic import join_announcements, open_result, seal_result, split_announcements
 from bus.redis._pool import (
     BACKOFF,
     Announcement,
@@ -75,6 +75,10 @@ log = get_logger("bus.redis.results")
 #: until then; a worker has at most its runners and a read-ahead marked at a time.
 _FIRST_RUNS_MAX = 4096
 
+
+#: At most this many results are announced in one ``PUBLISH`` (see
+#: ``announce_commands``): a waiting process's subscription reads each at once.
+_ANNOUNCE_BATCH = 64
 
 #: At most this many sent task ids are remembered for their waiters (see ``Sent``).
 _SENT_MAX = 4096
@@ -252,7 +256,8 @@ class RedisResultStoreActor(UsesConnection):
                     told = list(storing)
                     storing.clear()
                     self._alone = len(told) == 1
-                    sent = self.submit_now([c for m in told for c in m.commands])
+                    commands = [c for m in told for c in m.commands]
+                    sent = self.submit_now(backend.announce_commands(commands))
                     flights.append((told, sent))
                     if sent is not None and len(flights) > 1:
                         # Behind a store in flight: written now, not once the wait below
@@ -273,6 +278,11 @@ class RedisResultStoreActor(UsesConnection):
                         msg.stored(None)
                     batch = []
                     continue
+                if replies is not None and len(replies) != sum(len(m.commands) for m in batch):
+                    # Announced together (announce_commands): the replies are not each
+                    # store's own. Each is written again alone (what it had written
+                    # already is written again: the same value, a second announcement).
+                    replies = None
                 i = 0
                 while batch:
                     msg = batch[0]
@@ -445,16 +455,14 @@ class RedisResultStoreActor(UsesConnection):
 
     @actors.handles(Announcement, inline=True)
     def announced(self, msg: Announcement) -> None:
-        found = self.backend.parse_announcement(msg.data)
-        if found is None:
-            return
-        tid, value = found
-        if self._sent:
-            self._sent.pop(tid, None)  # announced: a waiter from now on reads its key
-        if tid in self.watchers:
-            result = self.backend.open(tid, value)
-            if result is not None:
-                self._wake(tid, result)
+        backend, sent, watchers = self.backend, self._sent, self.watchers
+        for tid, value in backend.parse_announcements(msg.data):
+            if sent:
+                sent.pop(tid, None)  # announced: a waiter from now on reads its key
+            if tid in watchers:
+                result = backend.open(tid, value)
+                if result is not None:
+                    self._wake(tid, result)
 
     @actors.handles(Resubscribed)
     def resubscribed(self, msg: Resubscribed) -> None:
@@ -647,6 +655,36 @@ class RedisResultBackend(ResultBackend):
             return TaskID.parse(payload[:36].decode("ascii")), payload[36:]
         except (UnicodeDecodeError, ValueError):
             return None
+
+    def parse_announcements(self, payload: bytes) -> list[tuple[TaskID, bytes]]:
+        """The task ids and values an announcement of one result, or of several (see
+        :meth:`announce_commands`), carries; what is not an announcement is left out."""
+        out = []
+        for single in split_announcements(payload):
+            found = self.parse_announcement(single)
+            if found is not None:
+                out.append(found)
+        return out
+
+    def announce_commands(self, commands: list[Command]) -> list[Command]:
+        """``commands`` (those of several :meth:`store_commands`) with their result
+        announcements joined: one ``PUBLISH`` for every :data:`_ANNOUNCE_BATCH`
+        results, after the rest, in place of one each (a command less a result for
+        Redis to run and, on a cluster, to spread to every node)."""
+        channel = self.channel
+        rest: list[Command] = []
+        payloads: list[bytes] = []
+        for c in commands:
+            payload = c[2] if len(c) == 3 else None
+            if c[0] == "PUBLISH" and c[1] == channel and isinstance(payload, bytes):
+                payloads.append(payload)
+            else:
+                rest.append(c)
+        if len(payloads) < 2:
+            return commands
+        for i in range(0, len(payloads), _ANNOUNCE_BATCH):
+            rest.append(("PUBLISH", channel, join_announcements(payloads[i : i + _ANNOUNCE_BATCH])))
+        return rest
 
     def store_commands(
         self, task_id: TaskID, data: bytes, *, only_new: bool
