@@ -30,6 +30,10 @@ def test_bench_redis_runs_and_prints_the_table(tmp_path: Path) -> None:
     assert "round trip p50, normal wait (ms)" in out, out
     assert "enqueue, 32 in flight (tasks/s)" in out, out
     assert "targets (issue #10):" in out, out
+    # The floor of a sequential send, measured in the same run, and ours against it.
+    assert "the wire: bare socket, same XADD (/s)" in out, out
+    if "ratio trio-bus/" in out:
+        assert "sequential send at the wire: ours " in out, out
     for name, installed in peers.items():
         if installed:
             assert f"ratio trio-bus/{name}: enqueue seq" in out, out
