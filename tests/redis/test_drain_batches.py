@@ -70,8 +70,10 @@ async def test_a_drain_acks_reads_and_stores_in_batches(
     # Each task: its result (SET) and the claim of its attempt (SET NX).
     assert commands.get("set", 0) == 2 * N
     # The results stored together are announced together: one PUBLISH for a batch
-    # (was one a task).
-    assert 0 < commands.get("publish", 0) <= N // 4, commands
+    # (was one a task). How many results a batch has depends on how the runners'
+    # ends fall into scheduler passes: about three here, two on a loaded machine.
+    # (Exactly one for a pass's stores: test_announcements.py.)
+    assert 0 < commands.get("publish", 0) <= 3 * N // 4, commands
     # No DEL of a progress key: none of these first runs stored progress (was one a task).
     assert commands.get("del", 0) == 0, commands
     # Acks: one XACK and one XDEL for all the acks of a drain (was one each per task).
