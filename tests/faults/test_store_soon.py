@@ -2,7 +2,8 @@
 background. The stores told in one scheduler pass go out in one write; each store's
 ``stored`` is called exactly once, with ``None`` once Redis has the result, or with
 the error ``set_result`` would raise (Redis unreachable past ``write_timeout``, the
-backend stopped); a Redis that comes back in time gets the result, unchanged."""
+backend stopped); a Redis that comes back in time gets the result, unchanged. The
+results of one write are announced with one ``PUBLISH``."""
 
 from __future__ import annotations
 
@@ -48,6 +49,15 @@ class Confirmations:
             await self.changed.wait()
 
 
+async def _publishes(broker: RedisBroker) -> int:
+    """The ``PUBLISH`` calls Redis has run (``INFO commandstats``)."""
+    info = await broker.client.execute("INFO", "commandstats")
+    for line in info.decode().splitlines():
+        if line.startswith("cmdstat_publish:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
 def _result(tid: bus.TaskID, n: int) -> bus.TaskResult[Any]:
     return bus.TaskResult(task_id=tid, status=bus.TaskStatus.SUCCESS, return_value=n)
 
@@ -63,11 +73,14 @@ async def test_stores_of_one_pass_are_one_write_and_confirmed_in_order(
             assert broker._conn_ref is not None
             conn = (await lend(broker._conn_ref)).conn
             writes = conn.stats.writes
+            publishes = await _publishes(broker)
             for n, tid in enumerate(ids):  # one scheduler pass: no checkpoint here
                 assert backend.set_result_soon(tid, _result(tid, n), seen.stored(n))
             await seen.wait(len(ids))
             # One write for the 20 (the broker's other actors may write meanwhile).
             assert conn.stats.writes - writes <= 3
+            # And one announcement for the 20 (see tests/redis/test_announcements.py).
+            assert await _publishes(broker) - publishes == 1
             assert seen.calls == [(n, None) for n in range(len(ids))]
             for n, tid in enumerate(ids):
                 assert (await backend.get_result(tid)).return_value == n

@@ -144,35 +144,6 @@ async def test_one_publish_wakes_every_waiter_of_its_batch(redis_server: RedisSe
 
 
 @pytest.mark.redis
-async def test_the_stores_told_in_one_pass_are_announced_with_one_publish(
-    redis_server: RedisServer,
-) -> None:
-    broker, backend = _broker(redis_server.url)
-    seen = Confirmations()
-    ids = [bus.TaskID.new() for _ in range(20)]
-    with trio.fail_after(20):
-        async with broker:
-            before = await _publishes(broker)
-            for n, tid in enumerate(ids):  # one scheduler pass: no checkpoint here
-                result = bus.TaskResult(tid, bus.TaskStatus.SUCCESS, n)
-                assert backend.set_result_soon(tid, result, seen.stored(n))
-            await seen.wait(len(ids))
-            assert await _publishes(broker) - before == 1
-            assert seen.calls == [(n, None) for n in range(len(ids))]
-            for n, tid in enumerate(ids):
-                assert (await backend.get_result(tid)).return_value == n
-
-
-async def _publishes(broker: RedisBroker) -> int:
-    """The ``PUBLISH`` calls Redis has run (``INFO commandstats``)."""
-    info = await broker.client.execute("INFO", "commandstats")
-    for line in info.decode().splitlines():
-        if line.startswith("cmdstat_publish:"):
-            return int(line.split("calls=")[1].split(",")[0])
-    return 0
-
-
-@pytest.mark.redis
 async def test_a_store_of_a_joined_batch_whose_announcement_fails_is_told_so_once(
     redis_server: RedisServer,
 ) -> None:
