@@ -72,8 +72,8 @@ async def test_stores_of_one_pass_are_one_write_and_confirmed_in_order(
         async with broker:
             assert broker._conn_ref is not None
             conn = (await lend(broker._conn_ref)).conn
+            publishes = await _publishes(broker)  # (a write on this connection)
             writes = conn.stats.writes
-            publishes = await _publishes(broker)
             for n, tid in enumerate(ids):  # one scheduler pass: no checkpoint here
                 assert backend.set_result_soon(tid, _result(tid, n), seen.stored(n))
             await seen.wait(len(ids))
