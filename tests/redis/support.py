@@ -11,7 +11,7 @@ import bus
 from bus.redis import RedisBroker, RedisResultBackend
 from tests.redis.server import RedisServer
 
-__all__ = ["make_redis_broker", "redis_contract_factory"]
+__all__ = ["commandstats", "make_redis_broker", "redis_contract_factory"]
 
 
 def make_redis_broker(url: str, **options: Any) -> RedisBroker:
@@ -33,3 +33,16 @@ def redis_contract_factory(request: pytest.FixtureRequest) -> Callable[..., bus.
         return make_redis_broker(server.url, **options)
 
     return make
+
+
+async def commandstats(broker: RedisBroker) -> dict[str, int]:
+    """{command: calls} from Redis's own ``INFO commandstats`` (one command on the
+    broker's shared connection: a write of its own)."""
+    info = await broker.client.execute("INFO", "commandstats")
+    assert isinstance(info, bytes)
+    out: dict[str, int] = {}
+    for line in info.decode().splitlines():
+        name, sep, stats = line.removeprefix("cmdstat_").partition(":")
+        if line.startswith("cmdstat_") and sep:
+            out[name] = int(dict(kv.split("=") for kv in stats.split(","))["calls"])
+    return out

@@ -15,21 +15,10 @@ import bus
 from bus.redis import RedisBroker, RedisResultBackend, _reader
 from bus.redis._pool import lend
 from bus.redis._results import _FIRST_RUNS_MAX
+from tests.redis.support import commandstats
 
 N = 256  # tasks drained
 CONCURRENCY = 32
-
-
-async def _commandstats(broker: RedisBroker) -> dict[str, int]:
-    """{command: calls} from Redis's ``INFO commandstats``."""
-    info = await broker.client.execute("INFO", "commandstats")
-    assert isinstance(info, bytes)
-    out: dict[str, int] = {}
-    for line in info.decode().splitlines():
-        name, sep, stats = line.removeprefix("cmdstat_").partition(":")
-        if line.startswith("cmdstat_") and sep:
-            out[name] = int(dict(kv.split("=") for kv in stats.split(","))["calls"])
-    return out
 
 
 async def _drain(broker: RedisBroker) -> tuple[dict[str, int], int]:
@@ -47,7 +36,7 @@ async def _drain(broker: RedisBroker) -> tuple[dict[str, int], int]:
         assert broker._conn_ref is not None
         conn = (await lend(broker._conn_ref)).conn  # the process's shared connection
         writes = conn.stats.writes
-        before = await _commandstats(broker)
+        before = await commandstats(broker)
         async with trio.open_nursery() as nursery:
             await nursery.start(broker.run_worker, CONCURRENCY)
             with trio.fail_after(30):
@@ -56,7 +45,7 @@ async def _drain(broker: RedisBroker) -> tuple[dict[str, int], int]:
                 while await broker.client.execute("XLEN", broker.keys.stream):  # noqa: ASYNC110
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
-        after = await _commandstats(broker)
+        after = await commandstats(broker)
         writes = conn.stats.writes - writes
     delta = {k: v - before.get(k, 0) for k, v in after.items()}
     return {k: v for k, v in delta.items() if v > 0}, writes

@@ -3,15 +3,13 @@ on the results channel for the task (issue 21)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import trio
 
 import bus
 from bus.redis import RedisResultBackend
 from tests.redis.server import RedisServer
-from tests.redis.support import make_redis_broker
+from tests.redis.support import commandstats, make_redis_broker
 
 pytestmark = pytest.mark.redis
 
@@ -34,29 +32,18 @@ async def test_no_set_and_no_publish_for_a_task_that_stores_no_result(
     with trio.fail_after(20):
         async with broker, trio.open_nursery() as nursery:
             # Commands that reach Redis from now on, seen by the server itself.
-            before = await _calls(broker)
+            before = await commandstats(broker)
             w = await nursery.start(broker.run_worker, 1)
             silent = await quiet.kiq()
             heard = await loud.kiq()
             assert (await heard.wait_result(timeout=10)).return_value == 2  # one at a time
-            after = await _calls(broker)
+            after = await commandstats(broker)
             client = broker.client
             assert await client.execute("EXISTS", backend.result_key(str(silent.task_id))) == 0
             assert await client.execute("EXISTS", backend.result_key(str(heard.task_id))) == 1
             w.stop()
     # Two tasks ran, one result was announced: the loud task's.
     assert after.get("publish", 0) - before.get("publish", 0) == 1
-
-
-async def _calls(broker: Any) -> dict[str, int]:
-    info = await broker.client.execute("INFO", "commandstats")
-    text = info.decode() if isinstance(info, bytes) else str(info)
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        if line.startswith("cmdstat_"):
-            name, _, rest = line.partition(":")
-            out[name.removeprefix("cmdstat_")] = int(rest.split(",")[0].split("=")[1])
-    return out
 
 
 def test_the_option_is_a_task_option() -> None:
