@@ -263,7 +263,9 @@ class RedisResultStoreActor(UsesConnection):
                     storing.clear()
                     self._alone = len(told) == 1
                     commands = [c for m in told for c in m.commands]
-                    sent = self.submit_now(backend.announce_commands(commands))
+                    if len(told) > 1:  # a lone store (a round trip's) keeps its own
+                        commands = backend.announce_commands(commands)
+                    sent = self.submit_now(commands)
                     flights.append((told, sent))
                     if sent is not None and len(flights) > 1:
                         # Behind a store in flight: written now, not once the wait below
