@@ -65,6 +65,7 @@ class Codec(Protocol):
 
 
 _STATUSES = {s.value: s for s in TaskStatus}
+_STATUS_JSON = {s: json.dumps(s.value).encode() for s in TaskStatus}
 _PLAIN = frozenset({int, bool, type(None)})
 
 
@@ -106,6 +107,8 @@ class JSONCodec:
                 False, False, False,
             )  # fmt: skip
         self._scan: Any = self._dec.scan_once  # type: ignore[attr-defined]
+        #: The encoded ``,"name":...,"args":`` of each task name (_encode_plain).
+        self._plain_heads: dict[str, bytes] = {}
 
     def _dumps(self, obj: Any) -> bytes:
         c_encode = self._c_encode
@@ -139,6 +142,17 @@ class JSONCodec:
         return True
 
     def encode_message(self, message: TaskMessage) -> bytes:
+        if (
+            not message.kwargs
+            and not message.labels
+            and message.eta is None
+            and message.attempt == 1
+            and type(message.attempt) is int  # (True == 1 too, but encodes as true)
+            and message.queue is None
+            and not message.priority
+            and self._c_encode is not None
+        ):
+            return self._encode_plain(message)
         obj = {
             "id": message.task_id,
             "name": message.task_name,
@@ -155,6 +169,32 @@ class JSONCodec:
         if message.priority:
             obj["priority"] = message.priority
         return self._dumps(obj)
+
+    def _encode_plain(self, message: TaskMessage) -> bytes:
+        """:meth:`encode_message` of the usual message (positional arguments only, no
+        labels, no delay, a first attempt, the default queue and priority): the same
+        bytes, with only the id and the arguments encoded (the rest is fixed, or
+        fixed per task name)."""
+        name = message.task_name
+        head = self._plain_heads.get(name)
+        if head is None:
+            head = f',"name":{_encode_str(name)},"args":'.encode()
+            if len(self._plain_heads) < _PLAIN_HEADS:  # (names are few; bounded anyway)
+                self._plain_heads[name] = head
+        args = message.args
+        packed = "".join(self._c_encode(args, 0)).encode() if args else b"[]"
+        data = b'{"id":%b%b%b%b' % (
+            _encode_str(message.task_id).encode(),
+            head,
+            packed,
+            _PLAIN_TAIL,
+        )
+        if len(data) > self.max_bytes:
+            raise ValueError(f"{len(data)} bytes encoded, more than max_bytes={self.max_bytes}")
+        # The envelope is one level: the arguments may nest one level less.
+        if args and too_deep(packed, self.max_depth - 1):
+            raise ValueError(f"nested more than {self.max_depth} levels deep (max_depth)")
+        return data
 
     def decode_message(self, data: bytes) -> TaskMessage:
         try:
@@ -209,6 +249,15 @@ class JSONCodec:
 
     def encode_result(self, result: TaskResult[Any]) -> bytes:
         err = result.error
+        took = result.execution_time
+        if (
+            err is None
+            and not result.labels
+            and type(took) is float
+            and took - took == 0.0  # (finite: NaN and inf go the whole way, refused)
+            and self._c_encode is not None
+        ):
+            return self._encode_plain_result(result, took)
         return self._dumps(
             {
                 "id": result.task_id,
@@ -219,6 +268,24 @@ class JSONCodec:
                 "labels": result.labels,
             }
         )
+
+    def _encode_plain_result(self, result: TaskResult[Any], took: float) -> bytes:
+        """:meth:`encode_result` of the usual result (no error, no labels): the same
+        bytes, with only the id, the value and the time encoded."""
+        value = result.return_value
+        packed = b"null" if value is None else "".join(self._c_encode(value, 0)).encode()
+        data = b'{"id":%b,"status":%b,"value":%b,"error":null,"time":%b,"labels":{}}' % (
+            _encode_str(result.task_id).encode(),
+            _STATUS_JSON[result.status],
+            packed,
+            float.__repr__(took).encode(),
+        )
+        if len(data) > self.max_bytes:
+            raise ValueError(f"{len(data)} bytes encoded, more than max_bytes={self.max_bytes}")
+        # The envelope is one level: the value may nest one level less.
+        if too_deep(packed, self.max_depth - 1):
+            raise ValueError(f"nested more than {self.max_depth} levels deep (max_depth)")
+        return data
 
     def decode_result(self, data: bytes) -> TaskResult[Any]:
         try:
@@ -274,6 +341,14 @@ class JSONCodec:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+#: The JSON of a string (quotes and escapes), as the encoder writes it (not ASCII-only).
+_encode_str = json.encoder.encode_basestring
+#: How a usual message ends (see JSONCodec._encode_plain), and how many task names'
+#: beginnings are kept.
+_PLAIN_TAIL = b',"kwargs":{},"labels":{},"attempt":1,"eta":null}'
+_PLAIN_HEADS = 1024
 
 
 def _no_default(obj: Any) -> Any:

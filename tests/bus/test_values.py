@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import time
 from typing import Any
@@ -61,6 +62,70 @@ def test_json_codec_round_trips_messages(args: list[Any], kwargs: dict[str, Any]
         eta=1.5,
     )
     assert codec.decode_message(codec.encode_message(msg)) == msg
+
+
+@given(args=st.lists(JSON, max_size=4), name=st.text(min_size=1))
+def test_json_codec_writes_a_plain_message_as_its_full_object(args: list[Any], name: str) -> None:
+    # The usual message (positional arguments, nothing else) is encoded from a template:
+    # the bytes must stay those of the whole object, field for field.
+    codec = bus.JSONCodec()
+    msg = bus.TaskMessage(bus.TaskID.new(), name, tuple(args), {}, {})
+    whole = {"id": msg.task_id, "name": name, "args": args, "kwargs": {}, "labels": {}}
+    whole |= {"attempt": 1, "eta": None}
+    expected = json.dumps(whole, separators=(",", ":"), ensure_ascii=False).encode()
+    assert codec.encode_message(msg) == expected
+    assert codec.decode_message(expected) == msg
+
+
+def test_json_codec_bounds_a_plain_message_as_any_other() -> None:
+    codec = bus.JSONCodec(max_depth=8, max_bytes=200)
+    tid = bus.TaskID.new()
+    deep: Any = 1
+    for _ in range(6):  # the message object, its arguments, six lists: 8 levels
+        deep = [deep]
+    plain = bus.TaskMessage(tid, "t", (deep,), {}, {})
+    assert codec.decode_message(codec.encode_message(plain)) == plain
+    for msg in [plain, attrs.evolve(plain, attempt=2)]:  # the template, the whole object
+        with pytest.raises(ValueError, match="8 levels deep"):
+            codec.encode_message(attrs.evolve(msg, args=([deep],)))
+        with pytest.raises(ValueError, match="max_bytes=200"):
+            codec.encode_message(attrs.evolve(msg, args=("x" * 200,)))
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        codec.encode_message(attrs.evolve(plain, args=(object(),)))
+
+
+@given(
+    value=JSON,
+    status=st.sampled_from(bus.TaskStatus),
+    took=st.floats(min_value=0, allow_nan=False, allow_infinity=False),
+)
+def test_json_codec_writes_a_plain_result_as_its_full_object(
+    value: Any, status: bus.TaskStatus, took: float
+) -> None:
+    # The usual result (no error, no labels) is encoded from a template too.
+    codec = bus.JSONCodec()
+    result = bus.TaskResult(bus.TaskID.new(), status, value, None, took, {})
+    whole = {"id": result.task_id, "status": status.value, "value": value, "error": None}
+    whole |= {"time": took, "labels": {}}
+    expected = json.dumps(whole, separators=(",", ":"), ensure_ascii=False).encode()
+    assert codec.encode_result(result) == expected
+    assert codec.decode_result(expected) == result
+
+
+def test_json_codec_bounds_a_plain_result_as_any_other() -> None:
+    codec = bus.JSONCodec(max_depth=8, max_bytes=200)
+    deep: Any = 1
+    for _ in range(7):  # the result object, then seven lists: 8 levels
+        deep = [deep]
+    plain = bus.TaskResult(bus.TaskID.new(), bus.TaskStatus.SUCCESS, deep, None, 0.5, {})
+    assert codec.decode_result(codec.encode_result(plain)) == plain
+    for result in [plain, attrs.evolve(plain, labels={"l": 1})]:  # the template, the whole
+        with pytest.raises(ValueError, match="8 levels deep"):
+            codec.encode_result(attrs.evolve(result, return_value=[deep]))
+        with pytest.raises(ValueError, match="max_bytes=200"):
+            codec.encode_result(attrs.evolve(result, return_value="x" * 200))
+    with pytest.raises(ValueError, match="Out of range float"):
+        codec.encode_result(attrs.evolve(plain, execution_time=math.inf))
 
 
 def test_json_codec_round_trips_results() -> None:
