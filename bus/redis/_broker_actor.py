@@ -82,6 +82,7 @@ from bus.redis._reader import (
     ReaderState,
     StreamReaderActor,
 )
+from bus.redis._resp import Head
 from bus.redis._scripts import (
     CLAIM_SEND,
     DEAD,
@@ -194,9 +195,9 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
         self.group = settings.group.encode()
         self.consumer = settings.consumer.encode()
         self._stream = keys.stream  # the default queue's level 0: bare tags
-        #: The start of an XADD to a queue's level, ready as bytes: (queue, level) ->
-        #: (XADD, stream, MAXLEN ~ n, *, data field).
-        self._xadd_heads: dict[tuple[str | None, int], tuple[bytes, ...]] = {}
+        #: The start of an XADD to a queue's level, packed once: (queue, level) ->
+        #: Head(XADD, stream, MAXLEN ~ n, *, data field).
+        self._xadd_heads: dict[tuple[str | None, int], Head] = {}
         self._keys: dict[str, Keys] = {keys.queue: keys}
         #: A reader per set of queues consumed here.
         #: A reader per set of queues consumed here (kept across restarts).
@@ -435,26 +436,28 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
     def _enqueue_command(self, message: TaskMessage, data: bytes) -> Command:
         settings = self.settings
         queue, level = message.queue, message.priority
-        # The hot path: the stream key and the fixed arguments come ready as bytes.
+        # The hot path: the stream key and the fixed arguments come ready, packed.
         head = self._xadd_heads.get((queue, level))
         if head is None:
             keys = self.keys if queue is None else self.keys_of(queue)
             maxlen = settings.maxlen
-            head = self._xadd_heads[queue, level] = (
-                (b"XADD", keys.level_stream(level))
-                + ((b"MAXLEN", b"~", b"%d" % maxlen) if maxlen is not None else ())
-                + (b"*", keys.data_field)
+            head = self._xadd_heads[queue, level] = Head(
+                b"XADD",
+                keys.level_stream(level),
+                *((b"MAXLEN", b"~", b"%d" % maxlen) if maxlen is not None else ()),
+                b"*",
+                keys.data_field,
             )
         secret = settings.secret
-        sig = b"" if secret is None else sign_entry(secret, head[1], data)
+        sig = b"" if secret is None else sign_entry(secret, head.key, data)
         eta = message.eta
         if eta is not None and eta > time.time():
             keys = self.keys if queue is None else self.keys_of(queue)
             self._wake_mover(queue)
             return ("ZADD", keys.level_delayed(level), int(eta * 1000), join_member(sig, data))
         if sig:
-            return (*head, data, F_SIG, sig)
-        return (*head, data)
+            return head.command(data, F_SIG, sig)
+        return head.command1(data)
 
     def _data(self, msg: Send) -> bytes:
         return msg.data if msg.data is not None else self.codec.encode_message(msg.message)

@@ -17,6 +17,7 @@ from bus.redis._client import (
     open_connection,
     rerun_noscript,
 )
+from bus.redis._resp import Head, encode
 from tests.redis.server import RedisServer
 from tests.redisclient.conftest import all_parked, caller_reads, wait_blocked
 
@@ -147,6 +148,21 @@ async def test_submit_then_flush_is_one_write(conn: Connection, key: str) -> Non
         assert await first.wait() == [b"OK", 2]
         assert await empty.wait() == []
         await conn.flush()  # nothing queued: a plain checkpoint
+
+
+async def test_a_head_packed_once_sends_the_same_commands(conn: Connection, key: str) -> None:
+    # A hot command's fixed head is packed once (Head); each command made from it is
+    # still the tuple of its arguments, and Redis gets exactly that command.
+    head = Head(b"RPUSH", key.encode())
+    big = os.urandom(100_000)  # past the size joined without an extra copy
+    commands = [head.command1(b"one"), head.command(b"two", b"three"), head.command1(big)]
+    assert commands[0] == (b"RPUSH", key.encode(), b"one")
+    assert commands[1] == (b"RPUSH", key.encode(), b"two", b"three")
+    for command in commands:
+        assert encode(command) == encode(tuple(command))
+    with trio.fail_after(10):
+        assert await conn.submit(commands).wait() == [1, 3, 4]
+        assert await conn.execute("LRANGE", key, 0, -1) == [b"one", b"two", b"three", big]
 
 
 async def test_waiting_on_a_submit_writes_it(conn: Connection, key: str) -> None:
