@@ -88,6 +88,11 @@ T = TypeVar("T")
 # ------------------------------------------------------------------ the facade
 
 
+def _what(what: str | TaskMessage) -> str:
+    """The beginning of a send's error text (see :meth:`RedisBroker._submit`)."""
+    return what if isinstance(what, str) else f"cannot send {what.task_name}"
+
+
 class RedisBroker(Broker):
     """Tasks on a Redis Streams queue, run by worker processes (``run_worker``).
 
@@ -287,11 +292,14 @@ class RedisBroker(Broker):
 
     async def _send(self, message: TaskMessage) -> TaskID:
         data = self._encode(message)
-        what = f"cannot send {message.task_name}"
         results = self.result_backend
         if isinstance(results, RedisResultBackend):
             results.sending(message.task_id)  # a waiter to come may need no read
-        replies = await self._submit(SendNow(message, data), what)
+        replies = await self._submit(SendNow(message, data), message)
+        labels = message.labels
+        if not labels or "unique_key" not in labels:
+            return message.task_id  # (the common case, without _sent_id's coroutine)
+        what = f"cannot send {message.task_name}"
         return await self._sent_id(message, data, replies[0] if replies else None, what)
 
     async def _sent_id(self, message: TaskMessage, data: bytes, reply: Any, what: str) -> TaskID:
@@ -320,12 +328,13 @@ class RedisBroker(Broker):
         """The keys of ``queue`` (``None``: the default queue)."""
         return self.keys if queue is None else self.keys.of(queue)
 
-    async def _submit(self, ask: object, what: str) -> list[Any]:
+    async def _submit(self, ask: object, what: str | TaskMessage) -> list[Any]:
         """Ask the broker actor to queue a write and wait for its replies; wait for
         Redis while it is unreachable, for up to ``send_timeout`` seconds, then
         :class:`~bus.BrokerUnavailable`. A write that broke with its connection is
         made again on the next one: an XADD may then be stored twice (delivery is
-        at-least-once anyway).
+        at-least-once anyway). ``what`` begins the errors' text (a message: "cannot
+        send" and its task's name, made only on an error).
 
         Cancellation: a write already made may still be stored."""
         ref = self.ref
@@ -336,20 +345,23 @@ class RedisBroker(Broker):
             pending: Pending | None = await ref.ask(ask)
             if pending is not None:
                 replies = await pending.wait()
-                if not any(type(r) is ReplyError for r in replies):
+                for r in replies:
+                    if type(r) is ReplyError:
+                        break
+                else:  # (a loop, not any(): no generator made on every send)
                     if self.settings.min_replicas_ack:
                         replies, acked = replies[:-1], replies[-1]
-                        self._check_acked(acked, what)
+                        self._check_acked(acked, _what(what))
                     return replies
                 if not any(is_transient(r) for r in replies):  # Redis said no
                     for reply in replies:
                         if isinstance(reply, ReplyError):
-                            raise SendError(f"{what}: Redis refused it: {reply.message}")
+                            raise SendError(f"{_what(what)}: Redis refused it: {reply.message}")
         except (ConnectionLost, RedisTimeout):
             pass  # the careful way below, within the bound
         except actors.ActorStopped:
-            raise BrokerClosed(f"{what}: the broker is shutting down") from None
-        return await self._submit_slowly(ask, what, start)
+            raise BrokerClosed(f"{_what(what)}: the broker is shutting down") from None
+        return await self._submit_slowly(ask, _what(what), start)
 
     async def _submit_slowly(self, ask: object, what: str, start: float) -> list[Any]:
         """:meth:`_submit` when the first try (made at ``start``) did not do: wait for

@@ -530,7 +530,7 @@ class Pending:
 
         Cancellation: only the wait stops; the commands are still sent (or stay
         queued) and their replies read (and kept: ``wait`` may be called again)."""
-        if not self.done:
+        if self._error is None and len(self._replies) != self._count:  # (not done)
             await self.conn._wait(self, flush)
         else:
             await trio.lowlevel.checkpoint()
@@ -690,7 +690,9 @@ class Connection(_Base):
 
     async def _wait(self, pending: Pending, flush: bool = True) -> None:
         first = True
-        while not pending.done:
+        replies = pending._replies
+        # (``pending.done`` inlined: this loop and _read_own's run on every command.)
+        while pending._error is None and len(replies) != pending._count:
             if pending._seq > self._written and not self._writing and flush:
                 # Others in flight: pipelining is on, so gather this pass's commands
                 # into one write. Alone (sequential use): write at once.
@@ -744,8 +746,9 @@ class Connection(_Base):
         assert fd is not None
         self._owner = pending
         self.stats.own_reads += 1
+        replies = pending._replies
         try:
-            while not pending.done:
+            while pending._error is None and len(replies) != pending._count:  # (not done)
                 # trio.lowlevel.wait_readable + os.read, as the reader does (see there).
                 await trio.lowlevel.wait_readable(fd)
                 if self._error is not None:
