@@ -514,9 +514,13 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
             return self._submit_now(
                 self._acked([self._send_command(message, msg.data, msg.replace)])
             )
-        # The common send, with fewer calls: one XADD (or ZADD), no claim, no WAIT.
+        # The common send, with fewer calls: one XADD (or ZADD), no claim, no WAIT;
+        # written at once when it is the only command in flight (a sequential
+        # producer's), so Redis works on it while the producer goes on to wait.
         return self.submit_now(
-            (self._enqueue_command(message, msg.data),), timeout=self.settings.send_timeout
+            (self._enqueue_command(message, msg.data),),
+            timeout=self.settings.send_timeout,
+            eager=True,
         )
 
     def _releases(self, d: Delivery) -> list[Command]:

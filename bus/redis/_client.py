@@ -631,7 +631,9 @@ class Connection(_Base):
 
     # -- queueing and writing
 
-    def _enqueue(self, data: bytes, pending: Pending, timeout: float | None) -> None:
+    def _enqueue(self, data: bytes, pending: Pending, timeout: float | None, sent: int = 0) -> None:
+        """Queue ``pending``'s commands (``data``, of which the first ``sent`` bytes
+        were written already)."""
         if self._error is not None or not self._started:
             self._check()
         deadline = trio.current_time() + (self._timeout if timeout is None else timeout)
@@ -639,10 +641,16 @@ class Connection(_Base):
         if deadline < self._armed and self._read_scope is not None:
             self._read_scope.deadline = self._armed = deadline
         self._waiting.append(pending)
-        self._outbuf.append(data)
         self._seq += 1
         pending._seq = self._seq
         self.stats.commands += pending._count
+        if not sent:
+            self._outbuf.append(data)
+        elif sent < len(data):
+            self._outbuf.append(data[sent:])
+        else:  # written whole
+            self._written = self._seq
+            self.stats.writes += 1
 
     async def _flush(self, coalesce: bool = False) -> None:
         """Write the outgoing buffer (the caller saw no write in progress). With
@@ -1058,7 +1066,9 @@ class Connection(_Base):
         assert isinstance(result, list)
         return result
 
-    def submit(self, commands: Iterable[Command], *, timeout: float | None = None) -> Pending:
+    def submit(
+        self, commands: Iterable[Command], *, timeout: float | None = None, eager: bool = False
+    ) -> Pending:
         """Queue ``commands`` for the next write and return at once, without waiting
         for anything: a :class:`Pending` whose ``await pending.wait()`` gives the
         replies (errors in place). The commands go out with the next write on this
@@ -1067,15 +1077,40 @@ class Connection(_Base):
         ``pipeline`` / ``wait`` writes them too. The timeout counts from now: a
         submit never flushed times out and drops the connection.
 
+        ``eager=True``: when nothing else is in flight or queued (a sequential
+        caller), write them now, as :meth:`flush_nowait` would, before the
+        bookkeeping of the submit: the server starts on them while the caller goes
+        on to wait. Otherwise (others in flight: their write gathers this one too)
+        it is a plain submit. What the socket did not take stays queued for the next
+        write.
+
         Raises :class:`ConnectionLost` at once on a broken connection. Not a
         checkpoint (not async)."""
         data, count = encode_many(commands)
         pending = Pending(self, count)
         if count:
-            self._enqueue(data, pending, timeout)
+            if (
+                eager
+                and not self._waiting
+                and not self._writing
+                and self._started
+                and self._error is None
+            ):
+                self._enqueue_written(data, pending, timeout)
+            else:
+                self._enqueue(data, pending, timeout)
         else:
             self._check()
         return pending
+
+    def _enqueue_written(self, data: bytes, pending: Pending, timeout: float | None) -> None:
+        """:meth:`_enqueue`, the command written first, as far as the socket takes it
+        now (nothing else is queued or in flight, see :meth:`submit`)."""
+        try:
+            sent = self._write_now(data)
+        except OSError:
+            sent = 0  # left queued: the next write meets the error and closes
+        self._enqueue(data, pending, timeout, sent)
 
 
 @asynccontextmanager

@@ -458,7 +458,11 @@ class ClusterConnection(Connection):
         conn = await self._node(self._addr(slot))
         return await conn.transaction(commands, timeout=timeout)
 
-    def submit(self, commands: Iterable[Command], *, timeout: float | None = None) -> Pending:
+    def submit(
+        self, commands: Iterable[Command], *, timeout: float | None = None, eager: bool = False
+    ) -> Pending:
+        # (``eager`` is not passed on: several nodes' commands are never one caller's
+        # lone command, and a node's own submits gather them.)
         self._check()
         batch = list(commands)
         pending = _ClusterPending(self, batch)

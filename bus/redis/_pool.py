@@ -420,16 +420,17 @@ class UsesConnection(actors.Actor):
                     self._connected = trio.Event()
 
     def submit_now(
-        self, commands: Iterable[Command], timeout: float | None = None
+        self, commands: Iterable[Command], timeout: float | None = None, *, eager: bool = False
     ) -> Pending | None:
         """Queue ``commands`` on the current connection (``timeout``: the connection's
-        command timeout by default); ``None`` while there is none or it broke (the
-        asker waits for the next one and asks again: not a failure of this actor)."""
+        command timeout by default; ``eager``: see ``Connection.submit``); ``None``
+        while there is none or it broke (the asker waits for the next one and asks
+        again: not a failure of this actor)."""
         lent = self.lent
         if lent is None or lent.lost.is_set():
             return None
         try:
-            return lent.conn.submit(commands, timeout=timeout)
+            return lent.conn.submit(commands, timeout=timeout, eager=eager)
         except ConnectionLost:
             return None
 

@@ -165,6 +165,33 @@ async def test_a_head_packed_once_sends_the_same_commands(conn: Connection, key:
         assert await conn.execute("LRANGE", key, 0, -1) == [b"one", b"two", b"three", big]
 
 
+async def test_an_eager_submit_is_written_at_once_only_when_alone(
+    conn: Connection, key: str
+) -> None:
+    with trio.fail_after(10):
+        writes = conn.stats.writes
+        alone = conn.submit([("INCR", key)], eager=True)
+        assert conn.stats.writes == writes + 1  # written before submit returned
+        # Another command in flight: an eager submit is a plain one (gathered by the
+        # next write, not written on its own).
+        second = conn.submit([("INCR", key)], eager=True)
+        assert conn.stats.writes == writes + 1
+        assert await second.wait() == [2]
+        assert await alone.wait() == [1]
+        assert conn.stats.writes == writes + 2
+        # What the socket does not take at once stays queued, and waiting writes it.
+        big = os.urandom(8 << 20)
+        pending = conn.submit([("SET", key + "big", big)], eager=True)
+        assert await pending.wait() == [b"OK"]
+        assert await conn.execute("STRLEN", key + "big") == len(big)
+
+
+async def test_an_eager_submit_on_a_broken_connection_raises(conn: Connection) -> None:
+    await conn.drop("test")
+    with pytest.raises(ConnectionLost):
+        conn.submit([("PING",)], eager=True)
+
+
 async def test_waiting_on_a_submit_writes_it(conn: Connection, key: str) -> None:
     with trio.fail_after(10):
         pending = conn.submit([("INCR", key), ("LPUSH", key, "x")])
