@@ -195,5 +195,7 @@ def encode(args: Iterable[Arg]) -> bytes:
 
 def encode_many(commands: Iterable[Command]) -> tuple[bytes, int]:
     """Several commands as one buffer, and how many they are."""
+    if type(commands) is tuple and len(commands) == 1:  # (a lone send: no list, no join)
+        return encode(commands[0]), 1
     chunks = [encode(command) for command in commands]
     return b"".join(chunks), len(chunks)
