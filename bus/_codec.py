@@ -10,7 +10,9 @@ from array import array
 from itertools import accumulate
 from typing import Any, Protocol
 
+from bus._frozen import freeze_args, freeze_mapping
 from bus._ids import TaskID
+from bus._make import maker
 from bus._message import RemoteError, TaskMessage, TaskResult, TaskStatus
 from bus._options import MAX_ETA, MAX_RETRIES, is_queue_name
 from bus._priority import MAX_PRIORITY
@@ -65,6 +67,7 @@ class Codec(Protocol):
 
 
 _STATUSES = {s.value: s for s in TaskStatus}
+_make_message = maker(TaskMessage, converted=True)
 _STATUS_JSON = {s: json.dumps(s.value).encode() for s in TaskStatus}
 _PLAIN = frozenset({int, bool, type(None)})
 
@@ -235,17 +238,11 @@ class JSONCodec:
             raise DecodeError("message field 'queue' must be a queue name or null")
         if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
             raise DecodeError(f"message field 'priority' must be an integer, 0 to {MAX_PRIORITY}")
-        return TaskMessage(
-            task_id=task_id,
-            task_name=name,
-            args=tuple(args),
-            kwargs=kwargs,
-            labels=labels,
-            attempt=attempt,
-            eta=eta,
-            queue=queue,
-            priority=priority,
-        )
+        # (TaskMessage(...) with its converters' work done here: see bus._make)
+        return _make_message(
+            task_id, name, freeze_args(args), freeze_mapping(kwargs), freeze_mapping(labels),
+            attempt, eta, queue, priority,
+        )  # fmt: skip
 
     def encode_result(self, result: TaskResult[Any]) -> bytes:
         err = result.error
