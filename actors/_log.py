@@ -6,14 +6,18 @@ loggers are structlog loggers once the application has called
 them). Until then, ``debug`` and ``info`` events are dropped and ``warning`` and
 worse go to stderr, one line each, without colours. The ``bus`` package uses the same
 loggers.
+
+structlog is not imported here until it is needed: an application that configured it
+has imported it (so a logger looks for it in ``sys.modules``), and the stderr lines
+import it on the first warning. A worker of an application that logs another way
+starts without it (with ``rich`` installed, ``import structlog`` takes tens of
+milliseconds).
 """
 
 from __future__ import annotations
 
 import sys
 from typing import Any
-
-import structlog
 
 __all__ = ["QuietLogger", "get_logger"]
 
@@ -23,9 +27,20 @@ _LEVELS["critical"] = _LEVELS["fatal"] = 50
 _fallback: Any = None
 
 
+def _configured() -> Any:
+    """structlog, when the application configured it; else ``None``. Not imported, it
+    cannot have been configured."""
+    structlog = sys.modules.get("structlog")
+    if structlog is not None and structlog.is_configured():
+        return structlog
+    return None
+
+
 def _stderr_logger() -> Any:
     global _fallback
     if _fallback is None:
+        import structlog
+
         _fallback = structlog.wrap_logger(
             structlog.PrintLogger(sys.stderr),
             processors=[
@@ -51,7 +66,8 @@ class QuietLogger:
         return QuietLogger(self._name, {**self._context, **values})
 
     def _emit(self, level: str, event: str, kw: dict[str, Any]) -> None:
-        if structlog.is_configured():
+        structlog = _configured()
+        if structlog is not None:
             logger = structlog.get_logger(self._name)
             getattr(logger, level)(event, **self._context, **kw)
             return

@@ -6,8 +6,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
+from actors._log import get_logger
 from bus._message import TaskMessage, TaskResult
 
 if TYPE_CHECKING:
@@ -16,7 +15,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Middleware"]
 
-log = structlog.get_logger("bus.middleware")
+log = get_logger("bus.middleware")
 
 HOOKS = (
     "startup",

@@ -92,3 +92,43 @@ def test_configured_structlog_gets_the_bus_events_with_their_keys() -> None:
     failed = [e for e in events if e["event"] == "task.failed"]
     assert failed and failed[0]["task_name"].endswith(":boom") and "task_id" in failed[0]
     assert failed[0]["actor"] == "worker"
+
+
+QUIET_RUN = """
+import sys
+import trio
+import bus
+
+class Failing(bus.Middleware):
+    def post_send(self, message):
+        raise RuntimeError("a middleware's own bug")
+
+broker = bus.InMemoryBroker().with_middlewares(Failing())
+
+@broker.task(name="add")
+async def add(a: int, b: int) -> int:
+    return a + b
+
+async def main() -> None:
+    async with broker:
+        print((await (await add.kiq(1, 2)).wait_result(timeout=5)).return_value)
+
+trio.run(main)
+print("structlog" in sys.modules)
+"""
+
+
+def test_a_failing_middleware_is_reported_on_stderr_not_stdout() -> None:
+    proc = _run(QUIET_RUN)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "3\nTrue\n"  # (the warning imported structlog, to write it)
+    assert "middleware.failed" in proc.stderr and "a middleware's own bug" in proc.stderr
+
+
+def test_structlog_is_not_imported_until_an_event_needs_it() -> None:
+    # Nothing to report, no structlog configured: a process that logs another way
+    # does not pay for importing structlog (and rich, when installed).
+    proc = _run(QUIET_RUN.replace("with_middlewares(Failing())", "with_middlewares()"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "3\nFalse\n"
+    assert proc.stderr == ""
