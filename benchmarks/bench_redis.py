@@ -167,20 +167,14 @@ async def _ours_round_trips(url: str, queue: str, rounds: int) -> RoundTrips:
     return {"normal": lat}
 
 
-def _quiet_structlog() -> None:
-    """The library never configures logging; a deployment filters below WARNING (the
-    default structlog config would print every debug event)."""
-    import logging
-
-    import structlog
-
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+# Logging is configured for no library (the peers log through stdlib logging with no
+# handler): ours, unconfigured, drops debug and info events and writes warnings to
+# stderr, and does not import structlog until a warning needs it.
 
 
 def _ours_worker(url: str, queue: str, concurrency: int) -> None:
     import trio
 
-    _quiet_structlog()
     broker, _ = _ours(url, queue)
     trio.run(broker.run_worker, concurrency)
 
@@ -188,7 +182,6 @@ def _ours_worker(url: str, queue: str, concurrency: int) -> None:
 def _run_ours(fn: Callable[..., Any], *args: Any) -> Any:
     import trio
 
-    _quiet_structlog()
     return trio.run(fn, *args)
 
 

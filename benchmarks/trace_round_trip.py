@@ -87,7 +87,6 @@ def _worker(port: int, out: str) -> None:
     """The worker process: run until SIGUSR1, then write the events to ``out``."""
     import trio
 
-    bench_redis._quiet_structlog()
     events, steps = _record()
     broker, _ = bench_redis._ours(f"redis://127.0.0.1:{port}/0", QUEUE)
 
@@ -103,7 +102,6 @@ def _producer(port: int, rounds: int) -> tuple[list[Event], list[tuple[int, int]
     """The round trips, recorded: the events and each round's (start, end)."""
     import trio
 
-    bench_redis._quiet_structlog()
     events, steps = _record()
     broker, noop = bench_redis._ours(f"redis://127.0.0.1:{port}/0", QUEUE)
     spans: list[tuple[int, int]] = []
