@@ -118,10 +118,15 @@ class JSONCodec:
         # (No C accelerators: the pure-Python json.)
         text = "".join(c_encode(obj, 0)) if c_encode is not None else self._enc.encode(obj)
         data = text.encode()
-        # What the decoder would refuse is not written.
+        return self._bounded(data, data, self.max_depth)
+
+    def _bounded(self, data: bytes, nested: bytes, depth: int) -> bytes:
+        """``data``, checked: what the decoder would refuse is not written. ``nested``
+        is the part of it that may nest, at most ``depth`` levels (all of it, or the
+        arguments or value inside a template's one level)."""
         if len(data) > self.max_bytes:
             raise ValueError(f"{len(data)} bytes encoded, more than max_bytes={self.max_bytes}")
-        if too_deep(data, self.max_depth):
+        if too_deep(nested, depth):
             raise ValueError(f"nested more than {self.max_depth} levels deep (max_depth)")
         return data
 
@@ -192,12 +197,8 @@ class JSONCodec:
             packed,
             _PLAIN_TAIL,
         )
-        if len(data) > self.max_bytes:
-            raise ValueError(f"{len(data)} bytes encoded, more than max_bytes={self.max_bytes}")
         # The envelope is one level: the arguments may nest one level less.
-        if args and too_deep(packed, self.max_depth - 1):
-            raise ValueError(f"nested more than {self.max_depth} levels deep (max_depth)")
-        return data
+        return self._bounded(data, packed, self.max_depth - 1)
 
     def decode_message(self, data: bytes) -> TaskMessage:
         try:
@@ -277,12 +278,8 @@ class JSONCodec:
             packed,
             float.__repr__(took).encode(),
         )
-        if len(data) > self.max_bytes:
-            raise ValueError(f"{len(data)} bytes encoded, more than max_bytes={self.max_bytes}")
         # The envelope is one level: the value may nest one level less.
-        if too_deep(packed, self.max_depth - 1):
-            raise ValueError(f"nested more than {self.max_depth} levels deep (max_depth)")
-        return data
+        return self._bounded(data, packed, self.max_depth - 1)
 
     def decode_result(self, data: bytes) -> TaskResult[Any]:
         try:

@@ -274,11 +274,11 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
 
     # ----------------------------------------------------------------- writes
 
-    def _submit_now(self, commands: Sequence[Command]) -> Pending | None:
+    def _submit_now(self, commands: Sequence[Command], *, eager: bool = False) -> Pending | None:
         """:meth:`submit_now`, bounded by send_timeout on the connection itself (no
         reply in time drops it): the producer's first try needs no cancel scope of
         its own."""
-        return self.submit_now(commands, timeout=self.settings.send_timeout)
+        return self.submit_now(commands, timeout=self.settings.send_timeout, eager=eager)
 
     def _queue(self, commands: Iterable[Command], done: Iterable[Any] = ()) -> None:
         """Queue writes for the end of this drain (on_drained writes them)."""
@@ -509,18 +509,10 @@ class RedisBrokerActor(BrokerActor, UsesConnection):
 
     @actors.handles(SendNow, inline=True)
     def send_now(self, msg: SendNow) -> Pending | None:
-        message = msg.message
-        if message.labels or msg.replace is not None or self.settings.min_replicas_ack:
-            return self._submit_now(
-                self._acked([self._send_command(message, msg.data, msg.replace)])
-            )
-        # The common send, with fewer calls: one XADD (or ZADD), no claim, no WAIT;
-        # written at once when it is the only command in flight (a sequential
+        # Written at once when it is the only command in flight (a sequential
         # producer's), so Redis works on it while the producer goes on to wait.
-        return self.submit_now(
-            (self._enqueue_command(message, msg.data),),
-            timeout=self.settings.send_timeout,
-            eager=True,
+        return self._submit_now(
+            self._acked([self._send_command(msg.message, msg.data, msg.replace)]), eager=True
         )
 
     def _releases(self, d: Delivery) -> list[Command]:

@@ -158,8 +158,6 @@ class Head:
 
     def command(self, *tail: bytes) -> Packed:
         """The command: the head, then ``tail`` (bytes), with its RESP."""
-        if len(tail) == 1 and len(tail[0]) < _BIG:
-            return self.command1(tail[0])
         command = Packed((*self.args, *tail))
         parts = [self._prefix(len(tail))]
         for arg in tail:
@@ -172,8 +170,7 @@ class Head:
         if len(last) >= _BIG:
             return self.command(last)
         command = Packed((*self.args, last))
-        prefix = self._prefixes.get(1) or self._prefix(1)
-        command.resp = b"%b$%d\r\n%b\r\n" % (prefix, len(last), last)
+        command.resp = b"%b$%d\r\n%b\r\n" % (self._prefix(1), len(last), last)
         return command
 
 
