@@ -171,7 +171,7 @@ class RedisResultStoreActor(UsesConnection):
         self._live = False
         #: Task ids sent from this process while subscribed whose announcement was not
         #: seen since (a set as a dict; cleared at _SENT_MAX and on Resubscribed).
-        self._sent: dict[TaskID, None] = {}
+        self._sent: dict[str, None] = {}  # (TaskIDs; looked up by their text too)
         #: Waiters registered without a read, and when they read if still waiting.
         self._late: dict[TaskID, float] = {}
         self._late_reading = False
@@ -463,12 +463,22 @@ class RedisResultStoreActor(UsesConnection):
 
     @actors.handles(Announcement, inline=True)
     def announced(self, msg: Announcement) -> None:
-        backend, sent, watchers = self.backend, self._sent, self.watchers
-        for tid, value in backend.parse_announcements(msg.data):
+        # Every result stored anywhere is announced to every subscribed process, most
+        # of them for tasks nobody here waits for. An id is looked up as its bytes
+        # read (latin-1: any bytes, one character each), not parsed and its value not
+        # copied: only the ids this process sent or waits for match (TaskIDs, in the
+        # lower-case text a worker announces), and those are opened and checked.
+        sent, watchers = self._sent, self.watchers
+        if not sent and not watchers:
+            return  # nothing sent, nobody waiting: nothing to look for
+        backend = self.backend
+        for single in split_announcements(msg.data):
+            text = single[:36].decode("latin-1")
             if sent:
-                sent.pop(tid, None)  # announced: a waiter from now on reads its key
-            if tid in watchers:
-                result = backend.open(tid, value)
+                sent.pop(text, None)  # announced: a waiter from now on reads its key
+            if text in watchers:
+                tid = TaskID.parse(text)
+                result = backend.open(tid, single[36:])
                 if result is not None:
                     self._wake(tid, result)
 

@@ -171,3 +171,41 @@ async def test_a_store_of_a_joined_batch_whose_announcement_fails_is_told_so_onc
     for _, error in seen.calls:
         assert isinstance(error, Exception)
         assert "publish" in str(error).lower(), error
+
+
+@pytest.mark.redis
+async def test_a_waiter_is_woken_from_a_batch_of_other_tasks_and_junk(
+    redis_server: RedisServer,
+) -> None:
+    """A process receives the announcements of every task; those it does not wait for,
+    and pieces that are not announcements at all (short, not ASCII, its own task's id
+    upper-cased with a forged value), are passed over without being opened: the one
+    result waited for wakes its waiter, and nothing is refused or logged."""
+    broker, backend = _broker(redis_server.url, secret=SECRET)
+    others, commands = _stores(backend, 40)
+    mine = bus.TaskID.new()
+    result = bus.TaskResult(mine, bus.TaskStatus.SUCCESS, "mine")
+    stored = backend.store_commands(mine, backend.codec.encode_result(result), only_new=False)
+    ours = next(c[2] for c in stored if c[0] == "PUBLISH")
+    forged = bus.TaskResult(mine, bus.TaskStatus.SUCCESS, "forged")
+    upper = mine.upper().encode() + backend.codec.encode_result(forged)
+    pieces = [
+        *(c[2] for c in commands if c[0] == "PUBLISH"),
+        b"short",
+        b"\xff" * 40,
+        upper,
+        ours,
+    ]
+    with trio.fail_after(20), structlog.testing.capture_logs() as logs:
+        got: list[Any] = []
+        async with broker, trio.open_nursery() as nursery:
+
+            async def wait() -> None:
+                got.append((await backend.wait_result(mine)).return_value)
+
+            nursery.start_soon(wait)
+            await _subscribed(broker, backend)
+            await broker.client.execute("PUBLISH", backend.channel, join_announcements(pieces))
+    assert got == ["mine"]
+    assert len(others) == 40
+    assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
