@@ -464,23 +464,23 @@ class RedisResultStoreActor(UsesConnection):
     @actors.handles(Announcement, inline=True)
     def announced(self, msg: Announcement) -> None:
         # Every result stored anywhere is announced to every subscribed process, most
-        # of them for tasks nobody here waits for. An id is looked up as its bytes
-        # read (latin-1: any bytes, one character each), not parsed and its value not
-        # copied: only the ids this process sent or waits for match (TaskIDs, in the
-        # lower-case text a worker announces), and those are opened and checked.
+        # of them for tasks nobody here waits for: an id is looked up as written
+        # (announced_id), and only one this process waits for is parsed and opened.
         sent, watchers = self._sent, self.watchers
         if not sent and not watchers:
             return  # nothing sent, nobody waiting: nothing to look for
         backend = self.backend
         for single in split_announcements(msg.data):
-            text = single[:36].decode("latin-1")
+            text = backend.announced_id(single)
             if sent:
                 sent.pop(text, None)  # announced: a waiter from now on reads its key
             if text in watchers:
-                tid = TaskID.parse(text)
-                result = backend.open(tid, single[36:])
-                if result is not None:
-                    self._wake(tid, result)
+                found = backend.parse_announcement(single)
+                if found is not None:
+                    tid, value = found
+                    result = backend.open(tid, value)
+                    if result is not None:
+                        self._wake(tid, result)
 
     @actors.handles(Resubscribed)
     def resubscribed(self, msg: Resubscribed) -> None:
@@ -680,15 +680,12 @@ class RedisResultBackend(ResultBackend):
         except (UnicodeDecodeError, ValueError):
             return None
 
-    def parse_announcements(self, payload: bytes) -> list[tuple[TaskID, bytes]]:
-        """The task ids and values an announcement of one result, or of several (see
-        :meth:`announce_commands`), carries; what is not an announcement is left out."""
-        out = []
-        for single in split_announcements(payload):
-            found = self.parse_announcement(single)
-            if found is not None:
-                out.append(found)
-        return out
+    def announced_id(self, payload: bytes) -> str:
+        """The text of the task id an :meth:`announcement` names, as its bytes read
+        (latin-1: any bytes, one character each): unchecked and never raising, to be
+        looked up among the ids this process knows before :meth:`parse_announcement`
+        checks it. What is not an announcement gives a text no task id has."""
+        return payload[:36].decode("latin-1")
 
     def announce_commands(self, commands: list[Command]) -> list[Command]:
         """``commands`` (those of several :meth:`store_commands`) with their result

@@ -6,6 +6,7 @@ cancel work on it; results go where taskiq-redis reads them."""
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -164,6 +165,44 @@ async def test_results_where_taskiq_reads_them(redis_server: RedisServer) -> Non
             assert (await backend.get_result(tid)).return_value == [1, "a"]
             assert await backend.is_ready(tid)
             worker.stop()
+
+
+async def subscribed(broker: TaskiqRedisBroker, channel: bytes) -> None:
+    """Once this process's subscription to ``channel`` is made (the caller's deadline
+    bounds it)."""
+    while True:
+        if (await broker.client.execute("PUBSUB", "NUMSUB", channel))[1]:
+            return
+        await trio.sleep(0.01)
+
+
+async def test_an_announced_result_wakes_its_waiter_whatever_its_id(
+    redis_server: RedisServer,
+) -> None:
+    """The backend's own announcement format (the id, a newline, taskiq's value) wakes
+    a waiter by itself (no polling, no key written): for a bus id and a uuid4-hex one,
+    beside the announcements of tasks nobody waits for."""
+    n = time.monotonic_ns()
+    backend = TaskiqRedisResultBackend(redis_server.url, prefix_str=f"r{n}", poll_interval=None)
+    broker = TaskiqRedisBroker(
+        redis_server.url, queue_name=f"tq{n}", result_backend=backend, prefix=f"p{n}"
+    )
+    ids = [bus.TaskID.new(), bus.TaskID.parse(uuid.uuid4().hex, any_uuid=True)]
+    got: dict[str, Any] = {}
+    with trio.fail_after(20):
+        async with broker, trio.open_nursery() as nursery:
+
+            async def wait(tid: bus.TaskID) -> None:
+                got[tid] = (await backend.wait_result(tid)).return_value
+
+            for tid in ids:
+                nursery.start_soon(wait, tid)
+            await subscribed(broker, backend.channel)
+            for i, tid in enumerate([bus.TaskID.new(), *ids]):
+                value = b'{"is_err":false,"return_value":%d,"execution_time":0.1,"labels":{}}' % i
+                announcement = backend.announcement(tid, value)
+                await broker.client.execute("PUBLISH", backend.channel, announcement)
+    assert got == {ids[0]: 1, ids[1]: 2}
 
 
 def test_settings_that_taskiq_cannot_share() -> None:

@@ -250,6 +250,12 @@ class TaskiqRedisResultBackend(RedisResultBackend):
     def announcement(self, task_id: TaskID, value: bytes) -> bytes:
         return task_id.encode() + b"\n" + value
 
+    def announced_id(self, payload: bytes) -> str:
+        # The id before the newline, lower-cased as TaskID.parse keeps it (a uuid4
+        # hex id has 32 characters, a canonical one 36): no text of an id without one.
+        nl = payload.find(b"\n", 0, 37)
+        return payload[:nl].decode("latin-1").lower() if nl >= 0 else ""
+
     def parse_announcement(self, payload: bytes) -> tuple[TaskID, bytes] | None:
         head, nl, value = payload.partition(b"\n")
         if not nl:
